@@ -1,0 +1,157 @@
+"""The dueling-policy protocol, shared records, and the registry of policies by name.
+
+Every policy speaks the same five verbs (river-style online learner, NumPyro/BoTorch-style
+separation of frozen config and mutable state):
+
+- ``select(context, arms=None) -> Duel``: two arms to compare for this context;
+- ``update(context, duel, outcome)``: learn from "first better" (1), "second better" (0) or a tie (½);
+- ``best(context, arms=None) -> int``: the exploit arm (what a router serves in ``single`` mode);
+- ``snapshot() -> dict`` / ``restore(snapshot)``: the whole learned state plus config, so a copy made
+  from a snapshot makes exactly the same future choices as the original.
+
+Arms are integer indices ``0..n_arms-1``; ``arms`` restricts a call to a subset (the candidates).
+Contexts are the encoder's L2-normalised query embeddings, shape (dim,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from ray_router.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Duel:
+    """The two arms a policy picked. ``first`` is also the arm served in exploit mode."""
+
+    first: int
+    second: int
+
+
+@dataclass(frozen=True)
+class PolicyEnv:
+    """What a policy may know when it is built.
+
+    ``arm_embeddings`` (K, d) are the model embeddings a_k (CCFT, ALGORITHM.md s.3);
+    ``hindsight_utility`` (K,) is only given to the *hindsight* baseline (best fixed arm), which is
+    an oracle by definition; ``offline`` carries offline-split data for supervised baselines.
+    """
+
+    n_arms: int
+    arm_embeddings: np.ndarray | None = None
+    hindsight_utility: np.ndarray | None = None
+    offline: Mapping[str, Any] | None = None
+
+    @property
+    def dim(self) -> int:
+        return 0 if self.arm_embeddings is None else int(self.arm_embeddings.shape[1])
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+    n_arms: int
+
+    def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel: ...
+
+    def update(self, context: np.ndarray, duel: Duel, outcome: float) -> None: ...
+
+    def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int: ...
+
+    def snapshot(self) -> dict: ...
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None: ...
+
+
+# ----------------------------------------------------------------------------- helpers
+def offered_mask(n_arms: int, arms: Sequence[int] | None) -> np.ndarray:
+    """Boolean mask of the offered arms; ``None`` offers all. Raises ConfigError on a bad subset."""
+    mask = np.zeros(n_arms, dtype=bool)
+    if arms is None:
+        mask[:] = True
+        return mask
+    idx = np.asarray(list(arms), dtype=np.int64)
+    if idx.size == 0:
+        raise ConfigError("the candidate set is empty")
+    if idx.min() < 0 or idx.max() >= n_arms:
+        raise ConfigError(f"candidate arm index out of range 0..{n_arms - 1}: {idx.tolist()}")
+    mask[idx] = True
+    return mask
+
+
+def check_outcome(outcome: float) -> float:
+    y = float(outcome)
+    if not (0.0 <= y <= 1.0) or np.isnan(y):
+        raise ConfigError(f"outcome must be in [0, 1] (1 first better, 0 second better, 0.5 tie), got {outcome!r}")
+    return y
+
+
+def rng_state(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
+    bitgen_cls = getattr(np.random, state["bit_generator"])
+    bg = bitgen_cls()
+    bg.state = dict(state)
+    return np.random.Generator(bg)
+
+
+def config_from_dict(cls: type, values: Mapping[str, Any] | None) -> Any:
+    """Build a frozen config dataclass from a mapping, rejecting unknown fields by name."""
+    values = dict(values or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class PolicyEntry:
+    name: str
+    config_cls: type
+    factory: Callable[[Any, PolicyEnv, int], Policy]
+    description: str = ""
+    needs_embeddings: bool = True
+
+
+_REGISTRY: dict[str, PolicyEntry] = {}
+
+
+def register_policy(name: str, config_cls: type, *, description: str = "", needs_embeddings: bool = True):
+    """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``."""
+
+    def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
+        _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings)
+        return factory
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> PolicyEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown policy {name!r}; registered: {policy_names()}") from None
+
+
+def make_policy(name: str, env: PolicyEnv, seed: int = 0, config: Any = None) -> Policy:
+    """Build a registered policy. ``config`` may be the config dataclass, a mapping of its fields, or None."""
+    entry = get_entry(name)
+    if config is None or isinstance(config, Mapping):
+        config = config_from_dict(entry.config_cls, config)
+    elif not isinstance(config, entry.config_cls):
+        raise ConfigError(f"policy {name!r} takes a {entry.config_cls.__name__}, got {type(config).__name__}")
+    if entry.needs_embeddings and env.arm_embeddings is None:
+        raise ConfigError(f"policy {name!r} needs arm embeddings")
+    return entry.factory(config, env, int(seed))
