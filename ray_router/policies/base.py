@@ -4,7 +4,8 @@ Every policy speaks the same five verbs (river-style online learner, NumPyro/BoT
 separation of frozen config and mutable state):
 
 - ``select(context, arms=None) -> Duel``: two arms to compare for this context;
-- ``update(context, duel, outcome)``: learn from "first better" (1), "second better" (0) or a tie (½);
+- ``update(context, duel, outcome, arms=None)``: learn from "first better" (1), "second better" (0)
+  or a tie (½); ``arms`` are the arms that were offered in that round;
 - ``best(context, arms=None) -> int``: the exploit arm (what a router serves in ``single`` mode);
 - ``snapshot() -> dict`` / ``restore(snapshot)``: the whole learned state plus config, so a copy made
   from a snapshot makes exactly the same future choices as the original.
@@ -58,7 +59,9 @@ class Policy(Protocol):
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel: ...
 
-    def update(self, context: np.ndarray, duel: Duel, outcome: float) -> None: ...
+    def update(
+        self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None
+    ) -> None: ...
 
     def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int: ...
 
@@ -88,6 +91,12 @@ def check_outcome(outcome: float) -> float:
     if not (0.0 <= y <= 1.0) or np.isnan(y):
         raise ConfigError(f"outcome must be in [0, 1] (1 first better, 0 second better, 0.5 tie), got {outcome!r}")
     return y
+
+
+def check_duel(duel: Duel, n_arms: int) -> None:
+    for a in (duel.first, duel.second):
+        if not 0 <= int(a) < n_arms:
+            raise ConfigError(f"arm index {a} out of range 0..{n_arms - 1}")
 
 
 def rng_state(rng: np.random.Generator) -> dict:

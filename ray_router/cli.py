@@ -1,0 +1,204 @@
+"""``ray-router`` command line. Bad input prints one ``error: ...`` line and exits 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ray_router.errors import ConfigError, RouterError
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["fgts_cdb.eta=0.5", ...]`` -> ``{"fgts_cdb": {"eta": 0.5}}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        policy, dot, fld = key.partition(".")
+        if not sep or not dot or not policy or not fld:
+            raise ConfigError(f"--set expects POLICY.FIELD=VALUE, got {item!r}")
+        value = yaml.safe_load(raw)
+        if isinstance(value, str) and value.lower() in ("inf", "+inf", ".inf"):
+            value = math.inf
+        out.setdefault(policy, {})[fld] = value
+    return out
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=None, help="data folder (default: $RAY_ROUTER_DATA_DIR, else ./data)")
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", default="minilm",
+                   help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a sentence-transformers folder")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)")
+
+
+def _add_eval_args(p: argparse.ArgumentParser, *, seeds: int, rounds: int) -> None:
+    p.add_argument("--dataset", default="routerbench", help="routerbench, routerdc, mixinstruct, or a file path")
+    p.add_argument("--policies", type=_csv, default=("fgts_cdb", "uniform"), help="comma-separated policy names")
+    p.add_argument("--seeds", type=int, default=seeds, help="number of seeds")
+    p.add_argument("--base-seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=rounds, help="rounds per seed")
+    p.add_argument("--cost-weight", type=_float, default=0.0, help="λ in utility = score − λ·cost_norm")
+    p.add_argument("--kappa", type=_float, default=10.0, help="judge sharpness (inf = noiseless judge)")
+    p.add_argument("--weighting", default="perf", help="perf, perf_cost, excel_perf_cost or excel_mask")
+    p.add_argument("--split", default="stratified", help="stratified, k_per_category or holdout")
+    p.add_argument("--offline-fraction", type=_float, default=0.2)
+    p.add_argument("--k-per-category", type=int, default=5)
+    p.add_argument("--held-out", default=None, help="category held out of the offline part (--split holdout)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="POLICY.FIELD=VALUE",
+                   help="policy hyperparameter, e.g. fgts_cdb.eta=0.5 (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p)
+    _add_encoder_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-router", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("evaluate", help="replay policies on a logged benchmark; writes summary.json, curves, plot")
+    _add_eval_args(p, seeds=5, rounds=2000)
+    p.add_argument("--out", required=True, help="output folder")
+
+    p = sub.add_parser("run", help="the main job: a short FGTS.CDB vs uniform experiment on real RouterBench")
+    _add_eval_args(p, seeds=5, rounds=1000)
+    p.add_argument("--out", default="runs/main", help="output folder")
+
+    p = sub.add_parser("data", help="dataset files: download, info")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet)")
+    d.add_argument("name", help="routerbench or mixinstruct")
+    d.add_argument("--dest", default=None, help="target folder (default: the data dir)")
+    _add_data_args(d)
+    d = dsub.add_parser("info", help="load a dataset and print its summary")
+    d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
+    _add_data_args(d)
+
+    sub.add_parser("policies", help="list registered policies and their hyperparameters")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+def _load_embedded(args) -> tuple[Any, Any, str]:
+    from ray_router.data import load_dataset, resolve_data_dir
+    from ray_router.embeddings import get_encoder
+
+    table = load_dataset(args.dataset, data_dir=resolve_data_dir(args.data_dir))
+    cache = args.cache_dir if args.cache_dir is not None else None
+    encoder = get_encoder(args.encoder, cache_dir=cache, device=args.device)
+    t0 = time.perf_counter()
+    X = encoder.encode(list(table.texts))
+    print(f"[ray-router] {table.name}: {table.n_queries} queries x {table.n_arms} arms, "
+          f"{len(table.category_names)} categories; embedded in {time.perf_counter() - t0:.1f}s "
+          f"({getattr(encoder, 'n_encoded', '?')} texts encoded, the rest from the cache)", file=sys.stderr)
+    label = args.encoder if args.encoder in ("minilm", "hash", "lookup") else "custom"
+    return table, X, "base" if label == "minilm" else label
+
+
+def _eval_config(args):
+    from ray_router.evaluation import EvalConfig
+
+    return EvalConfig(
+        policies=tuple(args.policies),
+        n_seeds=args.seeds,
+        base_seed=args.base_seed,
+        n_rounds=args.rounds,
+        cost_weight=args.cost_weight,
+        kappa=args.kappa,
+        split=args.split,
+        offline_fraction=args.offline_fraction,
+        k_per_category=args.k_per_category,
+        held_out=args.held_out,
+        weighting=args.weighting,
+        policy_configs=parse_overrides(args.overrides),
+    )
+
+
+def cmd_evaluate(args) -> int:
+    from ray_router.evaluation import evaluate, format_table, write_outputs
+
+    cfg = _eval_config(args)  # validate before any slow work
+    table, X, encoder_label = _load_embedded(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    done = []
+
+    def on_seed(seed: int) -> None:
+        done.append(seed)
+        print(f"[ray-router] seed {seed} done ({len(done)}/{cfg.n_seeds})", file=sys.stderr)
+
+    result = evaluate(table, X, cfg, encoder=encoder_label, progress=progress, workers=args.workers, on_seed=on_seed)
+    paths = write_outputs(result, args.out, title=f"{table.name}: cumulative regret, mean and 95% CI")
+    print(format_table(result.records))
+    print(f"\nwrote {paths['summary']}, {paths['curves']}, {paths['plot']}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from ray_router.data import load_dataset, resolve_data_dir
+
+    if args.data_command == "download":
+        from ray_router.data import download_dataset
+
+        dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir)
+        for path in download_dataset(args.name, dest):
+            print(path)
+        return 0
+    table = load_dataset(args.name, data_dir=resolve_data_dir(args.data_dir))
+    print(json.dumps(table.describe(), indent=2))
+    return 0
+
+
+def cmd_policies(args) -> int:
+    import dataclasses
+
+    from ray_router.policies import get_entry, policy_names
+
+    for name in policy_names():
+        entry = get_entry(name)
+        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(entry.config_cls))
+        print(f"{name}: {entry.description}\n    {fields or '(no hyperparameters)'}")
+    return 0
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "run": cmd_evaluate, "data": cmd_data, "policies": cmd_policies}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RouterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Encoders (query -> unit vector), the embedding cache, and model embeddings a_k (ALGORITHM.md s.3).
+
+Importing this package is cheap: ``torch`` and ``sentence_transformers`` load only when a real
+encoder first encodes a text that is not in the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray_router.embeddings.base import Encoder, l2_normalise
+from ray_router.embeddings.cache import CachedEncoder, EmbeddingCache, default_cache_dir, text_key
+from ray_router.embeddings.lookup import HashEncoder, LookupEncoder
+from ray_router.embeddings.model_embeddings import (
+    WEIGHTINGS,
+    WeightingConfig,
+    arm_embeddings,
+    category_centroids,
+    category_order,
+    category_stats,
+    category_weights,
+    model_embeddings,
+    normalise_costs,
+    top_tau_mask,
+    weighting_scores,
+)
+from ray_router.embeddings.sentence import SentenceTransformerEncoder, packaged_model_path, resolve_device
+from ray_router.errors import ConfigError
+
+ENCODER_NAMES = ("minilm", "hash", "lookup")
+
+
+def get_encoder(
+    name: str = "minilm",
+    cache_dir: str | os.PathLike[str] | bool | None = None,
+    device: str = "auto",
+    **options,
+) -> Encoder:
+    """Build an encoder by name.
+
+    ``name``: ``minilm`` (the packaged all-MiniLM-L6-v2), ``hash``/``lookup`` (the
+    :class:`HashEncoder` stand-in; ``options`` may set ``dim`` and ``seed``), or the path of a local
+    sentence-transformers directory (e.g. a CCFT artifact). Other ``options`` go to the encoder.
+
+    ``cache_dir``: None = the default cache root, a path = that root, False = no cache. The stand-in
+    is cheaper than the cache, so it is cached only when a path is given explicitly.
+    """
+    if name in ("hash", "lookup"):
+        encoder: Encoder = HashEncoder(**options)
+        if cache_dir is None or cache_dir is False:
+            return encoder
+    elif name == "minilm":
+        encoder = SentenceTransformerEncoder(None, device=device, **options)
+    elif os.sep in str(name) or Path(str(name)).expanduser().exists():
+        encoder = SentenceTransformerEncoder(name, device=device, **options)
+    else:
+        raise ConfigError(
+            f"unknown encoder {name!r}: use one of {list(ENCODER_NAMES)} or the path of a local "
+            "sentence-transformers directory"
+        )
+    if cache_dir is False:
+        return encoder
+    if cache_dir is True:
+        cache_dir = None
+    return CachedEncoder(encoder, cache_dir)
+
+
+__all__ = [
+    "Encoder",
+    "l2_normalise",
+    "SentenceTransformerEncoder",
+    "packaged_model_path",
+    "resolve_device",
+    "HashEncoder",
+    "LookupEncoder",
+    "EmbeddingCache",
+    "CachedEncoder",
+    "default_cache_dir",
+    "text_key",
+    "get_encoder",
+    "ENCODER_NAMES",
+    "WEIGHTINGS",
+    "WeightingConfig",
+    "category_order",
+    "category_stats",
+    "category_weights",
+    "normalise_costs",
+    "category_centroids",
+    "top_tau_mask",
+    "weighting_scores",
+    "arm_embeddings",
+    "model_embeddings",
+]

@@ -1,0 +1,11 @@
+"""Replay evaluation on logged benchmarks: environment, runs, many-seed summaries, plots (no Ray)."""
+
+from ray_router.evaluation.env import ReplayEnvironment
+from ray_router.evaluation.experiment import EvalConfig, EvalResult, evaluate, format_table, write_outputs
+from ray_router.evaluation.replay import ReplayResult, ReplayStream, run_replay
+from ray_router.evaluation.stats import mean_ci95
+
+__all__ = [
+    "ReplayEnvironment", "EvalConfig", "EvalResult", "evaluate", "format_table", "write_outputs",
+    "ReplayResult", "ReplayStream", "run_replay", "mean_ci95",
+]

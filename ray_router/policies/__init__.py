@@ -1,0 +1,20 @@
+"""Dueling-bandit policies (numpy only, no Ray): FGTS.CDB and baselines, behind one protocol."""
+
+from ray_router.policies.base import (
+    Duel,
+    Policy,
+    PolicyEnv,
+    get_entry,
+    make_policy,
+    policy_names,
+    register_policy,
+)
+from ray_router.policies.baselines import BestFixedArm, HindsightConfig, UniformConfig, UniformPolicy
+from ray_router.policies.features import FEATURE_MAPS, make_feature_map
+from ray_router.policies.fgts_cdb import FGTSCDB, FGTSConfig
+
+__all__ = [
+    "Duel", "Policy", "PolicyEnv", "make_policy", "policy_names", "register_policy", "get_entry",
+    "FGTSCDB", "FGTSConfig", "UniformPolicy", "UniformConfig", "BestFixedArm", "HindsightConfig",
+    "FEATURE_MAPS", "make_feature_map",
+]

@@ -1,0 +1,146 @@
+"""Helpers for the data-layer tests: where the real shared data lies, and a writer of small
+RouterBench pickles in the exact release format (37 columns, ``str(list)`` prompts and responses,
+object-dtype score columns with NaN, a duplicated 5-shot ``sample_id`` pair)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SUBSET = "routerbench_5shot_arc_mbpp_winogrande.parquet"
+ROUTERDC = "routerdc_7model_in_distribution.parquet"
+
+
+def shared_data_dir() -> Path | None:
+    """The directory holding the real shared data files, or None."""
+    for cand in (os.environ.get("RAY_ROUTER_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
+        if cand and (Path(cand) / SUBSET).is_file():
+            return Path(cand)
+    return None
+
+
+def routerbench_reference_columns() -> list[str] | None:
+    """The 37 columns of the real 0-shot pickle, in order (from the shared reference stats)."""
+    d = shared_data_dir()
+    if d is None or not (d / "routerbench_0shot_reference_stats.json").is_file():
+        return None
+    return json.loads((d / "routerbench_0shot_reference_stats.json").read_text())["columns"]
+
+
+RB_MODELS = [
+    "WizardLM/WizardLM-13B-V1.2",
+    "claude-instant-v1",
+    "claude-v1",
+    "claude-v2",
+    "gpt-3.5-turbo-1106",
+    "gpt-4-1106-preview",
+    "meta/code-llama-instruct-34b-chat",
+    "meta/llama-2-70b-chat",
+    "mistralai/mistral-7b-chat",
+    "mistralai/mixtral-8x7b-chat",
+    "zero-one-ai/Yi-34B-Chat",
+]
+# Response/cost columns of the release are in this (different) order.
+RB_RESPONSE_ORDER = [
+    "gpt-3.5-turbo-1106",
+    "claude-instant-v1",
+    "claude-v1",
+    "claude-v2",
+    "gpt-4-1106-preview",
+    "meta/llama-2-70b-chat",
+    "mistralai/mixtral-8x7b-chat",
+    "zero-one-ai/Yi-34B-Chat",
+    "WizardLM/WizardLM-13B-V1.2",
+    "meta/code-llama-instruct-34b-chat",
+    "mistralai/mistral-7b-chat",
+]
+RB_COLUMNS = (
+    ["sample_id", "prompt", "eval_name"]
+    + RB_MODELS
+    + [f"{m}|model_response" for m in RB_RESPONSE_ORDER]
+    + [f"{m}|total_cost" for m in RB_RESPONSE_ORDER]
+    + ["oracle_model_to_route_to"]
+)
+GPT35 = "gpt-3.5-turbo-1106"
+
+
+def write_routerbench_pickle(path: Path, dup_order: str = "normal_first", seed: int = 0) -> dict:
+    """Write a 6-row (5 queries) RouterBench-format pickle; return what the loader must produce.
+
+    Rows: arc-challenge.test.0 (complete); arc-challenge.test.1 twice, as in the 5-shot release
+    (one row scores only gpt-3.5 and holds the prompt twice, the other scores the other 10 models);
+    mbpp.dev.1 with a two-part prompt; winogrande.dev.2 (complete); winogrande.dev.3 with a NaN
+    score for claude-v2 and its cost. ``dup_order``: ``normal_first`` or ``gpt_first``."""
+    rng = np.random.default_rng(seed)
+    k = len(RB_MODELS)
+
+    def row(sid, parts, evname, scores, costs):
+        rec = {"sample_id": sid, "prompt": str(parts), "eval_name": evname}
+        for m, s in zip(RB_MODELS, scores):
+            rec[m] = s
+        for m in RB_RESPONSE_ORDER:
+            rec[f"{m}|model_response"] = str([f"answer of {m}"])
+            rec[f"{m}|total_cost"] = costs[RB_MODELS.index(m)]
+        finite = {m: s for m, s in zip(RB_MODELS, scores) if not (isinstance(s, float) and np.isnan(s))}
+        best = max(finite.values()) if finite else 0
+        rec["oracle_model_to_route_to"] = (
+            min((m for m, s in finite.items() if s == best), key=lambda m: costs[RB_MODELS.index(m)])
+            if best > 0 else "no_model_correct"
+        )
+        return rec
+
+    def scores01():
+        return [float(v) for v in rng.integers(0, 2, size=k)]
+
+    def costs():
+        return [float(v) for v in rng.uniform(1e-5, 5e-3, size=k)]
+
+    g = RB_MODELS.index(GPT35)
+    arc_prompt = "Question: which is warmer?\nA) ice\nB) fire\nPrint only a single choice."
+    normal_scores, normal_costs = scores01(), costs()
+    normal_scores[g] = np.nan
+    normal_costs[g] = 0.0  # a stale value: the merge must replace it
+    gpt_scores = [np.nan] * k
+    gpt_scores[g] = 1.0
+    gpt_costs = [np.nan] * k
+    gpt_costs[g] = 4.2e-4
+    normal = row("arc-challenge.test.1", [arc_prompt], "arc-challenge", normal_scores, normal_costs)
+    gpt_only = row("arc-challenge.test.1", [arc_prompt, arc_prompt], "arc-challenge", gpt_scores, gpt_costs)
+    pair = [normal, gpt_only] if dup_order == "normal_first" else [gpt_only, normal]
+
+    nan_scores, nan_costs = scores01(), costs()
+    c2 = RB_MODELS.index("claude-v2")
+    nan_scores[c2], nan_costs[c2] = np.nan, np.nan
+    rows = [
+        row("arc-challenge.test.0", ["Question: 2+2?\nA) 4\nB) 5"], "arc-challenge", scores01(), costs()),
+        *pair,
+        row("mbpp.dev.1", ["Write a function that adds two numbers.", "def add(a, b):"], "mbpp", scores01(), costs()),
+        row("winogrande.dev.2", ["The trophy didn't fit in the case because _ was too big."], "winogrande",
+            scores01(), costs()),
+        row("winogrande.dev.3", ["Sam lent Max money because _ was rich."], "winogrande", nan_scores, nan_costs),
+    ]
+    df = pd.DataFrame(rows, columns=RB_COLUMNS, index=[36497 + i for i in range(len(rows))])
+    for col in ["sample_id", "prompt", "eval_name", "oracle_model_to_route_to",
+                *[f"{m}|model_response" for m in RB_RESPONSE_ORDER]]:
+        df[col] = df[col].astype(object)
+    for m in RB_MODELS:  # the release stores scores as object dtype
+        df[m] = pd.Series([float(v) for v in df[m]], index=df.index, dtype=object)
+    df.to_pickle(path)
+
+    merged_scores = list(normal_scores)
+    merged_scores[g] = 1.0
+    merged_costs = list(normal_costs)
+    merged_costs[g] = 4.2e-4
+    return {
+        "frame": df,
+        "arc_prompt": arc_prompt,
+        "merged_scores": merged_scores,
+        "merged_costs": merged_costs,
+        "nan_row_scores": nan_scores,
+        "nan_row_costs": nan_costs,
+    }
