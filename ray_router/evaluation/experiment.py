@@ -151,7 +151,18 @@ def run_seed(
     needs_emb = any(get_entry(p).needs_embeddings for p in cfg.policies)
     A = arm_embeddings_for(table, X, split.offline, cfg) if needs_emb else None
     stream = make_stream(table, X, split.online, cfg, order_rng)
-    env = PolicyEnv(n_arms=table.n_arms, arm_embeddings=A, hindsight_utility=stream.hindsight_utility)
+    offline = split.offline
+    env = PolicyEnv(
+        n_arms=table.n_arms,
+        arm_embeddings=A,
+        hindsight_utility=stream.hindsight_utility,
+        offline={  # for supervised baselines: the offline rows only, never the online stream
+            "X": np.asarray(X[offline], dtype=np.float64),
+            "utilities": table.utilities(cfg.cost_weight, normaliser=table.cost_normaliser())[offline],
+            "scores": table.scores[offline],
+            "categories": table.categories[offline],
+        },
+    )
     out = {}
     for name in cfg.policies:
         # keyed by name: a policy's draws do not depend on which other policies run beside it

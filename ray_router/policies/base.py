@@ -39,7 +39,8 @@ class PolicyEnv:
 
     ``arm_embeddings`` (K, d) are the model embeddings a_k (CCFT, ALGORITHM.md s.3);
     ``hindsight_utility`` (K,) is only given to the *hindsight* baseline (best fixed arm), which is
-    an oracle by definition; ``offline`` carries offline-split data for supervised baselines.
+    an oracle by definition; ``offline`` carries offline-split data for supervised baselines:
+    ``{"X": (n, d) query embeddings, "utilities": (n, K), "scores": (n, K), "categories": (n,)}``.
     """
 
     n_arms: int
