@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
 
     p = sub.add_parser("run", help="the main job: a short FGTS.CDB vs uniform experiment on real RouterBench")
-    _add_eval_args(p, seeds=5, rounds=1000)
+    _add_eval_args(p, seeds=5, rounds=2000)
     p.add_argument("--out", default="runs/main", help="output folder")
+    p.set_defaults(policies=("fgts_cdb", "uniform", "best_fixed"), workers=2)
 
     p = sub.add_parser("data", help="dataset files: download, info")
     dsub = p.add_subparsers(dest="data_command", required=True)

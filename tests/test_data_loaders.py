@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_fixtures import (
+from tests.data_fixtures import (
     GPT35,
     RB_MODELS,
     ROUTERDC,

@@ -39,7 +39,8 @@ def test_feature_map_ops_match_the_materialised_features(fmap):
 def test_potential_gradient_matches_finite_differences(fmap, clip):
     rng = np.random.default_rng(1)
     d, K, n = 6, 4, 25
-    policy = FGTSCDB(FGTSConfig(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8),
+    policy = FGTSCDB(FGTSConfig(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8,
+                                compute_dtype="float64"),
                      rng.normal(size=(K, d)), seed=0)
     batch = _duels(rng, n, d, K)
     theta = rng.normal(size=(2, policy.dim)) * 1.5
@@ -56,7 +57,8 @@ def test_potential_gradient_matches_finite_differences(fmap, clip):
 
 def test_minibatch_gradient_is_rescaled_by_n_over_b():
     rng = np.random.default_rng(2)
-    policy = FGTSCDB(FGTSConfig(mu=0.0), rng.normal(size=(3, 4)), seed=0)
+    policy = FGTSCDB(FGTSConfig(mu=0.0, feature_map="hadamard", compute_dtype="float64"), rng.normal(size=(3, 4)),
+                     seed=0)
     X, f, s, y, m = _duels(rng, 10, 4, 3)
     theta = np.zeros((2, 4))
     full = policy.potential_grad(theta, X, f, s, y, m)
@@ -76,7 +78,8 @@ def test_sgld_without_noise_converges_to_the_map_of_a_logistic_problem(precondit
     D = X * (A[f] - A[s])  # φ(x, a¹) − φ(x, a²)
     lipschitz = np.linalg.eigvalsh(D.T @ D / 4).max() + 1 / 1.5**2
     cfg = FGTSConfig(eta=1.0, mu=0.0, prior_sigma=1.5, langevin_noise=0.0, step_size=1.0 / lipschitz,
-                     n_steps=5000, batch_size=1000, feature_map="hadamard", preconditioner=preconditioner)
+                     n_steps=5000, batch_size=1000, feature_map="hadamard", preconditioner=preconditioner,
+                     compute_dtype="float64")
     policy = FGTSCDB(cfg, A, seed=0)
     for i in range(n):
         policy.update(X[i], Duel(int(f[i]), int(s[i])), float(y[i]))
@@ -108,6 +111,17 @@ def _regret(policy_name, seed, T=1500, config=None):
     stream = ReplayStream(X, U, U, np.zeros_like(U), order)
     policy = make_policy(policy_name, PolicyEnv(len(A), A), seed=seed, config=config)
     return run_replay(policy, stream, kappa=10.0, rng=np.random.default_rng(seed)).cum_regret
+
+
+def test_float32_and_float64_sgld_gradients_agree():
+    rng = np.random.default_rng(6)
+    A = rng.normal(size=(5, 16))
+    batch = _duels(rng, 40, 16, 5)
+    theta = rng.normal(size=(2, 21))
+    g32 = FGTSCDB(FGTSConfig(compute_dtype="float32"), A, seed=0).potential_grad(
+        theta, batch[0].astype(np.float32), *batch[1:])
+    g64 = FGTSCDB(FGTSConfig(compute_dtype="float64"), A, seed=0).potential_grad(theta, *batch)
+    np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-4)
 
 
 def test_regret_on_a_synthetic_linear_dueling_bandit_is_sublinear_and_beats_uniform():
@@ -152,6 +166,7 @@ def test_sqrt_step_decay_shrinks_with_history():
     ("eta", -1.0), ("mu", -0.1), ("feel_good_clip", 0.0), ("prior_sigma", 0.0), ("n_steps", 0),
     ("batch_size", 0), ("step_size", 0.0), ("step_decay", "cosine"), ("feature_map", "mlp"),
     ("exploit_ema", 0.0), ("max_history", -1), ("langevin_noise", -1.0), ("n_steps", 2.5),
+    ("preconditioner", "adam"), ("compute_dtype", "float16"),
 ])
 def test_invalid_config_is_rejected_with_the_field_named(field, value):
     with pytest.raises(ConfigError, match=field.split("_")[0]):

@@ -27,8 +27,8 @@ class FeatureMap:
 
     name: str = ""
 
-    def __init__(self, arm_embeddings: np.ndarray):
-        A = np.asarray(arm_embeddings, dtype=np.float64)
+    def __init__(self, arm_embeddings: np.ndarray, dtype: str | np.dtype = np.float64):
+        A = np.asarray(arm_embeddings, dtype=dtype)
         if A.ndim != 2 or A.shape[0] < 1:
             raise ConfigError(f"arm embeddings must be a (K, d) array, got shape {A.shape}")
         if not np.isfinite(A).all():
@@ -138,9 +138,10 @@ class Concat(Hadamard):
 _MAPS = {cls.name: cls for cls in (Hadamard, HadamardBias, Concat)}
 
 
-def make_feature_map(name: str, arm_embeddings: np.ndarray) -> FeatureMap:
+def make_feature_map(name: str, arm_embeddings: np.ndarray, dtype: str | np.dtype = np.float64) -> FeatureMap:
+    """The feature map ``name`` over arm embeddings (K, d), computing in ``dtype``."""
     try:
         cls = _MAPS[name]
     except KeyError:
         raise ConfigError(f"unknown feature map {name!r}; choose one of {list(FEATURE_MAPS)}") from None
-    return cls(arm_embeddings)
+    return cls(arm_embeddings, dtype)

@@ -67,10 +67,11 @@ class FGTSConfig:
     step_decay: str = "constant"  # "constant": δ = δ0; "sqrt": δ = δ0 / sqrt(max(1, n_seen))
     preconditioner: str = "diag_fisher"  # "none" or "diag_fisher" (**our choice**, see SGLD notes)
     langevin_noise: float = 1.0  # scale of the sqrt(2δ)ξ term; 0 turns SGLD into gradient descent
-    feature_map: str = "hadamard"  # one of FEATURE_MAPS
+    feature_map: str = "hadamard_bias"  # one of FEATURE_MAPS (why not plain hadamard: docs/ALGORITHM_NOTES.md)
     distinct_arms: bool = False  # True: the second arm is θ²'s best arm other than the first
     exploit_ema: float = 0.1  # weight of each refresh in the running mean used by best()
     max_history: int = 0  # 0 keeps every duel; N keeps the most recent N (bounded memory for serving)
+    compute_dtype: str = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
 
     def __post_init__(self) -> None:
         checks = [
@@ -84,6 +85,7 @@ class FGTSConfig:
             (self.step_decay in ("constant", "sqrt"), "step_decay must be 'constant' or 'sqrt'"),
             (self.langevin_noise >= 0, "langevin_noise must be >= 0"),
             (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}"),
+            (self.compute_dtype in ("float32", "float64"), "compute_dtype must be 'float32' or 'float64'"),
             (self.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
             (0 < self.exploit_ema <= 1, "exploit_ema must be in (0, 1]"),
             (isinstance(self.max_history, int) and self.max_history >= 0, "max_history must be an int >= 0"),
@@ -107,10 +109,10 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
 class DuelHistory:
     """Growing (optionally bounded) buffer of duels: contexts, arms, outcomes, offered masks."""
 
-    def __init__(self, dim: int, n_arms: int, max_len: int = 0, capacity: int = 256):
-        self.dim, self.n_arms, self.max_len = dim, n_arms, max_len
+    def __init__(self, dim: int, n_arms: int, max_len: int = 0, capacity: int = 256, dtype=np.float64):
+        self.dim, self.n_arms, self.max_len, self.dtype = dim, n_arms, max_len, np.dtype(dtype)
         cap = max(1, capacity if max_len == 0 else min(capacity, max_len))
-        self.X = np.empty((cap, dim))
+        self.X = np.empty((cap, dim), dtype=self.dtype)
         self.first = np.empty(cap, dtype=np.int64)
         self.second = np.empty(cap, dtype=np.int64)
         self.y = np.empty(cap)
@@ -150,7 +152,7 @@ class DuelHistory:
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         n = len(arrays["y"])
-        self.X = np.array(arrays["X"], dtype=np.float64).reshape(n, self.dim)
+        self.X = np.array(arrays["X"], dtype=self.dtype).reshape(n, self.dim)
         self.first = np.array(arrays["first"], dtype=np.int64)
         self.second = np.array(arrays["second"], dtype=np.int64)
         self.y = np.array(arrays["y"], dtype=np.float64)
@@ -167,11 +169,11 @@ class FGTSCDB:
 
     def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0):
         self.config = config
-        self.fmap: FeatureMap = make_feature_map(config.feature_map, arm_embeddings)
+        self.fmap: FeatureMap = make_feature_map(config.feature_map, arm_embeddings, config.compute_dtype)
         self.n_arms = self.fmap.n_arms
         self.dim = self.fmap.dim
         self.rng = np.random.default_rng(seed)
-        self.history = DuelHistory(self.fmap.context_dim, self.n_arms, config.max_history)
+        self.history = DuelHistory(self.fmap.context_dim, self.n_arms, config.max_history, dtype=config.compute_dtype)
         self.theta = self.rng.normal(0.0, config.prior_sigma, size=(2, self.dim))
         self.theta_mean = self.theta.mean(axis=0)
         self._delta_sq = np.zeros(self.dim)  # Σ_s Δ_s² over the history, for the preconditioner
@@ -210,7 +212,7 @@ class FGTSCDB:
         """
         c = self.config
         C, B, K = theta.shape[0], len(y), self.n_arms
-        S = self.fmap.scores(theta, X)  # (C, B, K)
+        S = self.fmap.scores(theta.astype(self.fmap.A.dtype, copy=False), X)  # (C, B, K)
         base = (np.arange(C)[:, None] * B + np.arange(B)[None, :]) * K  # flat offset of (chain, row)
         Sf = S.reshape(-1)
         i1, i2 = base + first, base + second
@@ -224,7 +226,8 @@ class FGTSCDB:
             idx += [istar, io]
             w += [-active, active]
         W = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=C * B * K)
-        return scale * self.fmap.weighted_grad(W.reshape(C, B, K), X) + theta / c.prior_sigma**2
+        W = W.reshape(C, B, K).astype(self.fmap.A.dtype, copy=False)
+        return scale * self.fmap.weighted_grad(W, X) + theta / c.prior_sigma**2
 
     def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int) -> float:
         """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis. For tests."""
@@ -348,9 +351,11 @@ class FGTSCDB:
         if snapshot.get("policy") != self.name:
             raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
         self.config = FGTSConfig(**snapshot["config"])
-        self.fmap = make_feature_map(self.config.feature_map, np.asarray(snapshot["arm_embeddings"]))
+        self.fmap = make_feature_map(self.config.feature_map, np.asarray(snapshot["arm_embeddings"]),
+                                     self.config.compute_dtype)
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
-        self.history = DuelHistory(self.fmap.context_dim, self.n_arms, self.config.max_history)
+        self.history = DuelHistory(self.fmap.context_dim, self.n_arms, self.config.max_history,
+                                   dtype=self.config.compute_dtype)
         self.history.load(snapshot["history"])
         self._recount()
         self.theta = np.array(snapshot["theta"], dtype=np.float64)

@@ -1,0 +1,145 @@
+"""Replay environment, many-seed evaluation, summaries and outputs."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ray_router.data import make_table
+from ray_router.errors import ConfigError
+from ray_router.evaluation import EvalConfig, ReplayEnvironment, evaluate, format_table, mean_ci95, write_outputs
+from ray_router.policies.base import Duel
+
+
+def small_table(n=240, K=4, seed=0):
+    """Three categories; the best arm depends on the category; costs fall with the arm index."""
+    rng = np.random.default_rng(seed)
+    cats = np.array(["a", "b", "c"])[np.arange(n) % 3]
+    best = {"a": 0, "b": 1, "c": 2}
+    scores = (rng.random((n, K)) < 0.35).astype(float)
+    for i, c in enumerate(cats):
+        scores[i, best[c]] = float(rng.random() < 0.9)
+    costs = np.tile(np.linspace(0.004, 0.001, K), (n, 1))
+    table = make_table("toy", [f"q{i}" for i in range(n)], [f"question {i} about {c}" for i, c in enumerate(cats)],
+                       cats, [f"m{k}" for k in range(K)], scores, costs)
+    X = rng.normal(size=(n, 6)) + 3 * np.eye(6)[np.array([best[c] for c in cats])]
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return table, X
+
+
+def test_noiseless_judge_prefers_the_better_arm_and_ties_are_fair_coins():
+    env = ReplayEnvironment(np.array([[1.0, 0.0, 1.0]]), kappa=math.inf)
+    rng = np.random.default_rng(0)
+    assert env.feedback(0, Duel(0, 1), rng) == 1.0
+    assert env.feedback(0, Duel(1, 0), rng) == 0.0
+    coin = [env.feedback(0, Duel(0, 2), rng) for _ in range(2000)]
+    assert set(coin) == {0.0, 1.0} and abs(np.mean(coin) - 0.5) < 0.05
+    assert env.feedback(0, Duel(2, 2), rng) == 0.5  # an arm against itself is a tie
+
+
+def test_btl_judge_matches_the_logistic_probability():
+    env = ReplayEnvironment(np.array([[0.3, 0.1]]), kappa=10.0)
+    rng = np.random.default_rng(1)
+    wins = np.mean([env.feedback(0, Duel(0, 1), rng) for _ in range(20000)])
+    assert wins == pytest.approx(1 / (1 + math.exp(-10 * 0.2)), abs=0.01)
+
+
+def test_real_pairwise_labels_take_precedence():
+    env = ReplayEnvironment(np.array([[1.0, 0.0]]), kappa=math.inf, pairwise={(0, 0, 1): 0.0, (0, 1, 0): 1.0})
+    assert env.feedback(0, Duel(0, 1), np.random.default_rng(0)) == 0.0
+    assert env.n_real_labels == 1
+
+
+def test_regret_is_best_minus_the_mean_of_the_two_arms():
+    env = ReplayEnvironment(np.array([[0.9, 0.5, 0.1]]))
+    assert env.regret(0, Duel(1, 2)) == pytest.approx(0.9 - 0.3)
+    assert env.regret(0, Duel(0, 0)) == 0.0
+    assert env.regret(0, Duel(1, 1), mask=np.array([False, True, True])) == 0.0
+
+
+def test_mean_ci95_uses_the_student_t_quantile():
+    mean, lo, hi = mean_ci95(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    half = 2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / math.sqrt(5)
+    assert mean == 3.0 and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
+    m1, l1, h1 = mean_ci95(np.array([7.0]))
+    assert m1 == l1 == h1 == 7.0
+
+
+def test_evaluate_writes_the_record_schema_and_is_reproducible(tmp_path):
+    table, X = small_table()
+    cfg = EvalConfig(policies=("fgts_cdb", "uniform", "best_fixed"), n_seeds=3, n_rounds=150,
+                     policy_configs={"fgts_cdb": {"n_steps": 5}})
+    result = evaluate(table, X, cfg, encoder="base")
+    again = evaluate(table, X, cfg, encoder="base")
+    strip = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]  # noqa: E731
+    assert strip(result.records) == strip(again.records)
+    by = {r["policy"]: r for r in result.records}
+    for r in result.records:
+        for key in ("dataset", "policy", "encoder", "weighting", "n_seeds", "n_rounds", "cum_regret_mean",
+                    "cum_regret_ci95"):
+            assert key in r
+        lo, hi = r["cum_regret_ci95"]
+        assert lo <= r["cum_regret_mean"] <= hi and r["n_seeds"] == 3 and r["n_rounds"] == 150
+        assert r["cum_regret_mean"] == pytest.approx(np.mean(r["cum_regret_per_seed"]))
+    assert by["fgts_cdb"]["encoder"] == "base" and by["uniform"]["encoder"] == "none"
+    curves = result.curves
+    assert len(curves) == 3 * 3 * 150
+    # common random numbers: every policy of a seed plays the same stream of queries
+    rows = curves.pivot_table(index=["seed", "round"], columns="policy", values="row")
+    assert (rows["fgts_cdb"] == rows["uniform"]).all()
+    # the best fixed arm in hindsight has the least regret on this stream
+    assert by["best_fixed"]["cum_regret_mean"] < by["uniform"]["cum_regret_mean"]
+
+    paths = write_outputs(result, tmp_path / "out")
+    summary = json.loads(paths["summary"].read_text())
+    assert [r["policy"] for r in summary] == ["fgts_cdb", "uniform", "best_fixed"]
+    back = pd.read_parquet(paths["curves"])
+    assert len(back) == len(curves) and {"policy", "seed", "round", "cum_regret"} <= set(back.columns)
+    assert paths["plot"].stat().st_size > 5000
+    assert "fgts_cdb" in format_table(result.records)
+
+
+def test_policies_draws_do_not_depend_on_which_other_policies_run():
+    table, X = small_table()
+    alone = evaluate(table, X, EvalConfig(policies=("uniform",), n_seeds=2, n_rounds=60)).records[0]
+    both = evaluate(table, X, EvalConfig(policies=("best_fixed", "uniform"), n_seeds=2, n_rounds=60)).records[1]
+    assert alone["cum_regret_per_seed"] == both["cum_regret_per_seed"]
+
+
+def test_cost_weight_changes_the_utility_and_the_served_cost():
+    table, X = small_table()
+    cheap = evaluate(table, X, EvalConfig(policies=("best_fixed",), n_seeds=1, n_rounds=100, cost_weight=50.0))
+    free = evaluate(table, X, EvalConfig(policies=("best_fixed",), n_seeds=1, n_rounds=100, cost_weight=0.0))
+    assert cheap.records[0]["served_cost_mean_usd"] < free.records[0]["served_cost_mean_usd"]
+
+
+def test_holdout_split_keeps_the_category_out_of_the_offline_part():
+    from ray_router.evaluation.experiment import make_split
+
+    table, _ = small_table()
+    split = make_split(table, EvalConfig(split="holdout", held_out="b"), seed=0)
+    assert "b" not in set(table.categories[split.offline])
+    assert "b" in set(table.categories[split.online])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"policies": ("nope",)}, "unknown policy"),
+    ({"policies": ()}, "at least one"),
+    ({"n_seeds": 0}, "n_seeds"),
+    ({"split": "random"}, "split"),
+    ({"split": "holdout"}, "held_out"),
+    ({"offline_fraction": 1.0}, "offline_fraction"),
+    ({"kappa": 0.0}, "kappa"),
+    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, "temperature"),
+])
+def test_invalid_eval_configs_are_rejected(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        EvalConfig(**kwargs)
+
+
+def test_embeddings_must_match_the_table():
+    table, X = small_table()
+    with pytest.raises(ConfigError, match="rows"):
+        evaluate(table, X[:10], EvalConfig(n_seeds=1, n_rounds=5))
