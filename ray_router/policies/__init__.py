@@ -12,9 +12,13 @@ from ray_router.policies.base import (
 from ray_router.policies.baselines import BestFixedArm, HindsightConfig, UniformConfig, UniformPolicy
 from ray_router.policies.features import FEATURE_MAPS, make_feature_map
 from ray_router.policies.fgts_cdb import FGTSCDB, FGTSConfig
+from ray_router.policies.dueling_ucb import CoLSTIM, CoLSTIMConfig, MaxInP, MaxInPConfig
+from ray_router.policies.knn import KNNConfig, KNNRouter
+from ray_router.policies.laplace_ts import LaplaceTS, LaplaceTSConfig
 
 __all__ = [
     "Duel", "Policy", "PolicyEnv", "make_policy", "policy_names", "register_policy", "get_entry",
     "FGTSCDB", "FGTSConfig", "UniformPolicy", "UniformConfig", "BestFixedArm", "HindsightConfig",
     "FEATURE_MAPS", "make_feature_map",
+    "MaxInP", "MaxInPConfig", "CoLSTIM", "CoLSTIMConfig", "LaplaceTS", "LaplaceTSConfig", "KNNRouter", "KNNConfig",
 ]
