@@ -100,11 +100,14 @@ def load_routerbench(
     prices: Mapping[str, float] | None = None,
     variant: str | None = None,
     name: str = "routerbench",
+    strip_shared_prefix: bool = True,
 ) -> RoutingTable:
     """Load a RouterBench pickle, Parquet or CSV file (see module docstring).
 
     ``arms`` restricts/reorders the arms; ``prices`` overrides costs per arm;
-    ``variant`` is stored in ``table.meta["variant"]`` (default: the file stem)."""
+    ``variant`` is stored in ``table.meta["variant"]`` (default: the file stem).
+    ``strip_shared_prefix``: the query text of a row is its prompt without the few-shot examples
+    that every prompt of its ``eval_name`` shares (see :func:`strip_shared_prefixes`)."""
     path = Path(path)
     df = read_frame(path)
     for column in REQUIRED_COLUMNS:
@@ -118,11 +121,50 @@ def load_routerbench(
     raw.texts = [parse_prompt(t) for t in raw.texts]
     n_read = len(raw.ids)
     raw, merged = merge_duplicate_ids(raw)
+    stripped: dict[str, int] = {}
+    if strip_shared_prefix:
+        raw.texts, stripped = strip_shared_prefixes(raw.texts, raw.categories)
     return finish_table(
         raw,
         name=name,
         path=path,
         nan=nan,
         prices=prices,
-        meta={"variant": variant or path.stem, "merged_duplicate_ids": merged, "n_rows_read": n_read},
+        meta={"variant": variant or path.stem, "merged_duplicate_ids": merged, "n_rows_read": n_read,
+              "stripped_prefix_chars": stripped},
     )
+
+
+def strip_shared_prefixes(
+    texts: Sequence[str], categories: Sequence[str], min_chars: int = 200, sep: str = "\n\n"
+) -> tuple[list[str], dict[str, int]]:
+    """Remove the few-shot block that every prompt of a category starts with.
+
+    RouterBench's 5-shot prompts open with the same five solved examples (ARC-Challenge: ~1,650
+    characters, WinoGrande: ~1,200) before the question. A 256-token encoder sees only that shared
+    block, so every query of the category would get the same embedding. Per category, the longest
+    common prefix, cut back to its last ``sep`` boundary, is removed when it is at least
+    ``min_chars`` long; rows that would become empty keep their text. Returns the new texts and
+    ``{category: characters removed}``.
+    """
+    import os
+
+    by_cat: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        by_cat.setdefault(str(c), []).append(i)
+    out = list(texts)
+    removed: dict[str, int] = {}
+    for cat, rows in by_cat.items():
+        if len(rows) < 2:
+            continue
+        prefix = os.path.commonprefix([texts[i] for i in rows])
+        cut = prefix.rfind(sep)
+        if cut < 0 or cut + len(sep) < min_chars:
+            continue
+        cut += len(sep)
+        removed[cat] = cut
+        for i in rows:
+            rest = texts[i][cut:].strip()
+            if rest:
+                out[i] = rest
+    return out, removed
