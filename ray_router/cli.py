@@ -66,6 +66,7 @@ def _add_eval_args(p: argparse.ArgumentParser, *, seeds: int, rounds: int) -> No
     p.add_argument("--offline-fraction", type=_float, default=0.2)
     p.add_argument("--k-per-category", type=int, default=5)
     p.add_argument("--held-out", default=None, help="category held out of the offline part (--split holdout)")
+    p.add_argument("--split-seed", type=int, default=None, help="one fixed split for every seed (default: a split per seed)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="POLICY.FIELD=VALUE",
                    help="policy hyperparameter, e.g. fgts_cdb.eta=0.5 (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
@@ -97,8 +98,128 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
     _add_data_args(d)
 
+    p = sub.add_parser("experiment", help="the paper's experiments")
+    esub = p.add_subparsers(dest="experiment", required=True)
+    e = esub.add_parser("paper", help="{base, CCFT} x 4 weightings + baselines, unseen category, perf-cost/AIQ")
+    e.add_argument("--dataset", default="routerbench", help="routerbench, routerdc, or a MixInstruct/other file")
+    e.add_argument("--out", required=True, help="output folder (report.md, summary.json, plots)")
+    e.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: subsample, fewer rounds")
+    e.add_argument("--seeds", type=int, default=None, help="number of seeds (default 5)")
+    e.add_argument("--rounds", type=int, default=None, help="rounds per seed")
+    e.add_argument("--cost-weight", type=_float, default=None, help="λ of the main grid (default 0.2)")
+    e.add_argument("--held-out", default=None, help="category held out (default: the smallest)")
+    e.add_argument("--baselines", type=_csv, default=None, help="comma-separated baselines")
+    e.add_argument("--workers", type=int, default=2)
+    _add_data_args(e)
+    _add_encoder_args(e)
+
     sub.add_parser("policies", help="list registered policies and their hyperparameters")
+    _add_tune_parser(sub)
+    _add_serve_parser(sub)
+    _add_grafana_parser(sub)
     return parser
+
+
+# ------------------------------------------------------------------ tune (ray_router.tune)
+def _add_tune_parser(sub) -> None:
+    p = sub.add_parser("tune", help="Ray Tune sweep from a YAML file (tune_jobs/); resumes from its storage path")
+    p.add_argument("sweep", help="sweep file, e.g. tune_jobs/paper_sweep.yaml")
+    p.add_argument("--smoke-test", action="store_true", help="the file's smoke_test budget (CI: under ~2 minutes)")
+    p.add_argument("--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray")
+    p.add_argument("--storage-path", default="runs/tune", help="results root; the sweep lives in STORAGE/<name>")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
+    p.add_argument("--fresh", action="store_true", help="delete STORAGE/<name> and start over instead of resuming")
+    p.add_argument("--no-report", action="store_true", help="tune only: no fresh-seed re-runs, report or Serve export")
+    _add_data_args(p)
+    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)")
+    p.add_argument("--device", default=None, help="encoder device (default: the sweep file's)")
+    p.add_argument("--artifacts-dir", default=None,
+                   help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)")
+
+
+def cmd_tune(args) -> int:
+    from ray_router.tune.sweep import run_sweep  # imports Ray only when the command runs
+
+    out = run_sweep(args.sweep, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
+                    num_cpus=args.num_cpus, object_store_mb=args.object_store_mb, fresh=args.fresh,
+                    data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device,
+                    artifacts_dir=args.artifacts_dir, make_report=not args.no_report)
+    print(f"{out.experiment_dir}: {out.n_trials} trials ({out.n_complete} complete, {out.n_stopped} stopped early, "
+          f"{out.n_errored} errored){' after resuming' if out.resumed else ''}; {out.wall_seconds:.0f}s")
+    for name, path in out.paths.items():
+        print(f"  {name}: {path}")
+    return 1 if out.n_errored else 0
+
+
+# ----------------------------------------------------------------- serve (ray_router.serve)
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the routing service (Ray Serve) from a Serve config, on 127.0.0.1")
+    p.add_argument("--config", default="serve_configs/local.yaml", help="Serve config YAML (see serve_configs/)")
+    p.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    p.add_argument("--state-dir", default=None,
+                   help="posterior state (default: the config's, else $RAY_ROUTER_STATE_DIR, else ~/.local/state/ray-router/serve)")
+    _add_data_args(p)
+    p.add_argument("--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
+    p.add_argument("--metrics-port", type=int, default=None, help="export Ray's Prometheus metrics on this port")
+    p.add_argument("--check", action="store_true", help="validate the config (Serve schema and app args) and exit")
+
+
+def cmd_serve(args) -> int:
+    from ray_router.serve.launch import serve_main  # imports Ray only when the command runs
+
+    return serve_main(args)
+
+
+# --------------------------------------------------------------- grafana (ray_router.grafana)
+def _add_grafana_parser(sub) -> None:
+    p = sub.add_parser("grafana", help="the Grafana dashboard: export its JSON, or push it through Grafana's HTTP API")
+    gsub = p.add_subparsers(dest="grafana_command", required=True)
+    g = gsub.add_parser("export", help="write the dashboard JSON (the file k8s/base/grafana provisions)")
+    g.add_argument("--out", default=None, help="file to write (default: stdout)")
+    g = gsub.add_parser("push", help="create or replace the dashboard (POST /api/dashboards/db)")
+    g.add_argument("--url", required=True, help="Grafana's base URL, e.g. https://grafana.example.com (a sub-path is kept)")
+    g.add_argument("--token-env", default="GRAFANA_TOKEN", metavar="NAME",
+                   help="env var holding a service-account token or API key, sent as Bearer "
+                        "(default GRAFANA_TOKEN, else GRAFANA_API_KEY)")
+    g.add_argument("--basic-auth-env", default=None, metavar="NAME", help="env var holding USER:PASSWORD, instead of a token")
+    g.add_argument("--folder-uid", default=None, help="folder to put the dashboard in (default: General)")
+    g.add_argument("--no-overwrite", action="store_true", help="fail if Grafana has the dashboard already")
+    g.add_argument("--message", default=None, help="version-history message")
+    g.add_argument("--timeout", type=_float, default=15.0, help="seconds")
+
+
+def cmd_grafana(args) -> int:
+    from ray_router.grafana import build_dashboard, dashboard_json, push_dashboard  # leaf package, imported here only
+
+    if args.grafana_command == "export":
+        text = dashboard_json()
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text, encoding="utf-8")
+            print(f"wrote {args.out}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return 0
+    token, basic = None, None
+    if args.basic_auth_env:
+        user, sep, password = os.environ.get(args.basic_auth_env, "").partition(":")
+        if not sep or not user:
+            raise ConfigError(f"${args.basic_auth_env} must hold USER:PASSWORD")
+        basic = (user, password)
+    else:
+        names = [args.token_env] + (["GRAFANA_API_KEY"] if args.token_env == "GRAFANA_TOKEN" else [])
+        token = next((os.environ[n] for n in names if os.environ.get(n)), None)
+        if token is None:
+            raise ConfigError(f"no Grafana token: set ${names[0]} (a service-account token with the Editor role) "
+                              "or pass --basic-auth-env")
+    result = push_dashboard(args.url, build_dashboard(), token=token, basic_auth=basic, folder_uid=args.folder_uid,
+                            overwrite=not args.no_overwrite, message=args.message, timeout_s=args.timeout)
+    print(f"{result.status}: dashboard {result.uid} version {result.version}: {args.url.rstrip('/')}{result.url}")
+    return 0
 
 
 # ---------------------------------------------------------------------------- commands
@@ -132,6 +253,7 @@ def _eval_config(args):
         offline_fraction=args.offline_fraction,
         k_per_category=args.k_per_category,
         held_out=args.held_out,
+        split_seed=args.split_seed,
         weighting=args.weighting,
         policy_configs=parse_overrides(args.overrides),
     )
@@ -153,6 +275,20 @@ def cmd_evaluate(args) -> int:
     paths = write_outputs(result, args.out, title=f"{table.name}: cumulative regret, mean and 95% CI")
     print(format_table(result.records))
     print(f"\nwrote {paths['summary']}, {paths['curves']}, {paths['plot']}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from ray_router.evaluation.paper import PaperConfig, run_paper
+
+    overrides = {k: v for k, v in {
+        "dataset": args.dataset, "n_seeds": args.seeds, "n_rounds": args.rounds, "cost_weight": args.cost_weight,
+        "held_out": args.held_out, "baselines": args.baselines, "workers": args.workers,
+    }.items() if v is not None}
+    cfg = PaperConfig.quick(**overrides) if args.quick else PaperConfig(**overrides)
+    result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)
+    print(result.report)
+    print(f"\nwrote {result.paths['report']} and {result.paths['summary']}")
     return 0
 
 
@@ -183,7 +319,10 @@ def cmd_policies(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "run": cmd_evaluate, "data": cmd_data, "policies": cmd_policies}
+COMMANDS = {"evaluate": cmd_evaluate, "run": cmd_evaluate, "data": cmd_data, "policies": cmd_policies,
+            "experiment": cmd_experiment, "tune": cmd_tune}
+COMMANDS["serve"] = cmd_serve
+COMMANDS["grafana"] = cmd_grafana
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def test_potential_gradient_matches_finite_differences(fmap, clip):
     rng = np.random.default_rng(1)
     d, K, n = 6, 4, 25
     policy = FGTSCDB(FGTSConfig(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8,
-                                compute_dtype="float64"),
+                                compute_dtype="float64", embedding_scale=1.0),
                      rng.normal(size=(K, d)), seed=0)
     batch = _duels(rng, n, d, K)
     theta = rng.normal(size=(2, policy.dim)) * 1.5
@@ -79,7 +79,7 @@ def test_sgld_without_noise_converges_to_the_map_of_a_logistic_problem(precondit
     lipschitz = np.linalg.eigvalsh(D.T @ D / 4).max() + 1 / 1.5**2
     cfg = FGTSConfig(eta=1.0, mu=0.0, prior_sigma=1.5, langevin_noise=0.0, step_size=1.0 / lipschitz,
                      n_steps=5000, batch_size=1000, feature_map="hadamard", preconditioner=preconditioner,
-                     compute_dtype="float64")
+                     compute_dtype="float64", embedding_scale=1.0)
     policy = FGTSCDB(cfg, A, seed=0)
     for i in range(n):
         policy.update(X[i], Duel(int(f[i]), int(s[i])), float(y[i]))

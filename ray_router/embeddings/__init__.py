@@ -10,6 +10,15 @@ import os
 from pathlib import Path
 
 from ray_router.embeddings.base import Encoder, l2_normalise
+from ray_router.embeddings.ccft import (
+    CCFTConfig,
+    CCFTResult,
+    category_separation,
+    ccft_fingerprint,
+    fine_tune,
+    read_artifact,
+    save_artifact,
+)
 from ray_router.embeddings.cache import CachedEncoder, EmbeddingCache, default_cache_dir, text_key
 from ray_router.embeddings.lookup import HashEncoder, LookupEncoder
 from ray_router.embeddings.model_embeddings import (
@@ -91,4 +100,20 @@ __all__ = [
     "weighting_scores",
     "arm_embeddings",
     "model_embeddings",
+    "CCFTConfig",
+    "CCFTResult",
+    "InBatchContrastiveLoss",
+    "fine_tune",
+    "save_artifact",
+    "read_artifact",
+    "ccft_fingerprint",
+    "category_separation",
 ]
+
+
+def __getattr__(name: str):
+    if name == "InBatchContrastiveLoss":  # defined on first use: importing this package stays torch-free
+        from ray_router.embeddings import ccft
+
+        return ccft.InBatchContrastiveLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

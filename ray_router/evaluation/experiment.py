@@ -42,6 +42,7 @@ class EvalConfig:
     offline_fraction: float = 0.2
     k_per_category: int = 5
     held_out: str | None = None  # category held out of the offline part (split="holdout")
+    split_seed: int | None = None  # fix the offline/online split for every seed (None: each seed splits anew)
     weighting: str = "perf"
     weighting_beta: float = 10.0
     weighting_tau: int = 3
@@ -143,11 +144,19 @@ def _seed_streams(seed: int) -> tuple[int, np.random.Generator]:
 
 
 def run_seed(
-    table: RoutingTable, X: np.ndarray, cfg: EvalConfig, seed: int, progress: bool = False
+    table: RoutingTable,
+    X: np.ndarray,
+    cfg: EvalConfig,
+    seed: int,
+    progress: bool = False,
+    on_progress: Callable[[str, int, np.ndarray], None] | None = None,
+    progress_every: int = 0,
 ) -> dict[str, ReplayResult]:
-    """All policies of one seed on the same split and stream."""
+    """All policies of one seed on the same split and stream.
+
+    ``on_progress(policy, t, regret)``: see :func:`run_replay` (called every ``progress_every`` rounds)."""
     split_seed, order_rng = _seed_streams(seed)
-    split = make_split(table, cfg, split_seed)
+    split = make_split(table, cfg, split_seed if cfg.split_seed is None else cfg.split_seed)
     needs_emb = any(get_entry(p).needs_embeddings for p in cfg.policies)
     A = arm_embeddings_for(table, X, split.offline, cfg) if needs_emb else None
     stream = make_stream(table, X, split.online, cfg, order_rng)
@@ -168,8 +177,10 @@ def run_seed(
         # keyed by name: a policy's draws do not depend on which other policies run beside it
         policy_ss, judge_ss = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).spawn(2)
         policy = make_policy(name, env, seed=int(policy_ss.generate_state(1)[0]), config=cfg.policy_config(name))
+        hook = None if on_progress is None else (lambda t, r, _name=name: on_progress(_name, t, r))
         out[name] = run_replay(
-            policy, stream, cfg.kappa, np.random.default_rng(judge_ss), progress=progress, desc=f"{name} seed {seed}"
+            policy, stream, cfg.kappa, np.random.default_rng(judge_ss), progress=progress, desc=f"{name} seed {seed}",
+            on_progress=hook, progress_every=progress_every,
         )
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class ReplayResult:
     served_cost: np.ndarray
     n_real_labels: int
     seconds: float
+    sgld_seconds: float = 0.0  # time the policy spent in its posterior sampler (FGTS.CDB: SGLD)
 
     @property
     def cum_regret(self) -> np.ndarray:
@@ -54,8 +56,16 @@ def run_replay(
     rng: np.random.Generator,
     progress: bool | None = False,
     desc: str = "",
+    on_progress: Callable[[int, np.ndarray], None] | None = None,
+    progress_every: int = 0,
 ) -> ReplayResult:
-    """Play ``len(stream.order)`` rounds: select, judge, update, record the regret."""
+    """Play ``len(stream.order)`` rounds: select, judge, update, record the regret.
+
+    ``on_progress(t, regret)``, when given, is called after every ``progress_every`` rounds and after
+    the last one, with ``t`` the number of rounds played and ``regret`` the (t,) per-round regrets so
+    far (a read-only view). Sweeps use it to report cumulative regret while the replay runs, so an
+    early-stopping scheduler can stop a bad configuration; an exception it raises ends the replay.
+    """
     import time
 
     from tqdm.auto import tqdm
@@ -75,6 +85,10 @@ def run_replay(
         policy.update(x, duel, y)
         first[t], second[t], outcome[t] = duel.first, duel.second, y
         regret[t] = env.regret(row, duel)
+        if on_progress is not None and ((progress_every and (t + 1) % progress_every == 0) or t + 1 == T):
+            view = regret[: t + 1]
+            view.flags.writeable = False
+            on_progress(t + 1, view)
     rows = stream.order.astype(np.int64)
     return ReplayResult(
         rows=rows,
@@ -86,4 +100,5 @@ def run_replay(
         served_cost=stream.costs[rows, first],
         n_real_labels=env.n_real_labels,
         seconds=time.perf_counter() - t0,
+        sgld_seconds=float(getattr(policy, "sgld_seconds", 0.0)),
     )
