@@ -10,9 +10,10 @@ a re-run with the same inputs, so a second run only re-scores.
     RAY_ROUTER_DATA_DIR=../shared/data .venv/bin/python bench/ccft_separation.py --dataset routerbench routerdc
     .venv/bin/python bench/ccft_separation.py --smoke-test        # seconds: tiny config, tiny samples
 
-``--text-view question`` encodes only the last blank-line-separated block of each prompt: RouterBench's
-5-shot ARC and WinoGrande prompts share a 392- and 288-token prefix per category, so at MiniLM's
-256-token limit every ARC prompt (and every WinoGrande prompt) embeds to the same vector.
+Texts are what ``load_dataset`` gives (``--text-view default``; for RouterBench that is the prompt
+without the 5-shot block its category shares). ``--text-view full_prompt`` (RouterBench only) keeps
+that block: ARC and WinoGrande prompts then share a 392- and 288-token prefix per category, so at
+MiniLM's 256-token limit every ARC prompt (and every WinoGrande prompt) embeds to the same vector.
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def question_view(text: str) -> str:
-    """The last blank-line-separated block (the actual question of a few-shot prompt)."""
-    blocks = [b for b in str(text).strip().split("\n\n") if b.strip()]
-    return blocks[-1] if blocks else str(text)
-
-
 def _sample(rows: np.ndarray, cats: np.ndarray, per_category: int, rng: np.random.Generator) -> np.ndarray:
     groups = [rows[cats[rows] == c] for c in sorted(set(cats[rows]))]
     return np.sort(np.concatenate([rng.permutation(g)[:per_category] for g in groups]))
@@ -47,8 +42,9 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict:
     from ray_router.embeddings import get_encoder
     from ray_router.embeddings.ccft import CCFTConfig, category_separation, fine_tune, read_artifact
 
-    table = load_dataset(dataset, data_dir=args.data_dir) if args.data_dir else load_dataset(dataset)
-    texts = np.asarray([question_view(t) if args.text_view == "question" else t for t in table.texts], dtype=object)
+    options = {"strip_shared_prefix": False} if args.text_view == "full_prompt" else {}
+    table = load_dataset(dataset, data_dir=args.data_dir, **options)
+    texts = np.asarray([str(t) for t in table.texts], dtype=object)
     cats = np.asarray([str(c) for c in table.categories], dtype=object)
     split = stratified_split(cats, args.offline_fraction, args.seed)
     overrides = {k: v for k, v in (
@@ -134,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", nargs="+", default=["routerbench"], help="routerbench and/or routerdc")
     p.add_argument("--data-dir", default=None, help="default: $RAY_ROUTER_DATA_DIR, else ./data")
-    p.add_argument("--text-view", choices=("full", "question"), default="full")
+    p.add_argument("--text-view", choices=("default", "full_prompt"), default="default",
+                   help="full_prompt: RouterBench prompts with their shared 5-shot block")
     p.add_argument("--offline-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0, help="split seed and CCFT seed")
     p.add_argument("--centroid-per-category", type=int, default=200, help="offline queries per category (centroids)")

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cost-weight", type=_float, default=None, help="λ of the main grid (default 0.2)")
     e.add_argument("--held-out", default=None, help="category held out (default: the smallest)")
     e.add_argument("--baselines", type=_csv, default=None, help="comma-separated baselines")
+    e.add_argument("--lambdas", type=_csv, default=None, help="λ grid of the perf-cost view, e.g. 0,0.25,1")
+    e.add_argument("--subsample", type=int, default=None, help="a stratified sample of N queries (0 = all)")
     e.add_argument("--workers", type=int, default=2)
     _add_data_args(e)
     _add_encoder_args(e)
@@ -284,6 +286,7 @@ def cmd_experiment(args) -> int:
     overrides = {k: v for k, v in {
         "dataset": args.dataset, "n_seeds": args.seeds, "n_rounds": args.rounds, "cost_weight": args.cost_weight,
         "held_out": args.held_out, "baselines": args.baselines, "workers": args.workers,
+        "lambda_grid": tuple(float(x) for x in args.lambdas) if args.lambdas else None, "subsample": args.subsample,
     }.items() if v is not None}
     cfg = PaperConfig.quick(**overrides) if args.quick else PaperConfig(**overrides)
     result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)

@@ -342,24 +342,16 @@ def test_category_separation_rejects_bad_input(X_train, y_train, X_eval, y_eval)
 
 
 # ======================================================== real encoder, real data
-def question_view(text: str) -> str:
-    """The question of a RouterBench 5-shot prompt: its last blank-line-separated block."""
-    return [b for b in str(text).strip().split("\n\n") if b.strip()][-1]
-
-
 @pytest.fixture(scope="module")
 def routerbench_sample():
-    """A small real RouterBench sample: a stratified offline/online split of the shared subset.
-
-    Texts are the questions without the 5-shot prefix: every ARC (and every WinoGrande) prompt
-    starts with the same ~300-400 tokens, so at 32 tokens the full prompts of a category are one
-    vector and trivially separable; the questions are the harder, more telling test."""
+    """A small real RouterBench sample: a stratified offline/online split of the shared subset, with
+    the texts the loader gives (each prompt without the 5-shot block its category shares)."""
     if DATA is None:
         pytest.skip("shared data dir with the real Parquet files not found")
     from ray_router.data import load_dataset, stratified_split
 
     table = load_dataset("routerbench", data_dir=DATA)
-    texts = np.asarray([question_view(t) for t in table.texts], dtype=object)
+    texts = np.asarray([str(t) for t in table.texts], dtype=object)
     cats = np.asarray([str(c) for c in table.categories], dtype=object)
     split = stratified_split(cats, 0.2, seed=0)
     rng = np.random.default_rng(1)
@@ -395,7 +387,7 @@ def test_ccft_separates_held_out_categories_better_than_base(routerbench_sample,
     base, tuned = scores["base"], scores["ccft"]
     summary = {k: (round(v["nearest_centroid_accuracy"], 4), round(v["silhouette"], 4)) for k, v in scores.items()}
     record_property("separation(accuracy, silhouette)", summary)
-    print("CCFT separation on held-out RouterBench questions (accuracy, silhouette):", summary)
+    print("CCFT separation on held-out RouterBench queries (accuracy, silhouette):", summary)
     assert tuned["nearest_centroid_accuracy"] >= base["nearest_centroid_accuracy"], summary
     assert tuned["silhouette"] > base["silhouette"], summary
 

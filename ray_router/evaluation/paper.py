@@ -86,11 +86,12 @@ def _subsample(table: RoutingTable, n: int, seed: int) -> RoutingTable:
 def _ccft_encoder(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device):
     """Fine-tune on the offline rows only (reused when an artifact with the same fingerprint exists)."""
     from ray_router.embeddings import get_encoder
-    from ray_router.embeddings.ccft import CCFTConfig, fine_tune
+    from ray_router.embeddings.ccft import CCFTConfig, ccft_fingerprint, fine_tune
 
     t0 = time.perf_counter()
-    path = fine_tune(list(table.texts[offline]), list(table.categories[offline]), cfg.ccft or CCFTConfig(),
-                     art_dir, device=device)
+    texts, cats, ccfg = list(table.texts[offline]), list(table.categories[offline]), cfg.ccft or CCFTConfig()
+    # one folder per fingerprint (base model, config, training data): reruns reuse it, others never collide
+    path = fine_tune(texts, cats, ccfg, art_dir / ccft_fingerprint(texts, cats, ccfg), device=device)
     _log(f"CCFT artifact {path} ready in {time.perf_counter() - t0:.0f}s")
     return get_encoder(str(path), cache_dir=cache_dir, device=device)
 
@@ -133,7 +134,7 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     main_cfg = EvalConfig(cost_weight=cfg.cost_weight, **common)
     split = make_split(table, main_cfg, cfg.split_seed)
     art_root = out / "artifacts"
-    X_ccft = _encode(_ccft_encoder(table, split.offline, cfg, art_root / "ccft-stratified", cache_dir, device),
+    X_ccft = _encode(_ccft_encoder(table, split.offline, cfg, art_root, cache_dir, device),
                      table, "CCFT encoder")
     encoders = {"base": X_base, "ccft": X_ccft}
     separation = {name: _separation(X, table, split) for name, X in encoders.items()}
@@ -172,7 +173,7 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     # 2. unseen category
     hold_cfg = dataclasses.replace(main_cfg, split="holdout", held_out=held_out, weighting="perf")
     hsplit = make_split(table, hold_cfg, cfg.split_seed)
-    X_ccft_h = _encode(_ccft_encoder(table, hsplit.offline, cfg, art_root / f"ccft-holdout", cache_dir, device),
+    X_ccft_h = _encode(_ccft_encoder(table, hsplit.offline, cfg, art_root, cache_dir, device),
                        table, "CCFT encoder (held-out split)")
     label = f"holdout:{held_out}"
     run(X_base, dataclasses.replace(hold_cfg, policies=("fgts_cdb", "uniform")), "base", "perf", label, "unseen")
