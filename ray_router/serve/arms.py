@@ -1,0 +1,161 @@
+"""The arm table: ids, prices, upstreams and model embeddings a_k, resolved once by the builder.
+
+Arm embeddings come from a file or are computed from a dataset's offline split with the core
+functions (``category_stats`` -> ``normalise_costs`` -> ``model_embeddings``), exactly as the replay
+evaluation builds them, with the same encoder the embedder replicas serve (so query and arm
+embeddings share one space). The offline texts go through the core's embedding cache, so only the
+first start of a given encoder pays for encoding them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_router.errors import ConfigError, DataError, RouterError, UnknownArmError
+from ray_router.serve.config import AppArgs, DatasetEmbeddingsSpec
+from ray_router.serve.ranking import normalised_prices
+
+
+@dataclass(frozen=True)
+class ArmTable:
+    ids: tuple[str, ...]
+    prices: np.ndarray  # (K,) USD per query
+    embeddings: np.ndarray  # (K, d)
+    encoder_identity: str
+    source: str
+    upstreams: tuple[dict | None, ...] = field(default=())
+
+    @property
+    def n_arms(self) -> int:
+        return len(self.ids)
+
+    @property
+    def price_norm(self) -> np.ndarray:
+        return normalised_prices(self.prices)
+
+    def index(self, arm_id: str) -> int:
+        try:
+            return self.ids.index(arm_id)
+        except ValueError:
+            raise UnknownArmError(f"unknown arm {arm_id!r}; known arms: {list(self.ids)}") from None
+
+
+def _encoder_for(args: AppArgs, cache_dir: Any = False):
+    from ray_router.embeddings import get_encoder
+
+    opts = {} if args.encoder.max_seq_length is None else {"max_seq_length": args.encoder.max_seq_length}
+    return get_encoder(args.encoder.name, cache_dir=cache_dir, device=args.encoder.device, **opts)
+
+
+def encoder_identity(args: AppArgs) -> tuple[str, int]:
+    """``(identity, dim)`` of the configured encoder, without loading a model."""
+    enc = _encoder_for(args, cache_dir=False)
+    return enc.identity, int(enc.dim)
+
+
+def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str]:
+    path = Path(args.arm_embeddings.file).expanduser()
+    if not path.is_file():
+        raise DataError(f"arm_embeddings.file: {path} does not exist (use an absolute path)")
+    ids = list(args.arm_ids)
+    if path.suffix == ".npy":
+        A = np.load(path, allow_pickle=False)
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            if "embeddings" not in z.files:
+                raise DataError(f"{path}: an .npz of arm embeddings needs an 'embeddings' array; has {z.files}")
+            A = z["embeddings"]
+            if "encoder_identity" in z.files:
+                found = str(z["encoder_identity"])
+                if found != identity:
+                    raise ConfigError(f"{path} was computed with encoder {found!r}, the service uses {identity!r}")
+            if "arm_ids" in z.files:
+                file_ids = [str(a) for a in z["arm_ids"]]
+                missing = [a for a in ids if a not in file_ids]
+                if missing:
+                    raise ConfigError(f"{path} has no embedding for arms {missing}; it has {file_ids}")
+                A = A[[file_ids.index(a) for a in ids]]
+    A = np.asarray(A, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != len(ids):
+        raise DataError(f"{path}: expected a ({len(ids)}, d) array in arm-table order, got shape {A.shape}")
+    return A, str(path)
+
+
+def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str]:
+    from ray_router.data import k_per_category, load_dataset, resolve_data_dir, stratified_split
+    from ray_router.embeddings import WeightingConfig, category_stats, model_embeddings, normalise_costs
+
+    data_dir = resolve_data_dir(spec.data_dir)
+    if not data_dir.is_dir():
+        raise DataError(
+            f"arm_embeddings.from_dataset: data directory {str(data_dir)!r} does not exist. Set "
+            "args.arm_embeddings.from_dataset.data_dir in the Serve config, or $RAY_ROUTER_DATA_DIR "
+            "(ray-router serve --data-dir), to the folder with the dataset files"
+        )
+    try:
+        table = load_dataset(spec.name, data_dir=data_dir, **spec.options)
+    except RouterError as e:
+        raise type(e)(f"arm_embeddings.from_dataset: {e}") from None
+    columns = [a.dataset_arm or a.id for a in args.arms]
+    missing = [c for c in columns if c not in table.arms]
+    if missing:
+        raise ConfigError(
+            f"arm_embeddings.from_dataset: {table.name} has no arm(s) {missing}; its arms are {list(table.arms)} "
+            "(set dataset_arm on an arm to map its id to a dataset column)"
+        )
+    cols = np.array([table.arms.index(c) for c in columns])
+    if spec.split == "stratified":
+        split = stratified_split(table.categories, offline_fraction=spec.offline_fraction, seed=spec.seed)
+    else:
+        split = k_per_category(table.categories, k=spec.k_per_category, seed=spec.seed)
+    offline = split.offline
+    encoder = _encoder_for(args, cache_dir=spec.cache_dir)  # None -> the core's default cache
+    X = encoder.encode([str(t) for t in table.texts[offline]])
+    cats = table.categories[offline]
+    names = tuple(dict.fromkeys(str(c) for c in cats))
+    P, C = category_stats(table, offline, names)
+    w = spec.weighting
+    wcfg = WeightingConfig(name=w.name, cost_weight=w.cost_weight, top_tau=w.top_tau, beta=w.beta)
+    A = model_embeddings(X, cats, P[cols], normalise_costs(C[cols]), wcfg, category_names=names)
+    source = f"{table.name} ({table.source}): {len(offline)} offline rows, split {split.name}, weighting {w.name}"
+    return A, source
+
+
+def resolve_arm_table(args: AppArgs) -> ArmTable:
+    identity, dim = encoder_identity(args)
+    if args.arm_embeddings.file is not None:
+        A, source = _from_file(args, identity)
+    else:
+        A, source = _from_dataset(args, args.arm_embeddings.from_dataset)
+    if A.shape[1] != dim:
+        raise ConfigError(f"arm embeddings have dim {A.shape[1]}, the encoder {identity!r} gives {dim}")
+    if not np.isfinite(A).all():
+        raise DataError("arm embeddings contain NaN or inf")
+    return ArmTable(
+        ids=args.arm_ids,
+        prices=np.array([a.price_usd for a in args.arms], dtype=np.float64),
+        embeddings=A,
+        encoder_identity=identity,
+        source=source,
+        upstreams=tuple(None if a.upstream is None else a.upstream.model_dump() for a in args.arms),
+    )
+
+
+def save_arm_embeddings(path: str | Path, arm_ids, embeddings: np.ndarray, encoder_identity: str | None = None) -> Path:
+    """Write an ``.npz`` that ``arm_embeddings.file`` reads (ids and identity are checked on load)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"embeddings": np.asarray(embeddings, dtype=np.float64), "arm_ids": np.array([str(a) for a in arm_ids])}
+    if encoder_identity:
+        arrays["encoder_identity"] = np.array(encoder_identity)
+    np.savez(path, **arrays)
+    return path
+
+
+def describe(table: ArmTable) -> str:
+    return json.dumps({"arms": list(table.ids), "dim": int(table.embeddings.shape[1]), "source": table.source})

@@ -1,0 +1,202 @@
+"""The application's arguments (``args:`` of an app in a Serve config YAML), as pydantic models.
+
+Serve validates the ``args`` mapping into :class:`AppArgs` before it calls the typed builder
+``ray_router.serve.app:build_app(args: AppArgs)``; every model forbids unknown fields, so a typo in
+the YAML fails the deploy with the field's name instead of being ignored.
+
+Sizes that Serve itself owns (``num_replicas``, ``max_ongoing_requests``, ``user_config``) stay in
+the YAML's ``deployments:`` section. The embedder's CPU/GPU request is in ``args.embedder`` instead
+of ``deployments[].ray_actor_options``, because the builder applies it with a fallback: with
+``gpu: auto`` a cluster without GPUs gets a CPU embedder rather than a replica that never schedules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STATE_DIR_ENV = "RAY_ROUTER_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """``$RAY_ROUTER_STATE_DIR``, else ``~/.local/state/ray-router/serve``."""
+    return Path(os.environ.get(STATE_DIR_ENV) or "~/.local/state/ray-router/serve").expanduser()
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UpstreamSpec(_Model):
+    """An OpenAI-compatible endpoint that answers for one arm (``POST {base_url}/chat/completions``)."""
+
+    base_url: str = Field(min_length=1, description="e.g. https://api.openai.com/v1")
+    model: str = Field(min_length=1, description="model name sent upstream")
+    api_key_env: Optional[str] = Field(None, description="env var holding the upstream API key (sent as Bearer)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class ArmSpec(_Model):
+    id: str = Field(min_length=1, max_length=200, description="the arm id users send and see")
+    price_usd: float = Field(ge=0, description="expected price of one query (USD), for cost_weight")
+    upstream: Optional[UpstreamSpec] = None
+    dataset_arm: Optional[str] = Field(None, description="column of this arm in the dataset (default: id)")
+
+    @field_validator("price_usd")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("price_usd must be finite")
+        return v
+
+
+class WeightingSpec(_Model):
+    """:class:`ray_router.embeddings.WeightingConfig` fields (ALGORITHM.md s.3)."""
+
+    name: Literal["perf", "perf_cost", "excel_perf_cost", "excel_mask"] = "perf"
+    cost_weight: float = Field(0.0, ge=0)
+    top_tau: int = Field(3, ge=1)
+    beta: float = Field(10.0, ge=0)
+
+
+class DatasetEmbeddingsSpec(_Model):
+    """Compute the arm embeddings at startup from a dataset's offline split."""
+
+    name: str = Field("routerbench", description="routerbench, routerdc, mixinstruct, or a file path")
+    data_dir: Optional[str] = Field(None, description="default: $RAY_ROUTER_DATA_DIR, else ./data")
+    options: dict[str, Any] = Field(default_factory=dict, description="loader options (load_dataset)")
+    split: Literal["stratified", "k_per_category"] = "stratified"
+    offline_fraction: float = Field(0.2, gt=0, lt=1)
+    k_per_category: int = Field(5, ge=1)
+    seed: int = 0
+    weighting: WeightingSpec = WeightingSpec()
+    cache_dir: Optional[str] = Field(None, description="embedding cache (default: the core's default cache)")
+
+
+class ArmEmbeddingsSpec(_Model):
+    """Exactly one of ``file`` (``.npy`` (K, d) in arm-table order, or ``.npz`` with ``embeddings``
+    and optionally ``arm_ids`` / ``encoder_identity``) and ``from_dataset``."""
+
+    file: Optional[str] = None
+    from_dataset: Optional[DatasetEmbeddingsSpec] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ArmEmbeddingsSpec":
+        if (self.file is None) == (self.from_dataset is None):
+            raise ValueError("set exactly one of arm_embeddings.file and arm_embeddings.from_dataset")
+        if self.file is not None and not self.file.endswith((".npy", ".npz")):
+            raise ValueError("arm_embeddings.file must be a .npy or .npz file")
+        return self
+
+
+class EncoderSpec(_Model):
+    name: str = Field("minilm", description="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a model folder")
+    device: str = Field("auto", description="auto: CUDA when the replica sees a GPU, else CPU")
+    max_seq_length: Optional[int] = Field(None, ge=1)
+
+
+class EmbedderSpec(_Model):
+    """Resources of each embedder replica (the builder applies them; see the module docstring)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    gpu: Literal["auto", "require", "never"] = Field(
+        "auto", description="auto: request num_gpus only if the cluster has GPUs; require: always; never: CPU"
+    )
+    max_batch_size: int = Field(32, ge=1, description="default of @serve.batch; user_config may change it live")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="0: no waiting; requests that queue while a batch encodes form the next one"
+    )
+
+
+class PolicySpec(_Model):
+    name: Literal["fgts_cdb"] = "fgts_cdb"
+    seed: int = 0
+    config: dict[str, Any] = Field(default_factory=dict, description="FGTSConfig fields")
+
+    @field_validator("config")
+    @classmethod
+    def _fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ray_router.errors import RouterError
+        from ray_router.policies import FGTSConfig
+        from ray_router.policies.base import config_from_dict
+
+        try:
+            config_from_dict(FGTSConfig, v)
+        except (RouterError, TypeError) as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+class StateSpec(_Model):
+    """Where the posterior keeps its durable state, and how often it snapshots."""
+
+    dir: Optional[str] = Field(None, description=f"default: ${STATE_DIR_ENV}, else ~/.local/state/ray-router/serve")
+    snapshot_every_n: int = Field(500, ge=1, description="snapshot after this many new feedbacks")
+    snapshot_every_s: float = Field(60.0, gt=0, description="... or this long after the first unsnapshotted one")
+    fsync: bool = Field(True, description="fsync the feedback log before acknowledging (leave on)")
+    refresh_min_interval_s: float = Field(0.02, ge=0, description="pause between two background SGLD refreshes")
+    lock_timeout_s: float = Field(60.0, gt=0, description="wait this long for the previous posterior's lock")
+
+
+class AuthSpec(_Model):
+    token_env: str = Field("RAY_ROUTER_TOKEN", description="env var with the bearer token for writes")
+    hmac_key_env: str = Field("RAY_ROUTER_HMAC_KEY", description="env var with the decision-id signing key")
+    decision_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, description="feedback accepted this long after a route")
+    protect_reads: bool = Field(False, description="also require the token for /v1/route, /v1/chat/completions, stats")
+
+
+class LimitsSpec(_Model):
+    max_query_chars: int = Field(8192, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=256)
+    max_cost_weight: float = Field(1000.0, gt=0)
+
+
+class ServiceSpec(_Model):
+    """Ingress behaviour."""
+
+    posterior_retry_s: float = Field(60.0, ge=0, description="keep retrying while the posterior restarts")
+    chat_default_mode: Literal["single", "duel"] = "single"
+    upstream_timeout_s: float = Field(120.0, gt=0)
+
+
+class AppArgs(_Model):
+    """Everything ``build_app`` needs; see ``serve_configs/README.md`` for a field-by-field guide."""
+
+    arms: list[ArmSpec] = Field(min_length=2)
+    arm_embeddings: ArmEmbeddingsSpec
+    encoder: EncoderSpec = EncoderSpec()
+    embedder: EmbedderSpec = EmbedderSpec()
+    policy: PolicySpec = PolicySpec()
+    state: StateSpec = StateSpec()
+    auth: AuthSpec = AuthSpec()
+    limits: LimitsSpec = LimitsSpec()
+    service: ServiceSpec = ServiceSpec()
+
+    @field_validator("arms")
+    @classmethod
+    def _unique(cls, arms: list[ArmSpec]) -> list[ArmSpec]:
+        ids = [a.id for a in arms]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            raise ValueError(f"duplicate arm ids: {dup}")
+        if "router" in ids:
+            raise ValueError("'router' is reserved (it is the model name that asks for routing)")
+        return arms
+
+    @property
+    def arm_ids(self) -> tuple[str, ...]:
+        return tuple(a.id for a in self.arms)
+
+    def state_dir(self) -> Path:
+        return Path(self.state.dir).expanduser() if self.state.dir else default_state_dir()

@@ -1,0 +1,95 @@
+"""HTTP-facing errors of the service, all in the core's :class:`RouterError` family.
+
+Each class carries ``http_status`` and a short machine-readable ``code``; the ingress turns any
+``RouterError`` into ``{"error": code, "message": str(exc)}`` with that status, in one place.
+"""
+
+from __future__ import annotations
+
+from ray_router.errors import RouterError
+
+
+def error_code(exc: RouterError) -> str:
+    """The ``error`` field of the JSON body for ``exc``."""
+    from ray_router.errors import UnknownArmError
+
+    if isinstance(exc, UnknownArmError):
+        return "unknown_arm"
+    return getattr(exc, "code", None) or {
+        400: "bad_request",
+        404: "not_found",
+        409: "conflict",
+        413: "too_large",
+        422: "invalid_request",
+    }.get(exc.http_status, "error")
+
+
+class MalformedRequest(RouterError):
+    """The body is not JSON, or a decision id is not of our format."""
+
+    http_status = 400
+    code = "malformed_request"
+
+
+class InvalidRequest(RouterError):
+    """Well-formed JSON that breaks the request schema or a limit of the config."""
+
+    http_status = 422
+    code = "invalid_request"
+
+
+class Unauthorized(RouterError):
+    http_status = 401
+    code = "unauthorized"
+
+
+class ForgedDecision(RouterError):
+    """A decision id whose signature does not verify."""
+
+    http_status = 403
+    code = "invalid_signature"
+
+
+class DuplicateFeedback(RouterError):
+    """Feedback for a decision that already took its one feedback."""
+
+    http_status = 409
+    code = "duplicate_feedback"
+
+
+class NotADuel(RouterError):
+    """Feedback for a ``single`` decision: there is no pair to compare."""
+
+    http_status = 409
+    code = "not_a_duel"
+
+
+class ExpiredDecision(RouterError):
+    http_status = 410
+    code = "expired_decision"
+
+
+class StaleDecision(RouterError):
+    """A genuine decision id issued for another arm table (the router was reconfigured)."""
+
+    http_status = 410
+    code = "stale_decision"
+
+
+class PayloadTooLarge(RouterError):
+    http_status = 413
+    code = "too_large"
+
+
+class UpstreamError(RouterError):
+    """The chosen arm's upstream failed or answered with an error."""
+
+    http_status = 502
+    code = "upstream_error"
+
+
+class ServiceUnavailable(RouterError):
+    """The posterior could not be reached in time (it restarts by itself; retry)."""
+
+    http_status = 503
+    code = "unavailable"

@@ -1,0 +1,305 @@
+"""Start a local Ray cluster and deploy a Serve config file, the way ``serve run config.yaml`` and a
+KubeRay RayService do (the controller builds the app from ``import_path`` + ``args``), with the
+small-machine settings of ``shared/design/RAY_NOTES.md``. Used by ``ray-router serve``, the tests
+and the benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ray_router.errors import ConfigError
+
+IMPORT_PATH = "ray_router.serve.app:build_app"
+APP_NAME = "ray-router"
+
+# Settings every local run needs (RAY_NOTES.md): no usage stats, no token auth, loopback only.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Serve config {str(path)!r} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) and isinstance(out.get(k), (dict, type(None))) else v
+    return out
+
+
+def our_apps(cfg: Mapping[str, Any]) -> list[dict]:
+    return [app for app in cfg.get("applications", []) if app.get("import_path") == IMPORT_PATH]
+
+
+def with_overrides(
+    cfg: Mapping[str, Any],
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    args: Mapping[str, Any] | None = None,
+    deployments: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A copy of ``cfg`` with HTTP host/port, app ``args`` (deep-merged) and per-deployment options
+    (merged into the app's ``deployments`` entries by name) overridden for every ray-router app."""
+    cfg = copy.deepcopy(dict(cfg))
+    http = dict(cfg.get("http_options") or {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = int(port)
+    cfg["http_options"] = http
+    for app in our_apps(cfg):
+        if args:
+            app["args"] = _merge(app.get("args") or {}, args)
+        for name, opts in (deployments or {}).items():
+            entries = app.setdefault("deployments", [])
+            entry = next((d for d in entries if d.get("name") == name), None)
+            if entry is None:
+                entries.append({"name": name, **opts})
+            else:
+                entry.update(_merge(entry, opts))
+    return cfg
+
+
+def validate_config(cfg: Mapping[str, Any], check_args: bool = True):
+    """Validate against Serve's own schema (``ServeDeploySchema``) and, for ray-router apps, the
+    builder's :class:`AppArgs`. Returns the Serve schema object."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from ray_router.serve.config import AppArgs
+
+    try:
+        schema = ServeDeploySchema.model_validate(dict(cfg))
+    except ValidationError as e:
+        raise ConfigError(f"not a valid Serve config: {e}") from None
+    if check_args:
+        for app in our_apps(cfg):
+            try:
+                AppArgs.model_validate(app.get("args") or {})
+            except ValidationError as e:
+                raise ConfigError(f"application {app.get('name')!r}: invalid args: {e}") from None
+    return schema
+
+
+def app_url(cfg: Mapping[str, Any], app: Mapping[str, Any] | None = None) -> str:
+    http = cfg.get("http_options") or {}
+    host = http.get("host") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    prefix = ((app or (our_apps(cfg) or [{}])[0]).get("route_prefix") or "/").rstrip("/")
+    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+
+
+def init_ray(
+    num_cpus: int | None = 2,
+    object_store_mb: int = 256,
+    metrics_export_port: int | None = None,
+    address: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Start (or connect to) Ray. A local start is capped: ``num_cpus``, a small object store, no dashboard."""
+    for k, v in {**RAY_ENV_DEFAULTS, **(env or {})}.items():
+        os.environ.setdefault(k, v)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, namespace="serve", log_to_driver=False)
+        return
+    kwargs: dict[str, Any] = {}
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = int(metrics_export_port)
+        kwargs["_system_config"] = {"metrics_report_interval_ms": 1000}
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=object_store_mb * 2**20,
+        namespace="serve",
+        **kwargs,
+    )
+
+
+def start_serve(cfg: Mapping[str, Any]):
+    """Start Serve's controller and proxy with the config's HTTP options (once per cluster); the
+    controller client. (``serve_start`` is what ``serve run config.yaml`` calls.)"""
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+
+    schema = validate_config(cfg, check_args=False)
+    return serve_api.serve_start(
+        http_options=schema.http_options.model_dump(),
+        grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        proxy_location=schema.proxy_location,
+        global_logging_config=schema.logging_config,
+    )
+
+
+def deploy(cfg: Mapping[str, Any], timeout_s: float = 300.0) -> str:
+    """Deploy every application of ``cfg`` (Serve's declarative apply) and wait until they run.
+
+    Returns the base URL of the (first) ray-router app. A failed build or replica start raises
+    :class:`ConfigError` with Serve's message."""
+    schema = validate_config(cfg)
+    client = start_serve(cfg)
+    client.deploy_apps(schema)
+    wait_running([app.name for app in schema.applications], timeout_s)
+    return app_url(cfg)
+
+
+def wait_running(names: list[str], timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        states = {n: (apps[n].status if n in apps else "NOT_STARTED") for n in names}
+        last = {n: str(s) for n, s in states.items()}
+        failed = [n for n, s in states.items() if str(s).endswith("DEPLOY_FAILED") or str(s).endswith("UNHEALTHY")]
+        if failed:
+            n = failed[0]
+            msg = apps[n].message or ""
+            for dep in apps[n].deployments.values():
+                if dep.message:
+                    msg += f"\n{dep.message}"
+            raise ConfigError(f"application {n!r} failed to deploy: {_last_error(msg)}")
+        if all(str(s).endswith("RUNNING") for s in states.values()):
+            return
+        time.sleep(0.5)
+    raise ConfigError(f"applications did not become RUNNING within {timeout_s:.0f}s: {last}")
+
+
+def _last_error(message: str) -> str:
+    """The informative line of a Serve failure message (the exception at the end of a traceback)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]:
+            return ln
+    return lines[-1] if lines else "(no message)"
+
+
+def shutdown() -> None:
+    """Delete the apps (a graceful stop: the posterior writes a last snapshot), then stop Serve and Ray."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        try:
+            for name in list(serve.status().applications):
+                serve.delete(name, _blocking=True)
+        except Exception:  # noqa: BLE001 - Serve may not be running; shutting down anyway
+            pass
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _check_data_dir(cfg: Mapping[str, Any], data_dir: str | None) -> None:
+    """Fail before starting Ray when a ``from_dataset`` data directory is missing (the builder
+    would fail the same way, but only after a cluster start)."""
+    from ray_router.data import resolve_data_dir
+    from ray_router.errors import DataError
+
+    for app in our_apps(cfg):
+        ds = ((app.get("args") or {}).get("arm_embeddings") or {}).get("from_dataset")
+        if ds is None:
+            continue
+        path = resolve_data_dir(ds.get("data_dir") or data_dir)
+        if not path.is_dir():
+            raise DataError(
+                f"arm_embeddings.from_dataset: data directory {str(path)!r} does not exist. Pass --data-dir, set "
+                "$RAY_ROUTER_DATA_DIR, or set args.arm_embeddings.from_dataset.data_dir in the Serve config"
+            )
+
+
+def serve_main(args) -> int:
+    """``ray-router serve``: deploy a Serve config on a local (or given) Ray cluster and block.
+
+    ``args``: the CLI namespace (config, host, port, state_dir, data_dir, address, num_cpus,
+    object_store_mb, metrics_port, check)."""
+    import signal
+    import sys
+
+    cfg = load_serve_config(args.config)
+    apps = our_apps(cfg)
+    if not apps:
+        raise ConfigError(f"{args.config}: no application with import_path {IMPORT_PATH}")
+    overrides: dict[str, Any] = {}
+    state = args.state_dir or (apps[0].get("args") or {}).get("state", {}).get("dir")
+    if state:  # the replicas may run in another working directory: make it absolute here
+        overrides["state"] = {"dir": str(Path(state).expanduser().resolve())}
+    if args.data_dir and ((apps[0].get("args") or {}).get("arm_embeddings") or {}).get("from_dataset") is not None:
+        overrides["arm_embeddings"] = {"from_dataset": {"data_dir": str(Path(args.data_dir).expanduser().resolve())}}
+    cfg = with_overrides(cfg, host=args.host, port=args.port, args=overrides)
+    validate_config(cfg)
+    _check_data_dir(cfg, args.data_dir)
+    if args.check:
+        print(f"{args.config}: valid (Serve schema and ray-router args)")
+        return 0
+    if args.data_dir:
+        os.environ["RAY_ROUTER_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    from ray_router.serve.config import AppArgs
+
+    app_args = AppArgs.model_validate(our_apps(cfg)[0].get("args") or {})
+    print(f"[ray-router] starting Ray and deploying {args.config} (the first start encodes the offline split)",
+          file=sys.stderr)
+    init_ray(num_cpus=args.num_cpus, object_store_mb=args.object_store_mb,
+             metrics_export_port=args.metrics_port, address=args.address)
+    stop = {"flag": False}
+
+    def _stop(signum, frame):  # noqa: ARG001 - signal API
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        url = deploy(cfg)
+        state_dir = app_args.state_dir().expanduser().resolve()
+        token_env = app_args.auth.token_env
+        where = f"${token_env}" if os.environ.get(token_env) else str(state_dir / "secrets" / "token")
+        print(f"ray-router is serving on {url}\n"
+              f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
+              f"  GET  {url}/v1/arms    GET  {url}/v1/stats      GET  {url}/healthz\n"
+              f"  write token (Authorization: Bearer ...): {where}\n"
+              f"  posterior state: {state_dir}"
+              + (f"\n  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
+              + "\nCtrl-C (or SIGTERM) stops it.", flush=True)
+        while not stop["flag"]:
+            time.sleep(0.5)
+    finally:
+        print("[ray-router] shutting down", file=sys.stderr)
+        if args.address:
+            from ray import serve
+
+            serve.delete(APP_NAME)
+        else:
+            shutdown()
+    return 0

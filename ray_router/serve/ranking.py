@@ -1,0 +1,102 @@
+"""Cost-aware choice of arms from the posterior's utilities (pure numpy).
+
+Learned utility and price live on different scales: the posterior's utility ``u_k = <θ, φ(x, a_k)>``
+is in logits of the Bradley-Terry preference model (``P(k beats j) = σ(u_k − u_j)``), a price is
+in USD. A request's ``cost_weight`` λ ranks the offered arms by
+
+    p_k − λ · price_norm_k,    p_k = σ(u_k − mean_{j offered} u_j),    price_norm_k = price_k / max_j price_j
+
+``p_k`` is the modelled probability that arm k's answer is preferred to that of an average offered
+arm, so it lies in [0, 1] like a benchmark score; ``price_norm`` is in [0, 1] like the offline
+evaluation's ``cost_norm`` (the largest price of the arm table is 1). λ therefore means what it
+means in ``utility = score − λ·cost_norm`` offline: λ = 0.1 gives up to 0.1 of win probability for
+moving from the most expensive arm to a free one. σ is monotone, so λ = 0 ranks exactly like the
+policy's own argmax (``select(..., resample=False)`` / ``best``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalised_prices(prices) -> np.ndarray:
+    """``price / max(price)``; all zeros stay zeros."""
+    p = np.asarray(prices, dtype=np.float64)
+    top = float(p.max()) if p.size else 0.0
+    return p / top if top > 0 else np.zeros_like(p)
+
+
+def win_probability(u: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``σ(u_k − mean over offered u)`` along the last axis (offered = ``mask``)."""
+    u = np.asarray(u, dtype=np.float64)
+    centre = (np.where(mask, u, 0.0).sum(axis=-1, keepdims=True)) / max(int(mask.sum()), 1)
+    return 0.5 * (1.0 + np.tanh(0.5 * (u - centre)))
+
+
+def _objective(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None) -> np.ndarray:
+    if penalty is None:
+        obj = np.asarray(u, dtype=np.float64)
+    else:
+        obj = win_probability(u, mask) - penalty
+    return np.where(mask, obj, -np.inf)
+
+
+def choose_duel(
+    S: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None, distinct: bool = True
+) -> tuple[int, int]:
+    """Arms of the two samplers: ``S`` (2, K) utilities of θ¹, θ²; ``penalty`` (K,) = λ·price_norm
+    or None; ``distinct``: the second arm is θ²'s best other than the first (when two are offered)."""
+    obj = _objective(S, mask, penalty)
+    first = int(obj[0].argmax())
+    second = int(obj[1].argmax())
+    if distinct and second == first and int(mask.sum()) > 1:
+        o2 = obj[1].copy()
+        o2[first] = -np.inf
+        second = int(o2.argmax())
+    return first, second
+
+
+def choose_best(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None) -> int:
+    """The exploit arm: ``u`` (K,) utilities under the posterior mean."""
+    return int(_objective(u, mask, penalty).argmax())
+
+
+class SampleView:
+    """A read-only copy of the posterior's current samples, enough to choose arms.
+
+    The ingress keeps one per replica and replaces the samples whenever the posterior publishes a
+    refresh, so a route needs no call to the posterior. ``scorer`` is a policy built with the
+    posterior's config and arm embeddings; only its public ``arm_scores(x, theta)`` is used, with
+    the published θ, so the scores are the posterior's own to the last bit."""
+
+    def __init__(self, scorer, prices) -> None:
+        self.scorer = scorer
+        self.n_arms = int(scorer.n_arms)
+        self.distinct = bool(scorer.config.distinct_arms)
+        self.price_norm = normalised_prices(prices)
+        self.version = -1
+        self.theta: np.ndarray | None = None
+        self.theta_mean: np.ndarray | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.theta is not None
+
+    def update(self, version: int, theta: np.ndarray, theta_mean: np.ndarray) -> None:
+        self.theta, self.theta_mean, self.version = np.asarray(theta), np.asarray(theta_mean), int(version)
+
+    def choose(
+        self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0
+    ) -> tuple[int, int | None, int]:
+        """``(first, second or None, version)`` for context ``x`` among ``offered`` (None = all)."""
+        theta, theta_mean, version = self.theta, self.theta_mean, self.version  # one consistent read
+        mask = np.zeros(self.n_arms, dtype=bool)
+        if offered is None:
+            mask[:] = True
+        else:
+            mask[list(offered)] = True
+        penalty = float(cost_weight) * self.price_norm if cost_weight else None
+        if mode == "single":
+            return choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty), None, version
+        first, second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct)
+        return first, second, version

@@ -1,0 +1,392 @@
+"""The posterior's state machine, free of Ray: FGTS.CDB plus its durable log, snapshots and replay.
+
+One :class:`PosteriorState` owns one state directory (see :mod:`ray_router.serve.durable`).
+
+Route
+    Routes never reach this object: the ingress chooses arms from a :class:`SampleView` of the
+    current samples (``view()``, published after every refresh) and signs the decision, context
+    included, into the decision id (:mod:`ray_router.serve.tokens`). No SGLD on the request path.
+
+Feedback (``begin_feedback`` -> durable append -> ``end_feedback`` -> ``apply``)
+    ``begin_feedback`` takes the verified claims of a decision id and checks single use; it builds
+    a self-contained log record: everything an update needs (embedding, both arms, offered arms,
+    outcome) plus the nonce and the caller's request id. The record is appended to the feedback
+    log and fsynced; only then is it acknowledged (``end_feedback`` marks the nonce used) and
+    queued for ``apply``, which runs ``policy.update`` in log order. A background loop calls
+    ``refresh`` (SGLD) after updates and publishes the new samples.
+
+Snapshots and recovery
+    ``take_snapshot`` writes the policy snapshot plus ``last_seq`` (the last applied record), the
+    log offset after it and the used nonces, atomically. ``open`` takes the directory lock, checks
+    ``meta.json`` (arm ids, encoder, dim: a mismatch refuses to start), restores the snapshot,
+    replays every log record after ``last_seq`` through ``policy.update`` and refreshes once. A
+    crash therefore loses no acknowledged feedback: each one is in the log, and the log tail beyond
+    the snapshot is replayed. The log is the truth and a snapshot only a shortcut: when the policy
+    config or the arm embeddings changed since the snapshot, the posterior is rebuilt from the whole
+    log under the new config instead (``recovery["rebuilt_from_log"]`` says why).
+
+Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
+and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`` and
+``policy.theta_mean`` by assignment, never in place, so ``view`` always reads a consistent sample.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ray_router.errors import ConfigError
+from ray_router.policies import Duel, PolicyEnv, make_policy
+from ray_router.policies.snapshot import load_snapshot, save_snapshot
+from ray_router.serve.durable import (
+    FEEDBACK_LOG,
+    FeedbackJournal,
+    StateLock,
+    decode_vector,
+    encode_vector,
+    read_meta,
+    write_meta,
+)
+from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel
+from ray_router.serve.tokens import DecisionClaims
+
+SNAPSHOT_FILE = "posterior.snapshot.npz"
+OUTCOMES = {"first": 1.0, "second": 0.0, "tie": 0.5}
+
+
+def serving_policy_config(config: dict | None) -> dict:
+    """The FGTS.CDB config of the service: the user's fields over ``distinct_arms: True`` (a duel
+    of an arm with itself teaches nothing)."""
+    return {"distinct_arms": True, **dict(config or {})}
+
+
+def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0):
+    """A policy with the service's config, used for its scoring function (``arm_scores``)."""
+    A = np.asarray(arm_embeddings, dtype=np.float64)
+    return make_policy("fgts_cdb", PolicyEnv(A.shape[0], A), seed, serving_policy_config(config))
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """What the posterior needs (plain values; the builder makes it from :class:`AppArgs`)."""
+
+    arm_ids: tuple[str, ...]
+    prices: tuple[float, ...]
+    arm_embeddings: np.ndarray
+    encoder_identity: str
+    state_dir: str
+    policy_config: dict = field(default_factory=dict)
+    policy_seed: int = 0
+    decision_ttl_s: float = 3600.0
+    snapshot_every_n: int = 500
+    snapshot_every_s: float = 60.0
+    fsync: bool = True
+    lock_timeout_s: float = 60.0
+
+
+class PosteriorState:
+    def __init__(self, spec: PosteriorSpec, clock: Callable[[], float] = time.time):
+        self.spec = spec
+        self.clock = clock
+        self.dir = Path(spec.state_dir)
+        self.arm_ids = tuple(spec.arm_ids)
+        self.n_arms = len(self.arm_ids)
+        self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed)
+        self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
+        self.lock = StateLock(self.dir)
+        self.journal = FeedbackJournal(self.dir / FEEDBACK_LOG, fsync=spec.fsync)
+        # nonce -> {"r": request id, "s": seq, "y": outcome label, "e": expires}; the single-use set
+        self.used: dict[str, dict] = {}
+        self.inflight: dict[str, str] = {}  # nonce -> request id, while its record is being written
+        self.last_applied_seq = 0
+        self.last_applied_offset = 0
+        self.snapshot_seq = 0
+        self.last_snapshot_at: float | None = None
+        self.last_refresh_at: float | None = None
+        self.last_refresh_s: float | None = None
+        self.started_at = self.clock()
+        self.counts: dict[str, Any] = {
+            "feedback": {k: 0 for k in OUTCOMES},
+            "rejected_feedback": {"duplicate": 0, "not_a_duel": 0, "expired": 0},
+        }
+        self.recovery: dict[str, Any] = {}
+        self._opened = False
+
+    # ------------------------------------------------------------------ startup
+    def open(self) -> dict[str, Any]:
+        """Lock, check meta, restore the snapshot, replay the log tail, refresh once."""
+        t0 = time.perf_counter()
+        self.lock.acquire(self.spec.lock_timeout_s)
+        try:
+            return self._open(t0)
+        except BaseException:
+            self.journal.close()
+            self.lock.release()
+            raise
+
+    def _open(self, t0: float) -> dict[str, Any]:
+        self._check_meta()
+        snap_path = self.dir / SNAPSHOT_FILE
+        restored, offset, rebuilt = False, 0, None
+        if snap_path.exists():
+            snap = load_snapshot(snap_path)
+            meta = snap["meta"]
+            if list(meta["arm_ids"]) != list(self.arm_ids):
+                raise ConfigError(f"{snap_path} holds arms {meta['arm_ids']}, the config has {list(self.arm_ids)}")
+            rebuilt = self._snapshot_mismatch(snap["policy"])
+            if rebuilt is None:
+                self.policy.restore(snap["policy"])
+                self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
+                offset = self.last_applied_offset = int(meta["log_offset"])
+                self.used = {str(k): dict(v) for k, v in meta.get("used", {}).items()}
+                self.last_snapshot_at = float(meta["created_at"])
+                restored = True
+        self.journal.open()
+        if offset > self.journal.size_bytes:
+            raise ConfigError(f"{snap_path} points past the end of {self.journal.path}: the log was truncated")
+        replayed = 0
+        batch: list[dict] = []
+        records = self.journal.scan(offset)
+        for end, rec in records:
+            if int(rec["seq"]) <= self.last_applied_seq:
+                continue
+            rec["_end"] = end
+            batch.append(rec)
+            self.used[rec["nonce"]] = {"r": rec["request_id"], "s": rec["seq"], "y": rec["outcome"], "e": rec["expires_at"]}
+            if len(batch) >= 1024:
+                replayed += self.apply(batch)
+                batch = []
+        replayed += self.apply(batch)
+        now = self.clock()
+        self._prune_used(now)
+        self.refresh()
+        self._opened = True
+        self.recovery = {
+            "restored_snapshot": restored,
+            "rebuilt_from_log": rebuilt,
+            "snapshot_seq": self.snapshot_seq,
+            "replayed": replayed,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "at": now,
+        }
+        return self.recovery
+
+    def _check_meta(self) -> None:
+        meta_path = self.dir / "meta.json"
+        want = {"arm_ids": list(self.arm_ids), "encoder_identity": self.spec.encoder_identity, "dim": self.dim}
+        found = read_meta(meta_path)
+        if found is None:
+            write_meta(meta_path, {**want, "created_at": self.clock()})
+            return
+        for key in ("arm_ids", "encoder_identity", "dim"):
+            if found.get(key) != want[key]:
+                raise ConfigError(
+                    f"{self.dir} holds the posterior of another configuration ({key}: {found.get(key)!r}, config: "
+                    f"{want[key]!r}); point state.dir at a new directory or restore the old config"
+                )
+
+    def _snapshot_mismatch(self, snap_policy: dict) -> str | None:
+        """Why the snapshot cannot be restored under the current config (then the posterior is
+        rebuilt from the whole log, which holds every duel with its context), or None."""
+        import dataclasses
+
+        want = dataclasses.asdict(self.policy.config)
+        have = dict(snap_policy.get("config", {}))
+        changed = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if changed:
+            return f"policy config changed ({', '.join(changed)})"
+        old = np.asarray(snap_policy["arm_embeddings"], dtype=np.float64)
+        new = np.asarray(self.spec.arm_embeddings, dtype=np.float64)
+        if old.shape != new.shape or not np.allclose(old, new, rtol=1e-6, atol=1e-9):
+            return "arm embeddings changed"
+        return None
+
+    def close(self) -> None:
+        self.journal.close()
+        self.lock.release()
+
+    # ------------------------------------------------------------------ samples
+    @property
+    def version(self) -> int:
+        return int(self.policy.n_refreshes)
+
+    def view(self) -> dict[str, Any]:
+        """The current samples for a :class:`~ray_router.serve.ranking.SampleView`."""
+        p = self.policy
+        theta, theta_mean, version = p.theta, p.theta_mean, int(p.n_refreshes)
+        return {"version": version, "theta": theta, "theta_mean": theta_mean}
+
+    # ----------------------------------------------------------------- feedback
+    def begin_feedback(self, claims: DecisionClaims, outcome: str, request_id: str) -> dict | tuple[str, dict]:
+        """A log record to append, or ``("replay", ack)`` when this very request (same request id)
+        was already recorded. ``claims`` come from a verified decision id. Raises the 4xx errors of
+        the contract otherwise."""
+        if outcome not in OUTCOMES:
+            raise ConfigError(f"outcome must be one of {list(OUTCOMES)}")
+        nonce = claims.nonce
+        used = self.used.get(nonce)
+        if used is not None:
+            if used["r"] == request_id:
+                return "replay", self._ack(nonce, used["s"], used["y"], replayed=True)
+            self.counts["rejected_feedback"]["duplicate"] += 1
+            raise DuplicateFeedback(
+                f"feedback for this decision was already recorded (outcome {used['y']!r}); a decision takes one feedback"
+            )
+        if nonce in self.inflight:
+            self.counts["rejected_feedback"]["duplicate"] += 1
+            raise DuplicateFeedback("feedback for this decision is being recorded by another request")
+        now = self.clock()
+        if claims.expires_at <= now:
+            self.counts["rejected_feedback"]["expired"] += 1
+            raise ExpiredDecision("decision_id has expired")
+        if claims.mode != "duel" or claims.second is None or claims.x is None:
+            self.counts["rejected_feedback"]["not_a_duel"] += 1
+            raise NotADuel("a single-mode decision served one arm; pairwise feedback needs a duel")
+        x = np.asarray(claims.x, dtype=np.float32)
+        arms = [claims.first, claims.second, *(claims.offered or ())]
+        if x.shape != (self.dim,) or not np.isfinite(x).all() or min(arms) < 0 or max(arms) >= self.n_arms:
+            raise MalformedRequest("decision_id does not fit this posterior (dimension or arm index)")
+        self.inflight[nonce] = request_id
+        return {
+            "nonce": nonce,
+            "request_id": request_id,
+            "outcome": outcome,
+            "y": OUTCOMES[outcome],
+            "first": int(claims.first),
+            "second": int(claims.second),
+            "first_id": self.arm_ids[claims.first],
+            "second_id": self.arm_ids[claims.second],
+            "offered": None if claims.offered is None else [int(i) for i in claims.offered],
+            "x": encode_vector(x),
+            "expires_at": int(claims.expires_at),
+            "ts": now,
+        }
+
+    def end_feedback(self, nonce: str, record: dict | None) -> dict | None:
+        """After the durable append (``record`` with its ``seq``), or after a failed one (None)."""
+        self.inflight.pop(nonce, None)
+        if record is None:
+            return None
+        self.used[nonce] = {"r": record["request_id"], "s": record["seq"], "y": record["outcome"], "e": record["expires_at"]}
+        self.counts["feedback"][record["outcome"]] += 1
+        return self._ack(nonce, record["seq"], record["outcome"], replayed=False)
+
+    def record_feedback(self, claims: DecisionClaims, outcome: str, request_id: str = "") -> dict:
+        """Synchronous feedback (the service's steps without group commit): log + fsync, then apply."""
+        nonce = claims.nonce
+        res = self.begin_feedback(claims, outcome, request_id)
+        if isinstance(res, tuple):
+            return res[1]
+        try:
+            ((_, end),) = self.journal.append([res])
+        except BaseException:
+            self.end_feedback(nonce, None)
+            raise
+        res["_end"] = end
+        ack = self.end_feedback(nonce, res)
+        self.apply([res])
+        return ack
+
+    def _ack(self, nonce: str, seq: int, outcome: str, replayed: bool) -> dict:
+        return {"accepted": True, "seq": int(seq), "outcome": outcome, "replayed": replayed}
+
+    # ---------------------------------------------------- mutation thread only
+    def apply(self, records: list[dict]) -> int:
+        """``policy.update`` for durable records, in seq order (the log's order)."""
+        n = 0
+        for rec in records:
+            seq = int(rec["seq"])
+            if seq <= self.last_applied_seq:
+                continue
+            if seq != self.last_applied_seq + 1 and self._opened:
+                raise RuntimeError(f"feedback applied out of order: seq {seq} after {self.last_applied_seq}")
+            x = decode_vector(rec["x"])
+            if x.shape[0] != self.dim:
+                raise ConfigError(f"log record {seq} has a {x.shape[0]}-d embedding, the posterior {self.dim}")
+            self.policy.update(x, Duel(int(rec["first"]), int(rec["second"])), float(rec["y"]), rec["offered"])
+            self.last_applied_seq = seq
+            self.last_applied_offset = int(rec["_end"])
+            n += 1
+        return n
+
+    @property
+    def pending_updates(self) -> int:
+        """Applied updates that no refresh has seen yet."""
+        return int(self.policy.n_updates - self.policy.refreshed_at)
+
+    def refresh(self, n_steps: int | None = None) -> float:
+        t0 = time.perf_counter()
+        self.policy.refresh(n_steps)
+        self.last_refresh_s = time.perf_counter() - t0
+        self.last_refresh_at = self.clock()
+        return self.last_refresh_s
+
+    def snapshot_due(self, now: float) -> bool:
+        new = self.last_applied_seq - self.snapshot_seq
+        if new <= 0:
+            return False
+        if new >= self.spec.snapshot_every_n:
+            return True
+        since = now - (self.last_snapshot_at if self.last_snapshot_at is not None else self.started_at)
+        return since >= self.spec.snapshot_every_s
+
+    def take_snapshot(self) -> Path:
+        now = self.clock()
+        seq = self.last_applied_seq
+        used = {k: v for k, v in self.used.copy().items() if int(v["s"]) <= seq and v["e"] > now}
+        snap = {
+            "policy": self.policy.snapshot(),
+            "meta": {
+                "last_seq": seq,
+                "log_offset": self.last_applied_offset,
+                "arm_ids": list(self.arm_ids),
+                "encoder_identity": self.spec.encoder_identity,
+                "used": used,
+                "created_at": now,
+                "pid": os.getpid(),
+            },
+        }
+        path = save_snapshot(snap, self.dir / SNAPSHOT_FILE)
+        self.snapshot_seq, self.last_snapshot_at = seq, now
+        return path
+
+    # ------------------------------------------------------------- housekeeping
+    def _prune_used(self, now: float) -> None:
+        for k in [k for k, v in self.used.items() if v["e"] <= now]:
+            self.used.pop(k, None)
+
+    def prune(self) -> None:
+        self._prune_used(self.clock())
+
+    def stats(self) -> dict[str, Any]:
+        p = self.policy
+        return {
+            "counts": {
+                **{k: dict(v) for k, v in self.counts.items()},
+                "used_decisions": len(self.used),
+            },
+            "posterior": {
+                "version": self.version,
+                "n_updates": int(p.n_updates),
+                "n_refreshes": int(p.n_refreshes),
+                "refreshed_at_update": int(p.refreshed_at),
+                "history_size": int(getattr(getattr(p, "history", None), "n", p.n_updates)),
+                "last_refresh_at": self.last_refresh_at,
+                "last_refresh_seconds": self.last_refresh_s,
+            },
+            "durability": {
+                "feedback_log_bytes": int(self.journal.size_bytes),
+                "last_seq": int(self.journal.last_seq),
+                "last_applied_seq": int(self.last_applied_seq),
+                "snapshot_seq": int(self.snapshot_seq),
+                "last_snapshot_at": self.last_snapshot_at,
+                "fsyncs": int(self.journal.n_fsyncs),
+                "recovery": dict(self.recovery),
+            },
+            "started_at": self.started_at,
+        }

@@ -1,0 +1,104 @@
+"""Forwarding a chat completion to an arm's OpenAI-compatible upstream (httpx, async)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, AsyncIterator
+
+import httpx
+
+from ray_router.serve.errors import UpstreamError
+
+HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "content-encoding")
+
+
+def build_request(upstream: dict, body: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """URL, headers and JSON body for ``upstream`` (``base_url``, ``model``, ``api_key_env``)."""
+    payload = {k: v for k, v in body.items() if k != "router"}
+    payload["model"] = upstream["model"]
+    headers = {"content-type": "application/json"}
+    key_env = upstream.get("api_key_env")
+    if key_env:
+        key = os.environ.get(key_env)
+        if not key:
+            raise UpstreamError(f"the upstream's API key env var ${key_env} is not set on the ingress")
+        headers["authorization"] = f"Bearer {key}"
+    return f"{upstream['base_url']}/chat/completions", headers, payload
+
+
+def _error_message(resp: httpx.Response, text: str) -> str:
+    try:
+        detail = json.loads(text)
+        if isinstance(detail, dict):
+            err = detail.get("error", detail)
+            text = err.get("message", json.dumps(err)) if isinstance(err, dict) else str(err)
+    except ValueError:
+        pass
+    return f"upstream answered {resp.status_code}: {text[:500]}"
+
+
+async def complete(client: httpx.AsyncClient, upstream: dict, body: dict[str, Any]) -> dict[str, Any]:
+    url, headers, payload = build_request(upstream, body)
+    try:
+        resp = await client.post(url, headers=headers, json=payload)
+    except httpx.TimeoutException as e:
+        raise UpstreamError(f"upstream {upstream['base_url']} timed out: {type(e).__name__}") from None
+    except httpx.HTTPError as e:
+        raise UpstreamError(f"upstream {upstream['base_url']} unreachable: {type(e).__name__}: {e}") from None
+    if resp.status_code != 200:
+        raise UpstreamError(_error_message(resp, resp.text))
+    try:
+        out = resp.json()
+    except ValueError:
+        raise UpstreamError("upstream answered 200 with a body that is not JSON") from None
+    if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
+        raise UpstreamError("upstream answer has no 'choices' list")
+    return out
+
+
+async def open_stream(client: httpx.AsyncClient, upstream: dict, body: dict[str, Any]) -> httpx.Response:
+    """Send a streaming request; return the open response once its status is 200."""
+    url, headers, payload = build_request(upstream, body)
+    payload["stream"] = True
+    req = client.build_request("POST", url, headers=headers, json=payload)
+    try:
+        resp = await client.send(req, stream=True)
+    except httpx.HTTPError as e:
+        raise UpstreamError(f"upstream {upstream['base_url']} unreachable: {type(e).__name__}: {e}") from None
+    if resp.status_code != 200:
+        text = (await resp.aread()).decode("utf-8", "replace")
+        await resp.aclose()
+        raise UpstreamError(_error_message(resp, text))
+    return resp
+
+
+async def relay_stream(resp: httpx.Response, arm_id: str, router_info: dict[str, Any]) -> AsyncIterator[bytes]:
+    """Server-sent events from the upstream with ``model`` set to the arm id; the first chunk also
+    carries ``router`` (decision id, arms). Lines that are not JSON data pass through unchanged."""
+    first = True
+    try:
+        async for line in resp.aiter_lines():
+            if not line:
+                continue
+            if line.startswith("data:"):
+                data = line[5:].strip()
+                if data != "[DONE]":
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        obj = None
+                    if isinstance(obj, dict):
+                        obj["model"] = arm_id
+                        if first:
+                            obj["router"] = router_info
+                            first = False
+                        data = json.dumps(obj, separators=(",", ":"))
+                yield f"data: {data}\n\n".encode()
+            else:
+                yield f"{line}\n".encode()
+    except httpx.HTTPError as e:
+        err = {"error": {"type": "upstream_error", "message": f"upstream stream broke: {type(e).__name__}"}}
+        yield f"data: {json.dumps(err)}\n\n".encode()
+    finally:
+        await resp.aclose()

@@ -1,0 +1,211 @@
+"""Serve configs and the app's arguments: schema validation, arm tables, GPU fallback, docs in sync."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from ray_router.errors import ConfigError, DataError
+from ray_router.serve import launch
+from ray_router.serve.arms import resolve_arm_table, save_arm_embeddings
+from ray_router.serve.config import AppArgs
+from tests.data_fixtures import shared_data_dir
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert {p.name for p in CONFIGS} >= {"local.yaml", "gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates_against_serves_schema_and_app_args(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    cfg = launch.load_serve_config(path)
+    schema = ServeDeploySchema.model_validate(cfg)  # Serve's own schema, as `serve deploy` checks it
+    assert schema.applications
+    launch.validate_config(cfg)  # and our AppArgs for every ray-router app
+    apps = launch.our_apps(cfg)
+    assert apps, f"{path.name} has no app with import_path {launch.IMPORT_PATH}"
+    for app in apps:
+        names = {d["name"] for d in app.get("deployments", [])}
+        assert names <= {"Ingress", "Embedder", "Posterior"}
+        post = next(d for d in app["deployments"] if d["name"] == "Posterior")
+        assert post["num_replicas"] == 1, "the posterior must have exactly one writer"
+        emb = next((d for d in app["deployments"] if d["name"] == "Embedder"), {})
+        assert "ray_actor_options" not in emb, "embedder resources belong in args.embedder (GPU fallback)"
+        batch = app["args"]["embedder"]["max_batch_size"]
+        assert emb.get("max_ongoing_requests", 5) >= batch, "max_ongoing_requests below the batch size starves batching"
+
+
+def test_local_config_fits_two_cpus():
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    app = launch.our_apps(cfg)[0]
+    deps = {d["name"]: d for d in app["deployments"]}
+    cpus = app["args"]["embedder"]["num_cpus"] * deps["Embedder"]["num_replicas"]
+    cpus += sum(deps[n]["ray_actor_options"]["num_cpus"] * deps[n]["num_replicas"] for n in ("Ingress", "Posterior"))
+    assert cpus <= 2
+    assert app["args"]["embedder"]["num_gpus"] == 0
+    assert cfg["http_options"]["host"] == "127.0.0.1"
+
+
+def test_local_prices_are_the_routerbench_mean_costs():
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("RouterBench data not available")
+    from ray_router.data import load_dataset
+
+    table = load_dataset("routerbench", data_dir=d)
+    mean = dict(zip(table.arms, table.costs.mean(axis=0)))
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    arms = launch.our_apps(cfg)[0]["args"]["arms"]
+    assert [a["id"] for a in arms] == list(table.arms)
+    for a in arms:
+        assert a["price_usd"] == pytest.approx(mean[a["id"]], rel=0.02)
+
+
+def test_gpu_config_falls_back_to_cpu_without_gpus(monkeypatch):
+    import ray
+
+    from ray_router.serve.app import _embedder_resources
+
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "gpu.yaml")
+    args = AppArgs.model_validate(launch.our_apps(cfg)[0]["args"])
+    assert args.embedder.num_gpus >= 1 and args.embedder.gpu == "auto"
+    assert "num_gpus" not in _embedder_resources(args)  # no Ray cluster here -> no GPU seen
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    assert _embedder_resources(args)["num_gpus"] == args.embedder.num_gpus
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert "num_gpus" not in _embedder_resources(args)
+    required = args.model_copy(update={"embedder": args.embedder.model_copy(update={"gpu": "require"})})
+    assert _embedder_resources(required)["num_gpus"] == args.embedder.num_gpus
+
+
+def _args(**over):
+    base = {
+        "arms": [{"id": "a", "price_usd": 0.01}, {"id": "b", "price_usd": 0.0}],
+        "arm_embeddings": {"file": "/nonexistent.npz"},
+        "encoder": {"name": "hash"},
+    }
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"arms": [{"id": "a", "price_usd": 1}]}, "at least 2"),
+        ({"arms": [{"id": "a", "price_usd": 1}, {"id": "a", "price_usd": 2}]}, "duplicate arm ids"),
+        ({"arms": [{"id": "router", "price_usd": 1}, {"id": "a", "price_usd": 2}]}, "reserved"),
+        ({"arms": [{"id": "a", "price_usd": -1}, {"id": "b", "price_usd": 2}]}, "greater than or equal"),
+        ({"arm_embeddings": {}}, "exactly one"),
+        ({"arm_embeddings": {"file": "x.txt"}}, ".npy or .npz"),
+        ({"policy": {"config": {"no_such_field": 1}}}, "unknown field"),
+        ({"policy": {"config": {"eta": -1}}}, "eta must be"),
+        ({"typo": 1}, "Extra inputs"),
+        ({"arms": [{"id": "a", "price_usd": 1, "upstream": {"base_url": "ftp://x", "model": "m"}},
+                   {"id": "b", "price_usd": 2}]}, "http"),
+    ],
+)
+def test_bad_app_args_are_refused_by_name(over, match):
+    with pytest.raises(ValidationError, match=match):
+        AppArgs.model_validate(_args(**over))
+
+
+def test_missing_data_dir_fails_with_a_clear_message(tmp_path):
+    args = AppArgs.model_validate(
+        _args(arm_embeddings={"from_dataset": {"name": "routerbench", "data_dir": str(tmp_path / "nope")}})
+    )
+    with pytest.raises(DataError, match=r"data directory .*nope.* does not exist.*RAY_ROUTER_DATA_DIR"):
+        resolve_arm_table(args)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = AppArgs.model_validate(_args(arm_embeddings={"from_dataset": {"name": "routerbench", "data_dir": str(empty)}}))
+    with pytest.raises(DataError, match="routerbench: none of"):
+        resolve_arm_table(args)
+
+
+def test_arm_embeddings_from_a_file(tmp_path):
+    from ray_router.embeddings import HashEncoder
+
+    ident = HashEncoder().identity
+    A = np.arange(64, dtype=np.float64).reshape(2, 32)
+    path = save_arm_embeddings(tmp_path / "arms.npz", ["b", "a"], A, ident)  # stored in another order
+    table = resolve_arm_table(AppArgs.model_validate(_args(arm_embeddings={"file": str(path)})))
+    np.testing.assert_array_equal(table.embeddings, A[[1, 0]])
+    assert table.ids == ("a", "b") and table.price_norm.tolist() == [1.0, 0.0]
+    save_arm_embeddings(tmp_path / "other.npz", ["a", "b"], A, "another-encoder")
+    with pytest.raises(ConfigError, match="computed with encoder"):
+        resolve_arm_table(AppArgs.model_validate(_args(arm_embeddings={"file": str(tmp_path / "other.npz")})))
+    np.save(tmp_path / "wrong.npy", np.zeros((3, 32)))
+    with pytest.raises(DataError, match="arm-table order"):
+        resolve_arm_table(AppArgs.model_validate(_args(arm_embeddings={"file": str(tmp_path / "wrong.npy")})))
+
+
+def test_arm_embeddings_from_the_real_dataset_with_the_stand_in_encoder():
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("RouterBench data not available")
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    raw = dict(launch.our_apps(cfg)[0]["args"])
+    raw["encoder"] = {"name": "hash"}
+    raw["arm_embeddings"] = {"from_dataset": {**raw["arm_embeddings"]["from_dataset"], "data_dir": str(d)}}
+    table = resolve_arm_table(AppArgs.model_validate(raw))
+    assert table.embeddings.shape == (11, 32) and np.isfinite(table.embeddings).all()
+    assert "routerbench" in table.source
+    bad = {**raw, "arms": [{"id": "no-such-model", "price_usd": 1}, *raw["arms"][1:]]}
+    with pytest.raises(ConfigError, match="no arm"):
+        resolve_arm_table(AppArgs.model_validate(bad))
+
+
+def test_overrides_merge_into_app_args_and_deployments():
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    out = launch.with_overrides(cfg, port=9999, args={"state": {"dir": "/x"}}, deployments={"Posterior": {"health_check_period_s": 1}})
+    app = launch.our_apps(out)[0]
+    assert out["http_options"]["port"] == 9999 and app["args"]["state"]["dir"] == "/x"
+    assert app["args"]["state"]["snapshot_every_n"] == 500  # siblings kept
+    assert next(d for d in app["deployments"] if d["name"] == "Posterior")["health_check_period_s"] == 1
+    assert launch.our_apps(cfg)[0]["args"]["state"]["dir"] is None  # the input is not modified
+    assert launch.app_url(out) == "http://127.0.0.1:9999"
+
+
+def test_readme_lists_every_exported_metric_name():
+    from ray_router.serve.metrics import METRICS, exported_names
+
+    text = (REPO / "serve_configs" / "README.md").read_text()
+    for name, exported in exported_names().items():
+        assert exported in text, f"serve_configs/README.md does not list {exported}"
+        for tag in METRICS[name][1]:
+            assert re.search(rf"\b{tag}\b", text)
+
+
+def test_the_pure_serve_modules_import_neither_ray_nor_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import ray_router.serve, ray_router.serve.config, ray_router.serve.tokens, ray_router.serve.durable, "
+        "ray_router.serve.state, ray_router.serve.ranking, ray_router.serve.arms, ray_router.serve.schemas, "
+        "ray_router.serve.launch, ray_router.serve.errors\n"
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') or m in ('torch', 'sentence_transformers'))\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_deploy_failures_are_reported_by_their_last_error_line():
+    msg = (
+        "Deploying app 'ray-router' failed with exception:\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in build\nray_router.errors.DataError: arm_embeddings.from_dataset: data directory '
+        "'/nope' does not exist\n"
+    )
+    assert launch._last_error(msg).startswith("ray_router.errors.DataError: arm_embeddings.from_dataset")

@@ -1,0 +1,333 @@
+"""The HTTP contract on a real local Ray Serve, real encoder, real RouterBench arm table.
+
+One application (``serve_configs/local.yaml`` with a temporary state directory and a fake upstream
+for three arms) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from ray_router.serve.tokens import DecisionSigner, new_nonce
+from tests.serve.conftest import HMAC_KEY, TOKEN, RouterApp, delete_router, deploy_router, wait_for
+
+pytestmark = pytest.mark.integration
+
+GPT4, CLAUDE2, MISTRAL = "gpt-4-1106-preview", "claude-v2", "mistralai/mistral-7b-chat"
+LLAMA = "meta/llama-2-70b-chat"
+MAX_QUERY, MAX_BODY = 2000, 65536
+
+
+@pytest.fixture(scope="module")
+def app(serve_cluster, fake_upstream, tmp_path_factory) -> RouterApp:
+    from ray_router.serve import launch
+    from tests.serve.conftest import REPO
+
+    base_url, _ = fake_upstream
+    arms = launch.our_apps(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"))[0]["args"]["arms"]
+    upstreams = {
+        GPT4: {"base_url": base_url, "model": "fake-gpt-4", "api_key_env": "RR_TEST_UPSTREAM_KEY"},
+        CLAUDE2: {"base_url": base_url, "model": "fake-claude"},
+        MISTRAL: {"base_url": base_url, "model": "broken-model"},
+    }
+    arms = [{**a, **({"upstream": upstreams[a["id"]]} if a["id"] in upstreams else {})} for a in arms]
+    app = deploy_router(
+        serve_cluster,
+        tmp_path_factory.mktemp("http-state"),
+        args={"arms": arms, "limits": {"max_query_chars": MAX_QUERY, "max_body_bytes": MAX_BODY}},
+    )
+    yield app
+    delete_router()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with httpx.Client(base_url=app.url, timeout=60) as c:
+        yield c
+
+
+def route(client, **body) -> dict:
+    r = client.post("/v1/route", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stats(client) -> dict:
+    r = client.get("/v1/stats")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ------------------------------------------------------------------------------- basics
+def test_health_arms_and_route_shape(client, app):
+    assert client.get("/healthz").json()["status"] == "ok"
+    arms = client.get("/v1/arms").json()["arms"]
+    assert len(arms) == 11 and {a["id"] for a in arms if a["chat"]} == {GPT4, CLAUDE2, MISTRAL}
+    assert max(a["price_norm"] for a in arms) == 1.0
+    out = route(client, query="Which of these numbers is prime: 21, 23, 25?")
+    assert set(out) >= {"decision_id", "arms", "model", "mode", "posterior_version", "expires_at"}
+    assert out["mode"] == "duel" and len(out["arms"]) == 2 and out["arms"][0] != out["arms"][1]
+    assert out["model"] == out["arms"][0] and out["expires_at"] > time.time()
+    single = route(client, query="Write a haiku about the sea.", mode="single", candidates=[GPT4, LLAMA])
+    assert single["arms"] == [single["model"]] and single["model"] in (GPT4, LLAMA)
+
+
+def test_cost_weight_steers_to_cheap_arms(client):
+    q = "Summarise the plot of Hamlet in two sentences."
+    cheap = route(client, query=q, mode="single", cost_weight=1000.0)
+    assert cheap["model"] == "mistralai/mistral-7b-chat"  # the cheapest arm of the table
+    pricey = route(client, query=q, mode="single", candidates=[GPT4, "claude-v1"], cost_weight=1000.0)
+    assert pricey["model"] == "claude-v1"  # cheaper of the two
+
+
+# ----------------------------------------------------------------------- learning loop
+def test_route_feedback_advances_the_posterior_and_changes_choices(client, app):
+    probe = "Explain how a hash map handles collisions."
+    pair = [CLAUDE2, LLAMA]
+    before = route(client, query=probe, mode="single", candidates=pair)["model"]
+    winner = LLAMA if before == CLAUDE2 else CLAUDE2
+    s0 = stats(client)
+    n0, v0 = s0["posterior"]["n_updates"], s0["posterior"]["version"]
+    n = 30
+    for i in range(n):
+        d = route(client, query=f"{probe} Variant {i}.", candidates=pair)
+        outcome = "first" if d["arms"][0] == winner else "second"
+        r = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": outcome}, headers=app.auth)
+        assert r.status_code == 200, r.text
+        ack = r.json()
+        assert ack["accepted"] is True and ack["outcome"] == outcome and ack["seq"] >= 1
+    # SGLD runs in the background after updates; wait until it has seen all of them
+    s1 = wait_for(
+        lambda: (s := stats(client))["posterior"]["refreshed_at_update"] == n0 + n and s,
+        what="a refresh after the last update",
+    )
+    assert s1["posterior"]["n_updates"] == n0 + n
+    assert s1["posterior"]["version"] > v0
+    assert s1["durability"]["last_seq"] == s1["durability"]["last_applied_seq"] == n0 + n
+    # let the exploit mean settle (admin call), then the served arm has changed to the winner
+    r = client.post("/v1/admin/refresh", json={"times": 60}, headers=app.auth)
+    assert r.status_code == 200, r.text
+    assert route(client, query=probe, mode="single", candidates=pair)["model"] == winner
+
+
+# --------------------------------------------------------------- auth, forgery, replay
+def test_feedback_needs_the_token(client):
+    d = route(client, query="auth test")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+        r = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "first"}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert r.headers.get("www-authenticate") == "Bearer"
+    for path in ("/v1/admin/snapshot", "/v1/admin/refresh"):
+        assert client.post(path).status_code == 401
+    assert client.get("/v1/admin/status").status_code == 401
+
+
+def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
+    from tests.serve.test_tokens import _flip, _payload_edit
+
+    d = route(client, query="forgery test")
+    tok = d["decision_id"]
+    arm_ids = [a["id"] for a in client.get("/v1/arms").json()["arms"]]
+    n0 = stats(client)["posterior"]["n_updates"]
+    body = lambda t: {"decision_id": t, "outcome": "first"}  # noqa: E731
+    x = np.zeros(384, dtype=np.float32)
+    forged = [
+        _flip(tok, len(tok) - 1),  # signature changed
+        _payload_edit(tok, lambda r: r.__setitem__(1, 1)),  # mode changed
+        _payload_edit(tok, lambda r: r.__setitem__(2, r[2] ^ 1)),  # nonce changed (a replay under a new nonce)
+        _payload_edit(tok, lambda r: r.__setitem__(20, r[20] ^ 1)),  # expiry extended
+        _payload_edit(tok, lambda r: r.__setitem__(23, r[23] ^ 1)),  # arm changed
+        _payload_edit(tok, lambda r: r.__setitem__(len(r) - 1, r[-1] ^ 1)),  # query embedding changed
+        DecisionSigner("another-key-0123456789", arm_ids).issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x),
+    ]
+    for f in forged:
+        r = client.post("/v1/feedback", json=body(f), headers=app.auth)
+        assert r.status_code == 403 and r.json()["error"] == "invalid_signature", r.text
+    signer = DecisionSigner(HMAC_KEY, arm_ids)
+    r = client.post("/v1/feedback", json=body(signer.issue(new_nonce(), time.time() - 1, "duel", 0, 1, None, x)),
+                    headers=app.auth)
+    assert r.status_code == 410 and r.json()["error"] == "expired_decision"
+    other_table = DecisionSigner(HMAC_KEY, arm_ids[:-1] + ["renamed"])
+    r = client.post("/v1/feedback", json=body(other_table.issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x)),
+                    headers=app.auth)
+    assert r.status_code == 410 and r.json()["error"] == "stale_decision"
+    assert client.post("/v1/feedback", json=body(tok), headers=app.auth).status_code == 200
+    r = client.post("/v1/feedback", json={"decision_id": tok, "outcome": "second"}, headers=app.auth)
+    assert r.status_code == 409 and r.json()["error"] == "duplicate_feedback"
+    assert client.post("/v1/feedback", json=body(tok), headers=app.auth).status_code == 409
+    single = route(client, query="single decisions take no duel feedback", mode="single")
+    r = client.post("/v1/feedback", json=body(single["decision_id"]), headers=app.auth)
+    assert r.status_code == 409 and r.json()["error"] == "not_a_duel"
+    wait_for(lambda: stats(client)["posterior"]["n_updates"] == n0 + 1, what="the one genuine feedback")
+    time.sleep(0.5)
+    assert stats(client)["posterior"]["n_updates"] == n0 + 1
+
+
+# --------------------------------------------------------------------------- bad input
+_BAD_ROUTE = [
+    ("malformed json", b'{"query": ', 400, "malformed_request"),
+    ("not json", b"hello", 400, "malformed_request"),
+    ("empty body", b"", 400, "malformed_request"),
+    ("json array", b"[1, 2]", 422, "invalid_request"),
+    ("missing query", b"{}", 422, "invalid_request"),
+    ("extra field", b'{"query": "x", "temperature": 1}', 422, "invalid_request"),
+    ("query not a string", b'{"query": 123}', 422, "invalid_request"),
+    ("query null", b'{"query": null}', 422, "invalid_request"),
+    ("cost_weight as string", b'{"query": "x", "cost_weight": "0.5"}', 422, "invalid_request"),
+    ("cost_weight as bool", b'{"query": "x", "cost_weight": true}', 422, "invalid_request"),
+    ("negative cost_weight", b'{"query": "x", "cost_weight": -1}', 422, "invalid_request"),
+    ("huge cost_weight", b'{"query": "x", "cost_weight": 1e300}', 422, "invalid_request"),
+    ("unknown mode", b'{"query": "x", "mode": "both"}', 422, "invalid_request"),
+    ("candidates not a list", b'{"query": "x", "candidates": "gpt-4-1106-preview"}', 422, "invalid_request"),
+    ("empty candidates", b'{"query": "x", "candidates": []}', 422, "invalid_request"),
+    ("duplicate candidates", b'{"query": "x", "candidates": ["claude-v2", "claude-v2"]}', 422, "invalid_request"),
+    ("duel with one candidate", b'{"query": "x", "candidates": ["claude-v2"]}', 422, "invalid_request"),
+    ("unknown arm", b'{"query": "x", "candidates": ["claude-v2", "gpt-5"]}', 404, "unknown_arm"),
+    ("empty query", b'{"query": ""}', 422, "invalid_request"),
+    ("blank query", b'{"query": "  \\n "}', 422, "invalid_request"),
+    ("oversized query", json.dumps({"query": "a" * (MAX_QUERY + 1)}).encode(), 413, "too_large"),
+    ("oversized body", json.dumps({"query": "a", "pad": "b" * MAX_BODY}).encode(), 413, "too_large"),
+]
+
+
+@pytest.mark.parametrize("name, raw, status, code", _BAD_ROUTE, ids=[c[0] for c in _BAD_ROUTE])
+def test_bad_route_input_is_a_4xx_json_error(client, name, raw, status, code):
+    r = client.post("/v1/route", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == code and body["message"]
+
+
+def test_nan_cost_weight_is_refused(client):
+    r = client.post("/v1/route", content=b'{"query": "x", "cost_weight": NaN}')
+    assert r.status_code in (400, 422) and r.json()["error"] in ("malformed_request", "invalid_request")
+
+
+def test_bad_feedback_input_is_a_4xx_json_error(client, app):
+    d = route(client, query="bad feedback input")
+    cases = [
+        (b'{"decision_id": ', 400, "malformed_request"),
+        (b"{}", 422, "invalid_request"),
+        (json.dumps({"decision_id": d["decision_id"]}).encode(), 422, "invalid_request"),
+        (json.dumps({"decision_id": d["decision_id"], "outcome": "win"}).encode(), 422, "invalid_request"),
+        (json.dumps({"decision_id": d["decision_id"], "outcome": 1}).encode(), 422, "invalid_request"),
+        (json.dumps({"decision_id": d["decision_id"], "outcome": "first", "x": 1}).encode(), 422, "invalid_request"),
+        (json.dumps({"decision_id": 42, "outcome": "first"}).encode(), 422, "invalid_request"),
+        (json.dumps({"decision_id": "nonsense", "outcome": "first"}).encode(), 400, "malformed_request"),
+        (json.dumps({"decision_id": "x" * 600, "outcome": "first"}).encode(), 400, "malformed_request"),
+        (json.dumps({"decision_id": "x" * 20000, "outcome": "first"}).encode(), 422, "invalid_request"),
+    ]
+    for raw, status, code in cases:
+        r = client.post("/v1/feedback", content=raw, headers=app.auth)
+        assert (r.status_code, r.json()["error"]) == (status, code), (raw[:80], r.text)
+    # none of that consumed the decision: its genuine feedback is still accepted
+    ok = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "tie"}, headers=app.auth)
+    assert ok.status_code == 200, ok.text
+
+
+def test_unknown_paths_and_methods_are_json(client):
+    r = client.get("/v1/nope")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = client.get("/v1/route")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+# ------------------------------------------------------------------- chat completions
+def _chat(client, **extra):
+    body = {"model": "router", "messages": [{"role": "system", "content": "be brief"},
+                                            {"role": "user", "content": "What is 2 + 2?"}], **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_chat_completion_single(client, fake_upstream):
+    _, seen = fake_upstream
+    seen.clear()
+    r = _chat(client, temperature=0.2, router={"candidates": [GPT4, CLAUDE2]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    arm = out["model"]
+    assert arm in (GPT4, CLAUDE2)
+    assert out["choices"][0]["message"]["content"] == f"answer from {'fake-gpt-4' if arm == GPT4 else 'fake-claude'}"
+    assert out["router"]["decision_id"] == r.headers["x-router-decision-id"] and r.headers["x-router-model"] == arm
+    sent = seen[-1]["body"]
+    assert sent["temperature"] == 0.2 and "router" not in sent and sent["messages"][1]["content"] == "What is 2 + 2?"
+    if arm == GPT4:
+        assert seen[-1]["auth"] == "Bearer upstream-secret-key"
+
+
+def test_chat_completion_stream(client):
+    body = {"model": "router", "stream": True, "messages": [{"role": "user", "content": "Tell me a joke."}],
+            "router": {"candidates": [GPT4, CLAUDE2]}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        arm = r.headers["x-router-model"]
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["model"] == arm for c in chunks)
+    assert chunks[0]["router"]["decision_id"] == r.headers["x-router-decision-id"]
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
+    assert text.startswith("answer from fake-")
+
+
+def test_chat_completion_duel_returns_both_answers_and_takes_feedback(client, app):
+    r = _chat(client, router={"mode": "duel", "candidates": [GPT4, CLAUDE2]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert {c["model"] for c in out["choices"]} == {GPT4, CLAUDE2} and out["usage"]["total_tokens"] == 12
+    fb = client.post("/v1/feedback", json={"decision_id": out["router"]["decision_id"], "outcome": "second"},
+                     headers=app.auth)
+    assert fb.status_code == 200, fb.text
+
+
+@pytest.mark.parametrize(
+    "extra, status, code",
+    [
+        ({"model": "gpt-4"}, 422, "invalid_request"),
+        ({"messages": []}, 422, "invalid_request"),
+        ({"stream": True, "router": {"mode": "duel"}}, 422, "invalid_request"),
+        ({"router": {"candidates": ["claude-v1"]}}, 422, "invalid_request"),  # has no upstream
+        ({"router": {"candidates": [MISTRAL]}}, 502, "upstream_error"),  # upstream answers 500
+        ({"router": {"bogus": 1}}, 422, "invalid_request"),
+        ({"messages": [{"role": "user", "content": "x" * (MAX_QUERY + 1)}]}, 413, "too_large"),
+    ],
+)
+def test_chat_completion_errors(client, extra, status, code):
+    r = _chat(client, **extra)
+    assert (r.status_code, r.json()["error"]) == (status, code), r.text
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_custom_metrics_reach_the_prometheus_endpoint(client, app):
+    from ray_router.serve.metrics import exported_names
+
+    route(client, query="metrics test")
+    url = f"http://127.0.0.1:{app.cluster.metrics_port}/metrics"
+
+    def scraped():
+        text = httpx.get(url, timeout=10).text
+        missing = [n for n in exported_names().values() if n not in text]
+        return (not missing) and text or None
+
+    text = wait_for(scraped, timeout_s=60, interval_s=1, what="ray_router_* series")
+    assert 'ray_router_routes_total{' in text and 'arm="' in text
+
+
+def test_benchmark_smoke(app):
+    import importlib.util
+
+    from tests.serve.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("serve_latency", REPO / "bench" / "serve_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--url", app.url, "--smoke-test"])
+    for key in ("encoder_single_p50_ms", "encoder_batched_qps", "route_c1_p50_ms", "route_c16_qps"):
+        assert report[key] > 0
+    assert report["ratio_p50_c1"] > 0 and report["ratio_qps_c16"] > 0

@@ -1,0 +1,186 @@
+"""Durability: kill the posterior under load (``ray.kill``, then SIGKILL of its process); no
+acknowledged feedback may be lost, and the service must recover by itself.
+
+The module deploys ``serve_configs/gpu.yaml``: on this CPU-only machine that also shows the
+embedder's GPU request falling back to CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from tests.serve.conftest import TOKEN, RouterApp, delete_router, deploy_router, wait_for
+
+pytestmark = pytest.mark.integration
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+QUERIES = [
+    "What is the derivative of x squared?",
+    "Translate 'good morning' into French.",
+    "Write a Python function that reverses a string.",
+    "Which planet is closest to the sun?",
+    "Explain the difference between TCP and UDP.",
+    "Name three prime numbers greater than 50.",
+]
+
+
+@pytest.fixture(scope="module")
+def app(serve_cluster, tmp_path_factory) -> RouterApp:
+    app = deploy_router(
+        serve_cluster,
+        tmp_path_factory.mktemp("recovery-state"),
+        config="gpu.yaml",
+        args={"state": {"snapshot_every_n": 15, "snapshot_every_s": 2}},
+    )
+    yield app
+    delete_router()
+
+
+@dataclass
+class Load:
+    acked: dict = field(default_factory=dict)  # nonce -> outcome of every 200 on /v1/feedback
+    acked_at: list = field(default_factory=list)
+    unacked: int = 0  # feedback whose answer was an error (may or may not be recorded)
+    replayed: int = 0  # acks of a request the dead posterior had logged (answered after a retry)
+    route_errors: int = 0
+    routes_at: list = field(default_factory=list)  # successes of the route-only client
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _client_loop(url: str, load: Load, seed: int) -> None:
+    rng = random.Random(seed)
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while not load.stop.is_set():
+            try:
+                r = c.post("/v1/route", json={"query": rng.choice(QUERIES)})
+                if r.status_code != 200:
+                    load.route_errors += 1
+                    time.sleep(0.05)
+                    continue
+                d = r.json()
+                outcome = rng.choice(["first", "second", "tie"])
+                f = c.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": outcome}, headers=AUTH)
+            except httpx.HTTPError:
+                load.unacked += 1
+                time.sleep(0.05)
+                continue
+            if f.status_code == 200:
+                nonce = _nonce(d["decision_id"])
+                with load.lock:
+                    load.acked[nonce] = outcome
+                    load.acked_at.append(time.monotonic())
+                    load.replayed += bool(f.json().get("replayed"))
+            else:
+                load.unacked += 1
+
+
+def _route_loop(url: str, load: Load) -> None:
+    """Routes only: they need the embedder and the ingress's samples, not the posterior."""
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while not load.stop.is_set():
+            try:
+                ok = c.post("/v1/route", json={"query": QUERIES[len(load.routes_at) % len(QUERIES)]}).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                load.routes_at.append(time.monotonic())
+            else:
+                load.route_errors += 1
+            time.sleep(0.05)
+
+
+def _nonce(decision_id: str) -> str:
+    """The nonce inside a decision id (bytes 2..14 of its payload, see ray_router.serve.tokens)."""
+    payload = decision_id.split(".")[1]
+    return base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))[2:14].hex()
+
+
+def _log_records(app: RouterApp) -> list[dict]:
+    path = app.state_dir / "feedback.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _status(app: RouterApp) -> dict:
+    r = httpx.get(f"{app.url}/v1/admin/status", headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _kill_under_load(app: RouterApp, kill) -> dict:
+    before = _status(app)["posterior"]
+    load = Load()
+    threads = [threading.Thread(target=_client_loop, args=(app.url, load, i), daemon=True) for i in range(4)]
+    threads.append(threading.Thread(target=_route_loop, args=(app.url, load), daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(load.acked) >= 30, timeout_s=120, what="feedback before the kill")
+        n_before_kill = len(load.acked)
+        t_kill = time.monotonic()
+        kill(before["pid"])
+        # the service must come back by itself and keep acknowledging feedback
+        wait_for(lambda: len(load.acked) >= n_before_kill + 30, timeout_s=180, what="feedback after the kill")
+        t_back = next(t for t in load.acked_at if t > t_kill)
+        recovered_s = t_back - t_kill
+        routes_while_down = sum(t_kill < t < t_back for t in load.routes_at)
+    finally:
+        load.stop.set()
+        for t in threads:
+            t.join(timeout=150)
+    after = _status(app)["posterior"]
+    assert after["pid"] != before["pid"], "the posterior was not replaced"
+    assert load.route_errors == 0
+    if recovered_s > 1.0:  # routes do not need the posterior: they went on while it was down
+        assert routes_while_down > 0
+    # every acknowledged feedback is in the log, with its outcome, exactly once
+    wait_for(lambda: (s := _status(app)["posterior"])["last_applied_seq"] == s["last_seq"], what="all applied")
+    records = _log_records(app)
+    logged = {}
+    for rec in records:
+        assert rec["nonce"] not in logged, "a decision took two feedbacks"
+        logged[rec["nonce"]] = rec["outcome"]
+    lost = {n: o for n, o in load.acked.items() if logged.get(n) != o}
+    assert not lost, f"{len(lost)} acknowledged feedback(s) missing from the log"
+    # ... and learned: the posterior's update count equals the log
+    stats = httpx.get(f"{app.url}/v1/stats", timeout=60).json()
+    assert stats["posterior"]["n_updates"] == len(records) == stats["durability"]["last_seq"]
+    rec = stats["durability"]["recovery"]
+    assert rec["restored_snapshot"] or rec["replayed"] > 0
+    assert httpx.get(f"{app.url}/healthz", timeout=30).json()["status"] == "ok"
+    return {"acked": len(load.acked), "logged": len(records), "unacked": load.unacked, "replayed": load.replayed,
+            "recovered_s": round(recovered_s, 2), "routes_while_down": routes_while_down, "recovery": rec}
+
+
+def test_gpu_config_serves_on_cpu_here(app):
+    status = _status(app)
+    assert status["embedder"]["device"] == "cpu"  # the GPU request fell back (no GPU on this machine)
+    r = httpx.post(f"{app.url}/v1/route", json={"query": "hello"}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+def test_ray_kill_of_the_posterior_under_load_loses_nothing(app):
+    import ray
+
+    def kill(_pid):
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Posterior#" in a["name"]]
+        assert len(names) == 1, names
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
+
+    out = _kill_under_load(app, kill)
+    print(f"ray.kill: {out}")
+
+
+def test_sigkill_of_the_posterior_process_under_load_loses_nothing(app):
+    out = _kill_under_load(app, lambda pid: os.kill(pid, signal.SIGKILL))
+    print(f"SIGKILL: {out}")
