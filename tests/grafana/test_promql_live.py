@@ -1,0 +1,187 @@
+"""Every PromQL expression of the dashboard against a real Prometheus scraping a real Ray cluster.
+
+One module-scoped stack: a capped local Ray node (2 CPUs, small object store, no dashboard, metrics
+exported on a free port), the real Serve app from ``serve_configs/local.yaml`` (temporary state
+directory, real encoder, real RouterBench arm table), and Debian's ``prometheus`` scraping the
+node every second. A little real HTTP traffic (duels with feedback of each outcome, single routes,
+two rejected requests) runs in two waves, so that rates and quantiles have two samples to work on.
+Then each expression, with Grafana's variables substituted, goes to ``/api/v1/query``: none may
+error, and each one on the app's own ``ray_router_*`` series must return a finite value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ray_router.grafana.dashboard import SERVE_HEALTHY, build_dashboard, queries, substitute
+from tests.grafana.promstack import KUBERAY_POD_META, free_port, k8s_config_with_static_targets, prometheus_binary, start_prometheus
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "grafana-test-token-0123456789abcdef"
+ENV = {"RAY_ROUTER_TOKEN": TOKEN, "RAY_ROUTER_HMAC_KEY": "grafana-test-hmac-0123456789abcdef"}
+PAIR = ["claude-v2", "meta/llama-2-70b-chat"]
+
+
+def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _traffic(client: httpx.Client, wave: int, n_duels: int = 9) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    outcomes = ("first", "second", "tie")
+    for i in range(n_duels):
+        r = client.post("/v1/route", json={"query": f"wave {wave}: explain binary search, variant {i}",
+                                           "candidates": PAIR if i % 2 else None})
+        assert r.status_code == 200, r.text
+        fb = {"decision_id": r.json()["decision_id"], "outcome": outcomes[i % 3]}
+        r = client.post("/v1/feedback", json=fb, headers=auth)
+        assert r.status_code == 200, r.text
+    for i in range(3):
+        r = client.post("/v1/route", json={"query": f"wave {wave}: a haiku about the sea {i}", "mode": "single"})
+        assert r.status_code == 200, r.text
+    # two rejected requests feed ray_router_http_errors_total
+    assert client.post("/v1/route", json={"query": "x", "unknown_field": 1}).status_code in (400, 422)
+    assert client.post("/v1/feedback", json={"decision_id": "x", "outcome": "first"}).status_code == 401
+
+
+def _has(prom, expr: str) -> bool:
+    res = prom.query(expr)
+    return res.get("status") == "success" and bool(res["data"]["result"])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from tests.data_fixtures import shared_data_dir
+
+    data_dir = shared_data_dir()
+    if data_dir is None:
+        pytest.skip("the RouterBench data (RAY_ROUTER_DATA_DIR) is needed to run the Serve app")
+    if prometheus_binary() is None:
+        pytest.fail("prometheus is not installed; `make test` installs it (target test-tools)")
+    import ray
+
+    from ray_router.serve import launch
+
+    if ray.is_initialized():
+        pytest.skip("Ray is already running in this test process; run tests/grafana on its own")
+    tmp = tmp_path_factory.mktemp("promql")
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # Ray workers inherit the driver's environment
+    http_port, metrics_port = free_port(), free_port()
+    prom = None
+    launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=metrics_port)
+    try:
+        cfg = launch.with_overrides(
+            launch.load_serve_config(REPO / "serve_configs" / "local.yaml"),
+            port=http_port,
+            args={"arm_embeddings": {"from_dataset": {"data_dir": str(data_dir)}}, "state": {"dir": str(tmp / "state")}},
+        )
+        # the scrape config shipped in k8s/, its pod discovery swapped for this node (promstack.py)
+        k8s_cfg = (REPO / "k8s" / "base" / "prometheus" / "prometheus.yml").read_text()
+        prom = start_prometheus(tmp / "prometheus", config=k8s_config_with_static_targets(
+            k8s_cfg, [f"127.0.0.1:{metrics_port}"], interval_s=1))
+        url = launch.deploy(cfg, timeout_s=240)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            _traffic(client, wave=1)
+            # wave 2 once Prometheus holds a first sample of every own series, so rates see an increase
+            _wait(lambda: all(_has(prom, s) for s in (
+                "ray_router_routes_total", "ray_router_feedback_total", "ray_router_route_latency_seconds_bucket",
+                "ray_router_posterior_refresh_seconds_bucket", "ray_router_feedback_log_bytes",
+                "ray_router_http_errors_total", SERVE_HEALTHY)), 90, "the app's series in Prometheus")
+            _traffic(client, wave=2)
+            n_fb = client.get("/v1/stats").json()["posterior"]["n_updates"]
+            _wait(lambda: client.get("/v1/stats").json()["posterior"]["refreshed_at_update"] >= n_fb, 60,
+                  "a posterior refresh after the last feedback")
+            # a few scrapes after the last request: every counter has a sample after its increase
+            _wait(lambda: _has(prom, f"sum(ray_router_feedback_total) >= {n_fb}"), 30, "the last feedback in Prometheus")
+            _wait(lambda: _has(prom, "sum(ray_router_posterior_refresh_seconds_count) >= 2"), 30, "two refreshes")
+            time.sleep(3)
+        yield prom, metrics_port
+    finally:
+        if prom is not None:
+            prom.stop()
+        launch.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _finite(result: list[dict]) -> int:
+    n = 0
+    for series in result:
+        value = series.get("value") or [0, "NaN"]
+        try:
+            n += math.isfinite(float(value[1]))
+        except (TypeError, ValueError):
+            pass
+    return n
+
+
+def test_the_k8s_scrape_config_keeps_ray_metrics_ports_only(stack):
+    prom, metrics_port = stack
+    targets = prom.targets()
+    active = [t for t in targets["activeTargets"] if t["scrapePool"] == "ray"]
+    assert [t["labels"]["instance"] for t in active] == [f"127.0.0.1:{metrics_port}"]
+    labels = active[0]["labels"]
+    assert active[0]["health"] == "up", active[0]
+    assert labels["job"] == "ray" and labels["namespace"] == KUBERAY_POD_META["__meta_kubernetes_namespace"]
+    assert labels["ray_io_cluster"] == KUBERAY_POD_META["__meta_kubernetes_pod_label_ray_io_cluster"]
+    assert labels["ray_io_node_type"] == "head" and labels["pod"] == KUBERAY_POD_META["__meta_kubernetes_pod_name"]
+    dropped = {t["discoveredLabels"]["__address__"] for t in targets["droppedTargets"]}
+    assert dropped == {"127.0.0.1:9", "127.0.0.1:7"}, dropped
+    res = prom.query('count(ray_router_routes_total{job="ray", ray_io_cluster="ray-router-raycluster"})')
+    assert res["status"] == "success" and res["data"]["result"], res
+
+
+def test_every_dashboard_query_runs_and_the_apps_own_return_data(stack):
+    prom, _ = stack
+    rows, errors, empty_own = [], [], []
+    for q in queries(build_dashboard()):
+        # Grafana's $__rate_interval / $__range as for a 5-minute view: the whole test lies in the window
+        expr = substitute(q.expr, interval="5m")
+        res = prom.query(expr)
+        if res.get("status") != "success":
+            errors.append(f"{q.panel}/{q.ref_id}: {res.get('errorType')}: {res.get('error')}\n    {expr}")
+            continue
+        result = res["data"]["result"]
+        n_series, n_finite = len(result), _finite(result)
+        rows.append((q.panel, q.ref_id, q.own, n_series, n_finite))
+        if q.own and n_finite == 0:
+            empty_own.append(f"{q.panel}/{q.ref_id}: {n_series} series, none finite\n    {expr}")
+    total = len(rows) + len(errors)
+    with_data = sum(1 for r in rows if r[4] > 0)
+    own = [r for r in rows if r[2]]
+    print(f"\nPromQL check: {total} expressions in {len({r[0] for r in rows})} panels/variables; "
+          f"{len(errors)} errors; {with_data} returned finite data "
+          f"(own ray_router_* expressions: {sum(1 for r in own if r[4] > 0)}/{len(own)})")
+    for panel, ref, is_own, n, fin in rows:
+        print(f"  {'own ' if is_own else 'ray '} {fin:>2}/{n:<2} finite/series  {panel} [{ref}]")
+    assert not errors, "PromQL errors:\n" + "\n".join(errors)
+    assert not empty_own, "own-metric queries without data:\n" + "\n".join(empty_own)
+    assert own, "the dashboard has no query on the app's own metrics"
+
+
+def test_serve_health_series_carry_the_application_label(stack):
+    prom, _ = stack
+    res = prom.query(f'sum by (application, deployment) ({SERVE_HEALTHY}{{application="ray-router"}})')
+    assert res["status"] == "success", res
+    deployments = {s["metric"].get("deployment") for s in res["data"]["result"]}
+    assert {"Ingress", "Embedder", "Posterior"} <= deployments, deployments
+    assert all(float(s["value"][1]) >= 1 for s in res["data"]["result"])
