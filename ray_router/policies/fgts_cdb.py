@@ -72,6 +72,7 @@ class FGTSConfig:
     exploit_ema: float = 0.1  # weight of each refresh in the running mean used by best()
     max_history: int = 0  # 0 keeps every duel; N keeps the most recent N (bounded memory for serving)
     compute_dtype: str = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
+    embedding_scale: float | None = 1.0  # a_k is multiplied by this in φ; None = sqrt(d) (see notes)
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +87,8 @@ class FGTSConfig:
             (self.langevin_noise >= 0, "langevin_noise must be >= 0"),
             (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}"),
             (self.compute_dtype in ("float32", "float64"), "compute_dtype must be 'float32' or 'float64'"),
+            (self.embedding_scale is None or (self.embedding_scale > 0 and math.isfinite(self.embedding_scale)),
+             "embedding_scale must be None (sqrt(d)) or finite and > 0"),
             (self.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
             (0 < self.exploit_ema <= 1, "exploit_ema must be in (0, 1]"),
             (isinstance(self.max_history, int) and self.max_history >= 0, "max_history must be an int >= 0"),
@@ -169,7 +172,8 @@ class FGTSCDB:
 
     def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0):
         self.config = config
-        self.fmap: FeatureMap = make_feature_map(config.feature_map, arm_embeddings, config.compute_dtype)
+        self.arm_embeddings = np.array(arm_embeddings, dtype=np.float64)
+        self.fmap: FeatureMap = self._feature_map()
         self.n_arms = self.fmap.n_arms
         self.dim = self.fmap.dim
         self.rng = np.random.default_rng(seed)
@@ -181,6 +185,13 @@ class FGTSCDB:
         self.n_refreshes = 0
         self.refreshed_at = 0  # n_updates at the last refresh
         self.sgld_seconds = 0.0  # time spent in SGLD (for benchmarks)
+
+    def _feature_map(self) -> FeatureMap:
+        A = self.arm_embeddings
+        if A.ndim != 2:
+            raise ConfigError(f"arm embeddings must be a (K, d) array, got shape {A.shape}")
+        scale = self.config.embedding_scale or math.sqrt(A.shape[1])
+        return make_feature_map(self.config.feature_map, A * scale, self.config.compute_dtype)
 
     # ------------------------------------------------------------------ maths
     def step_size(self) -> float:
@@ -335,7 +346,7 @@ class FGTSCDB:
         return {
             "policy": self.name,
             "config": dataclasses.asdict(self.config),
-            "arm_embeddings": self.fmap.A.copy(),
+            "arm_embeddings": self.arm_embeddings.copy(),
             "history": self.history.arrays(),
             "theta": self.theta.copy(),
             "theta_mean": self.theta_mean.copy(),
@@ -351,8 +362,8 @@ class FGTSCDB:
         if snapshot.get("policy") != self.name:
             raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
         self.config = FGTSConfig(**snapshot["config"])
-        self.fmap = make_feature_map(self.config.feature_map, np.asarray(snapshot["arm_embeddings"]),
-                                     self.config.compute_dtype)
+        self.arm_embeddings = np.array(snapshot["arm_embeddings"], dtype=np.float64)
+        self.fmap = self._feature_map()
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.history = DuelHistory(self.fmap.context_dim, self.n_arms, self.config.max_history,
                                    dtype=self.config.compute_dtype)
