@@ -136,6 +136,7 @@ def init_ray(
         kwargs["_metrics_export_port"] = int(metrics_export_port)
         kwargs["_system_config"] = {"metrics_report_interval_ms": 1000}
     ray.init(
+        address="local",  # always a fresh capped instance; joining a cluster is what ``address`` is for
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
