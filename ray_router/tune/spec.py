@@ -1,0 +1,525 @@
+"""Sweep files (``tune_jobs/*.yaml``): pydantic models validated at the boundary. Pure: no Ray here.
+
+A sweep names its **grid axes** (``datasets`` × ``splits`` × ``split_seeds``; every sampled
+configuration runs on every combination, a *group*), the trial budget (``eval``: EvalConfig fields
+fixed for every trial), and a **search space** whose sections map one-to-one onto the core's frozen
+config dataclasses, keyed by their field names::
+
+    space:
+      fgts_cdb:  {eta: {choice: [0.25, 1, 4]}, step_size: {loguniform: [0.02, 0.5]}, ...}  # FGTSConfig
+      weighting: {name: {choice: [perf, perf_cost]}, beta: {loguniform: [1, 30]}, ...}       # WeightingConfig
+      embedding: {encoder: {choice: [base, ccft]}}                                           # EmbeddingChoice
+
+``fixed`` holds constant values in the same sections. Every key is checked against the dataclass's
+fields and every candidate value against its validation (:func:`load_sweep` raises a
+:class:`ConfigError` that names the bad key), so a typo fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ray_router.errors import ConfigError, RouterError
+
+ENCODER_CHOICES = ("base", "ccft")
+DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "quniform")
+
+
+@dataclass(frozen=True)
+class EmbeddingChoice:
+    """Which query embeddings a trial uses: ``base`` (the general-purpose encoder) or ``ccft`` (the
+    encoder fine-tuned on the group's offline split; one artifact per dataset, split and split seed)."""
+
+    encoder: str = "base"
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODER_CHOICES:
+            raise ConfigError(f"encoder must be one of {list(ENCODER_CHOICES)}, got {self.encoder!r}")
+
+
+def section_classes() -> dict[str, type]:
+    """The dataclass behind each ``space`` / ``fixed`` section (imported lazily: cheap either way)."""
+    from ray_router.embeddings.model_embeddings import WeightingConfig
+    from ray_router.policies.fgts_cdb import FGTSConfig
+
+    return {"fgts_cdb": FGTSConfig, "weighting": WeightingConfig, "embedding": EmbeddingChoice}
+
+
+# EvalConfig fields a sweep may fix in ``eval``; the others come from the grid axes (split fields),
+# the ``weighting`` section (weighting fields) or the trial itself (policies, policy_configs).
+EVAL_FIELDS = ("n_rounds", "n_seeds", "base_seed", "cost_weight", "kappa", "use_pairwise_labels")
+_EVAL_ELSEWHERE = {
+    "split": "the `splits` grid axis", "offline_fraction": "the `splits` grid axis",
+    "k_per_category": "the `splits` grid axis", "held_out": "the `splits` grid axis",
+    "split_seed": "the `split_seeds` grid axis", "weighting": "space/fixed `weighting.name`",
+    "weighting_beta": "space/fixed `weighting.beta`", "weighting_tau": "space/fixed `weighting.top_tau`",
+    "weighting_cost_weight": "space/fixed `weighting.cost_weight`",
+    "policies": "the sweep (it tunes fgts_cdb)", "policy_configs": "space/fixed `fgts_cdb`",
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------ axes
+class DatasetSpec(_Model):
+    """One value of the ``datasets`` axis. A plain string is ``{name: <string>}``."""
+
+    name: str = Field(min_length=1, description="routerbench, routerdc, mixinstruct, or a file path")
+    label: Optional[str] = Field(None, description="name in results (default: name, or the file stem)")
+    subsample: int = Field(0, ge=0, description=">0: a stratified sample of this many queries")
+    subsample_seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="loader options (load_dataset)")
+    optional: bool = Field(False, description="skip this dataset (with a message) when its files are missing")
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        return Path(self.name).stem if ("/" in self.name or "." in self.name) else self.name
+
+
+class SplitSpec(_Model):
+    """One value of the ``splits`` axis. A plain string is ``{split: <string>}``."""
+
+    split: Literal["stratified", "k_per_category", "holdout"]
+    offline_fraction: float = Field(0.2, gt=0, lt=1)
+    k_per_category: int = Field(5, ge=1)
+    held_out: Union[str, dict[str, str]] = Field(
+        "smallest", description="holdout: a category or 'smallest' (of each dataset), or {dataset label: one of those}")
+
+    def held_out_for(self, dataset: str) -> str:
+        if isinstance(self.held_out, str):
+            return self.held_out
+        return self.held_out.get(dataset, "smallest")
+    label: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.split
+
+
+class EncoderSpec(_Model):
+    name: str = Field("minilm", description="base encoder: minilm, hash (stand-in), or a model folder")
+    device: str = "auto"
+    max_seq_length: Optional[int] = Field(None, ge=1)
+
+
+# --------------------------------------------------------------------------- search
+class SchedulerSpec(_Model):
+    """``asha``: asynchronous successive halving over ``rounds_played`` (per group: a trial competes only
+    with trials of its own dataset, split and split seed); ``fifo``: run every trial to the end."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(200, ge=1, description="rounds before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+    brackets: int = Field(1, ge=1)
+
+
+class ResourcesSpec(_Model):
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class SearchSpec(_Model):
+    num_samples: int = Field(8, ge=1, description="sampled configurations; each runs on every group")
+    seed: int = Field(0, description="seed of the random search (the same file samples the same configs)")
+    report_every: int = Field(100, ge=1, description="report cumulative regret every N rounds")
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources_per_trial: ResourcesSpec = ResourcesSpec()
+    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None: as many as the CPUs allow")
+    blas_threads: int = Field(1, ge=1, description="BLAS threads inside a trial")
+
+
+class ReportSpec(_Model):
+    seeds: int = Field(5, ge=2, description="fresh seeds for the re-run of the best and the default config")
+    base_seed: int = Field(1000, ge=0, description="first fresh seed (must not overlap the trials' seeds)")
+    defaults: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="the 'default' configuration (sections as in space); "
+        "unset fields take the dataclass defaults, the sweep's fixed values apply")
+    top_params: int = Field(4, ge=1, description="hyperparameters plotted (the most important ones)")
+    export_serve: bool = True
+    serve_template: str = Field("serve_configs/local.yaml", description="relative to the repository root or absolute")
+
+
+# ----------------------------------------------------------------------------- dists
+Scalar = Union[bool, int, float, str, None]
+
+
+class Dist(_Model):
+    """One search-space entry: exactly one of the keys below (a bare scalar in YAML is a constant).
+
+    ``choice: [..]`` random choice; ``grid: [..]`` every value (multiplies the trials);
+    ``uniform / loguniform: [low, high]``; ``randint / lograndint: [low, high]`` (high exclusive);
+    ``quniform: [low, high, q]``."""
+
+    choice: Optional[list[Scalar]] = Field(None, min_length=1)
+    grid: Optional[list[Scalar]] = Field(None, min_length=1)
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None
+    lograndint: Optional[tuple[int, int]] = None
+    quniform: Optional[tuple[float, float, float]] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Dist":
+        set_ = [k for k in DIST_KINDS if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of {list(DIST_KINDS)}, got {set_ or 'none'}")
+        kind = set_[0]
+        v = getattr(self, kind)
+        if kind in ("uniform", "loguniform", "randint", "lograndint", "quniform"):
+            if not v[0] < v[1]:
+                raise ValueError(f"{kind}: low must be < high, got {list(v)}")
+            if kind.startswith("log") and v[0] <= 0:
+                raise ValueError(f"{kind}: low must be > 0, got {v[0]}")
+            if kind == "quniform" and v[2] <= 0:
+                raise ValueError("quniform: q must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DIST_KINDS if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def candidates(self) -> list[Any]:
+        """Values to validate against the config class: every listed value, or a range's ends."""
+        a = self.args
+        if self.kind in ("choice", "grid"):
+            return list(a)
+        if self.kind in ("randint", "lograndint"):
+            return [a[0], a[1] - 1]
+        return [a[0], a[1]]
+
+    def is_numeric_range(self) -> bool:
+        return self.kind not in ("choice", "grid")
+
+
+# ----------------------------------------------------------------------------- sweep
+class SweepSpec(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80)
+    description: str = ""
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    splits: list[SplitSpec] = Field(min_length=1)
+    split_seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    encoder: EncoderSpec = EncoderSpec()
+    ccft: dict[str, Any] = Field(default_factory=dict, description="CCFTConfig fields")
+    eval: dict[str, Any] = Field(default_factory=dict, description=f"EvalConfig fields {EVAL_FIELDS}")
+    fixed: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search: SearchSpec = SearchSpec()
+    report: ReportSpec = ReportSpec()
+    smoke_test: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --smoke-test")
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _ds(cls, v: Any) -> Any:
+        return [{"name": d} if isinstance(d, str) else d for d in v] if isinstance(v, list) else v
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _sp(cls, v: Any) -> Any:
+        return [{"split": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _unique(self) -> "SweepSpec":
+        for what, keys in (("dataset", [d.key for d in self.datasets]), ("split", [s.key for s in self.splits]),
+                           ("split seed", [str(s) for s in self.split_seeds])):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what} labels {dup}: give each a distinct `label`")
+        return self
+
+    # ----------------------------------------------------------- derived views
+    @property
+    def groups(self) -> list[tuple[str, str, int]]:
+        """Every (dataset, split, split seed) combination, in file order."""
+        return [(d.key, s.key, seed) for d in self.datasets for s in self.splits for seed in self.split_seeds]
+
+    def dataset(self, key: str) -> DatasetSpec:
+        return next(d for d in self.datasets if d.key == key)
+
+    def split(self, key: str) -> SplitSpec:
+        return next(s for s in self.splits if s.key == key)
+
+    def space_dists(self) -> dict[str, dict[str, Dist]]:
+        """The sampled entries; listed values coerced to the field's type (``1`` → ``1.0``, ``inf``)."""
+        classes = section_classes()
+        out: dict[str, dict[str, Dist]] = {}
+        for sec, fields in self.space.items():
+            for k, v in fields.items():
+                d = _as_dist(v)
+                if d is None:
+                    continue
+                if d.kind in ("choice", "grid"):
+                    d = d.model_copy(update={d.kind: [coerce_value(classes[sec], k, x) for x in d.args]})
+                out.setdefault(sec, {})[k] = d
+        return out
+
+    def space_constants(self) -> dict[str, dict[str, Any]]:
+        classes = section_classes()
+        return {sec: {k: coerce_value(classes[sec], k, v) for k, v in fields.items() if _as_dist(v) is None}
+                for sec, fields in self.space.items()}
+
+    def encoders_needed(self) -> set[str]:
+        """The encoders (base / ccft) some trial or the report's default configuration can use. The
+        base embeddings are always computed: the uniform reference of the report replays on them."""
+        out = {"base"}
+        for source in (self.space.get("embedding", {}), self.fixed.get("embedding", {}),
+                       self.report.defaults.get("embedding", {})):
+            v = source.get("encoder")
+            d = _as_dist(v)
+            out.update(d.candidates() if d is not None else ([v] if v is not None else []))
+        return out
+
+    def swept_keys(self) -> list[tuple[str, str]]:
+        """(section, field) of every sampled or grid entry of the space."""
+        return [(sec, k) for sec, fields in self.space_dists().items() for k in fields]
+
+    @property
+    def n_trials(self) -> int:
+        """Trials of the sweep: samples × groups × the values of every ``grid`` entry of the space."""
+        n = self.search.num_samples * len(self.groups)
+        for fields in self.space_dists().values():
+            for d in fields.values():
+                if d.kind == "grid":
+                    n *= len(d.args)
+        return n
+
+    @property
+    def max_rounds(self) -> int:
+        """Rounds a complete trial plays (all its seeds): ASHA's max_t."""
+        from ray_router.evaluation.experiment import EvalConfig
+
+        e = {**{f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in EVAL_FIELDS}, **self.eval}
+        return int(e["n_rounds"]) * int(e["n_seeds"])
+
+
+def _as_dist(v: Any) -> Dist | None:
+    """A space entry as a :class:`Dist` (None for a constant). Validated by :func:`check_sections`."""
+    if isinstance(v, Dist):
+        return v
+    if isinstance(v, Mapping):
+        return Dist.model_validate(dict(v))
+    return None
+
+
+# ------------------------------------------------------------------------ validation
+def _field_kinds(cls: type) -> dict[str, str]:
+    """Field name -> 'int' | 'float' | 'bool' | 'str' | 'other' from the (string) annotations."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = str(f.type).replace(" ", "")
+        head = t.split("|")[0]
+        out[f.name] = head if head in ("int", "float", "bool", "str") else "other"
+    return out
+
+
+def coerce_value(cls: type, name: str, value: Any) -> Any:
+    """YAML gives ``1`` for a float field: make it ``1.0`` (and ``'inf'`` → inf) so the core and the
+    result columns see one type."""
+    kind = _field_kinds(cls).get(name)
+    if kind == "float":
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
+            return math.inf
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+    return value
+
+
+def _check_value(cls: type, section: str, name: str, value: Any) -> None:
+    kind = _field_kinds(cls)[name]
+    value = coerce_value(cls, name, value)
+    ok_type = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }.get(kind, True)
+    if not ok_type:
+        raise ConfigError(f"{section}.{name}: expected {kind}, got {value!r}")
+    try:
+        cls(**{name: coerce_value(cls, name, value)})
+    except RouterError as e:
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{section}.{name} = {value!r} is invalid: {e}") from None
+
+
+def check_sections(where: str, sections: Mapping[str, Any], allow_dists: bool) -> None:
+    """Every section is a config class and every key one of its fields; every value (each choice, or
+    a range's ends) passes the class's validation. Raises ConfigError naming ``where.section.key``."""
+    classes = section_classes()
+    if not isinstance(sections, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of sections {sorted(classes)}")
+    for sec, fields in sections.items():
+        if sec not in classes:
+            hint = " (EvalConfig fields are fixed in the top-level `eval`)" if sec == "eval" else ""
+            raise ConfigError(f"{where}.{sec}: unknown section; use one of {sorted(classes)}{hint}")
+        cls = classes[sec]
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"{where}.{sec}: expected a mapping of {cls.__name__} fields")
+        for key, v in fields.items():
+            if key not in names:
+                raise ConfigError(f"{where}.{sec}.{key}: not a field of {cls.__name__}; fields: {names}")
+            try:
+                dist = _as_dist(v)
+            except ValidationError as e:
+                raise ConfigError(f"{where}.{sec}.{key}: {_first_error(e)}") from None
+            if dist is not None and not allow_dists:
+                raise ConfigError(f"{where}.{sec}.{key}: fixed values must be plain values, not {dist.kind}")
+            kind = _field_kinds(cls)[key]
+            if dist is not None and dist.is_numeric_range() and kind not in ("int", "float"):
+                raise ConfigError(f"{where}.{sec}.{key}: a {dist.kind} range needs a numeric field ({key} is {kind})")
+            if dist is not None and kind == "int" and dist.kind in ("uniform", "loguniform", "quniform"):
+                raise ConfigError(f"{where}.{sec}.{key}: an int field needs choice, grid, randint or lograndint")
+            for value in (dist.candidates() if dist is not None else [v]):
+                _check_value(cls, f"{where}.{sec}", key, value)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
+
+
+def _check_eval(values: Mapping[str, Any]) -> None:
+    from ray_router.evaluation.experiment import EvalConfig
+
+    for key in values:
+        if key in _EVAL_ELSEWHERE:
+            raise ConfigError(f"eval.{key}: not set here; it comes from {_EVAL_ELSEWHERE[key]}")
+        if key not in EVAL_FIELDS:
+            raise ConfigError(f"eval.{key}: not a field of EvalConfig that a sweep fixes; use one of {list(EVAL_FIELDS)}")
+    try:
+        EvalConfig(**{k: coerce_value(EvalConfig, k, v) for k, v in values.items()})
+    except RouterError as e:
+        raise ConfigError(f"eval: {e}") from None
+
+
+def _check_ccft(values: Mapping[str, Any]) -> None:
+    from ray_router.embeddings.ccft import CCFTConfig
+
+    try:
+        CCFTConfig.from_dict(values)
+    except RouterError as e:
+        raise ConfigError(f"ccft: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"ccft: {e}") from None
+
+
+def validate(spec: SweepSpec) -> SweepSpec:
+    """Checks beyond the field types (see :func:`check_sections`)."""
+    check_sections("space", spec.space, allow_dists=True)
+    check_sections("fixed", spec.fixed, allow_dists=False)
+    check_sections("report.defaults", spec.report.defaults, allow_dists=False)
+    for sec, fields in spec.fixed.items():
+        both = sorted(set(fields) & set(spec.space.get(sec, {})))
+        if both:
+            raise ConfigError(f"fixed.{sec}.{both[0]}: also in space; keep it in one place")
+    _check_eval(spec.eval)
+    _check_ccft(spec.ccft)
+    labels = {d.key for d in spec.datasets}
+    for i, sp in enumerate(spec.splits):
+        if isinstance(sp.held_out, dict):
+            unknown = sorted(set(sp.held_out) - labels)
+            if unknown:
+                raise ConfigError(f"splits.{i}.held_out.{unknown[0]}: not a dataset of this sweep; datasets: {sorted(labels)}")
+    n_seeds = int(spec.eval.get("n_seeds", 5))
+    base = int(spec.eval.get("base_seed", 0))
+    trial_seeds = set(range(base, base + n_seeds))
+    fresh = set(range(spec.report.base_seed, spec.report.base_seed + spec.report.seeds))
+    if trial_seeds & fresh:
+        raise ConfigError(f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
+                          f"{sorted(trial_seeds)}; the re-run must use fresh seeds")
+    if spec.search.report_every > spec.max_rounds:
+        raise ConfigError(f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})")
+    if spec.search.scheduler.type == "asha" and spec.search.scheduler.grace_period >= spec.max_rounds:
+        raise ConfigError(f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
+                          f"rounds of a trial ({spec.max_rounds})")
+    return spec
+
+
+# ---------------------------------------------------------------------------- loading
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "sweep") -> SweepSpec:
+    """Validate a sweep mapping; ``smoke_test`` applies its ``smoke_test`` overrides first (the run
+    name gets a ``-smoke`` suffix so a smoke run never resumes a real one)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    data = dict(raw)
+    if smoke_test:
+        overrides = data.get("smoke_test") or {}
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"{where}: smoke_test must be a mapping of overrides")
+        data = _deep_merge(data, overrides)
+        data["name"] = f"{data.get('name', 'sweep')}-smoke"
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{where}: {_first_error(e)}") from None
+    try:
+        return validate(spec)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_sweep(path: str | Path, smoke_test: bool = False) -> SweepSpec:
+    """Read and validate a sweep YAML (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_sweep(raw, smoke_test=smoke_test, where=str(path))
+
+
+# ------------------------------------------------------------------------- configs
+def section_values(spec: SweepSpec, config: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """A trial's values for one section: fixed values, then the sampled ones, coerced to field types."""
+    cls = section_classes()[section]
+    values = {**spec.fixed.get(section, {}), **dict(config.get(section) or {})}
+    return {k: coerce_value(cls, k, v) for k, v in values.items()}
+
+
+def default_config(spec: SweepSpec) -> dict[str, Any]:
+    """The un-tuned configuration the report compares against: the sweep's fixed values, the
+    dataclass default of every swept field, and ``report.defaults`` on top."""
+    classes = section_classes()
+    out: dict[str, dict[str, Any]] = {}
+    for sec, fields in spec.space.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(classes[sec])}
+        out[sec] = {k: defaults[k] for k in fields}
+    for sec, fields in spec.report.defaults.items():
+        out.setdefault(sec, {}).update(fields)
+    return out
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", str(text)).strip("_") or "x"
