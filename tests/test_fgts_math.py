@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ray_router.errors import ConfigError
-from ray_router.evaluation.replay import ReplayStream, run_replay
 from ray_router.policies import FEATURE_MAPS, FGTSCDB, FGTSConfig, PolicyEnv, make_feature_map, make_policy
 from ray_router.policies.base import Duel
+from tests.bandits import replay
 
 
 def _duels(rng, n, d, K):
@@ -95,22 +95,8 @@ def test_sgld_without_noise_converges_to_the_map_of_a_logistic_problem(precondit
     np.testing.assert_allclose(policy.theta[1], theta, atol=1e-6)
 
 
-def _synthetic(seed, d=8, K=6, n=500, scale=4.0):
-    """Linear dueling bandit with known θ*: r(x, k) = <θ*, x ⊙ a_k>."""
-    rng = np.random.default_rng(seed)
-    A = rng.normal(size=(K, d))
-    X = rng.normal(size=(n, d))
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    theta_star = rng.normal(size=d) * scale
-    return A, X, (X * theta_star) @ A.T
-
-
 def _regret(policy_name, seed, T=1500, config=None):
-    A, X, U = _synthetic(seed)
-    order = np.random.default_rng(100 + seed).integers(0, len(X), T)
-    stream = ReplayStream(X, U, U, np.zeros_like(U), order)
-    policy = make_policy(policy_name, PolicyEnv(len(A), A), seed=seed, config=config)
-    return run_replay(policy, stream, kappa=10.0, rng=np.random.default_rng(seed)).cum_regret
+    return replay(policy_name, seed, T, config).cum_regret
 
 
 def test_float32_and_float64_sgld_gradients_agree():

@@ -27,19 +27,10 @@ from ray_router.policies import (
 )
 from ray_router.policies.base import Duel
 from ray_router.policies.snapshot import snapshot_from_bytes, snapshot_to_bytes
+from tests.bandits import synthetic as _synthetic
 
 
 # ------------------------------------------------------------------------------- helpers
-def _synthetic(seed, d=8, K=6, n=500, scale=4.0):
-    """Linear dueling bandit with known θ*: r(x, k) = <θ*, x ⊙ a_k> (as in test_fgts_math)."""
-    rng = np.random.default_rng(seed)
-    A = rng.normal(size=(K, d))
-    X = rng.normal(size=(n, d))
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    theta_star = rng.normal(size=d) * scale
-    return A, X, (X * theta_star) @ A.T
-
-
 def _run(policy_name, seed, T=1500, config=None):
     A, X, U = _synthetic(seed)
     order = np.random.default_rng(100 + seed).integers(0, len(X), T)
