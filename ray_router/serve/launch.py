@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from ray_router.errors import ConfigError
 
@@ -31,13 +30,10 @@ RAY_ENV_DEFAULTS = {
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    from ray_router.yamlio import load_yaml_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Serve config {str(path)!r} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = load_yaml_file(path, "Serve config")
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return cfg

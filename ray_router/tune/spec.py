@@ -488,15 +488,9 @@ def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "
 
 def load_sweep(path: str | Path, smoke_test: bool = False) -> SweepSpec:
     """Read and validate a sweep YAML (see the module docstring)."""
-    import yaml
+    from ray_router.yamlio import load_yaml_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = load_yaml_file(path, "sweep file")
     return parse_sweep(raw, smoke_test=smoke_test, where=str(path))
 
 

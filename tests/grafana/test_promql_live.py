@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from ray_router.grafana.dashboard import SERVE_HEALTHY, build_dashboard, queries, substitute
+from tests.serve.conftest import wait_for
 from tests.grafana.promstack import KUBERAY_POD_META, free_port, k8s_config_with_static_targets, prometheus_binary, start_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -31,14 +32,7 @@ PAIR = ["claude-v2", "meta/llama-2-70b-chat"]
 
 
 def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
+    return wait_for(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 def _traffic(client: httpx.Client, wave: int, n_duels: int = 9) -> None:
