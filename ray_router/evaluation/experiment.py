@@ -20,7 +20,7 @@ import numpy as np
 
 from ray_router.data.table import RoutingTable
 from ray_router.errors import ConfigError
-from ray_router.evaluation.replay import ReplayResult, ReplayStream, run_replay
+from ray_router.evaluation.replay import ReplayResult, ReplayStream, run_replay, run_replay_lanes
 from ray_router.evaluation.stats import mean_ci95
 from ray_router.policies.base import PolicyEnv, get_entry, make_policy
 
@@ -143,18 +143,8 @@ def _seed_streams(seed: int) -> tuple[int, np.random.Generator]:
     return int(split_ss.generate_state(1)[0]), np.random.default_rng(order_ss)
 
 
-def run_seed(
-    table: RoutingTable,
-    X: np.ndarray,
-    cfg: EvalConfig,
-    seed: int,
-    progress: bool = False,
-    on_progress: Callable[[str, int, np.ndarray], None] | None = None,
-    progress_every: int = 0,
-) -> dict[str, ReplayResult]:
-    """All policies of one seed on the same split and stream.
-
-    ``on_progress(policy, t, regret)``: see :func:`run_replay` (called every ``progress_every`` rounds)."""
+def prepare_seed(table: RoutingTable, X: np.ndarray, cfg: EvalConfig, seed: int) -> tuple[PolicyEnv, ReplayStream]:
+    """The split, model embeddings, policy environment and online stream of one seed."""
     split_seed, order_rng = _seed_streams(seed)
     split = make_split(table, cfg, split_seed if cfg.split_seed is None else cfg.split_seed)
     needs_emb = any(get_entry(p).needs_embeddings for p in cfg.policies)
@@ -172,17 +162,95 @@ def run_seed(
             "categories": table.categories[offline],
         },
     )
+    return env, stream
+
+
+def _policy_seeds(name: str, seed: int) -> tuple[int, np.random.SeedSequence]:
+    """The policy's seed and the judge's seed sequence for ``name`` on ``seed``. Keyed by name: a
+    policy's draws do not depend on which other policies or configurations run beside it."""
+    policy_ss, judge_ss = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).spawn(2)
+    return int(policy_ss.generate_state(1)[0]), judge_ss
+
+
+def run_seed(
+    table: RoutingTable,
+    X: np.ndarray,
+    cfg: EvalConfig,
+    seed: int,
+    progress: bool = False,
+    on_progress: Callable[[str, int, np.ndarray], None] | None = None,
+    progress_every: int = 0,
+) -> dict[str, ReplayResult]:
+    """All policies of one seed on the same split and stream.
+
+    ``on_progress(policy, t, regret)``: see :func:`run_replay` (called every ``progress_every`` rounds)."""
+    env, stream = prepare_seed(table, X, cfg, seed)
     out = {}
     for name in cfg.policies:
-        # keyed by name: a policy's draws do not depend on which other policies run beside it
-        policy_ss, judge_ss = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).spawn(2)
-        policy = make_policy(name, env, seed=int(policy_ss.generate_state(1)[0]), config=cfg.policy_config(name))
+        policy_seed, judge_ss = _policy_seeds(name, seed)
+        policy = make_policy(name, env, seed=policy_seed, config=cfg.policy_config(name))
         hook = None if on_progress is None else (lambda t, r, _name=name: on_progress(_name, t, r))
         out[name] = run_replay(
             policy, stream, cfg.kappa, np.random.default_rng(judge_ss), progress=progress, desc=f"{name} seed {seed}",
             on_progress=hook, progress_every=progress_every,
         )
     return out
+
+
+def run_seeds(
+    table: RoutingTable, X: np.ndarray, cfg: EvalConfig, seeds: Sequence[int], progress: bool = False
+) -> dict[tuple[str, int], ReplayResult]:
+    """Every policy on every seed in ``seeds``; the same results as :func:`run_seed` seed by seed."""
+    return run_grid(table, X, [cfg], seeds, progress)[0]
+
+
+def run_grid(
+    table: RoutingTable, X: np.ndarray, cfgs: Sequence[EvalConfig], seeds: Sequence[int], progress: bool = False
+) -> list[dict[tuple[str, int], ReplayResult]]:
+    """Every policy of every configuration in ``cfgs`` on every seed in ``seeds``.
+
+    A policy with a lanes implementation (FGTS.CDB) runs all its (configuration, seed) pairs that
+    share its hyperparameters and T as lanes of one array program (``run_replay_lanes``), with
+    the same choices as run one by one. Where those configurations also share each seed's stream
+    (they differ only in the weighting, its λ/τ/β, or the utility's λ), one seed's lanes form a
+    group that shares minibatch rows and GEMMs (``FGTSCDBLanes``: equal up to float32 rounding).
+    """
+    prepared = {(i, seed): prepare_seed(table, X, cfg, seed) for i, cfg in enumerate(cfgs) for seed in seeds}
+    outs: list[dict[tuple[str, int], ReplayResult]] = [{} for _ in cfgs]
+    jobs: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        for name in cfg.policies:
+            jobs.setdefault((name, repr(cfg.policy_config(name)), cfg.n_rounds), []).append(i)
+    for (name, _, _), idxs in jobs.items():
+        entry = get_entry(name)
+        pcfg = cfgs[idxs[0]].policy_config(name)
+        seeded = {seed: _policy_seeds(name, seed) for seed in seeds}
+        pairs = [(i, seed) for seed in seeds for i in idxs]  # seed-major: one seed's configurations together
+        lanes = None
+        if entry.lanes is not None and len(pairs) > 1:
+            W = len(idxs) if all(_same_stream([prepared[(i, s)][1] for i in idxs]) for s in seeds) else 1
+            lanes = entry.lanes(pcfg, [prepared[p][0] for p in pairs], [seeded[s][0] for _, s in pairs], W)
+        if lanes is not None:
+            results = run_replay_lanes(
+                lanes, [prepared[p][1] for p in pairs], [cfgs[i].kappa for i, _ in pairs],
+                [np.random.default_rng(seeded[s][1]) for _, s in pairs], progress=progress,
+                desc=f"{name} x {len(pairs)} lanes",
+            )
+            for (i, seed), res in zip(pairs, results):
+                outs[i][(name, seed)] = res
+            continue
+        for i, seed in pairs:
+            env, stream = prepared[(i, seed)]
+            policy = make_policy(name, env, seed=seeded[seed][0], config=pcfg)
+            outs[i][(name, seed)] = run_replay(policy, stream, cfgs[i].kappa, np.random.default_rng(seeded[seed][1]),
+                                               progress=progress, desc=f"{name} seed {seed}")
+    return outs
+
+
+def _same_stream(streams: Sequence[ReplayStream]) -> bool:
+    """True when every stream plays the same contexts in the same order."""
+    s0 = streams[0]
+    return all(np.array_equal(s.order, s0.order) and np.array_equal(s.contexts, s0.contexts) for s in streams[1:])
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -208,33 +276,68 @@ def evaluate(
         return _evaluate(table, X, cfg, encoder, progress, workers, on_seed)
 
 
+def evaluate_grid(
+    table: RoutingTable,
+    X: np.ndarray,
+    cfgs: Sequence[EvalConfig],
+    encoder: str = "minilm",
+    progress: bool = False,
+    workers: int = 1,
+    blas_threads: int | None = 1,
+) -> list[EvalResult]:
+    """:func:`evaluate` for several configurations over the same seeds and embeddings at once.
+
+    Each result is what ``evaluate(table, X, cfg)`` gives (FGTS.CDB up to float32 rounding, see
+    :func:`run_grid`); running them together lets FGTS.CDB's runs share array programs, e.g. one
+    seed's stream under the four weightings of the paper's grid.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        return _evaluate_grid(table, X, list(cfgs), encoder, progress, workers, None)
+
+
 def _evaluate(table, X, cfg, encoder, progress, workers, on_seed) -> EvalResult:
+    return _evaluate_grid(table, X, [cfg], encoder, progress, workers, on_seed)[0]
+
+
+def _evaluate_grid(table, X, cfgs, encoder, progress, workers, on_seed) -> list[EvalResult]:
     if len(X) != table.n_queries:
         raise ConfigError(f"embeddings have {len(X)} rows, table {table.name!r} has {table.n_queries}")
+    if not cfgs or any(c.seeds != cfgs[0].seeds for c in cfgs):
+        raise ConfigError("a grid needs at least one configuration, all with the same seeds")
     t0 = time.perf_counter()
-    runs: dict[tuple[str, int], ReplayResult] = {}
-    if workers > 1 and cfg.n_seeds > 1:
+    outs: list[dict[tuple[str, int], ReplayResult]] = [{} for _ in cfgs]
+    seeds = cfgs[0].seeds
+    if workers > 1 and len(seeds) > 1:
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+        # one contiguous block of seeds per worker; each block runs as lanes where it can
+        blocks = [[int(s) for s in b] for b in np.array_split(seeds, min(workers, len(seeds)))]
+        with ProcessPoolExecutor(max_workers=len(blocks), mp_context=mp.get_context("spawn"),
                                  initializer=_limit_threads) as pool:
-            futures = {seed: pool.submit(run_seed, table, X, cfg, seed, False) for seed in cfg.seeds}
-            for seed, fut in futures.items():
-                for name, res in fut.result().items():
-                    runs[(name, seed)] = res
-                if on_seed:
-                    on_seed(seed)
+            futures = [pool.submit(run_grid, table, X, cfgs, block, False) for block in blocks]
+            for block, fut in zip(blocks, futures):
+                for out, part in zip(outs, fut.result()):
+                    out.update(part)
+                for seed in block:
+                    if on_seed:
+                        on_seed(seed)
     else:
-        for seed in cfg.seeds:
-            for name, res in run_seed(table, X, cfg, seed, progress).items():
-                runs[(name, seed)] = res
+        for out, part in zip(outs, run_grid(table, X, cfgs, seeds, progress)):
+            out.update(part)
+        for seed in seeds:
             if on_seed:
                 on_seed(seed)
-    records = summarise(table, cfg, runs, encoder=encoder)
-    for r in records:
-        r["wall_seconds"] = round(time.perf_counter() - t0, 2)
-    return EvalResult(records=records, curves=curves_frame(runs), runs=runs)
+    results = []
+    for cfg, runs in zip(cfgs, outs):
+        runs = {(name, seed): runs[(name, seed)] for seed in seeds for name in cfg.policies}
+        records = summarise(table, cfg, runs, encoder=encoder)
+        for r in records:
+            r["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        results.append(EvalResult(records=records, curves=curves_frame(runs), runs=runs))
+    return results
 
 
 def _limit_threads() -> None:

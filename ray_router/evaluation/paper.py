@@ -29,7 +29,7 @@ import numpy as np
 from ray_router.data.table import RoutingTable
 from ray_router.errors import ConfigError
 from ray_router.evaluation.aiq import aiq
-from ray_router.evaluation.experiment import EvalConfig, evaluate, make_split
+from ray_router.evaluation.experiment import EvalConfig, evaluate, evaluate_grid, make_split
 
 WEIGHTINGS = ("perf", "perf_cost", "excel_perf_cost", "excel_mask")
 BASELINES = ("uniform", "best_fixed", "maxinp", "colstim", "laplace_ts", "knn")
@@ -143,9 +143,7 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     records: list[dict] = []
     curves = []
 
-    def run(X, ecfg: EvalConfig, encoder: str, weighting: str, split_label: str, tag: str) -> list[dict]:
-        t0 = time.perf_counter()
-        res = evaluate(table, X, ecfg, encoder=encoder, workers=cfg.workers)
+    def record(res, encoder: str, weighting: str, split_label: str, tag: str, seconds: float) -> list[dict]:
         for r in res.records:
             r["encoder"] = encoder
             r["weighting"] = weighting
@@ -157,14 +155,26 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
         c["section"] = tag
         curves.append(c[["section", "config", "policy", "seed", "round", "cum_regret", "served_score", "served_cost"]])
         progress(f"{tag}: {[r['policy'] for r in res.records]} {encoder}/{weighting} "
-                 f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({time.perf_counter() - t0:.0f}s)")
+                 f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({seconds:.0f}s)")
         records.extend(res.records)
         return res.records
 
+    def run(X, ecfg: EvalConfig, encoder: str, weighting: str, split_label: str, tag: str) -> list[dict]:
+        t0 = time.perf_counter()
+        res = evaluate(table, X, ecfg, encoder=encoder, workers=cfg.workers)
+        return record(res, encoder, weighting, split_label, tag, time.perf_counter() - t0)
+
+    def run_grid(X, ecfgs: list[EvalConfig], encoder: str, weightings, split_label: str, tags) -> list[list[dict]]:
+        """Several configurations over one stream at once (FGTS.CDB's runs share array programs)."""
+        t0 = time.perf_counter()
+        results = evaluate_grid(table, X, ecfgs, encoder=encoder, workers=cfg.workers)
+        seconds = (time.perf_counter() - t0) / len(ecfgs)
+        return [record(res, encoder, w, split_label, tag, seconds) for res, w, tag in zip(results, weightings, tags)]
+
     # 1. main grid
     for enc, X in encoders.items():
-        for w in cfg.weightings:
-            run(X, dataclasses.replace(main_cfg, policies=("fgts_cdb",), weighting=w), enc, w, "stratified", "main")
+        run_grid(X, [dataclasses.replace(main_cfg, policies=("fgts_cdb",), weighting=w) for w in cfg.weightings],
+                 enc, cfg.weightings, "stratified", ["main"] * len(cfg.weightings))
     baselines = tuple(b for b in cfg.baselines)
     if baselines:
         run(X_base, dataclasses.replace(main_cfg, policies=baselines, weighting="perf"), "base", "perf",
@@ -180,11 +190,12 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     run(X_ccft_h, dataclasses.replace(hold_cfg, policies=("fgts_cdb",)), "ccft", "perf", label, "unseen")
 
     # 3. perf-cost view (FGTS.CDB, CCFT, perf_cost weighting) over λ
-    perf_cost = []
-    for lam in cfg.lambda_grid:
-        recs = run(X_ccft, dataclasses.replace(main_cfg, policies=("fgts_cdb",), weighting="perf_cost", cost_weight=lam),
-                   "ccft", "perf_cost", "stratified", f"lambda={lam:g}")
-        perf_cost.append((lam, recs[0]["served_cost_mean_usd"], recs[0]["served_score_mean"]))
+    lam_recs = run_grid(
+        X_ccft, [dataclasses.replace(main_cfg, policies=("fgts_cdb",), weighting="perf_cost", cost_weight=lam)
+                 for lam in cfg.lambda_grid],
+        "ccft", ["perf_cost"] * len(cfg.lambda_grid), "stratified", [f"lambda={lam:g}" for lam in cfg.lambda_grid])
+    perf_cost = [(lam, recs[0]["served_cost_mean_usd"], recs[0]["served_score_mean"])
+                 for lam, recs in zip(cfg.lambda_grid, lam_recs)]
     online = table.subset(split.online)
     arm_points = [(a, float(online.costs[:, k].mean()) if online.costs is not None else 0.0,
                    float(online.scores[:, k].mean())) for k, a in enumerate(table.arms)]

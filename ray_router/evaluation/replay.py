@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ray_router.evaluation.env import ReplayEnvironment
-from ray_router.policies.base import Policy
+from ray_router.policies.base import Duel, Policy
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,64 @@ def run_replay(
         seconds=time.perf_counter() - t0,
         sgld_seconds=float(getattr(policy, "sgld_seconds", 0.0)),
     )
+
+
+def run_replay_lanes(
+    lanes: Any,
+    streams: Sequence[ReplayStream],
+    kappa: float | Sequence[float],
+    rngs: Sequence[np.random.Generator],
+    progress: bool | None = False,
+    desc: str = "",
+) -> list[ReplayResult]:
+    """:func:`run_replay` for L independent runs at once: lane l plays ``streams[l]`` with judge
+    ``rngs[l]`` and returns what ``run_replay`` returns for that lane's policy alone.
+
+    ``lanes`` runs the L policies in lockstep (``select(X (L, d)) -> (first, second)``,
+    ``update(X, first, second, y)``; e.g. :class:`~ray_router.policies.fgts_cdb.FGTSCDBLanes`).
+    Each lane's ``seconds`` and ``sgld_seconds`` are the lanes' totals divided by L.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    L = len(streams)
+    T = len(streams[0].order)
+    if any(len(s.order) != T for s in streams) or len(rngs) != L:
+        raise ValueError("lanes need streams of equal length and one judge RNG per stream")
+    kappas = [kappa] * L if np.isscalar(kappa) else list(kappa)
+    envs = [ReplayEnvironment(s.utilities, kappa=k, pairwise=s.pairwise) for s, k in zip(streams, kappas)]
+    order = np.stack([s.order for s in streams]).astype(np.int64)  # (L, T)
+    first = np.empty((L, T), dtype=np.int64)
+    second = np.empty((L, T), dtype=np.int64)
+    outcome = np.empty((L, T))
+    regret = np.empty((L, T))
+    y = np.empty(L)
+    t0 = time.perf_counter()
+    for t in tqdm(range(T), desc=desc, disable=not progress, leave=False, mininterval=1.0):
+        X = np.stack([s.contexts[order[l, t]] for l, s in enumerate(streams)])
+        f, s2 = lanes.select(X)
+        for l in range(L):
+            duel = Duel(int(f[l]), int(s2[l]))
+            row = int(order[l, t])
+            y[l] = envs[l].feedback(row, duel, rngs[l])
+            regret[l, t] = envs[l].regret(row, duel)
+        lanes.update(X, f, s2, y)
+        first[:, t], second[:, t], outcome[:, t] = f, s2, y
+    seconds = (time.perf_counter() - t0) / L
+    sgld = float(getattr(lanes, "sgld_seconds", 0.0)) / L
+    return [
+        ReplayResult(
+            rows=order[l],
+            first=first[l],
+            second=second[l],
+            outcome=outcome[l],
+            regret=regret[l],
+            served_score=s.scores[order[l], first[l]],
+            served_cost=s.costs[order[l], first[l]],
+            n_real_labels=envs[l].n_real_labels,
+            seconds=seconds,
+            sgld_seconds=sgld,
+        )
+        for l, s in enumerate(streams)
+    ]

@@ -129,6 +129,10 @@ class PolicyEntry:
     factory: Callable[[Any, PolicyEnv, int], Policy]
     description: str = ""
     needs_embeddings: bool = True
+    # lanes(config, envs, seeds) -> an object running len(seeds) independent copies in lockstep
+    # (``select(X) -> (first, second)``, ``update(X, first, second, y)``), or None when this config
+    # cannot run as lanes. The replay evaluator uses it to vectorise seeds (evaluation/replay.py).
+    lanes: Callable[[Any, Sequence[PolicyEnv], Sequence[int]], Any] | None = None
 
 
 _REGISTRY: dict[str, PolicyEntry] = {}
@@ -139,6 +143,18 @@ def register_policy(name: str, config_cls: type, *, description: str = "", needs
 
     def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
         _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings)
+        return factory
+
+    return deco
+
+
+def register_lanes(name: str):
+    """Decorator: register ``lanes(config, envs, seeds)`` for the already registered policy ``name``.
+
+    Lane l must make exactly the choices of ``factory(config, envs[l], seeds[l])``."""
+
+    def deco(factory):
+        _REGISTRY[name] = dataclasses.replace(get_entry(name), lanes=factory)
         return factory
 
     return deco

@@ -46,6 +46,7 @@ from ray_router.policies.base import (
     check_duel,
     check_outcome,
     offered_mask,
+    register_lanes,
     register_policy,
     rng_from_state,
     rng_state,
@@ -107,6 +108,106 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _log_sigmoid(z: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -z)
+
+
+def lanes_potential_grad(
+    fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray,
+    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0,
+) -> np.ndarray:
+    """∇U_j for independent lanes, each over its own batch of duels.
+
+    ``theta`` (G, [W,] C, p): G lane groups, optionally W members per group, C chains; X (G, B, d):
+    one batch of contexts per group, shared by its members; first/second/y (G, [W,] B) and mask
+    (G, [W,] B, K) of the offered arms, or None when every arm was offered. ``scale`` = n / B (a
+    scalar: every lane has seen as many duels). Chain c is sampler ``j = 1 + (c % 2)``: even chains
+    compare the best offered arm with the *second* played arm, odd chains with the first.
+    """
+    lead, C = theta.shape[:-2], theta.shape[-2]
+    B, K = y.shape[-1], fmap.n_arms
+    S = fmap.scores(theta.astype(fmap.A.dtype, copy=False), X)  # (*lead, C, B, K)
+    base = (np.arange(math.prod(lead) * C).reshape(lead + (C, 1)) * B + np.arange(B)) * K  # flat (lane, chain, row)
+    Sf = S.reshape(-1)
+    i1, i2 = base + first[..., None, :], base + second[..., None, :]
+    g = c.eta * (_sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
+    idx, w = [i1, i2], [g, -g]
+    if c.mu > 0:
+        io = np.where((np.arange(C) % 2 == 0)[:, None], i2, i1)  # the other sampler's arm
+        istar = base + (S if mask is None else np.where(mask[..., None, :, :], S, -np.inf)).argmax(axis=-1)
+        active = (Sf[istar] - Sf[io] < c.feel_good_clip) * c.mu
+        idx += [istar, io]
+        w += [-active, active]
+    W = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=S.size)
+    W = W.reshape(S.shape).astype(fmap.A.dtype, copy=False)
+    return scale * fmap.weighted_grad(W, X) + theta / c.prior_sigma**2
+
+
+def sgld_lanes(
+    fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, history: tuple[np.ndarray, ...], n: int, delta: float,
+    G: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int,
+) -> np.ndarray:
+    """Advance every lane's chains ``n_steps`` SGLD steps; returns the new θ, shaped like ``theta``.
+
+    ``theta`` (G, [W,] C, p) as in :func:`lanes_potential_grad`; ``history`` = (X (G, ≥n, d),
+    first, second, y (G, [W,] ≥n), mask (G, [W,] ≥n, K) or None when every duel offered every arm):
+    the first ``n`` duels of each lane, the contexts shared by a group's members. ``G`` (G, [W,] p)
+    is each lane's preconditioner, ``delta`` the step size, ``rngs[g]`` group g's generator. While
+    n ≤ ``batch_size`` the gradient is exact; beyond that each step uses one minibatch per group
+    (uniform, with replacement, shared by its members and chains) rescaled by n/B. A group draws all
+    of a refresh's minibatch rows, then all its noise, so each member's chains are exactly those of
+    a lone :class:`FGTSCDB` seeded like the group's generator.
+    """
+    X, first, second, y, mask = history
+    if mask is not None and mask[..., :n, :].all():
+        mask = None  # every arm offered in every duel: skip the masked argmax
+    n_groups, (C, p), B = theta.shape[0], theta.shape[-2:], c.batch_size
+    step = delta * G[..., None, :]  # (G, [W,] 1, p)
+    noise_sd = np.sqrt(2.0 * step) * c.langevin_noise
+    members = (1,) * (theta.ndim - 3)  # the member axis of the noise, broadcast over a group
+    minibatch = n > B
+    if minibatch:
+        cap = X.shape[1]
+        rows = np.stack([r.integers(0, n, size=(n_steps, B)) for r in rngs])  # (G, steps, B)
+        Xf = X.reshape(n_groups * cap, -1)
+        flat = rows + (np.arange(n_groups) * cap)[:, None, None]  # row in Xf
+        # every step's duels at once (small arrays), each step's contexts when it needs them (large)
+        i = rows.reshape((n_groups,) + members + (n_steps * B,))
+        first, second, y = (np.take_along_axis(a, i, -1) for a in (first, second, y))
+        if mask is not None:
+            mask = np.take_along_axis(mask, i[..., None], -2)
+    xi = None
+    if c.langevin_noise:
+        xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups,) + members + (n_steps, C, p))
+    start = theta
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging chain is handled below
+        theta = _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi,
+                            Xf if minibatch else None, flat if minibatch else None)
+    bad = ~np.isfinite(theta).all(axis=-1, keepdims=True)
+    if bad.any():
+        # A chain that diverged (step size too large for this history) keeps its previous sample:
+        # the refresh is rejected for it rather than poisoning every later choice with NaN. No
+        # random draw, so a group's generator stays in step with its members' lone twins.
+        theta = np.where(bad, start, theta)
+    return theta
+
+
+def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi, Xf, flat):
+    """The SGLD loop of :func:`sgld_lanes`; ``Xf``/``flat`` (flat contexts, rows per step) or None
+    for the exact gradient."""
+    B = c.batch_size
+    for t in range(n_steps):
+        if n == 0:
+            grad = theta / c.prior_sigma**2
+        elif Xf is None:
+            grad = lanes_potential_grad(fmap, c, theta, X[:, :n], first[..., :n], second[..., :n], y[..., :n],
+                                        None if mask is None else mask[..., :n, :])
+        else:
+            b = slice(t * B, (t + 1) * B)
+            grad = lanes_potential_grad(fmap, c, theta, np.take(Xf, flat[:, t], axis=0), first[..., b], second[..., b],
+                                        y[..., b], None if mask is None else mask[..., b, :], n / B)
+        theta = theta - step * grad
+        if xi is not None:
+            theta = theta + noise_sd * xi[..., t, :, :]
+    return theta
 
 
 class DuelHistory:
@@ -221,24 +322,8 @@ class FGTSCDB:
         chains. Chain c is sampler ``j = 1 + (c % 2)``: even chains compare the best offered arm with
         the *second* played arm, odd chains with the first. ``scale`` = n / B rescales a minibatch.
         """
-        c = self.config
-        C, B, K = theta.shape[0], len(y), self.n_arms
-        S = self.fmap.scores(theta.astype(self.fmap.A.dtype, copy=False), X)  # (C, B, K)
-        base = (np.arange(C)[:, None] * B + np.arange(B)[None, :]) * K  # flat offset of (chain, row)
-        Sf = S.reshape(-1)
-        i1, i2 = base + first, base + second
-        g = c.eta * (_sigmoid(Sf[i1] - Sf[i2]) - y)  # dℓ/dz, (C, B)
-        idx, w = [i1, i2], [g, -g]
-        if c.mu > 0:
-            other = np.where((np.arange(C) % 2 == 0)[:, None], second, first)
-            istar = base + np.where(mask, S, -np.inf).argmax(axis=2)
-            io = base + other
-            active = (Sf[istar] - Sf[io] < c.feel_good_clip) * c.mu
-            idx += [istar, io]
-            w += [-active, active]
-        W = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=C * B * K)
-        W = W.reshape(C, B, K).astype(self.fmap.A.dtype, copy=False)
-        return scale * self.fmap.weighted_grad(W, X) + theta / c.prior_sigma**2
+        return lanes_potential_grad(self.fmap, self.config, theta[None], X[None], first[None], second[None],
+                                    y[None], mask[None], scale)[0]
 
     def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int) -> float:
         """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis. For tests."""
@@ -260,29 +345,11 @@ class FGTSCDB:
         """
         t0 = time.perf_counter()
         c, h = self.config, self.history
-        steps = c.n_steps if n_steps is None else n_steps
-        n, B = h.n, c.batch_size
-        delta = self.step_size()
-        G = self.preconditioner()  # (p,)
-        step = delta * G
-        noise_sd = np.sqrt(2.0 * step) * c.langevin_noise
-        theta = self.theta
-        for _ in range(steps):
-            if n == 0:
-                grad = theta / c.prior_sigma**2
-            elif n <= B:
-                grad = self.potential_grad(theta, h.X[:n], h.first[:n], h.second[:n], h.y[:n], h.mask[:n])
-            else:
-                i = self.rng.integers(0, n, size=B)
-                grad = self.potential_grad(theta, h.X[i], h.first[i], h.second[i], h.y[i], h.mask[i], n / B)
-            theta = theta - step * grad
-            if c.langevin_noise:
-                theta = theta + noise_sd * self.rng.standard_normal(theta.shape)
-        if not np.isfinite(theta).all():
-            # A diverged chain (step size too large for this history) restarts from the prior
-            # rather than poisoning every later choice with NaN.
-            bad = ~np.isfinite(theta).all(axis=1)
-            theta[bad] = self.rng.normal(0.0, c.prior_sigma, size=(int(bad.sum()), self.dim))
+        n = h.n
+        theta = sgld_lanes(
+            self.fmap, c, self.theta[None], (h.X[None], h.first[None], h.second[None], h.y[None], h.mask[None]),
+            n, self.step_size(), self.preconditioner()[None], [self.rng], c.n_steps if n_steps is None else n_steps,
+        )[0]
         self.theta = theta
         rho = c.exploit_ema
         self.theta_mean = (1 - rho) * self.theta_mean + rho * theta.mean(axis=0)
@@ -303,6 +370,8 @@ class FGTSCDB:
         """<θ, φ(x, a_k)> for each chain, (2, K), or for a given θ of shape (..., p) -> (..., K)."""
         x = self._context(context)
         th = self.theta if theta is None else np.asarray(theta, dtype=np.float64)
+        if th.ndim == 2:  # the lanes' code path with one lane, so a lane decides exactly like a policy
+            return self.fmap.scores(th[None], x[None, None, :])[0, :, 0, :]
         return self.fmap.scores(th, x[None, :])[..., 0, :]
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None, resample: bool = True) -> Duel:
@@ -381,3 +450,142 @@ class FGTSCDB:
 @register_policy("fgts_cdb", FGTSConfig, description="FGTS.CDB with an SGLD posterior sampler (the paper's method)")
 def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
     return FGTSCDB(config, env.arm_embeddings, seed=seed)
+
+
+class FGTSCDBLanes:
+    """Independent FGTS.CDB policies advanced in lockstep, one array program for all of them.
+
+    Lane l behaves exactly like ``FGTSCDB(config, arm_embeddings[l], seed=seeds[l])`` fed the same
+    contexts and outcomes: same initial θ, same minibatches, same noise, and the same GEMM kernels a
+    lone policy calls (``tests/test_fgts_lanes.py`` checks the choices match). The replay evaluator
+    runs its seeds as lanes: one SGLD step for many seeds costs one pass of Python and numpy dispatch.
+
+    ``group_size`` W > 1 groups consecutive lanes (l = g·W + w) that share a seed and see the same
+    context in every round, e.g. one seed's stream under W weightings: their minibatches are then
+    the same rows, so a group's products are one GEMM W times wider (``bench/replay_speed.py``).
+    Their arm embeddings, choices, outcomes and posteriors stay their own.
+
+    Every lane sees one duel per round, so every history has the same length; lanes offer every arm
+    in every round and keep every duel (``max_history`` must be 0).
+    """
+
+    name = "fgts_cdb"
+
+    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seeds: Sequence[int], group_size: int = 1):
+        A = np.asarray(arm_embeddings, dtype=np.float64)
+        L, W = len(seeds), int(group_size)
+        if A.ndim != 3 or A.shape[0] != L or L < 1:
+            raise ConfigError(f"lanes need (L, K, d) arm embeddings and L seeds, got {A.shape} and {L}")
+        if W < 1 or L % W:
+            raise ConfigError(f"group_size {W} must divide the number of lanes {L}")
+        groups = np.asarray(seeds, dtype=np.int64).reshape(L // W, W)
+        if (groups != groups[:, :1]).any():
+            raise ConfigError("the lanes of one group must share their seed")
+        if config.max_history:
+            raise ConfigError("FGTSCDBLanes keeps every duel: max_history must be 0")
+        self.config = config
+        self.n_lanes, self.group_size, self.n_groups = L, W, L // W
+        scale = config.embedding_scale or math.sqrt(A.shape[2])
+        self.fmap: FeatureMap = make_feature_map(
+            config.feature_map, (A * scale).reshape((self.n_groups, W) + A.shape[1:]), config.compute_dtype)
+        self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
+        self.rngs = [np.random.default_rng(int(g[0])) for g in groups]  # one per group
+        theta0 = np.stack([r.normal(0.0, config.prior_sigma, size=(2, self.dim)) for r in self.rngs])
+        self.theta = np.repeat(theta0[:, None], W, axis=1)  # (G, W, 2, p)
+        self.theta_mean = self.theta.mean(axis=2)
+        cap, dtype = 256, np.dtype(config.compute_dtype)
+        self._X = np.empty((self.n_groups, cap, self.fmap.context_dim), dtype=dtype)  # shared by a group
+        self._duels = {
+            "first": np.empty((self.n_groups, W, cap), dtype=np.int64),
+            "second": np.empty((self.n_groups, W, cap), dtype=np.int64),
+            "y": np.empty((self.n_groups, W, cap)),
+        }
+        self.n = 0
+        self._delta_sq = np.zeros((self.n_groups, W, self.dim))
+        self.sgld_seconds = 0.0
+
+    def step_size(self) -> float:
+        c = self.config
+        return c.step_size / math.sqrt(max(1, self.n)) if c.step_decay == "sqrt" else c.step_size
+
+    def preconditioner(self) -> np.ndarray:
+        """(G, W, p), each lane's G (see :meth:`FGTSCDB.preconditioner`)."""
+        c = self.config
+        if c.preconditioner == "none":
+            return np.ones_like(self._delta_sq)
+        return 1.0 / (0.25 * c.eta * self._delta_sq + 1.0 / c.prior_sigma**2)
+
+    def refresh(self) -> None:
+        t0 = time.perf_counter()
+        c, h = self.config, self._duels
+        self.theta = sgld_lanes(self.fmap, c, self.theta, (self._X, h["first"], h["second"], h["y"], None),
+                                self.n, self.step_size(), self.preconditioner(), self.rngs, c.n_steps)
+        rho = c.exploit_ema
+        self.theta_mean = (1 - rho) * self.theta_mean + rho * self.theta.mean(axis=2)
+        self.sgld_seconds += time.perf_counter() - t0
+
+    def _contexts(self, X: np.ndarray) -> np.ndarray:
+        """(L, d) per-lane contexts -> (G, d), checking that a group's lanes got the same one."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape != (self.n_lanes, self.fmap.context_dim):
+            raise ConfigError(f"contexts must be ({self.n_lanes}, {self.fmap.context_dim}), got {X.shape}")
+        Xg = X.reshape(self.n_groups, self.group_size, -1)
+        if self.group_size > 1 and not (Xg == Xg[:, :1]).all():
+            raise ConfigError("the lanes of one group must see the same context in every round")
+        return Xg[:, 0]
+
+    def select(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Refresh every lane's two samples and play each one's best arm: (first (L,), second (L,))."""
+        Xg = self._contexts(X)
+        self.refresh()
+        S = self.fmap.scores(self.theta, Xg[:, None, :])[..., 0, :].reshape(self.n_lanes, 2, self.n_arms)
+        first = S[:, 0].argmax(axis=1)
+        second = S[:, 1].argmax(axis=1)
+        if self.config.distinct_arms and self.n_arms > 1:
+            same = second == first
+            if same.any():
+                s2 = S[:, 1].copy()
+                s2[np.arange(self.n_lanes), first] = -np.inf
+                second = np.where(same, s2.argmax(axis=1), second)
+        return first, second
+
+    def update(self, X: np.ndarray, first: np.ndarray, second: np.ndarray, y: np.ndarray) -> None:
+        """Record one duel per lane: lane l played (first[l], second[l]) on X[l] with outcome y[l]."""
+        Xg = self._contexts(X)
+        shape = (self.n_groups, self.group_size)
+        first = np.asarray(first, dtype=np.int64).reshape(shape)
+        second = np.asarray(second, dtype=np.int64).reshape(shape)
+        y = np.asarray(y, dtype=np.float64).reshape(shape)
+        if ((first < 0) | (first >= self.n_arms) | (second < 0) | (second >= self.n_arms)).any():
+            raise ConfigError(f"arm index out of range [0, {self.n_arms})")
+        if not np.isfinite(y).all() or ((y < 0) | (y > 1)).any():
+            raise ConfigError("outcomes must be in [0, 1]")
+        h = self._duels
+        if self.n == self._X.shape[1]:
+            self._X = _grown(self._X, self.n, axis=1)
+            for k in h:
+                h[k] = _grown(h[k], self.n, axis=2)
+        i = self.n
+        self._X[:, i] = Xg
+        h["first"][..., i], h["second"][..., i], h["y"][..., i] = first, second, y
+        self.n += 1
+        pair = self.fmap.pair_features(Xg[:, None, None, :], first[..., None], second[..., None])  # (G, W, 1, p)
+        self._delta_sq += pair[..., 0, :] ** 2
+
+
+def _grown(arr: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """``arr`` with twice the capacity along ``axis``, its first ``n`` entries kept."""
+    shape = list(arr.shape)
+    shape[axis] *= 2
+    new = np.empty(shape, dtype=arr.dtype)
+    index = (slice(None),) * axis + (slice(0, n),)
+    new[index] = arr[index]
+    return new
+
+
+@register_lanes("fgts_cdb")
+def _make_fgts_lanes(config: FGTSConfig, envs: Sequence[PolicyEnv], seeds: Sequence[int],
+                     group_size: int = 1) -> FGTSCDBLanes | None:
+    if config.max_history:
+        return None  # lanes keep every duel
+    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], group_size)
