@@ -94,9 +94,12 @@ class Embedder:
         )
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def embed(self, texts: list[str]) -> list[np.ndarray]:
+    async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float, int]]:
+        """Each text's (embedding, seconds the batch's encode took, batch size)."""
+        t0 = time.perf_counter()
         X = await asyncio.to_thread(self.encoder.encode, texts, len(texts))
-        return list(X)
+        seconds = time.perf_counter() - t0
+        return [(x, seconds, len(texts)) for x in X]
 
     async def info(self) -> dict:
         import torch
@@ -482,12 +485,13 @@ class Ingress:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 
-    async def _embed(self, text: str) -> np.ndarray:
+    async def _embed(self, text: str) -> tuple[np.ndarray, float, int]:
         return await self._call(self.embedder, "embed", text)
 
     async def _decide(self, text: str, offered: list[int] | None, mode: str, cost_weight: float) -> dict:
         t0 = time.perf_counter()
-        x = quantise(await self._embed(text))  # the decision id carries float16; rank on exactly that
+        x, encode_s, batch = await self._embed(text)
+        x = quantise(x)  # the decision id carries float16; rank on exactly that
         t1 = time.perf_counter()
         first, second, version = self.view.choose(x, offered, mode, cost_weight)
         expires = int(time.time() + self.ttl_s)
@@ -497,7 +501,10 @@ class Ingress:
         for a, slot in zip(picked, slots):
             self.metrics.routes.inc(1, tags={"arm": self.arm_ids[a], "slot": slot})
         self.routes[mode] += 1
-        timing = f"embed;dur={(t1 - t0) * 1000:.2f}, choose;dur={(time.perf_counter() - t1) * 1000:.2f}"
+        # Server-Timing: the embedder call as the ingress saw it, the encode inside it (its batch's),
+        # and the choice; the route handler adds its total ("app")
+        timing = (f"embed;dur={(t1 - t0) * 1000:.2f}, encode;dur={encode_s * 1000:.2f};desc=\"batch of {batch}\", "
+                  f"choose;dur={(time.perf_counter() - t1) * 1000:.2f}")
         return {"decision_id": decision_id, "picked": picked, "version": version, "expires_at": expires, "timing": timing}
 
     # ----------------------------------------------------------------- routes
@@ -511,9 +518,10 @@ class Ingress:
         cost_weight = self._cost_weight(req.cost_weight)
         dec = await self._decide(text, offered, req.mode, cost_weight)
         arms = [self.arm_ids[i] for i in dec["picked"]]
-        self.metrics.route_latency.observe(time.perf_counter() - t0, tags={"mode": req.mode})
+        seconds = time.perf_counter() - t0
+        self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
         return JSONResponse(
-            headers={"Server-Timing": dec["timing"]},
+            headers={"Server-Timing": f"{dec['timing']}, app;dur={seconds * 1000:.2f}"},
             content={
                 "decision_id": dec["decision_id"],
                 "mode": req.mode,

@@ -67,7 +67,11 @@ def test_serve_end_to_end_then_sigterm(tmp_path):
                 break
         assert url == f"http://127.0.0.1:{port}", "".join(lines[-30:])
         token_file = state / "secrets" / "token"
-        assert any(str(token_file) in ln for ln in (proc.stdout.readline() for _ in range(3)))
+        banner = [proc.stdout.readline() for _ in range(4)]
+        assert any(str(token_file) in ln for ln in banner), banner
+        direct = re.search(r"without the proxy hop .*: (http://127\.0\.0\.1:\d+)", "".join(banner))
+        assert direct and direct.group(1) != url, banner  # Serve's direct ingress, on by default
+        assert httpx.get(f"{direct.group(1)}/healthz", timeout=60).json()["status"] == "ok"
         assert httpx.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
         d = httpx.post(f"{url}/v1/route", json={"query": "Is 91 a prime number?"}, timeout=60).json()
         assert len(d["arms"]) == 2

@@ -51,6 +51,17 @@ def client(app):
         yield c
 
 
+@pytest.fixture(scope="module")
+def direct_client(app):
+    """The same API through the Ingress replica's own HTTP server (Serve's direct ingress)."""
+    from ray_router.serve import launch
+
+    urls = launch.direct_urls()
+    assert urls, "direct ingress is on by default (launch.RAY_ENV_DEFAULTS)"
+    with httpx.Client(base_url=urls[0], timeout=60) as c:
+        yield c
+
+
 def route(client, **body) -> dict:
     r = client.post("/v1/route", json=body)
     assert r.status_code == 200, r.text
@@ -113,6 +124,28 @@ def test_route_feedback_advances_the_posterior_and_changes_choices(client, app):
     r = client.post("/v1/admin/refresh", json={"times": 60}, headers=app.auth)
     assert r.status_code == 200, r.text
     assert route(client, query=probe, mode="single", candidates=pair)["model"] == winner
+
+
+def test_direct_ingress_serves_the_same_api_without_the_proxy(client, direct_client, app):
+    """Serve's direct ingress (on by default in launch.RAY_ENV_DEFAULTS): the Ingress replica's own
+    HTTP server answers the same API on the same posterior, and says where its time went."""
+    direct = direct_client
+    assert str(direct.base_url) != app.url and str(direct.base_url).startswith("http://127.0.0.1:")
+    assert direct.get("/healthz").json()["status"] == "ok"
+    r = direct.post("/v1/route", json={"query": "Is 91 a prime number?"})
+    assert r.status_code == 200, r.text
+    timing = dict(part.split(";", 1) for part in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"embed", "encode", "choose", "app"}
+    n0 = stats(client)["posterior"]["n_updates"]
+    ack = direct.post("/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "tie"},
+                      headers=app.auth)
+    assert ack.status_code == 200, ack.text
+    # the proxy's path sees the feedback given on the direct path: one posterior
+    wait_for(lambda: stats(client)["posterior"]["n_updates"] == n0 + 1, what="the direct path's feedback")
+    bad = direct.post("/v1/route", content=b"{not json", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and "error" in bad.json()
+    assert direct.post("/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "first"},
+                       headers=app.auth).status_code == 409  # taken once, on either path
 
 
 # --------------------------------------------------------------- auth, forgery, replay
@@ -195,8 +228,10 @@ _BAD_ROUTE = [
 ]
 
 
+@pytest.mark.parametrize("path", ["proxy", "direct"])
 @pytest.mark.parametrize("name, raw, status, code", _BAD_ROUTE, ids=[c[0] for c in _BAD_ROUTE])
-def test_bad_route_input_is_a_4xx_json_error(client, name, raw, status, code):
+def test_bad_route_input_is_a_4xx_json_error(request, path, name, raw, status, code):
+    client = request.getfixturevalue("client" if path == "proxy" else "direct_client")
     r = client.post("/v1/route", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     body = r.json()
