@@ -30,29 +30,18 @@ linear stochastic transitivity model). Shared machinery (all numpy):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ray_router.errors import ConfigError
-from ray_router.policies.base import (
-    Duel,
-    PolicyEnv,
-    check_duel,
-    check_outcome,
-    offered_mask,
-    register_policy,
-    rng_from_state,
-    rng_state,
-)
-from ray_router.policies.features import FEATURE_MAPS, FeatureMap, make_feature_map
+from ray_router.policies.base import Duel, PolicyEnv, offered_mask, register_policy
+from ray_router.policies.features import FEATURE_MAPS
 from ray_router.policies.fgts_cdb import FGTSConfig
 from ray_router.policies.laplace_ts import (
+    LaplaceBacked,
     LogisticLaplace,
-    PairHistory,
     check_context,
     check_fields,
     is_int,
@@ -111,43 +100,23 @@ class CoLSTIMConfig:
 
 
 # ----------------------------------------------------------------------------- the policies
-class _LinearLogisticDueling:
+class _LinearLogisticDueling(LaplaceBacked):
     """State shared by MaxInP and CoLSTIM: θ̂ (ridge MLE, tracked by a LogisticLaplace), V⁻¹, an RNG."""
 
-    name = ""
     config_cls: type = MaxInPConfig
+    _state_key = "mle"
 
-    def __init__(self, config: Any, arm_embeddings: np.ndarray, seed: int = 0):
-        self.config = config
-        self._build(np.asarray(arm_embeddings, dtype=np.float64))
-        self.rng = np.random.default_rng(seed)
+    def _laplace(self) -> LogisticLaplace:
+        c = self.config
+        return LogisticLaplace(self.fmap, eta=1.0, prior_precision=c.reg, hessian="full",
+                               refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
+                               map_steps=c.map_steps)
 
     def _build(self, A: np.ndarray) -> None:
-        c = self.config
-        self.fmap: FeatureMap = make_feature_map(c.feature_map, A)
-        self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
-        self.mle = LogisticLaplace(self.fmap, eta=1.0, prior_precision=c.reg, hessian="full",
-                                   refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
-                                   map_steps=c.map_steps)
-        self.V_inv = np.eye(self.dim) / c.reg
-
-    @property
-    def theta(self) -> np.ndarray:
-        return self.mle.theta
-
-    @property
-    def history(self) -> PairHistory:
-        return self.mle.history
-
-    @property
-    def n_updates(self) -> int:
-        return self.mle.n_updates
+        super()._build(A)
+        self.V_inv = np.eye(self.dim) / self.config.reg
 
     # ------------------------------------------------------------------ maths
-    def refit(self, n_steps: int | None = None, tol: float | None = None) -> np.ndarray:
-        """Refit θ̂ on the whole history now (``map_steps`` steps unless given)."""
-        return self.mle.refit(n_steps, tol)
-
     def _arm_features(self, x: np.ndarray) -> np.ndarray:
         return self.fmap.features(x[None, :])[0]  # (K, p)
 
@@ -166,21 +135,9 @@ class _LinearLogisticDueling:
         return Duel(int(a), int(b))
 
     # --------------------------------------------------------------- protocol
-    def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
-        """Exploit: the offered arm with the largest estimated utility <θ̂, φ(x, a)>."""
-        x = check_context(context, self.fmap.context_dim)
-        mask = offered_mask(self.n_arms, arms)
-        s = self.fmap.scores(self.theta, x[None, :])[0]
-        return int(np.where(mask, s, -np.inf).argmax())
-
     def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
-        x = check_context(context, self.fmap.context_dim)
-        y = check_outcome(outcome)
-        check_duel(duel, self.n_arms)
-        if arms is not None:
-            offered_mask(self.n_arms, arms)  # validates the offered set
-        delta = self.mle.absorb(x, int(duel.first), int(duel.second), y)
-        if self.mle.refreshed_at == self.mle.n_updates:  # the MLE was just refitted: V⁻¹ exactly, too
+        delta = self._absorb(context, duel, outcome, arms)
+        if self.post.refreshed_at == self.post.n_updates:  # the MLE was just refitted: V⁻¹ exactly, too
             D = self.history.Dn
             V = D.T @ D
             V[np.diag_indices_from(V)] += self.config.reg
@@ -191,24 +148,11 @@ class _LinearLogisticDueling:
             self.V_inv -= np.outer(u / (1.0 + float(delta @ u)), u)
 
     # ---------------------------------------------------------------- state
-    def snapshot(self) -> dict:
-        return {
-            "policy": self.name,
-            "config": dataclasses.asdict(self.config),
-            "arm_embeddings": self.fmap.A.copy(),
-            "mle": self.mle.state(),
-            "V_inv": self.V_inv.copy(),
-            "rng": rng_state(self.rng),
-        }
+    def _extra_state(self) -> dict:
+        return {"V_inv": self.V_inv.copy()}
 
-    def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = self.config_cls(**snapshot["config"])
-        self._build(np.asarray(snapshot["arm_embeddings"], dtype=np.float64))
-        self.mle.load(snapshot["mle"])
+    def _load_extra(self, snapshot: Mapping[str, Any]) -> None:
         self.V_inv = np.array(snapshot["V_inv"], dtype=np.float64)
-        self.rng = rng_from_state(snapshot["rng"])
 
 
 class MaxInP(_LinearLogisticDueling):

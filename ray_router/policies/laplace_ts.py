@@ -395,23 +395,28 @@ def schedule_checks(c: Any) -> list[tuple[bool, str]]:
     ]
 
 
-class LaplaceTS:
-    """Thompson sampling from the Laplace approximation N(θ̂, H⁻¹) of FGTS.CDB's μ = 0 posterior."""
+class LaplaceBacked:
+    """What LaplaceTS, MaxInP and CoLSTIM share: a :class:`LogisticLaplace` over their feature map
+    (``self.post``: θ̂, the history, the refresh schedule), an RNG, the exploit arm, a validated
+    update, and snapshot/restore. A subclass says how to build its Laplace state (``_laplace``) and
+    what else it keeps (``_extra_state`` / ``_load_extra``)."""
 
-    name = "laplace_ts"
+    name = ""
+    config_cls: type
+    _state_key = "posterior"  # the snapshot's key for ``self.post.state()``
 
-    def __init__(self, config: LaplaceTSConfig, arm_embeddings: np.ndarray, seed: int = 0):
+    def __init__(self, config: Any, arm_embeddings: np.ndarray, seed: int = 0):
         self.config = config
         self._build(np.asarray(arm_embeddings, dtype=np.float64))
         self.rng = np.random.default_rng(seed)
 
     def _build(self, A: np.ndarray) -> None:
-        c = self.config
-        self.fmap: FeatureMap = make_feature_map(c.feature_map, A)
+        self.fmap: FeatureMap = make_feature_map(self.config.feature_map, A)
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
-        self.post = LogisticLaplace(self.fmap, eta=c.eta, prior_precision=1.0 / c.prior_sigma**2, hessian=c.hessian,
-                                    refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
-                                    map_steps=c.map_steps)
+        self.post = self._laplace()
+
+    def _laplace(self) -> LogisticLaplace:
+        raise NotImplementedError
 
     # views and maths (delegated to the Laplace approximation)
     @property
@@ -427,7 +432,58 @@ class LaplaceTS:
         return self.post.n_updates
 
     def refit(self, n_steps: int | None = None, tol: float | None = None) -> np.ndarray:
+        """Refit θ̂ on the whole history now (``map_steps`` steps unless given)."""
         return self.post.refit(n_steps, tol)
+
+    # --------------------------------------------------------------- protocol
+    def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
+        """Exploit: the offered arm with the largest estimated utility <θ̂, φ(x, a)>."""
+        x = check_context(context, self.fmap.context_dim)
+        mask = offered_mask(self.n_arms, arms)
+        s = self.fmap.scores(self.theta, x[None, :])[0]
+        return int(np.where(mask, s, -np.inf).argmax())
+
+    def _absorb(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None) -> np.ndarray:
+        """Validate one duel and absorb it into the Laplace state; returns its Δ = φ(x,a¹) − φ(x,a²)."""
+        x = check_context(context, self.fmap.context_dim)
+        y = check_outcome(outcome)
+        check_duel(duel, self.n_arms)
+        if arms is not None:
+            offered_mask(self.n_arms, arms)  # validates the offered set
+        return self.post.absorb(x, int(duel.first), int(duel.second), y)
+
+    # ---------------------------------------------------------------- state
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra(self, snapshot: Mapping[str, Any]) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {"policy": self.name, "config": dataclasses.asdict(self.config), "arm_embeddings": self.fmap.A.copy(),
+                self._state_key: self.post.state(), **self._extra_state(), "rng": rng_state(self.rng)}
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        if snapshot.get("policy") != self.name:
+            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
+        self.config = self.config_cls(**snapshot["config"])
+        self._build(np.asarray(snapshot["arm_embeddings"], dtype=np.float64))
+        self.post.load(snapshot[self._state_key])
+        self._load_extra(snapshot)
+        self.rng = rng_from_state(snapshot["rng"])
+
+
+class LaplaceTS(LaplaceBacked):
+    """Thompson sampling from the Laplace approximation N(θ̂, H⁻¹) of FGTS.CDB's μ = 0 posterior."""
+
+    name = "laplace_ts"
+    config_cls = LaplaceTSConfig
+
+    def _laplace(self) -> LogisticLaplace:
+        c = self.config
+        return LogisticLaplace(self.fmap, eta=c.eta, prior_precision=1.0 / c.prior_sigma**2, hessian=c.hessian,
+                               refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
+                               map_steps=c.map_steps)
 
     def rebuild(self) -> None:
         self.post.rebuild()
@@ -449,33 +505,9 @@ class LaplaceTS:
             second = int(S[1].argmax())
         return Duel(first, second)
 
-    def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
-        x = check_context(context, self.fmap.context_dim)
-        mask = offered_mask(self.n_arms, arms)
-        s = self.fmap.scores(self.theta, x[None, :])[0]
-        return int(np.where(mask, s, -np.inf).argmax())
-
     def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
         """Absorb one duel by an online Laplace step (O(p²)); refresh on schedule (module docstring)."""
-        x = check_context(context, self.fmap.context_dim)
-        y = check_outcome(outcome)
-        check_duel(duel, self.n_arms)
-        if arms is not None:
-            offered_mask(self.n_arms, arms)
-        self.post.absorb(x, int(duel.first), int(duel.second), y)
-
-    # ---------------------------------------------------------------- state
-    def snapshot(self) -> dict:
-        return {"policy": self.name, "config": dataclasses.asdict(self.config), "arm_embeddings": self.fmap.A.copy(),
-                "posterior": self.post.state(), "rng": rng_state(self.rng)}
-
-    def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = LaplaceTSConfig(**snapshot["config"])
-        self._build(np.asarray(snapshot["arm_embeddings"], dtype=np.float64))
-        self.post.load(snapshot["posterior"])
-        self.rng = rng_from_state(snapshot["rng"])
+        self._absorb(context, duel, outcome, arms)
 
 
 @register_policy("laplace_ts", LaplaceTSConfig,
