@@ -12,7 +12,6 @@ error, and each one on the app's own ``ray_router_*`` series must return a finit
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -74,8 +73,9 @@ def stack(tmp_path_factory):
     if ray.is_initialized():
         pytest.skip("Ray is already running in this test process; run tests/grafana on its own")
     tmp = tmp_path_factory.mktemp("promql")
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)  # Ray workers inherit the driver's environment
+    env = pytest.MonkeyPatch()  # restores the environment afterwards
+    for k, v in ENV.items():
+        env.setenv(k, v)  # Ray workers inherit the driver's environment
     http_port, metrics_port = free_port(), free_port()
     prom = None
     launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=metrics_port)
@@ -110,11 +110,7 @@ def stack(tmp_path_factory):
         if prom is not None:
             prom.stop()
         launch.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.undo()
 
 
 def _finite(result: list[dict]) -> int:

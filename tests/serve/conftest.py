@@ -114,21 +114,18 @@ def serve_cluster():
         warnings.warn("tests/serve: a Ray instance was left running in this process; shutting it down")
         ray.shutdown()
 
-    saved = {k: os.environ.get(k) for k in SECRET_ENV}
-    os.environ.update(SECRET_ENV)  # Ray workers inherit the driver's environment
-    cluster = Cluster(free_port(), free_port())
-    launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=cluster.metrics_port)
-    cfg = launch.with_overrides(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"), port=cluster.http_port)
-    launch.start_serve(cfg)
-    try:
-        yield cluster
-    finally:
-        launch.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:  # restores the environment afterwards
+        for k, v in SECRET_ENV.items():
+            env.setenv(k, v)  # Ray workers inherit the driver's environment
+        cluster = Cluster(free_port(), free_port())
+        launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=cluster.metrics_port)
+        cfg = launch.with_overrides(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"),
+                                    port=cluster.http_port)
+        launch.start_serve(cfg)
+        try:
+            yield cluster
+        finally:
+            launch.shutdown()
 
 
 @dataclass
