@@ -46,6 +46,50 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="data folder (default: $RAY_ROUTER_DATA_DIR, else ./data)")
 
 
+def _add_table_args(p: argparse.ArgumentParser) -> None:
+    """Columns of a user's own Parquet/CSV table (passed to the loader only when given)."""
+    p.add_argument("--arms", type=_csv, default=None, metavar="A,B,C",
+                   help="comma-separated score columns that are the arms (default: the <stem>.summary.json "
+                        "'models' list, else every column X with an 'X|total_cost' column)")
+    p.add_argument("--text-column", default=None, metavar="NAME",
+                   help="query text column of a Parquet/CSV table "
+                        "(default: prompt, question, query, text or instruction)")
+    p.add_argument("--category-column", default=None, metavar="NAME",
+                   help="category column of a Parquet/CSV table (default: eval_name, task, category or source)")
+    p.add_argument("--id-column", default=None, metavar="NAME",
+                   help="unique query id column of a Parquet/CSV table (default: sample_id, row_id, query_id, "
+                        "id, else the row number)")
+
+
+# --flag -> loader keyword; the column flags apply only to tables read by load_generic.
+_COLUMN_FLAGS = {"text_column": ("--text-column", "text_col"), "category_column": ("--category-column", "category_col"),
+                 "id_column": ("--id-column", "id_col")}
+
+
+def _table_options(args, dataset: str) -> dict[str, Any]:
+    """Loader options from --arms/--text-column/--category-column/--id-column: only those given."""
+    from ray_router.data.registry import uses_generic_loader
+
+    options: dict[str, Any] = {}
+    if args.arms is not None:
+        if not args.arms:
+            raise ConfigError("--arms needs at least one column name, e.g. --arms gpt-4,meta/llama-2-70b-chat")
+        options["arms"] = list(args.arms)
+    given = []
+    for attr, (flag, keyword) in _COLUMN_FLAGS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if not value.strip():
+            raise ConfigError(f"{flag} needs a column name")
+        options[keyword] = value
+        given.append(flag)
+    if given and not uses_generic_loader(dataset):
+        raise ConfigError(f"{', '.join(given)}: only for a Parquet/CSV table or routerdc; {dataset!r} has fixed "
+                          "columns (--arms still selects its arms)")
+    return options
+
+
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", default="minilm",
                    help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a sentence-transformers folder")
@@ -67,10 +111,15 @@ def _add_eval_args(p: argparse.ArgumentParser, *, seeds: int, rounds: int) -> No
     p.add_argument("--k-per-category", type=int, default=5)
     p.add_argument("--held-out", default=None, help="category held out of the offline part (--split holdout)")
     p.add_argument("--split-seed", type=int, default=None, help="one fixed split for every seed (default: a split per seed)")
+    p.add_argument("--context", default="query", choices=("query", "constant"),
+                   help="constant: every query embedding replaced by one vector (ablation: is the router contextual?)")
+    p.add_argument("--cost-normaliser", default="shared", choices=("shared", "category_max"),
+                   help="costs in the weightings: the environment's normaliser (shared) or the old per-table max")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="POLICY.FIELD=VALUE",
                    help="policy hyperparameter, e.g. fgts_cdb.eta=0.5 (repeatable)")
     p.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_table_args(p)
     _add_data_args(p)
     _add_encoder_args(p)
 
@@ -96,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(d)
     d = dsub.add_parser("info", help="load a dataset and print its summary")
     d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
+    _add_table_args(d)
     _add_data_args(d)
 
     p = sub.add_parser("experiment", help="the paper's experiments")
@@ -229,7 +279,8 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
     from ray_router.data import load_dataset, resolve_data_dir
     from ray_router.embeddings import get_encoder
 
-    table = load_dataset(args.dataset, data_dir=resolve_data_dir(args.data_dir))
+    options = _table_options(args, args.dataset)
+    table = load_dataset(args.dataset, data_dir=resolve_data_dir(args.data_dir), **options)
     cache = args.cache_dir if args.cache_dir is not None else None
     encoder = get_encoder(args.encoder, cache_dir=cache, device=args.device)
     t0 = time.perf_counter()
@@ -257,6 +308,8 @@ def _eval_config(args):
         held_out=args.held_out,
         split_seed=args.split_seed,
         weighting=args.weighting,
+        context=args.context,
+        cost_normaliser=args.cost_normaliser,
         policy_configs=parse_overrides(args.overrides),
     )
 
@@ -276,7 +329,7 @@ def cmd_evaluate(args) -> int:
     result = evaluate(table, X, cfg, encoder=encoder_label, progress=progress, workers=args.workers, on_seed=on_seed)
     paths = write_outputs(result, args.out, title=f"{table.name}: cumulative regret, mean and 95% CI")
     print(format_table(result.records))
-    print(f"\nwrote {paths['summary']}, {paths['curves']}, {paths['plot']}")
+    print(f"\nwrote {paths['summary']}, {paths['curves']}, {paths['plot']}, {paths['served_plot']}")
     return 0
 
 
@@ -305,7 +358,7 @@ def cmd_data(args) -> int:
         for path in download_dataset(args.name, dest):
             print(path)
         return 0
-    table = load_dataset(args.name, data_dir=resolve_data_dir(args.data_dir))
+    table = load_dataset(args.name, data_dir=resolve_data_dir(args.data_dir), **_table_options(args, args.name))
     print(json.dumps(table.describe(), indent=2))
     return 0
 

@@ -11,6 +11,13 @@ from ray_router.policies.base import Duel
 from tests.bandits import replay
 
 
+def paper_cfg(**kw):
+    """The paper's FGTS.CDB (these tests check its maths); the offline extension is tested elsewhere."""
+    from ray_router.policies.fgts_cdb import preset
+
+    return preset("paper", **kw)
+
+
 def _duels(rng, n, d, K):
     X = rng.normal(size=(n, d))
     first, second = rng.integers(0, K, n), rng.integers(0, K, n)
@@ -39,7 +46,7 @@ def test_feature_map_ops_match_the_materialised_features(fmap):
 def test_potential_gradient_matches_finite_differences(fmap, clip):
     rng = np.random.default_rng(1)
     d, K, n = 6, 4, 25
-    policy = FGTSCDB(FGTSConfig(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8,
+    policy = FGTSCDB(paper_cfg(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8,
                                 compute_dtype="float64", embedding_scale=1.0),
                      rng.normal(size=(K, d)), seed=0)
     batch = _duels(rng, n, d, K)
@@ -57,7 +64,7 @@ def test_potential_gradient_matches_finite_differences(fmap, clip):
 
 def test_minibatch_gradient_is_rescaled_by_n_over_b():
     rng = np.random.default_rng(2)
-    policy = FGTSCDB(FGTSConfig(mu=0.0, feature_map="hadamard", compute_dtype="float64"), rng.normal(size=(3, 4)),
+    policy = FGTSCDB(paper_cfg(mu=0.0, feature_map="hadamard", compute_dtype="float64"), rng.normal(size=(3, 4)),
                      seed=0)
     X, f, s, y, m = _duels(rng, 10, 4, 3)
     theta = np.zeros((2, 4))
@@ -77,7 +84,7 @@ def test_sgld_without_noise_converges_to_the_map_of_a_logistic_problem(precondit
     X, f, s, y, _ = _duels(rng, n, d, K)
     D = X * (A[f] - A[s])  # φ(x, a¹) − φ(x, a²)
     lipschitz = np.linalg.eigvalsh(D.T @ D / 4).max() + 1 / 1.5**2
-    cfg = FGTSConfig(eta=1.0, mu=0.0, prior_sigma=1.5, langevin_noise=0.0, step_size=1.0 / lipschitz,
+    cfg = paper_cfg(eta=1.0, mu=0.0, prior_sigma=1.5, langevin_noise=0.0, step_size=1.0 / lipschitz,
                      n_steps=5000, batch_size=1000, feature_map="hadamard", preconditioner=preconditioner,
                      compute_dtype="float64", embedding_scale=1.0)
     policy = FGTSCDB(cfg, A, seed=0)
@@ -104,9 +111,9 @@ def test_float32_and_float64_sgld_gradients_agree():
     A = rng.normal(size=(5, 16))
     batch = _duels(rng, 40, 16, 5)
     theta = rng.normal(size=(2, 21))
-    g32 = FGTSCDB(FGTSConfig(compute_dtype="float32"), A, seed=0).potential_grad(
+    g32 = FGTSCDB(paper_cfg(compute_dtype="float32"), A, seed=0).potential_grad(
         theta, batch[0].astype(np.float32), *batch[1:])
-    g64 = FGTSCDB(FGTSConfig(compute_dtype="float64"), A, seed=0).potential_grad(theta, *batch)
+    g64 = FGTSCDB(paper_cfg(compute_dtype="float64"), A, seed=0).potential_grad(theta, *batch)
     np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-4)
 
 
@@ -121,7 +128,7 @@ def test_regret_on_a_synthetic_linear_dueling_bandit_is_sublinear_and_beats_unif
 
 def test_distinct_arms_never_duels_an_arm_with_itself():
     rng = np.random.default_rng(4)
-    policy = FGTSCDB(FGTSConfig(distinct_arms=True, n_steps=2), rng.normal(size=(5, 3)), seed=0)
+    policy = FGTSCDB(paper_cfg(distinct_arms=True, n_steps=2), rng.normal(size=(5, 3)), seed=0)
     for _ in range(200):
         x = rng.normal(size=3)
         duel = policy.select(x)
@@ -132,7 +139,7 @@ def test_distinct_arms_never_duels_an_arm_with_itself():
 
 def test_bounded_history_keeps_the_most_recent_duels():
     rng = np.random.default_rng(5)
-    policy = FGTSCDB(FGTSConfig(max_history=40, n_steps=1), rng.normal(size=(3, 3)), seed=0)
+    policy = FGTSCDB(paper_cfg(max_history=40, n_steps=1), rng.normal(size=(3, 3)), seed=0)
     xs = rng.normal(size=(100, 3))
     for x in xs:
         policy.update(x, Duel(0, 1), 1.0)
@@ -141,7 +148,7 @@ def test_bounded_history_keeps_the_most_recent_duels():
 
 
 def test_sqrt_step_decay_shrinks_with_history():
-    policy = FGTSCDB(FGTSConfig(step_decay="sqrt", step_size=1e-2), np.eye(3), seed=0)
+    policy = FGTSCDB(paper_cfg(step_decay="sqrt", step_size=1e-2), np.eye(3), seed=0)
     assert policy.step_size() == pytest.approx(1e-2)
     for _ in range(100):
         policy.update(np.ones(3), Duel(0, 1), 0.0)
@@ -156,7 +163,7 @@ def test_sqrt_step_decay_shrinks_with_history():
 ])
 def test_invalid_config_is_rejected_with_the_field_named(field, value):
     with pytest.raises(ConfigError, match=field.split("_")[0]):
-        FGTSConfig(**{field: value})
+        paper_cfg(**{field: value})
 
 
 def test_unknown_config_field_and_policy_are_config_errors():
@@ -167,7 +174,7 @@ def test_unknown_config_field_and_policy_are_config_errors():
 
 
 def test_bad_inputs_to_the_policy_are_config_errors():
-    policy = FGTSCDB(FGTSConfig(), np.eye(3), seed=0)
+    policy = FGTSCDB(paper_cfg(), np.eye(3), seed=0)
     with pytest.raises(ConfigError, match="dim"):
         policy.select(np.ones(4))
     with pytest.raises(ConfigError, match="NaN"):

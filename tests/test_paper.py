@@ -7,7 +7,7 @@ import pytest
 
 from ray_router.data.mixinstruct import write_mixinstruct_fixture
 from ray_router.embeddings.ccft import CCFTConfig
-from ray_router.evaluation.paper import BASELINES, WEIGHTINGS, PaperConfig, run_paper
+from ray_router.evaluation.paper import BASELINES, ROUTERS, THIN_POLICIES, WEIGHTINGS, PaperConfig, run_paper
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -16,25 +16,38 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     data = write_mixinstruct_fixture(tmp_path / "test_data_prepared.jsonl", n=48, seed=3)
     cfg = PaperConfig(dataset=str(data), n_seeds=2, n_rounds=30, lambda_grid=(0.0, 1.0), workers=1,
                       ccft=CCFTConfig(queries_per_category=4, epochs=1, max_seq_length=32, batch_size=8),
-                      fgts={"n_steps": 3})
+                      fgts={"n_steps": 3}, k_per_category=2)
     result = run_paper(cfg, tmp_path / "out", cache_dir=tmp_path / "cache")
     recs = json.loads(result.paths["summary"].read_text())
     main = [r for r in recs if r["section"] == "main"]
-    fgts = {(r["encoder"], r["weighting"]) for r in main if r["policy"] == "fgts_cdb"}
-    assert fgts == {(e, w) for e in ("base", "ccft") for w in WEIGHTINGS}
-    assert {r["policy"] for r in main} == {"fgts_cdb", *BASELINES}
+    for router in ROUTERS:  # the shipped default and the paper's configuration, side by side
+        fgts = {(r["encoder"], r["weighting"]) for r in main if r["policy"] == router}
+        assert fgts == {(e, w) for e in ("base", "ccft") for w in WEIGHTINGS}
+    assert {r["policy"] for r in main} == {*ROUTERS, *BASELINES}
     for r in recs:
-        assert r["encoder"] in ("base", "ccft") and r["weighting"] in WEIGHTINGS
+        assert r["encoder"] in ("base", "ccft", "constant") and r["weighting"] in WEIGHTINGS
         assert r["n_seeds"] == 2 and len(r["cum_regret_ci95"]) == 2 and "split" in r and "aiq" in r
+        assert len(r["served_regret_per_seed"]) == 2 and len(r["served_regret_ci95"]) == 2
         assert r["aiq"] is None  # MixInstruct has no costs
+    # every comparison is also paired against the best single arm and the static offline router
+    fg_main = next(r for r in main if r["policy"] == "fgts_cdb")
+    assert {"best_fixed", "offline_static"} <= set(fg_main["paired"])
+    best = next(r for r in main if r["policy"] == "best_fixed")
+    assert best["served_regret_per_seed"] == best["cum_regret_per_seed"]  # it serves what it duels
+    thin = [r for r in recs if r["section"] == "thin"]
+    assert {r["policy"] for r in thin} == set(THIN_POLICIES)
+    assert all(r["split"] == "k_per_category" for r in thin)
+    ablation = [r for r in recs if r["section"] == "ablation"]
+    assert ablation and all(r["context"] == "constant" for r in ablation)
     unseen = [r for r in recs if r["section"] == "unseen"]
     assert unseen and all(r["split"].startswith("holdout:") for r in unseen)
     assert {r["encoder"] for r in unseen if r["policy"] == "fgts_cdb"} == {"base", "ccft"}
     assert any(r["real_label_share"] > 0 for r in recs)  # cmp_results judged some duels
     report = result.report
-    for heading in ("## Main grid", "CCFT vs general-purpose", "Category separation", "Unseen category",
-                    "Perf–cost view", "AIQ: not applicable"):
+    for heading in ("## Verdict", "## Main grid", "CCFT vs general-purpose", "Category separation", "Unseen category",
+                    "Thin offline split", "Constant-context ablation", "Reachability", "Perf–cost view",
+                    "AIQ: not applicable"):
         assert heading in report
-    for key in ("main_plot", "unseen_plot", "cost_plot"):
+    for key in ("main_plot", "served_plot", "unseen_plot", "thin_plot", "cost_plot"):
         assert result.paths[key].stat().st_size > 5000
     assert len(list((tmp_path / "out" / "artifacts").glob("ccft-*/ray_router_artifact.json"))) == 2  # main + held-out

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ray_router.policies import PolicyEnv, make_policy, policy_names
+from ray_router.policies import PolicyEnv, get_entry, make_policy, policy_names
 from ray_router.policies.base import Duel
 from ray_router.policies.snapshot import load_snapshot, save_snapshot
 
@@ -13,7 +13,9 @@ K, D = 6, 8
 def _env(rng):
     A = rng.normal(size=(K, D))
     A /= np.linalg.norm(A, axis=1, keepdims=True)
-    offline = {"X": rng.normal(size=(40, D)), "scores": rng.random((40, K)), "costs": rng.random((40, K))}
+    scores = rng.random((40, K))
+    offline = {"X": rng.normal(size=(40, D)), "scores": scores, "costs": rng.random((40, K)), "utilities": scores,
+               "categories": np.array(["a", "b", "c", "d"] * 10)}
     return PolicyEnv(n_arms=K, arm_embeddings=A, hindsight_utility=rng.random(K), offline=offline)
 
 
@@ -31,13 +33,14 @@ def _play(policy, contexts, outcomes, arms=None):
     return duels
 
 
-@pytest.fixture(params=policy_names())
+@pytest.fixture(params=[n for n in policy_names() if get_entry(n).reference is None])  # routers, not hindsight references
 def name(request):
     return request.param
 
 
 def test_registry_holds_the_core_policies():
-    assert {"fgts_cdb", "uniform", "best_fixed"} <= set(policy_names())
+    assert {"fgts_cdb", "fgts_cdb_paper", "offline_static", "uniform", "best_fixed"} <= set(policy_names())
+    assert {"best_per_category", "oracle"} <= {n for n in policy_names() if get_entry(n).reference is not None}
 
 
 def test_only_offered_arms_are_chosen(name):

@@ -5,7 +5,7 @@ optionally, one ``<arm>|total_cost`` column per arm (RouterBench's naming) and a
 
 **Which columns are arms** (first rule that applies):
 
-1. ``arms=[...]`` given explicitly;
+1. ``arms=[...]`` given explicitly (``--arms a,b,c`` on the command line);
 2. a summary JSON with a ``"models"`` list: ``summary=`` or, if present, the sibling file
    ``<stem>.summary.json`` (RouterDC's and the RouterBench subset's layout);
 3. every column ``X`` that has a matching ``X|total_cost`` column, in file order.
@@ -179,18 +179,35 @@ class RawTable:
     meta: dict = field(default_factory=dict)
 
 
+# How a caller names each column: (command-line flag, load_generic keyword).
+COLUMN_OPTIONS = {"text": ("--text-column", "text_col"), "category": ("--category-column", "category_col"),
+                  "id": ("--id-column", "id_col")}
+_MAX_LISTED_COLUMNS = 60
+
+
+def available_columns(df: pd.DataFrame) -> str:
+    """``columns: ['a', 'b', ...]`` for error messages (long lists are cut, with a count)."""
+    cols = [str(c) for c in df.columns]
+    if len(cols) > _MAX_LISTED_COLUMNS:
+        return f"columns: {cols[:_MAX_LISTED_COLUMNS]} and {len(cols) - _MAX_LISTED_COLUMNS} more"
+    return f"columns: {cols}"
+
+
 def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
                 required: bool = True) -> str | None:
     """An explicitly named column (must exist) or the first default present."""
     if explicit is not None:
         if explicit not in df.columns:
-            raise DataError(f"{path}: missing {what} column {explicit!r}")
+            raise DataError(f"{path}: missing {what} column {explicit!r}; available {available_columns(df)}")
         return explicit
     for name in defaults:
         if name in df.columns:
             return name
     if required:
-        raise DataError(f"{path}: no {what} column found (tried {list(defaults)}); name it explicitly")
+        flag, keyword = COLUMN_OPTIONS.get(what, ("", ""))
+        how = f"pass {flag} NAME (Python: {keyword}=...)" if flag else "name it explicitly"
+        raise DataError(f"{path}: no {what} column found (tried {list(defaults)}); {how}; "
+                        f"available {available_columns(df)}")
     return None
 
 
@@ -222,7 +239,7 @@ def string_column(df: pd.DataFrame, column: str, path: Path, strict: bool) -> li
 
 def detect_arms(df: pd.DataFrame, path: Path, arms: Sequence[str] | None, summary: str | Path | None) -> list[str]:
     """Apply the module's arm-detection rule and check every arm is a column."""
-    source = "arms="
+    source = "arms=/--arms"
     if arms is None and summary is not None:
         arms, source = read_summary_models(Path(summary)), f"summary {summary}"
         if arms is None:
@@ -234,17 +251,19 @@ def detect_arms(df: pd.DataFrame, path: Path, arms: Sequence[str] | None, summar
         source = f"'<arm>{COST_SUFFIX}' columns"
         if not arms:
             raise DataError(
-                f"{path}: cannot tell which columns are arms: pass arms=[...], add a summary JSON with "
-                f"'models', or give each arm column a '<arm>{COST_SUFFIX}' column"
+                f"{path}: cannot tell which columns are arms: pass --arms a,b,c (Python: arms=[...]), "
+                f"or add {sibling_summary(path).name} with a \"models\" list, or name cost columns "
+                f"'<arm>{COST_SUFFIX}'; available {available_columns(df)}"
             )
     arms = [str(a) for a in arms]
     if not arms:
         raise DataError(f"{path}: no arms (from {source})")
     if len(set(arms)) != len(arms):
         raise DataError(f"{path}: duplicate arms in {arms}")
-    for arm in arms:
-        if arm not in df.columns:
-            raise DataError(f"{path}: unknown arm {arm!r} (from {source}): no column {arm!r}")
+    unknown = [arm for arm in arms if arm not in df.columns]
+    if unknown:
+        what = f"unknown arm {unknown[0]!r}" if len(unknown) == 1 else f"unknown arms {unknown}"
+        raise DataError(f"{path}: {what} (from {source}): no such column; available {available_columns(df)}")
     return arms
 
 

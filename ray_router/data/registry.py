@@ -24,6 +24,15 @@ ROUTERBENCH_FILES = {
 }
 ROUTERDC_FILE = "routerdc_7model_in_distribution.parquet"
 ROUTERDC_COLUMNS = {"text_col": "question", "category_col": "task", "id_col": "row_id"}
+GENERIC_SUFFIXES = (".parquet", ".csv")  # files that load_generic reads
+
+
+def uses_generic_loader(name_or_path: str | Path) -> bool:
+    """Whether :func:`load_dataset` reads this dataset with :func:`load_generic`, so that the column
+    options ``text_col``, ``category_col`` and ``id_col`` apply (``routerdc`` and ``.parquet``/``.csv``)."""
+    if isinstance(name_or_path, str) and name_or_path in DATASET_NAMES:
+        return name_or_path == "routerdc"
+    return Path(name_or_path).suffix.lower() in GENERIC_SUFFIXES
 
 
 def resolve_data_dir(arg: str | Path | None = None) -> Path:
@@ -89,7 +98,7 @@ def _load_path(path: Path, **options: Any) -> RoutingTable:
         return _call(load_routerbench, path, **options)
     if suffix in (".jsonl", ".json"):
         return _call(load_mixinstruct, path, **options)
-    if suffix in (".parquet", ".csv"):
+    if suffix in GENERIC_SUFFIXES:
         return _call(load_generic, path, **options)
     raise ConfigError(f"{path}: unsupported file type {suffix!r} (use .parquet, .csv, .pkl or .jsonl)")
 

@@ -20,11 +20,15 @@ import numpy as np
 
 from ray_router.data.table import RoutingTable
 from ray_router.errors import ConfigError
-from ray_router.evaluation.replay import ReplayResult, ReplayStream, run_replay, run_replay_lanes
+from ray_router.evaluation.replay import ReplayResult, ReplayStream, reference_result, run_replay, run_replay_lanes
 from ray_router.evaluation.stats import mean_ci95
 from ray_router.policies.base import PolicyEnv, get_entry, make_policy
 
 SPLITS = ("stratified", "k_per_category", "holdout")
+COST_NORMALISERS = ("shared", "category_max")
+CONTEXTS = ("query", "constant")
+# Reference lines every comparison is made against (paired per-seed differences), when they ran.
+PAIRED_REFERENCES = ("best_fixed", "best_per_category", "offline_static", "knn", "colstim", "uniform")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class EvalConfig:
     weighting_beta: float = 10.0
     weighting_tau: int = 3
     weighting_cost_weight: float | None = None  # λ inside the weighting; None = cost_weight
+    # "shared": the weightings divide costs by the environment's normaliser (one scale everywhere);
+    # "category_max": by the largest category-mean cost of the offline rows (the code before issue 10)
+    cost_normaliser: str = "shared"
+    context: str = "query"  # "constant": every query embedding replaced by one vector (the ablation)
     policy_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,15 +78,17 @@ class EvalConfig:
             raise ConfigError("offline_fraction must be in (0, 1)")
         if not self.kappa > 0:
             raise ConfigError("kappa must be > 0 (inf = noiseless judge)")
+        if self.cost_normaliser not in COST_NORMALISERS:
+            raise ConfigError(f"cost_normaliser must be one of {COST_NORMALISERS}, got {self.cost_normaliser!r}")
+        if self.context not in CONTEXTS:
+            raise ConfigError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
     @property
     def seeds(self) -> list[int]:
         return [self.base_seed + i for i in range(self.n_seeds)]
 
     def policy_config(self, name: str) -> Any:
-        from ray_router.policies.base import config_from_dict
-
-        return config_from_dict(get_entry(name).config_cls, self.policy_configs.get(name))
+        return get_entry(name).config(self.policy_configs.get(name))
 
 
 @dataclass
@@ -116,7 +126,8 @@ def arm_embeddings_for(table: RoutingTable, X: np.ndarray, offline: np.ndarray, 
     offline_cats = table.categories[offline]
     names = tuple(dict.fromkeys(str(c) for c in offline_cats))
     P, C = category_stats(table, offline, names)
-    return model_embeddings(X[offline], offline_cats, P, normalise_costs(C), wcfg, category_names=names)
+    C = normalise_costs(C) if cfg.cost_normaliser == "category_max" else C / table.cost_normaliser()
+    return model_embeddings(X[offline], offline_cats, P, C, wcfg, category_names=names)
 
 
 def make_stream(
@@ -134,6 +145,7 @@ def make_stream(
         costs=sub.costs if sub.costs is not None else np.zeros_like(sub.scores),
         order=order,
         pairwise=pairwise,
+        categories=np.asarray(sub.categories),
     )
 
 
@@ -147,6 +159,9 @@ def prepare_seed(table: RoutingTable, X: np.ndarray, cfg: EvalConfig, seed: int)
     """The split, model embeddings, policy environment and online stream of one seed."""
     split_seed, order_rng = _seed_streams(seed)
     split = make_split(table, cfg, split_seed if cfg.split_seed is None else cfg.split_seed)
+    if cfg.context == "constant":  # the ablation: one vector for every query, offline and online
+        v = np.asarray(X[split.offline], dtype=np.float64).mean(axis=0)
+        X = np.broadcast_to(v / max(float(np.linalg.norm(v)), 1e-12), np.shape(X))
     needs_emb = any(get_entry(p).needs_embeddings for p in cfg.policies)
     A = arm_embeddings_for(table, X, split.offline, cfg) if needs_emb else None
     stream = make_stream(table, X, split.online, cfg, order_rng)
@@ -223,6 +238,12 @@ def run_grid(
             jobs.setdefault((name, repr(cfg.policy_config(name)), cfg.n_rounds), []).append(i)
     for (name, _, _), idxs in jobs.items():
         entry = get_entry(name)
+        if entry.reference is not None:  # hindsight reference: computed from the stream, not replayed
+            for i in idxs:
+                for seed in seeds:
+                    stream = prepared[(i, seed)][1]
+                    outs[i][(name, seed)] = reference_result(entry.reference(stream), stream)
+            continue
         pcfg = cfgs[idxs[0]].policy_config(name)
         seeded = {seed: _policy_seeds(name, seed) for seed in seeds}
         pairs = [(i, seed) for seed in seeds for i in idxs]  # seed-major: one seed's configurations together
@@ -355,7 +376,9 @@ def summarise(
         seeds = [s for (p, s) in runs if p == name]
         results = [runs[(name, s)] for s in seeds]
         final = np.array([r.cum_regret[-1] for r in results])
+        served_final = np.array([r.cum_served_regret[-1] for r in results])
         mean, lo, hi = mean_ci95(final)
+        smean, slo, shi = mean_ci95(served_final)
         pcfg = cfg.policy_config(name)
         entry = get_entry(name)
         records.append({
@@ -370,6 +393,12 @@ def summarise(
             "cum_regret_ci95": [float(lo), float(hi)],
             "cum_regret_per_seed": [float(v) for v in final],
             "mean_regret_per_round": float(mean / cfg.n_rounds),
+            "served_regret_mean": float(smean),
+            "served_regret_ci95": [float(slo), float(shi)],
+            "served_regret_per_seed": [float(v) for v in served_final],
+            "served_regret_per_round": float(smean / cfg.n_rounds),
+            "self_duel_share": float(np.mean([r.self_duel_share for r in results])),
+            "context": cfg.context,
             "served_score_mean": float(np.mean([r.served_score.mean() for r in results])),
             "served_cost_mean_usd": float(np.mean([r.served_cost.mean() for r in results])),
             "cost_weight": cfg.cost_weight,
@@ -379,7 +408,32 @@ def summarise(
             "replay_seconds": float(sum(r.seconds for r in results)),
             "policy_config": _jsonable(dataclasses.asdict(pcfg)),
         })
+    add_paired(records)
     return records
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Mean per-seed difference a − b with its 95% t-interval (common random numbers: same seeds)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    m, lo, hi = mean_ci95(d)
+    verdict = "below" if hi < 0 else ("above" if lo > 0 else "no significant difference")
+    return {"mean": float(m), "ci95": [float(lo), float(hi)], "verdict": verdict}
+
+
+def add_paired(records: list[dict], references: Sequence[str] = PAIRED_REFERENCES) -> None:
+    """Add ``paired[ref] = {"served": ..., "dueling": ...}`` to every record: its per-seed cumulative
+    regret minus the reference's (same dataset, split, λ and seeds), for every reference that ran."""
+    by_policy = {r["policy"]: r for r in records}
+    for r in records:
+        r["paired"] = {}
+        for ref in references:
+            other = by_policy.get(ref)
+            if other is None or other is r or len(other["cum_regret_per_seed"]) != len(r["cum_regret_per_seed"]):
+                continue
+            r["paired"][ref] = {
+                "served": paired_difference(r["served_regret_per_seed"], other["served_regret_per_seed"]),
+                "dueling": paired_difference(r["cum_regret_per_seed"], other["cum_regret_per_seed"]),
+            }
 
 
 def _jsonable(d: dict) -> dict:
@@ -402,6 +456,9 @@ def curves_frame(runs: Mapping[tuple[str, int], ReplayResult]):
             "outcome": r.outcome,
             "regret": r.regret,
             "cum_regret": r.cum_regret,
+            "served": r.served,
+            "served_regret": r.served_regret,
+            "cum_served_regret": r.cum_served_regret,
             "served_score": r.served_score,
             "served_cost": r.served_cost,
         }))
@@ -410,17 +467,26 @@ def curves_frame(runs: Mapping[tuple[str, int], ReplayResult]):
 
 # ---------------------------------------------------------------------------- outputs
 def format_table(records: Sequence[dict]) -> str:
-    """Plain-text table: one line per record, cumulative regret mean and 95% CI."""
-    head = f"{'dataset':<12} {'policy':<12} {'encoder':<8} {'weighting':<16} {'seeds':>5} {'T':>6}  " \
-           f"{'cum. regret (mean [95% CI])':<30} {'served score':>12}"
+    """Plain-text table: one line per record; dueling and served cumulative regret, mean [95% CI]."""
+    head = f"{'dataset':<12} {'policy':<17} {'encoder':<8} {'weighting':<16} {'seeds':>5} {'T':>6}  " \
+           f"{'dueling regret [95% CI]':<26} {'served regret [95% CI]':<26} {'served score':>12}"
     lines = [head, "-" * len(head)]
     for r in records:
         lo, hi = r["cum_regret_ci95"]
+        slo, shi = r["served_regret_ci95"]
         ci = f"{r['cum_regret_mean']:.1f} [{lo:.1f}, {hi:.1f}]"
+        sci = f"{r['served_regret_mean']:.1f} [{slo:.1f}, {shi:.1f}]"
         lines.append(
-            f"{r['dataset']:<12} {r['policy']:<12} {r['encoder']:<8} {r['weighting']:<16} {r['n_seeds']:>5} "
-            f"{r['n_rounds']:>6}  {ci:<30} {r['served_score_mean']:>12.3f}"
+            f"{r['dataset']:<12} {r['policy']:<17} {r['encoder']:<8} {r['weighting']:<16} {r['n_seeds']:>5} "
+            f"{r['n_rounds']:>6}  {ci:<26} {sci:<26} {r['served_score_mean']:>12.3f}"
         )
+    paired = [(r, ref, v) for r in records for ref, v in r.get("paired", {}).items()
+              if ref in ("best_fixed", "offline_static") and r["policy"] not in PAIRED_REFERENCES]
+    if paired:
+        lines += ["", "paired per-seed differences of served regret (policy − reference), mean [95% CI]:"]
+        for r, ref, v in paired:
+            m, (lo, hi) = v["served"]["mean"], v["served"]["ci95"]
+            lines.append(f"  {r['policy']:<17} − {ref:<15} {m:+8.1f} [{lo:+.1f}, {hi:+.1f}]  {v['served']['verdict']}")
     return "\n".join(lines)
 
 
@@ -429,8 +495,11 @@ def write_outputs(result: EvalResult, out_dir: str | Path, title: str = "") -> d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "curves": out / "curves.parquet", "plot": out / "regret.png"}
+    paths = {"summary": out / "summary.json", "curves": out / "curves.parquet", "plot": out / "regret.png",
+             "served_plot": out / "served_regret.png"}
     paths["summary"].write_text(json.dumps(result.records, indent=2) + "\n")
     result.curves.to_parquet(paths["curves"], index=False)
     plot_regret(result.curves, paths["plot"], title=title)
+    plot_regret(result.curves, paths["served_plot"], title=(title or "") + " (served arm)", column="cum_served_regret",
+                ylabel="cumulative served regret")
     return paths

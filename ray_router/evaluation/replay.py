@@ -24,6 +24,7 @@ class ReplayStream:
     costs: np.ndarray  # (n, K) USD (zeros when the data has none)
     order: np.ndarray  # (T,) row played at each round
     pairwise: dict | None = None  # {(row, a, b): y} real labels
+    categories: np.ndarray | None = None  # (n,) category of each online row (for hindsight references)
 
     @property
     def hindsight_utility(self) -> np.ndarray:
@@ -38,15 +39,41 @@ class ReplayResult:
     second: np.ndarray
     outcome: np.ndarray
     regret: np.ndarray
-    served_score: np.ndarray  # quality of the arm a router would serve (the first arm)
+    served_score: np.ndarray  # quality of the arm a router serves in mode single (policy.best)
     served_cost: np.ndarray
     n_real_labels: int
     seconds: float
     sgld_seconds: float = 0.0  # time the policy spent in its posterior sampler (FGTS.CDB: SGLD)
+    served: np.ndarray | None = None  # (T,) the arm mode single would serve: policy.best(x) before the update
+    served_regret: np.ndarray | None = None  # (T,) r(q, k*) − r(q, served)
 
     @property
     def cum_regret(self) -> np.ndarray:
         return np.cumsum(self.regret)
+
+    @property
+    def cum_served_regret(self) -> np.ndarray:
+        return np.cumsum(self.served_regret)
+
+    @property
+    def self_duel_share(self) -> float:
+        """Share of rounds whose two arms were the same (a duel that teaches nothing)."""
+        return float(np.mean(self.first == self.second)) if len(self.first) else 0.0
+
+
+def _served_regret(utilities: np.ndarray, rows: np.ndarray, served: np.ndarray) -> np.ndarray:
+    U = utilities[rows]
+    return U.max(axis=1) - U[np.arange(len(rows)), served]
+
+
+def reference_result(arms: np.ndarray, stream: ReplayStream) -> ReplayResult:
+    """The result of always playing (and serving) ``arms[t]`` in round t: a hindsight reference."""
+    rows = stream.order.astype(np.int64)
+    arms = np.asarray(arms, dtype=np.int64)
+    regret = _served_regret(stream.utilities, rows, arms)
+    return ReplayResult(rows=rows, first=arms, second=arms, outcome=np.full(len(rows), 0.5), regret=regret,
+                        served_score=stream.scores[rows, arms], served_cost=stream.costs[rows, arms],
+                        n_real_labels=0, seconds=0.0, served=arms, served_regret=regret.copy())
 
 
 def run_replay(
@@ -76,11 +103,13 @@ def run_replay(
     second = np.empty(T, dtype=np.int64)
     outcome = np.empty(T)
     regret = np.empty(T)
+    served = np.empty(T, dtype=np.int64)
     t0 = time.perf_counter()
     for t in tqdm(range(T), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         row = int(stream.order[t])
         x = stream.contexts[row]
         duel = policy.select(x)
+        served[t] = policy.best(x)
         y = env.feedback(row, duel, rng)
         policy.update(x, duel, y)
         first[t], second[t], outcome[t] = duel.first, duel.second, y
@@ -96,11 +125,13 @@ def run_replay(
         second=second,
         outcome=outcome,
         regret=regret,
-        served_score=stream.scores[rows, first],
-        served_cost=stream.costs[rows, first],
+        served_score=stream.scores[rows, served],
+        served_cost=stream.costs[rows, served],
         n_real_labels=env.n_real_labels,
         seconds=time.perf_counter() - t0,
         sgld_seconds=float(getattr(policy, "sgld_seconds", 0.0)),
+        served=served,
+        served_regret=_served_regret(stream.utilities, rows, served),
     )
 
 
@@ -134,11 +165,13 @@ def run_replay_lanes(
     second = np.empty((L, T), dtype=np.int64)
     outcome = np.empty((L, T))
     regret = np.empty((L, T))
+    served = np.empty((L, T), dtype=np.int64)
     y = np.empty(L)
     t0 = time.perf_counter()
     for t in tqdm(range(T), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         X = np.stack([s.contexts[order[l, t]] for l, s in enumerate(streams)])
         f, s2 = lanes.select(X)
+        served[:, t] = lanes.best(X) if hasattr(lanes, "best") else f
         for l in range(L):
             duel = Duel(int(f[l]), int(s2[l]))
             row = int(order[l, t])
@@ -155,11 +188,13 @@ def run_replay_lanes(
             second=second[l],
             outcome=outcome[l],
             regret=regret[l],
-            served_score=s.scores[order[l], first[l]],
-            served_cost=s.costs[order[l], first[l]],
+            served_score=s.scores[order[l], served[l]],
+            served_cost=s.costs[order[l], served[l]],
             n_real_labels=envs[l].n_real_labels,
             seconds=seconds,
             sgld_seconds=sgld,
+            served=served[l],
+            served_regret=_served_regret(s.utilities, order[l], served[l]),
         )
         for l, s in enumerate(streams)
     ]

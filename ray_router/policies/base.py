@@ -133,16 +133,28 @@ class PolicyEntry:
     # (``select(X) -> (first, second)``, ``update(X, first, second, y)``), or None when this config
     # cannot run as lanes. The replay evaluator uses it to vectorise seeds (evaluation/replay.py).
     lanes: Callable[[Any, Sequence[PolicyEnv], Sequence[int]], Any] | None = None
+    # field values that differ from the config class's defaults (a named preset, e.g. fgts_cdb_paper)
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # hindsight references (best per-category arm, per-query oracle) are not routers: the evaluator
+    # computes their arms from the whole stream, ``reference(stream) -> (T,) arm per round``
+    reference: Callable[[Any], np.ndarray] | None = None
+
+    def config(self, values: Mapping[str, Any] | None = None) -> Any:
+        """The config of this entry: its defaults, then ``values`` (unknown fields rejected)."""
+        return config_from_dict(self.config_cls, {**self.defaults, **dict(values or {})})
 
 
 _REGISTRY: dict[str, PolicyEntry] = {}
 
 
-def register_policy(name: str, config_cls: type, *, description: str = "", needs_embeddings: bool = True):
-    """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``."""
+def register_policy(name: str, config_cls: type, *, description: str = "", needs_embeddings: bool = True,
+                    defaults: Mapping[str, Any] | None = None):
+    """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``; ``defaults``
+    override the config class's field defaults for this name (a preset)."""
 
     def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
-        _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings)
+        _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings,
+                                      defaults=dict(defaults or {}))
         return factory
 
     return deco
@@ -175,7 +187,7 @@ def make_policy(name: str, env: PolicyEnv, seed: int = 0, config: Any = None) ->
     """Build a registered policy. ``config`` may be the config dataclass, a mapping of its fields, or None."""
     entry = get_entry(name)
     if config is None or isinstance(config, Mapping):
-        config = config_from_dict(entry.config_cls, config)
+        config = entry.config(config)
     elif not isinstance(config, entry.config_cls):
         raise ConfigError(f"policy {name!r} takes a {entry.config_cls.__name__}, got {type(config).__name__}")
     if entry.needs_embeddings and env.arm_embeddings is None:

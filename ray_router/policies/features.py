@@ -169,3 +169,109 @@ def make_feature_map(name: str, arm_embeddings: np.ndarray, dtype: str | np.dtyp
     except KeyError:
         raise ConfigError(f"unknown feature map {name!r}; choose one of {list(FEATURE_MAPS)}") from None
     return cls(arm_embeddings, dtype)
+
+
+class OfflineAugmented(FeatureMap):
+    """φ⁺(x, a_k) = [φ_base(x, a_k) ; û_k(x) ; π(x) ⊗ e_k ; z(x) ⊗ e_k] (ALGORITHM.md s.5, our extension).
+
+    The policy extends each query embedding once, when it arrives, to the context
+    ``[x (d) | û(x) (K) | π(x) (M) | z(x) (r)]`` (:class:`~ray_router.policies.offline_prior.OfflinePrior`),
+    so the history stores extended rows and this map only reads columns. Coordinates of θ:
+    ``[base (p0) | w (1) | arm bias (K, optional) | correction (M·K, category-major) | query (r·K, rank-major)]``:
+
+    - ``w``: the weight of the offline utility estimate û_k(x) (its prior mean is the fitted slope);
+    - the arm bias e_k: a per-arm term shared by all categories (pools the duels of every category);
+    - the correction block π(x) ⊗ e_k: one coordinate per (category, arm), a per-arm term that can
+      differ by category (Σ_m π_m = 1, so it contains a per-arm bias);
+    - the query block z(x) ⊗ e_k: a per-arm linear term on the query's top-r principal coordinates.
+    """
+
+    name = "offline_augmented"
+
+    def __init__(self, base: FeatureMap, n_categories: int, rank: int = 0, correction: bool = True,
+                 arm_bias: bool = False):
+        self.base = base
+        self.A = base.A
+        self.n_arms, self.x_dim = base.n_arms, base.context_dim
+        self.M, self.r, self.correction = int(n_categories), int(rank), bool(correction)
+        self.arm_bias = bool(arm_bias)
+        self.context_dim = self.x_dim + self.n_arms + self.M + self.r
+        self.p0 = base.dim
+        self.i_w = self.p0
+        self.i_b = self.p0 + 1  # the pooled per-arm term e_k (when arm_bias)
+        self.i_c = self.i_b + (self.n_arms if self.arm_bias else 0)
+        self.i_q = self.i_c + (self.M * self.n_arms if self.correction else 0)
+
+    @property
+    def dim(self) -> int:
+        return self.i_q + self.r * self.n_arms
+
+    # column views of extended contexts
+    def _cols(self, X):
+        d, K, M = self.x_dim, self.n_arms, self.M
+        return X[..., :d], X[..., d : d + K], X[..., d + K : d + K + M], X[..., d + K + M :]
+
+    @staticmethod
+    def _lane_axes(V, theta_ndim, X_ndim):
+        """Per-row quantity V (G, n, ·) of lanes' contexts broadcast against (G, [W,] C, n, ·)."""
+        if X_ndim == 3 and theta_ndim >= 3:
+            return V.reshape(V.shape[:1] + (1,) * (theta_ndim - 2) + V.shape[1:])
+        return V
+
+    def scores(self, theta, X):
+        x, u, pi, z = self._cols(X)
+        S = self.base.scores(theta[..., : self.p0], x)
+        K = self.n_arms
+        S = S + theta[..., self.i_w][..., None, None] * self._lane_axes(u, theta.ndim, X.ndim)
+        if self.arm_bias:
+            S = S + theta[..., None, self.i_b : self.i_c]
+        if self.correction:
+            Tc = theta[..., self.i_c : self.i_q].reshape(theta.shape[:-1] + (self.M, K))
+            S = S + self._lane_axes(pi, theta.ndim, X.ndim) @ Tc
+        if self.r:
+            Tq = theta[..., self.i_q :].reshape(theta.shape[:-1] + (self.r, K))
+            S = S + self._lane_axes(z, theta.ndim, X.ndim) @ Tq
+        return S
+
+    def weighted_grad(self, W, X):
+        x, u, pi, z = self._cols(X)
+        parts = [self.base.weighted_grad(W, x)]
+        ub = self._lane_axes(u, W.ndim - 1, X.ndim)
+        parts.append((W * ub).sum(axis=(-2, -1))[..., None])
+        if self.arm_bias:
+            parts.append(W.sum(axis=-2))
+        if self.correction:
+            pib = self._lane_axes(pi, W.ndim - 1, X.ndim)
+            parts.append((np.swapaxes(pib, -1, -2) @ W).reshape(W.shape[:-2] + (-1,)))
+        if self.r:
+            zb = self._lane_axes(z, W.ndim - 1, X.ndim)
+            parts.append((np.swapaxes(zb, -1, -2) @ W).reshape(W.shape[:-2] + (-1,)))
+        return np.concatenate([np.broadcast_to(p, parts[0].shape[:-1] + p.shape[-1:]) for p in parts], axis=-1)
+
+    def features(self, X):
+        x, u, pi, z = self._cols(X)
+        n, K = X.shape[0], self.n_arms
+        eye = np.eye(K)
+        parts = [self.base.features(x), u[:, :, None]]
+        if self.arm_bias:
+            parts.append(np.broadcast_to(eye, (n, K, K)))
+        if self.correction:
+            parts.append((pi[:, None, :, None] * eye[None, :, None, :]).reshape(n, K, self.M * K))
+        if self.r:
+            parts.append((z[:, None, :, None] * eye[None, :, None, :]).reshape(n, K, self.r * K))
+        return np.concatenate(parts, axis=2)
+
+    def pair_features(self, X, first, second):
+        x, u, pi, z = self._cols(X)
+        eye = np.eye(self.n_arms)
+        E = eye[first] - eye[second]  # (..., K)
+        base = self.base.pair_features(x, first, second)
+        parts = [base, (u * E).sum(axis=-1, keepdims=True)]
+        if self.arm_bias:
+            parts.append(E)
+        if self.correction:
+            parts.append((pi[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+        if self.r:
+            parts.append((z[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+        shape = np.broadcast_shapes(*[p.shape[:-1] for p in parts])
+        return np.concatenate([np.broadcast_to(p, shape + p.shape[-1:]) for p in parts], axis=-1)

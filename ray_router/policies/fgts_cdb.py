@@ -51,7 +51,8 @@ from ray_router.policies.base import (
     rng_from_state,
     rng_state,
 )
-from ray_router.policies.features import FEATURE_MAPS, FeatureMap, make_feature_map
+from ray_router.policies.features import FEATURE_MAPS, FeatureMap, OfflineAugmented, make_feature_map
+from ray_router.policies.offline_prior import OfflinePrior, fit_offline_prior
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,25 @@ class FGTSConfig:
     step_decay: str = "constant"  # "constant": δ = δ0; "sqrt": δ = δ0 / sqrt(max(1, n_seen))
     preconditioner: str = "diag_fisher"  # "none" or "diag_fisher" (**our choice**, see SGLD notes)
     langevin_noise: float = 1.0  # scale of the sqrt(2δ)ξ term; 0 turns SGLD into gradient descent
-    feature_map: str = "hadamard_bias"  # one of FEATURE_MAPS (why not plain hadamard: docs/ALGORITHM_NOTES.md)
+    feature_map: str = "hadamard"  # one of FEATURE_MAPS; the offline correction block is the per-arm term (notes)
     distinct_arms: bool = False  # True: the second arm is θ²'s best arm other than the first
     exploit_ema: float = 0.1  # weight of each refresh in the running mean used by best()
     max_history: int = 0  # 0 keeps every duel; N keeps the most recent N (bounded memory for serving)
     compute_dtype: str = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
     embedding_scale: float | None = 1.0  # a_k is multiplied by this in φ; None = sqrt(d) (see notes)
+    # --- offline-informed extension (ALGORITHM.md s.5, **our extension**; "none" = the paper's prior)
+    offline_prior: str = "category"  # "none": N(0, σ0² I); "category": prior feature û_k(x) and correction block
+    prior_weight: float | None = None  # prior mean w0 of û's coefficient (logit scale); None = fitted slope
+    prior_weight_sigma: float = 1.0  # prior sd of û's coefficient
+    pi_temperature: float | None = None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
+    correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
+    arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
+    correction_scale: float = 3.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
+    query_rank: int = 8  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
+    query_prior_sigma: float = 0.1  # prior sd of that block
+    feel_good_schedule: str = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
+    arm_selection: str = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
+    #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +107,20 @@ class FGTSConfig:
             (self.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
             (0 < self.exploit_ema <= 1, "exploit_ema must be in (0, 1]"),
             (isinstance(self.max_history, int) and self.max_history >= 0, "max_history must be an int >= 0"),
+            (self.offline_prior in OFFLINE_PRIORS, f"offline_prior must be one of {OFFLINE_PRIORS}"),
+            (self.prior_weight is None or (isinstance(self.prior_weight, (int, float)) and math.isfinite(self.prior_weight)),
+             "prior_weight must be None (fitted) or a finite number"),
+            (self.prior_weight_sigma > 0 and math.isfinite(self.prior_weight_sigma), "prior_weight_sigma must be finite and > 0"),
+            (self.pi_temperature is None or (self.pi_temperature > 0 and math.isfinite(self.pi_temperature)),
+             "pi_temperature must be None (fitted) or finite and > 0"),
+            (isinstance(self.correction, bool), "correction must be true or false"),
+            (isinstance(self.arm_bias, bool), "arm_bias must be true or false"),
+            (self.correction_scale > 0 and math.isfinite(self.correction_scale), "correction_scale must be finite and > 0"),
+            (isinstance(self.query_rank, int) and not isinstance(self.query_rank, bool) and 0 <= self.query_rank <= 256,
+             "query_rank must be an int in [0, 256]"),
+            (self.query_prior_sigma > 0 and math.isfinite(self.query_prior_sigma), "query_prior_sigma must be finite and > 0"),
+            (self.feel_good_schedule in FEEL_GOOD_SCHEDULES, f"feel_good_schedule must be one of {FEEL_GOOD_SCHEDULES}"),
+            (self.arm_selection in ARM_SELECTIONS, f"arm_selection must be one of {ARM_SELECTIONS}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -100,6 +128,24 @@ class FGTSConfig:
 
 
 PRECONDITIONERS = ("none", "diag_fisher")
+OFFLINE_PRIORS = ("none", "category")
+FEEL_GOOD_SCHEDULES = ("constant", "inv_sqrt")
+ARM_SELECTIONS = ("thompson", "exploit_first")
+
+# Named configurations. ``paper``: the routing paper's FGTS.CDB as ALGORITHM.md s.2 fixes it, with
+# the per-arm term of ``hadamard_bias`` (plain ``hadamard`` cannot express that one arm is better,
+# docs/ALGORITHM_NOTES.md): zero-mean prior, no offline feature, both arms Thompson draws, μ per duel.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(offline_prior="none", arm_selection="thompson", feel_good_schedule="constant",
+                  feature_map="hadamard_bias", distinct_arms=False, query_rank=0),
+}
+
+
+def preset(name: str, **overrides: Any) -> "FGTSConfig":
+    """``FGTSConfig`` of the named preset (:data:`PRESETS`) with ``overrides``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown FGTS.CDB preset {name!r}; presets: {sorted(PRESETS)}")
+    return FGTSConfig(**{**PRESETS[name], **overrides})
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -112,7 +158,8 @@ def _log_sigmoid(z: np.ndarray) -> np.ndarray:
 
 def lanes_potential_grad(
     fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray,
-    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0,
+    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: "Prior | None" = None,
+    mu: float | None = None,
 ) -> np.ndarray:
     """∇U_j for independent lanes, each over its own batch of duels.
 
@@ -121,7 +168,10 @@ def lanes_potential_grad(
     (G, [W,] B, K) of the offered arms, or None when every arm was offered. ``scale`` = n / B (a
     scalar: every lane has seen as many duels). Chain c is sampler ``j = 1 + (c % 2)``: even chains
     compare the best offered arm with the *second* played arm, odd chains with the first.
+    ``prior``: the Gaussian prior's (mean, precision), each broadcastable to ``theta`` (None = N(0, σ0² I));
+    ``mu``: the feel-good weight per duel (None = ``c.mu``; the ``inv_sqrt`` schedule passes μ/√n).
     """
+    mu = c.mu if mu is None else mu
     lead, C = theta.shape[:-2], theta.shape[-2]
     B, K = y.shape[-1], fmap.n_arms
     S = fmap.scores(theta.astype(fmap.A.dtype, copy=False), X)  # (*lead, C, B, K)
@@ -130,20 +180,36 @@ def lanes_potential_grad(
     i1, i2 = base + first[..., None, :], base + second[..., None, :]
     g = c.eta * (_sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
     idx, w = [i1, i2], [g, -g]
-    if c.mu > 0:
+    if mu > 0:
         io = np.where((np.arange(C) % 2 == 0)[:, None], i2, i1)  # the other sampler's arm
         istar = base + (S if mask is None else np.where(mask[..., None, :, :], S, -np.inf)).argmax(axis=-1)
-        active = (Sf[istar] - Sf[io] < c.feel_good_clip) * c.mu
+        active = (Sf[istar] - Sf[io] < c.feel_good_clip) * mu
         idx += [istar, io]
         w += [-active, active]
     W = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=S.size)
     W = W.reshape(S.shape).astype(fmap.A.dtype, copy=False)
-    return scale * fmap.weighted_grad(W, X) + theta / c.prior_sigma**2
+    return scale * fmap.weighted_grad(W, X) + prior_grad(c, theta, prior)
+
+
+Prior = tuple  # (mean, precision) of the Gaussian prior, arrays broadcastable to θ
+
+
+def prior_grad(c: FGTSConfig, theta: np.ndarray, prior: Prior | None) -> np.ndarray:
+    """∇ of −log p0(θ): θ/σ0² for the paper's N(0, σ0² I), else (θ − m)·precision."""
+    if prior is None:
+        return theta / c.prior_sigma**2
+    mean, prec = prior
+    return (theta - mean) * prec
+
+
+def feel_good_weight(c: FGTSConfig, n: int) -> float:
+    """μ per duel at history size n: constant, or μ/√n (``feel_good_schedule="inv_sqrt"``)."""
+    return c.mu / math.sqrt(max(1, n)) if c.feel_good_schedule == "inv_sqrt" else c.mu
 
 
 def sgld_lanes(
     fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, history: tuple[np.ndarray, ...], n: int, delta: float,
-    G: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int,
+    G: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int, prior: Prior | None = None,
 ) -> np.ndarray:
     """Advance every lane's chains ``n_steps`` SGLD steps; returns the new θ, shaped like ``theta``.
 
@@ -154,7 +220,8 @@ def sgld_lanes(
     n ≤ ``batch_size`` the gradient is exact; beyond that each step uses one minibatch per group
     (uniform, with replacement, shared by its members and chains) rescaled by n/B. A group draws all
     of a refresh's minibatch rows, then all its noise, so each member's chains are exactly those of
-    a lone :class:`FGTSCDB` seeded like the group's generator.
+    a lone :class:`FGTSCDB` seeded like the group's generator. ``prior``: (mean, precision) shaped
+    (G, [W,] 1, p), or None for the paper's N(0, σ0² I).
     """
     X, first, second, y, mask = history
     if mask is not None and mask[..., :n, :].all():
@@ -180,7 +247,7 @@ def sgld_lanes(
     start = theta
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging chain is handled below
         theta = _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi,
-                            Xf if minibatch else None, flat if minibatch else None)
+                            Xf if minibatch else None, flat if minibatch else None, prior)
     bad = ~np.isfinite(theta).all(axis=-1, keepdims=True)
     if bad.any():
         # A chain that diverged (step size too large for this history) keeps its previous sample:
@@ -190,20 +257,21 @@ def sgld_lanes(
     return theta
 
 
-def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi, Xf, flat):
+def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi, Xf, flat, prior):
     """The SGLD loop of :func:`sgld_lanes`; ``Xf``/``flat`` (flat contexts, rows per step) or None
     for the exact gradient."""
     B = c.batch_size
+    mu = feel_good_weight(c, n)
     for t in range(n_steps):
         if n == 0:
-            grad = theta / c.prior_sigma**2
+            grad = prior_grad(c, theta, prior)
         elif Xf is None:
             grad = lanes_potential_grad(fmap, c, theta, X[:, :n], first[..., :n], second[..., :n], y[..., :n],
-                                        None if mask is None else mask[..., :n, :])
+                                        None if mask is None else mask[..., :n, :], prior=prior, mu=mu)
         else:
             b = slice(t * B, (t + 1) * B)
             grad = lanes_potential_grad(fmap, c, theta, np.take(Xf, flat[:, t], axis=0), first[..., b], second[..., b],
-                                        y[..., b], None if mask is None else mask[..., b, :], n / B)
+                                        y[..., b], None if mask is None else mask[..., b, :], n / B, prior=prior, mu=mu)
         theta = theta - step * grad
         if xi is not None:
             theta = theta + noise_sd * xi[..., t, :, :]
@@ -266,33 +334,116 @@ class DuelHistory:
             self._grow(16)
 
 
+def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tuple[OfflinePrior | None, str]:
+    """The offline prior a configuration asks for, from ``PolicyEnv.offline``, and a one-line note.
+
+    ``offline`` may carry a fitted ``"prior"`` (an :class:`OfflinePrior` or its dict, e.g. an
+    operator's per-category profile) or the offline rows (``X``, ``utilities``, ``categories``), from
+    which one is fitted. Without either, the extension is off and the note says why."""
+    if config.offline_prior == "none":
+        return None, "offline prior: none (the paper's N(0, σ0² I))"
+    offline = offline or {}
+    given = offline.get("prior")
+    if given is not None:
+        prior = given if isinstance(given, OfflinePrior) else OfflinePrior.from_dict(given)
+        return prior, f"offline prior: given ({prior.n_categories} categories)"
+    if not all(k in offline for k in ("X", "utilities", "categories")):
+        return None, "offline prior: OFF, no offline rows or profile were given (the paper's prior is used)"
+    prior = fit_offline_prior(offline["X"], offline["utilities"], offline["categories"],
+                              temperature=config.pi_temperature, rank=config.query_rank)
+    return prior, (f"offline prior: fitted on {len(offline['X'])} offline rows, {prior.n_categories} categories, "
+                   f"τ = {prior.temperature:.3g}, slope w0 = {prior.slope:.3g}")
+
+
+def build_feature_map(config: FGTSConfig, A: np.ndarray, n_categories: int | None = None, rank: int = 0) -> FeatureMap:
+    """φ of ``config`` over arm embeddings A ((K, d) or lanes'), extended by the offline blocks when
+    ``n_categories`` is given (:class:`~ray_router.policies.features.OfflineAugmented`)."""
+    scale = config.embedding_scale or math.sqrt(A.shape[-1])
+    base = make_feature_map(config.feature_map, A * scale, config.compute_dtype)
+    if n_categories is None:
+        return base
+    return OfflineAugmented(base, n_categories, rank, config.correction, config.arm_bias)
+
+
+def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: OfflinePrior | None) -> Prior | None:
+    """(mean (p,), precision (p,)) of the Gaussian prior over θ; None = the paper's N(0, σ0² I).
+
+    Base coordinates keep N(0, σ0²); û's coefficient w ~ N(w0, prior_weight_sigma²); the correction
+    (m, k) ~ N(0, (correction_scale·w0·se_mk)²), tight where Ū_mk rests on many offline rows; the
+    query block ~ N(0, query_prior_sigma²)."""
+    if prior is None:
+        return None
+    assert isinstance(fmap, OfflineAugmented)
+    c = config
+    p = fmap.dim
+    mean = np.zeros(p)
+    sd = np.full(p, c.prior_sigma)
+    w0 = prior.slope if c.prior_weight is None else float(c.prior_weight)
+    mean[fmap.i_w] = w0
+    sd[fmap.i_w] = c.prior_weight_sigma
+    scale = c.correction_scale * max(abs(w0), 0.1)
+    if fmap.arm_bias:
+        arm_se = prior.arm_stderr if prior.arm_stderr is not None else prior.stderr.mean(axis=0)
+        sd[fmap.i_b : fmap.i_c] = np.maximum(scale * arm_se, 1e-3)
+    if fmap.correction:
+        sd[fmap.i_c : fmap.i_q] = np.maximum(scale * prior.stderr, 1e-3).reshape(-1)
+    if fmap.r:
+        sd[fmap.i_q :] = c.query_prior_sigma
+    return mean, 1.0 / sd**2
+
+
+def extend_contexts(prior: OfflinePrior | None, X: np.ndarray) -> np.ndarray:
+    """Rows of X (n, d) extended to [x | û(x) | π(x) | z(x)] (the offline blocks' contexts)."""
+    if prior is None:
+        return X
+    pi = prior.assignment(X)
+    return np.concatenate([X, pi @ prior.utility, pi, prior.projection(X)], axis=1)
+
+
 class FGTSCDB:
-    """FGTS.CDB with two SGLD chains (one per sampler). See the module docstring for the maths."""
+    """FGTS.CDB with two SGLD chains (one per sampler). See the module docstring for the maths.
+
+    ``offline``: ``PolicyEnv.offline`` (offline rows or a fitted prior) for the offline-informed
+    extension (``config.offline_prior``); ignored under the paper's prior."""
 
     name = "fgts_cdb"
 
-    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0):
+    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0,
+                 offline: Mapping[str, Any] | None = None):
         self.config = config
         self.arm_embeddings = np.array(arm_embeddings, dtype=np.float64)
-        self.fmap: FeatureMap = self._feature_map()
-        self.n_arms = self.fmap.n_arms
-        self.dim = self.fmap.dim
+        self.prior, self.prior_note = resolve_prior(config, offline)
+        self._setup()
         self.rng = np.random.default_rng(seed)
         self.history = DuelHistory(self.fmap.context_dim, self.n_arms, config.max_history, dtype=config.compute_dtype)
-        self.theta = self.rng.normal(0.0, config.prior_sigma, size=(2, self.dim))
-        self.theta_mean = self.theta.mean(axis=0)
+        if self.moments is None:
+            self.theta = self.rng.normal(0.0, config.prior_sigma, size=(2, self.dim))
+            self.theta_mean = np.zeros(self.dim)
+        else:
+            mean, prec = self.moments
+            self.theta = mean + self.rng.standard_normal((2, self.dim)) / np.sqrt(prec)
+            self.theta_mean = mean.copy()
         self._delta_sq = np.zeros(self.dim)  # Σ_s Δ_s² over the history, for the preconditioner
         self.n_updates = 0  # duels learned from (also counts ones dropped from a bounded history)
         self.n_refreshes = 0
         self.refreshed_at = 0  # n_updates at the last refresh
         self.sgld_seconds = 0.0  # time spent in SGLD (for benchmarks)
 
-    def _feature_map(self) -> FeatureMap:
+    def _setup(self) -> None:
         A = self.arm_embeddings
         if A.ndim != 2:
             raise ConfigError(f"arm embeddings must be a (K, d) array, got shape {A.shape}")
-        scale = self.config.embedding_scale or math.sqrt(A.shape[1])
-        return make_feature_map(self.config.feature_map, A * scale, self.config.compute_dtype)
+        pr = self.prior
+        if pr is not None and (pr.n_arms != A.shape[0] or pr.dim != A.shape[1]):
+            raise ConfigError(f"offline prior is over {pr.n_arms} arms in dim {pr.dim}; arm embeddings are {A.shape}")
+        self.fmap: FeatureMap = build_feature_map(self.config, A, None if pr is None else pr.n_categories,
+                                                  0 if pr is None else pr.rank)
+        self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
+        self.x_dim = int(A.shape[1])
+        self.moments = prior_moments(self.config, self.fmap, pr)
+
+    def _prior_lanes(self) -> Prior | None:
+        return None if self.moments is None else (self.moments[0][None, None], self.moments[1][None, None])
 
     # ------------------------------------------------------------------ maths
     def step_size(self) -> float:
@@ -306,7 +457,8 @@ class FGTSCDB:
         c = self.config
         if c.preconditioner == "none":
             return np.ones(self.dim)
-        return 1.0 / (0.25 * c.eta * self._delta_sq + 1.0 / c.prior_sigma**2)
+        prec = 1.0 / c.prior_sigma**2 if self.moments is None else self.moments[1]
+        return 1.0 / (0.25 * c.eta * self._delta_sq + prec)
 
     def _pair_sq(self, X: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Σ_s Δ_s² (p,) for duels (first_s, second_s) on contexts X (n, d)."""
@@ -323,7 +475,8 @@ class FGTSCDB:
         the *second* played arm, odd chains with the first. ``scale`` = n / B rescales a minibatch.
         """
         return lanes_potential_grad(self.fmap, self.config, theta[None], X[None], first[None], second[None],
-                                    y[None], mask[None], scale)[0]
+                                    y[None], mask[None], scale, prior=self._prior_lanes(),
+                                    mu=feel_good_weight(self.config, self.history.n))[0]
 
     def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int) -> float:
         """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis. For tests."""
@@ -335,7 +488,11 @@ class FGTSCDB:
         other = second if sampler == 1 else first
         best = np.where(mask, S, -np.inf).max(axis=1)
         fg = np.minimum(c.feel_good_clip, best - S[rows, other])
-        return float(c.eta * loss.sum() - c.mu * fg.sum() + theta @ theta / (2 * c.prior_sigma**2))
+        if self.moments is None:
+            log_prior = theta @ theta / (2 * c.prior_sigma**2)
+        else:
+            log_prior = float(((theta - self.moments[0]) ** 2 * self.moments[1]).sum() / 2)
+        return float(c.eta * loss.sum() - feel_good_weight(c, self.history.n) * fg.sum() + log_prior)
 
     def refresh(self, n_steps: int | None = None) -> None:
         """Advance both SGLD chains ``n_steps`` from their current state (warm start).
@@ -349,6 +506,7 @@ class FGTSCDB:
         theta = sgld_lanes(
             self.fmap, c, self.theta[None], (h.X[None], h.first[None], h.second[None], h.y[None], h.mask[None]),
             n, self.step_size(), self.preconditioner()[None], [self.rng], c.n_steps if n_steps is None else n_steps,
+            self._prior_lanes(),
         )[0]
         self.theta = theta
         rho = c.exploit_ema
@@ -359,12 +517,13 @@ class FGTSCDB:
 
     # --------------------------------------------------------------- protocol
     def _context(self, context: np.ndarray) -> np.ndarray:
+        """The query embedding (d,), checked, extended by the offline blocks' columns when on."""
         x = np.asarray(context, dtype=np.float64).reshape(-1)
-        if x.shape[0] != self.fmap.context_dim:
-            raise ConfigError(f"context has dim {x.shape[0]}, expected {self.fmap.context_dim}")
+        if x.shape[0] != self.x_dim:
+            raise ConfigError(f"context has dim {x.shape[0]}, expected {self.x_dim}")
         if not np.isfinite(x).all():
             raise ConfigError("context contains NaN or inf")
-        return x
+        return extend_contexts(self.prior, x[None])[0]
 
     def arm_scores(self, context: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
         """<θ, φ(x, a_k)> for each chain, (2, K), or for a given θ of shape (..., p) -> (..., K)."""
@@ -372,6 +531,8 @@ class FGTSCDB:
         th = self.theta if theta is None else np.asarray(theta, dtype=np.float64)
         if th.ndim == 2:  # the lanes' code path with one lane, so a lane decides exactly like a policy
             return self.fmap.scores(th[None], x[None, None, :])[0, :, 0, :]
+        if th.ndim == 1:  # one θ (the posterior mean): the lanes' path too
+            return self.fmap.scores(th[None, None], x[None, None, :])[0, 0, 0, :]
         return self.fmap.scores(th, x[None, :])[..., 0, :]
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None, resample: bool = True) -> Duel:
@@ -380,7 +541,10 @@ class FGTSCDB:
         if resample:
             self.refresh()
         S = np.where(mask, self.arm_scores(context), -np.inf)  # (2, K)
-        first = int(S[0].argmax())
+        if self.config.arm_selection == "exploit_first":
+            first = self.best(context, arms)
+        else:
+            first = int(S[0].argmax())
         second = int(S[1].argmax())
         if self.config.distinct_arms and second == first and mask.sum() > 1:
             s2 = S[1].copy()
@@ -425,6 +589,8 @@ class FGTSCDB:
                 "refreshed_at": self.refreshed_at,
             },
             "rng": rng_state(self.rng),
+            "offline_prior": None if self.prior is None else self.prior.to_dict(),
+            "prior_note": self.prior_note,
         }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
@@ -432,8 +598,10 @@ class FGTSCDB:
             raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
         self.config = FGTSConfig(**snapshot["config"])
         self.arm_embeddings = np.array(snapshot["arm_embeddings"], dtype=np.float64)
-        self.fmap = self._feature_map()
-        self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
+        prior = snapshot.get("offline_prior")
+        self.prior = None if prior is None else OfflinePrior.from_dict(prior)
+        self.prior_note = str(snapshot.get("prior_note", ""))
+        self._setup()
         self.history = DuelHistory(self.fmap.context_dim, self.n_arms, self.config.max_history,
                                    dtype=self.config.compute_dtype)
         self.history.load(snapshot["history"])
@@ -449,7 +617,13 @@ class FGTSCDB:
 
 @register_policy("fgts_cdb", FGTSConfig, description="FGTS.CDB with an SGLD posterior sampler (the paper's method)")
 def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
-    return FGTSCDB(config, env.arm_embeddings, seed=seed)
+    return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
+
+
+@register_policy("fgts_cdb_paper", FGTSConfig, defaults=PRESETS["paper"],
+                 description="FGTS.CDB exactly as the paper (preset 'paper': zero-mean prior, both arms Thompson draws)")
+def _make_fgts_paper(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
+    return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
 
 
 class FGTSCDBLanes:
@@ -471,7 +645,8 @@ class FGTSCDBLanes:
 
     name = "fgts_cdb"
 
-    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seeds: Sequence[int], group_size: int = 1):
+    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seeds: Sequence[int], group_size: int = 1,
+                 priors: Sequence[OfflinePrior | None] | None = None):
         A = np.asarray(arm_embeddings, dtype=np.float64)
         L, W = len(seeds), int(group_size)
         if A.ndim != 3 or A.shape[0] != L or L < 1:
@@ -483,16 +658,40 @@ class FGTSCDBLanes:
             raise ConfigError("the lanes of one group must share their seed")
         if config.max_history:
             raise ConfigError("FGTSCDBLanes keeps every duel: max_history must be 0")
+        priors = list(priors) if priors is not None else [None] * L
+        if len(priors) != L:
+            raise ConfigError(f"lanes need one offline prior (or None) per lane, got {len(priors)} for {L}")
+        if any(p is None for p in priors) and any(p is not None for p in priors):
+            raise ConfigError("lanes need an offline prior for every lane or for none")
+        pr0 = priors[0]
+        if pr0 is not None and any((p.n_categories, p.rank) != (pr0.n_categories, pr0.rank) for p in priors):
+            raise ConfigError("the lanes' offline priors must share their number of categories and rank")
+        for g in range(L // W):
+            if pr0 is not None and not all(priors[g * W].same_as(priors[g * W + w]) for w in range(1, W)):
+                raise ConfigError("the lanes of one group must share their offline prior")
         self.config = config
         self.n_lanes, self.group_size, self.n_groups = L, W, L // W
-        scale = config.embedding_scale or math.sqrt(A.shape[2])
-        self.fmap: FeatureMap = make_feature_map(
-            config.feature_map, (A * scale).reshape((self.n_groups, W) + A.shape[1:]), config.compute_dtype)
+        self.priors = priors
+        self.fmap: FeatureMap = build_feature_map(
+            config, A.reshape((self.n_groups, W) + A.shape[1:]),
+            None if pr0 is None else pr0.n_categories, 0 if pr0 is None else pr0.rank)
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
+        self.x_dim = int(A.shape[2])
         self.rngs = [np.random.default_rng(int(g[0])) for g in groups]  # one per group
-        theta0 = np.stack([r.normal(0.0, config.prior_sigma, size=(2, self.dim)) for r in self.rngs])
+        if pr0 is None:
+            self.prior = None
+            theta0 = np.stack([r.normal(0.0, config.prior_sigma, size=(2, self.dim)) for r in self.rngs])
+            mean0 = np.zeros((self.n_groups, self.dim))
+        else:
+            moments = [prior_moments(config, self.fmap, priors[g * W]) for g in range(self.n_groups)]
+            mean0 = np.stack([m[0] for m in moments])
+            prec = np.stack([m[1] for m in moments])
+            theta0 = np.stack([m + r.standard_normal((2, self.dim)) / np.sqrt(q)[None]
+                               for r, m, q in zip(self.rngs, mean0, prec)])
+            # (mean, precision) per lane, shaped (G, W, 1, p) to broadcast over the chains
+            self.prior = (np.repeat(mean0[:, None, None], W, axis=1), np.repeat(prec[:, None, None], W, axis=1))
         self.theta = np.repeat(theta0[:, None], W, axis=1)  # (G, W, 2, p)
-        self.theta_mean = self.theta.mean(axis=2)
+        self.theta_mean = np.repeat(mean0[:, None], W, axis=1)  # (G, W, p)
         cap, dtype = 256, np.dtype(config.compute_dtype)
         self._X = np.empty((self.n_groups, cap, self.fmap.context_dim), dtype=dtype)  # shared by a group
         self._duels = {
@@ -503,6 +702,7 @@ class FGTSCDBLanes:
         self.n = 0
         self._delta_sq = np.zeros((self.n_groups, W, self.dim))
         self.sgld_seconds = 0.0
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (raw X, extended X per group) of this round
 
     def step_size(self) -> float:
         c = self.config
@@ -513,33 +713,51 @@ class FGTSCDBLanes:
         c = self.config
         if c.preconditioner == "none":
             return np.ones_like(self._delta_sq)
-        return 1.0 / (0.25 * c.eta * self._delta_sq + 1.0 / c.prior_sigma**2)
+        prec = 1.0 / c.prior_sigma**2 if self.prior is None else self.prior[1][:, :, 0]
+        return 1.0 / (0.25 * c.eta * self._delta_sq + prec)
 
     def refresh(self) -> None:
         t0 = time.perf_counter()
         c, h = self.config, self._duels
         self.theta = sgld_lanes(self.fmap, c, self.theta, (self._X, h["first"], h["second"], h["y"], None),
-                                self.n, self.step_size(), self.preconditioner(), self.rngs, c.n_steps)
+                                self.n, self.step_size(), self.preconditioner(), self.rngs, c.n_steps, self.prior)
         rho = c.exploit_ema
         self.theta_mean = (1 - rho) * self.theta_mean + rho * self.theta.mean(axis=2)
         self.sgld_seconds += time.perf_counter() - t0
 
     def _contexts(self, X: np.ndarray) -> np.ndarray:
-        """(L, d) per-lane contexts -> (G, d), checking that a group's lanes got the same one."""
+        """(L, d) per-lane query embeddings -> (G, d_ext) contexts (extended by each group's offline
+        prior), checking that a group's lanes got the same one."""
         X = np.asarray(X, dtype=np.float64)
-        if X.shape != (self.n_lanes, self.fmap.context_dim):
-            raise ConfigError(f"contexts must be ({self.n_lanes}, {self.fmap.context_dim}), got {X.shape}")
+        if self._last is not None and self._last[0].shape == X.shape and np.array_equal(self._last[0], X):
+            return self._last[1]  # select() and update() of one round see the same X
+        if X.shape != (self.n_lanes, self.x_dim):
+            raise ConfigError(f"contexts must be ({self.n_lanes}, {self.x_dim}), got {X.shape}")
         Xg = X.reshape(self.n_groups, self.group_size, -1)
         if self.group_size > 1 and not (Xg == Xg[:, :1]).all():
             raise ConfigError("the lanes of one group must see the same context in every round")
-        return Xg[:, 0]
+        Xg = Xg[:, 0]
+        if self.prior is not None:
+            W = self.group_size
+            Xg = np.concatenate([extend_contexts(self.priors[g * W], Xg[g : g + 1]) for g in range(self.n_groups)])
+        self._last = (X.copy(), Xg)
+        return Xg
+
+    def best(self, X: np.ndarray) -> np.ndarray:
+        """Each lane's exploit arm under its posterior-mean estimate: (L,)."""
+        Xg = self._contexts(X)
+        S = self.fmap.scores(self.theta_mean[:, :, None, :], Xg[:, None, :])[..., 0, 0, :]
+        return S.reshape(self.n_lanes, self.n_arms).argmax(axis=1)
 
     def select(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Refresh every lane's two samples and play each one's best arm: (first (L,), second (L,))."""
         Xg = self._contexts(X)
         self.refresh()
         S = self.fmap.scores(self.theta, Xg[:, None, :])[..., 0, :].reshape(self.n_lanes, 2, self.n_arms)
-        first = S[:, 0].argmax(axis=1)
+        if self.config.arm_selection == "exploit_first":
+            first = self.best(X)
+        else:
+            first = S[:, 0].argmax(axis=1)
         second = S[:, 1].argmax(axis=1)
         if self.config.distinct_arms and self.n_arms > 1:
             same = second == first
@@ -583,9 +801,18 @@ def _grown(arr: np.ndarray, n: int, axis: int) -> np.ndarray:
     return new
 
 
+@register_lanes("fgts_cdb_paper")
 @register_lanes("fgts_cdb")
 def _make_fgts_lanes(config: FGTSConfig, envs: Sequence[PolicyEnv], seeds: Sequence[int],
                      group_size: int = 1) -> FGTSCDBLanes | None:
     if config.max_history:
         return None  # lanes keep every duel
-    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], group_size)
+    resolved = [resolve_prior(config, e.offline)[0] for e in envs]
+    if any(p is None for p in resolved) and any(p is not None for p in resolved):
+        return None
+    W = int(group_size)
+    if resolved[0] is not None and W > 1 and not all(
+            resolved[g].same_as(resolved[g + w]) for g in range(0, len(resolved), W) for w in range(1, W)):
+        W = 1  # members of a seed differ in their offline prior (e.g. a λ grid): ungrouped lanes
+    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], W,
+                        priors=resolved)

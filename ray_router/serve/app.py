@@ -369,7 +369,8 @@ class Ingress:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(self.service["upstream_timeout_s"], connect=10.0))
         from ray_router.serve.state import make_scorer
 
-        self.view = SampleView(make_scorer(spec["arm_embeddings"], spec["policy_config"]), self.prices)
+        self.view = SampleView(make_scorer(spec["arm_embeddings"], spec["policy_config"], 0, spec.get("offline_prior")),
+                               self.prices)
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
@@ -672,6 +673,19 @@ def _embedder_resources(args: AppArgs) -> dict:
     return opts
 
 
+def policy_startup_line(table, config: dict) -> str:
+    """One line for the start-up log: the offline prior in use and any arm the config can never choose."""
+    from ray_router.policies.reachability import unreachable_arms
+    from ray_router.serve.state import make_scorer
+
+    scorer = make_scorer(table.embeddings, config, 0, table.offline_prior)
+    dead = unreachable_arms(scorer.config, table.embeddings, scorer.prior, arm_ids=table.ids)
+    reach = ("every arm reachable" if not dead else
+             f"WARNING: arms this config can never choose: {dead} (add a per-arm term: feature_map hadamard_bias "
+             "or the offline correction block)")
+    return f"{scorer.prior_note}; {reach}"
+
+
 def build_app(args: AppArgs) -> serve.Application:
     """Typed builder referenced by ``import_path: ray_router.serve.app:build_app``."""
     from ray_router.serve.arms import resolve_arm_table
@@ -694,6 +708,7 @@ def build_app(args: AppArgs) -> serve.Application:
         "snapshot_every_s": st.snapshot_every_s,
         "fsync": st.fsync,
         "lock_timeout_s": st.lock_timeout_s,
+        "offline_prior": table.offline_prior,
     }
     embedder = Embedder.options(ray_actor_options=_embedder_resources(args)).bind(
         args.encoder.model_dump(), table.encoder_identity, args.embedder.max_batch_size, args.embedder.batch_wait_timeout_s
@@ -703,6 +718,7 @@ def build_app(args: AppArgs) -> serve.Application:
         "arm_ids": table.ids,
         "arm_embeddings": table.embeddings,
         "policy_config": dict(args.policy.config),
+        "offline_prior": table.offline_prior,
         "prices": [float(p) for p in table.prices],
         "upstreams": list(table.upstreams),
         "state_dir": state_dir,
@@ -711,4 +727,5 @@ def build_app(args: AppArgs) -> serve.Application:
         "service": args.service.model_dump(),
     }
     logger.info(f"ray-router: {table.n_arms} arms, embeddings from {table.source}; state in {state_dir}")
+    logger.info(f"ray-router: {policy_startup_line(table, args.policy.config)}")
     return Ingress.bind(embedder, posterior, ingress_spec)

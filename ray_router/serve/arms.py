@@ -29,6 +29,7 @@ class ArmTable:
     encoder_identity: str
     source: str
     upstreams: tuple[dict | None, ...] = field(default=())
+    offline_prior: dict | None = None  # OfflinePrior.to_dict(): what the offline rows know (ALGORITHM.md s.5)
 
     @property
     def n_arms(self) -> int:
@@ -58,11 +59,31 @@ def encoder_identity(args: AppArgs) -> tuple[str, int]:
     return enc.identity, int(enc.dim)
 
 
-def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str]:
+PRIOR_KEYS = ("prior_centroids", "prior_utility", "prior_counts", "prior_categories")
+
+
+def _prior_from_npz(z, path: Path, ids: list[str], file_ids: list[str] | None) -> dict | None:
+    """An operator's per-category profile stored beside the embeddings (:func:`save_arm_embeddings`)."""
+    from ray_router.policies.offline_prior import OfflinePrior
+
+    present = [k for k in PRIOR_KEYS if k in z.files]
+    if not present:
+        return None
+    if len(present) != len(PRIOR_KEYS):
+        raise DataError(f"{path}: a per-category profile needs all of {list(PRIOR_KEYS)}; has {present}")
+    U = np.asarray(z["prior_utility"], dtype=np.float64)
+    if file_ids is not None:
+        U = U[:, [file_ids.index(a) for a in ids]]
+    prior = OfflinePrior.from_profile(z["prior_centroids"], U, z["prior_counts"], [str(c) for c in z["prior_categories"]])
+    return prior.to_dict()
+
+
+def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str, dict | None]:
     path = Path(args.arm_embeddings.file).expanduser()
     if not path.is_file():
         raise DataError(f"arm_embeddings.file: {path} does not exist (use an absolute path)")
     ids = list(args.arm_ids)
+    prior = None
     if path.suffix == ".npy":
         A = np.load(path, allow_pickle=False)
     else:
@@ -70,6 +91,8 @@ def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str]:
             if "embeddings" not in z.files:
                 raise DataError(f"{path}: an .npz of arm embeddings needs an 'embeddings' array; has {z.files}")
             A = z["embeddings"]
+            file_ids = [str(a) for a in z["arm_ids"]] if "arm_ids" in z.files else None
+            prior = _prior_from_npz(z, path, ids, file_ids)
             if "encoder_identity" in z.files:
                 found = str(z["encoder_identity"])
                 if found != identity:
@@ -83,10 +106,10 @@ def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str]:
     A = np.asarray(A, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != len(ids):
         raise DataError(f"{path}: expected a ({len(ids)}, d) array in arm-table order, got shape {A.shape}")
-    return A, str(path)
+    return A, str(path), prior
 
 
-def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str]:
+def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str, dict | None]:
     from ray_router.data import k_per_category, load_dataset, resolve_data_dir, stratified_split
     from ray_router.embeddings import WeightingConfig, category_stats, model_embeddings, normalise_costs
 
@@ -123,15 +146,19 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
     wcfg = WeightingConfig(name=w.name, cost_weight=w.cost_weight, top_tau=w.top_tau, beta=w.beta)
     A = model_embeddings(X, cats, P[cols], normalise_costs(C[cols]), wcfg, category_names=names)
     source = f"{table.name} ({table.source}): {len(offline)} offline rows, split {split.name}, weighting {w.name}"
-    return A, source
+    from ray_router.policies.offline_prior import fit_offline_prior
+
+    # quality only (λ = 0): the service applies each request's cost weight at ranking time
+    prior = fit_offline_prior(X, table.scores[offline][:, cols], cats).to_dict()
+    return A, source, prior
 
 
 def resolve_arm_table(args: AppArgs) -> ArmTable:
     identity, dim = encoder_identity(args)
     if args.arm_embeddings.file is not None:
-        A, source = _from_file(args, identity)
+        A, source, prior = _from_file(args, identity)
     else:
-        A, source = _from_dataset(args, args.arm_embeddings.from_dataset)
+        A, source, prior = _from_dataset(args, args.arm_embeddings.from_dataset)
     if A.shape[1] != dim:
         raise ConfigError(f"arm embeddings have dim {A.shape[1]}, the encoder {identity!r} gives {dim}")
     if not np.isfinite(A).all():
@@ -143,14 +170,22 @@ def resolve_arm_table(args: AppArgs) -> ArmTable:
         encoder_identity=identity,
         source=source,
         upstreams=tuple(None if a.upstream is None else a.upstream.model_dump() for a in args.arms),
+        offline_prior=prior,
     )
 
 
-def save_arm_embeddings(path: str | Path, arm_ids, embeddings: np.ndarray, encoder_identity: str | None = None) -> Path:
-    """Write an ``.npz`` that ``arm_embeddings.file`` reads (ids and identity are checked on load)."""
+def save_arm_embeddings(path: str | Path, arm_ids, embeddings: np.ndarray, encoder_identity: str | None = None,
+                        profile: dict | None = None) -> Path:
+    """Write an ``.npz`` that ``arm_embeddings.file`` reads (ids and identity are checked on load).
+
+    ``profile``: an operator's per-category prior for a pool no benchmark covers, ``{"centroids":
+    (M, d) mean embedding of a few example queries per category, "utility": (M, K) score per category
+    and arm, "counts": (M,) rows each score rests on, "categories": M names}``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"embeddings": np.asarray(embeddings, dtype=np.float64), "arm_ids": np.array([str(a) for a in arm_ids])}
+    if profile is not None:
+        arrays.update({f"prior_{k}": np.asarray(profile[k]) for k in ("centroids", "utility", "counts", "categories")})
     if encoder_identity:
         arrays["encoder_identity"] = np.array(encoder_identity)
     np.savez(path, **arrays)

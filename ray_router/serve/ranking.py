@@ -42,12 +42,14 @@ def _objective(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None) -> n
 
 
 def choose_duel(
-    S: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None, distinct: bool = True
+    S: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None, distinct: bool = True,
+    first: int | None = None,
 ) -> tuple[int, int]:
     """Arms of the two samplers: ``S`` (2, K) utilities of θ¹, θ²; ``penalty`` (K,) = λ·price_norm
-    or None; ``distinct``: the second arm is θ²'s best other than the first (when two are offered)."""
+    or None; ``distinct``: the second arm is θ²'s best other than the first (when two are offered);
+    ``first``: the first arm already chosen (``arm_selection: exploit_first``: the exploit arm)."""
     obj = _objective(S, mask, penalty)
-    first = int(obj[0].argmax())
+    first = int(obj[0].argmax()) if first is None else int(first)
     second = int(obj[1].argmax())
     if distinct and second == first and int(mask.sum()) > 1:
         o2 = obj[1].copy()
@@ -73,6 +75,7 @@ class SampleView:
         self.scorer = scorer
         self.n_arms = int(scorer.n_arms)
         self.distinct = bool(scorer.config.distinct_arms)
+        self.exploit_first = getattr(scorer.config, "arm_selection", "thompson") == "exploit_first"
         self.price_norm = normalised_prices(prices)
         self.version = -1
         self.theta: np.ndarray | None = None
@@ -98,5 +101,6 @@ class SampleView:
         penalty = float(cost_weight) * self.price_norm if cost_weight else None
         if mode == "single":
             return choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty), None, version
-        first, second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct)
+        first = choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty) if self.exploit_first else None
+        first, second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
         return first, second, version

@@ -65,10 +65,14 @@ def serving_policy_config(config: dict | None) -> dict:
     return {"distinct_arms": True, **dict(config or {})}
 
 
-def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0):
-    """A policy with the service's config, used for its scoring function (``arm_scores``)."""
+def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0, offline_prior: dict | None = None):
+    """A policy with the service's config, used for its scoring function (``arm_scores``).
+
+    ``offline_prior``: the arm table's :class:`~ray_router.policies.offline_prior.OfflinePrior` as a
+    dict (fitted on a dataset's offline split, or an operator's per-category profile), or None."""
     A = np.asarray(arm_embeddings, dtype=np.float64)
-    return make_policy("fgts_cdb", PolicyEnv(A.shape[0], A), seed, serving_policy_config(config))
+    offline = None if offline_prior is None else {"prior": offline_prior}
+    return make_policy("fgts_cdb", PolicyEnv(A.shape[0], A, offline=offline), seed, serving_policy_config(config))
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class PosteriorSpec:
     snapshot_every_s: float = 60.0
     fsync: bool = True
     lock_timeout_s: float = 60.0
+    offline_prior: dict | None = None  # OfflinePrior.to_dict() of the arm table, or None
 
 
 class PosteriorState:
@@ -96,7 +101,7 @@ class PosteriorState:
         self.dir = Path(spec.state_dir)
         self.arm_ids = tuple(spec.arm_ids)
         self.n_arms = len(self.arm_ids)
-        self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed)
+        self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed, spec.offline_prior)
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
         self.journal = FeedbackJournal(self.dir / FEEDBACK_LOG, fsync=spec.fsync)
@@ -204,6 +209,12 @@ class PosteriorState:
         new = np.asarray(self.spec.arm_embeddings, dtype=np.float64)
         if old.shape != new.shape or not np.allclose(old, new, rtol=1e-6, atol=1e-9):
             return "arm embeddings changed"
+        from ray_router.policies.offline_prior import OfflinePrior
+
+        old_prior, new_prior = snap_policy.get("offline_prior"), getattr(self.policy, "prior", None)
+        if (old_prior is None) != (new_prior is None) or (
+                new_prior is not None and not new_prior.same_as(OfflinePrior.from_dict(old_prior))):
+            return "offline prior changed"
         return None
 
     def close(self) -> None:

@@ -1,0 +1,86 @@
+"""The static offline router: what the offline split alone knows, never learning (ALGORITHM.md s.6).
+
+It serves ``argmax_k û_k(x)`` and duels û's top two, where ``û_k(x) = Σ_m π_m(x)·Ū_mk`` is the
+offline utility estimate of :class:`~ray_router.policies.offline_prior.OfflinePrior` (the same
+estimate the offline-informed FGTS.CDB starts from). A bandit that does not beat it has not shown
+that learning from duels adds anything; a router that does not beat the best single arm has not
+earned its keep. It works for any model pool with offline rows or an operator's per-category profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ray_router.errors import ConfigError
+from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, offered_mask, register_policy
+from ray_router.policies.offline_prior import OfflinePrior, fit_offline_prior
+
+
+@dataclass(frozen=True)
+class OfflineStaticConfig:
+    pi_temperature: float | None = None  # τ of π(x); None = fitted on the offline rows
+
+    def __post_init__(self) -> None:
+        if self.pi_temperature is not None and not (isinstance(self.pi_temperature, (int, float))
+                                                    and 0 < self.pi_temperature < float("inf")):
+            raise ConfigError("OfflineStaticConfig: pi_temperature must be None (fitted) or finite and > 0")
+
+
+class OfflineStaticRouter:
+    name = "offline_static"
+
+    def __init__(self, config: OfflineStaticConfig, prior: OfflinePrior):
+        self.config, self.prior = config, prior
+        self.n_arms = prior.n_arms
+        self.n_updates = 0
+
+    def _ranked(self, context: np.ndarray, arms: Sequence[int] | None) -> np.ndarray:
+        x = np.asarray(context, dtype=np.float64).reshape(-1)
+        if x.shape[0] != self.prior.dim or not np.isfinite(x).all():
+            raise ConfigError(f"context must be {self.prior.dim} finite numbers")
+        mask = offered_mask(self.n_arms, arms)
+        u = np.where(mask, self.prior.estimate(x[None])[0], -np.inf)
+        return np.argsort(-u, kind="stable")[: max(1, min(2, int(mask.sum())))]
+
+    def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel:
+        top = self._ranked(context, arms)
+        return Duel(int(top[0]), int(top[-1]))
+
+    def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
+        return int(self._ranked(context, arms)[0])
+
+    def update(self, context, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
+        check_outcome(outcome)
+        check_duel(duel, self.n_arms)
+        self.n_updates += 1
+
+    def snapshot(self) -> dict:
+        return {"policy": self.name, "prior": self.prior.to_dict(), "n_updates": self.n_updates,
+                "config": {"pi_temperature": self.config.pi_temperature}}
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        if snapshot.get("policy") != self.name:
+            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
+        self.config = OfflineStaticConfig(**snapshot["config"])
+        self.prior = OfflinePrior.from_dict(snapshot["prior"])
+        self.n_arms = self.prior.n_arms
+        self.n_updates = int(snapshot["n_updates"])
+
+
+@register_policy("offline_static", OfflineStaticConfig, needs_embeddings=False,
+                 description="static offline router: serves argmax of the offline estimate, duels its top two, never learns")
+def _make_offline_static(config: OfflineStaticConfig, env: PolicyEnv, seed: int) -> OfflineStaticRouter:
+    off = env.offline or {}
+    if off.get("prior") is not None:
+        prior = off["prior"] if isinstance(off["prior"], OfflinePrior) else OfflinePrior.from_dict(off["prior"])
+    elif all(k in off for k in ("X", "utilities", "categories")):
+        prior = fit_offline_prior(off["X"], off["utilities"], off["categories"], temperature=config.pi_temperature,
+                                  slope=1.0)
+    else:
+        raise ConfigError("offline_static needs offline rows (PolicyEnv.offline: X, utilities, categories) or a prior")
+    if prior.n_arms != env.n_arms:
+        raise ConfigError(f"offline_static: the offline data have {prior.n_arms} arms, the environment {env.n_arms}")
+    return OfflineStaticRouter(config, prior)
