@@ -36,7 +36,7 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     assert best["served_regret_per_seed"] == best["cum_regret_per_seed"]  # it serves what it duels
     thin = [r for r in recs if r["section"] == "thin"]
     assert {r["policy"] for r in thin} == set(THIN_POLICIES)
-    assert all(r["split"] == "k_per_category" for r in thin)
+    assert all(r["split"] == "k_per_category:2" for r in thin)
     ablation = [r for r in recs if r["section"] == "ablation"]
     assert ablation and all(r["context"] == "constant" for r in ablation)
     unseen = [r for r in recs if r["section"] == "unseen"]

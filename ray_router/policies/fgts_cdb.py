@@ -82,8 +82,8 @@ class FGTSConfig:
     pi_temperature: float | None = None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
     correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
     arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
-    correction_scale: float = 3.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
-    query_rank: int = 8  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
+    correction_scale: float = 1.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
+    query_rank: int = 0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
     query_prior_sigma: float = 0.1  # prior sd of that block
     feel_good_schedule: str = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
     arm_selection: str = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":

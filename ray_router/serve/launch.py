@@ -269,6 +269,24 @@ def _check_data_dir(cfg: Mapping[str, Any], data_dir: str | None) -> None:
             )
 
 
+def policy_banner(url: str, token_env: str) -> str:
+    """The posterior's start-up facts for the banner: the offline prior in use and, when there are
+    any, the arms the config can never choose (read from ``/v1/stats``; empty if it cannot be read)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {os.environ[token_env]}"} if os.environ.get(token_env) else {}
+    try:
+        post = httpx.get(f"{url}/v1/stats", headers=headers, timeout=10.0).json()["posterior"]
+    except Exception:  # noqa: BLE001 - the banner must not fail the start
+        return ""
+    line = f"\n  policy: {post.get('offline_prior', '')}; arm selection {post.get('arm_selection', '')}"
+    dead = post.get("unreachable_arms") or []
+    if dead:
+        line += (f"\n  WARNING: this config can never choose {dead}: add a per-arm term "
+                 "(feature_map: hadamard_bias, or the offline prior's correction block)")
+    return line
+
+
 def serve_main(args) -> int:
     """``ray-router serve``: deploy a Serve config on a local (or given) Ray cluster and block.
 
@@ -323,6 +341,7 @@ def serve_main(args) -> int:
               f"  write token (Authorization: Bearer ...): {where}\n"
               f"  posterior state: {state_dir}"
               + (f"\n  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
+              + policy_banner(url, token_env)
               + "\nCtrl-C (or SIGTERM) stops it.", flush=True)
         while not stop["flag"]:
             time.sleep(0.5)

@@ -102,6 +102,11 @@ class PosteriorState:
         self.arm_ids = tuple(spec.arm_ids)
         self.n_arms = len(self.arm_ids)
         self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed, spec.offline_prior)
+        from ray_router.policies.reachability import unreachable_arms
+
+        # arms this config can never choose (no per-arm term and inside the others' hull): said at start-up
+        self.unreachable_arms = unreachable_arms(self.policy.config, spec.arm_embeddings, self.policy.prior,
+                                                 arm_ids=list(spec.arm_ids))
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
         self.journal = FeedbackJournal(self.dir / FEEDBACK_LOG, fsync=spec.fsync)
@@ -389,6 +394,9 @@ class PosteriorState:
                 "history_size": int(getattr(getattr(p, "history", None), "n", p.n_updates)),
                 "last_refresh_at": self.last_refresh_at,
                 "last_refresh_seconds": self.last_refresh_s,
+                "offline_prior": getattr(p, "prior_note", ""),
+                "unreachable_arms": self.unreachable_arms,
+                "arm_selection": getattr(p.config, "arm_selection", "thompson"),
             },
             "durability": {
                 "feedback_log_bytes": int(self.journal.size_bytes),

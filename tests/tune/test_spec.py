@@ -49,11 +49,14 @@ def test_every_space_key_is_a_field_of_its_config_class(path, smoke):
 def test_paper_sweep_covers_the_issue_axes():
     spec = load_sweep(REPO / "tune_jobs" / "paper_sweep.yaml")
     swept = set(spec.swept_keys())
-    for key in [("weighting", "name"), ("weighting", "beta"), ("weighting", "top_tau"), ("fgts_cdb", "eta"),
-                ("fgts_cdb", "mu"), ("fgts_cdb", "feel_good_clip"), ("fgts_cdb", "step_size"),
-                ("fgts_cdb", "n_steps"), ("fgts_cdb", "batch_size"), ("fgts_cdb", "feature_map"),
-                ("embedding", "encoder")]:
+    for key in [("weighting", "name"), ("weighting", "beta"), ("fgts_cdb", "eta"), ("fgts_cdb", "mu"),
+                ("fgts_cdb", "step_size"), ("fgts_cdb", "feature_map"), ("fgts_cdb", "correction_scale"),
+                ("fgts_cdb", "arm_bias"), ("fgts_cdb", "query_rank"), ("fgts_cdb", "feel_good_schedule"),
+                ("fgts_cdb", "distinct_arms"), ("embedding", "encoder")]:
         assert key in swept, key
+    # issue 10: no swept map lacks a per-arm term (the offline blocks or hadamard_bias carry one)
+    assert spec.fixed["fgts_cdb"]["offline_prior"] == "category"
+    assert {s.split for s in spec.splits} == {"stratified", "holdout", "k_per_category"}
     assert {d.key for d in spec.datasets} == {"routerbench", "routerdc"}
     assert len(spec.groups) == len(spec.datasets) * len(spec.splits) * len(spec.split_seeds) >= 4
     smoke = load_sweep(REPO / "tune_jobs" / "paper_sweep.yaml", smoke_test=True)
