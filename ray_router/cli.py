@@ -370,7 +370,8 @@ def cmd_policies(args) -> int:
 
     for name in policy_names():
         entry = get_entry(name)
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(entry.config_cls))
+        config = dataclasses.asdict(entry.config()) if dataclasses.fields(entry.config_cls) else {}
+        fields = ", ".join(f"{k}={v!r}" for k, v in config.items())
         print(f"{name}: {entry.description}\n    {fields or '(no hyperparameters)'}")
     return 0
 

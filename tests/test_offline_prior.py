@@ -143,6 +143,11 @@ def test_without_offline_data_the_prior_is_off_and_says_so():
         FGTSConfig(arm_selection="greedy")
     with pytest.raises(ConfigError, match="unknown FGTS.CDB preset"):
         preset("nope")
+    # a wrong type is a ConfigError naming the field (the CLI prints it as one error line)
+    for field, value in [("correction_scale", "abc"), ("arm_bias", 1), ("query_rank", 2.5), ("prior_weight", "x")]:
+        with pytest.raises(ConfigError, match=field):
+            FGTSConfig(**{field: value})
+    assert FGTSConfig(prior_weight=None, eta=2).eta == 2  # ints are floats, None where allowed
 
 
 def test_lanes_with_offline_priors_make_the_choices_of_lone_policies():
@@ -186,7 +191,9 @@ def test_gpt4_is_unreachable_under_an_excel_weighting_at_lambda_0_on_routerbench
     from ray_router.evaluation.experiment import arm_embeddings_for, make_split
 
     try:
-        table = load_dataset("routerbench", data_dir=resolve_data_dir(None))
+        from tests.data_fixtures import shared_data_dir
+
+        table = load_dataset("routerbench", data_dir=shared_data_dir() or resolve_data_dir(None))
     except Exception as e:  # pragma: no cover - the shared data is on every development machine and in CI
         pytest.fail(f"the RouterBench subset is needed: {e}")
     X = get_encoder("hash").encode(list(table.texts))

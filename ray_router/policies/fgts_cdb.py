@@ -90,6 +90,7 @@ class FGTSConfig:
     #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
 
     def __post_init__(self) -> None:
+        _check_types(self)
         checks = [
             (self.eta >= 0, "eta must be >= 0"),
             (self.mu >= 0, "mu must be >= 0"),
@@ -125,6 +126,22 @@ class FGTSConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"FGTSConfig: {msg}")
+
+
+def _check_types(cfg: Any) -> None:
+    """Each field of a config dataclass has its annotated type (``float`` takes ints; ``X | None`` None),
+    so a wrong value is a ConfigError that names the field, never a TypeError from a comparison."""
+    ok = {"float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
+    for f in dataclasses.fields(cfg):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        v = getattr(cfg, f.name)
+        if v is None and "None" in kinds:
+            continue
+        checks = [ok[k] for k in kinds if k in ok]
+        if checks and not any(c(v) for c in checks):
+            raise ConfigError(f"{type(cfg).__name__}: {f.name} must be {' or '.join(kinds)}, got {v!r}")
 
 
 PRECONDITIONERS = ("none", "diag_fisher")
@@ -615,7 +632,8 @@ class FGTSCDB:
         self.rng = rng_from_state(snapshot["rng"])
 
 
-@register_policy("fgts_cdb", FGTSConfig, description="FGTS.CDB with an SGLD posterior sampler (the paper's method)")
+@register_policy("fgts_cdb", FGTSConfig, description="FGTS.CDB with an SGLD posterior sampler, offline-informed "
+                 "(ALGORITHM.md s.5; fgts_cdb_paper is the paper's exact configuration)")
 def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
     return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
 

@@ -42,6 +42,8 @@ def oracle_arms(stream) -> np.ndarray:
 
 
 REFERENCES = {"best_per_category": best_per_category_arms, "oracle": oracle_arms}
+_DESCRIPTIONS = {"best_per_category": "hindsight reference: the best arm of each category over the stream",
+                 "oracle": "hindsight reference: the per-query best arm (regret 0)"}
 
 
 def _not_a_router(name: str):
@@ -51,6 +53,5 @@ def _not_a_router(name: str):
 
 
 for _name, _fn in REFERENCES.items():
-    register_policy(_name, ReferenceConfig, needs_embeddings=False,
-                    description=f"hindsight reference ({_fn.__doc__.strip().splitlines()[0]})")(_not_a_router(_name))
+    register_policy(_name, ReferenceConfig, needs_embeddings=False, description=_DESCRIPTIONS[_name])(_not_a_router(_name))
     _REGISTRY[_name] = __import__("dataclasses").replace(get_entry(_name), reference=_fn)
