@@ -42,7 +42,7 @@ def test_evaluate_writes_summary_curves_and_plot(toy_csv, tmp_path):
     assert summary[0]["policy_config"]["n_steps"] == 3
     assert len(pd.read_parquet(out / "curves.parquet")) == 2 * 2 * 40
     assert (out / "regret.png").stat().st_size > 0
-    assert "cum. regret" in res.stdout
+    assert "dueling regret" in res.stdout and "served regret" in res.stdout
 
 
 @pytest.mark.parametrize("args,message", [
