@@ -72,6 +72,9 @@ def _prior_from_npz(z, path: Path, ids: list[str], file_ids: list[str] | None) -
     if len(present) != len(PRIOR_KEYS):
         raise DataError(f"{path}: a per-category profile needs all of {list(PRIOR_KEYS)}; has {present}")
     U = np.asarray(z["prior_utility"], dtype=np.float64)
+    n_cols = len(file_ids) if file_ids is not None else len(ids)
+    if U.ndim != 2 or U.shape[1] != n_cols:
+        raise DataError(f"{path}: prior_utility must be (categories, {n_cols} arms), got shape {U.shape}")
     if file_ids is not None:
         U = U[:, [file_ids.index(a) for a in ids]]
     prior = OfflinePrior.from_profile(z["prior_centroids"], U, z["prior_counts"], [str(c) for c in z["prior_categories"]])

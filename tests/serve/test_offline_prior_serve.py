@@ -4,7 +4,9 @@ stored beside the arm embeddings, exploit-first duels, the start-up facts in /v1
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from ray_router.errors import DataError
 from ray_router.policies.offline_prior import OfflinePrior
 from ray_router.serve.arms import _prior_from_npz, save_arm_embeddings
 from ray_router.serve.ranking import SampleView, choose_best
@@ -28,6 +30,11 @@ def test_a_profile_travels_in_the_npz_and_reorders_with_the_arm_table(tmp_path):
         reordered = OfflinePrior.from_dict(_prior_from_npz(z, path, list(reversed(ARMS)), list(ARMS)))
     assert prior.category_names == ("code", "math") and prior.n_arms == 4
     np.testing.assert_allclose(reordered.utility, prior.utility[:, ::-1])
+    bad = _profile()
+    bad["utility"] = bad["utility"][:, :3]  # a column short: a clear error, not an IndexError
+    path = save_arm_embeddings(tmp_path / "bad.npz", ARMS, arm_embeddings(), "hash-test", profile=bad)
+    with np.load(path, allow_pickle=False) as z, pytest.raises(DataError, match="prior_utility"):
+        _prior_from_npz(z, path, list(ARMS), list(ARMS))
 
 
 def test_the_posterior_starts_from_the_profile_and_serves_its_best_arm(tmp_path):
