@@ -673,19 +673,6 @@ def _embedder_resources(args: AppArgs) -> dict:
     return opts
 
 
-def policy_startup_line(table, config: dict) -> str:
-    """One line for the start-up log: the offline prior in use and any arm the config can never choose."""
-    from ray_router.policies.reachability import unreachable_arms
-    from ray_router.serve.state import make_scorer
-
-    scorer = make_scorer(table.embeddings, config, 0, table.offline_prior)
-    dead = unreachable_arms(scorer.config, table.embeddings, scorer.prior, arm_ids=table.ids)
-    reach = ("every arm reachable" if not dead else
-             f"WARNING: arms this config can never choose: {dead} (add a per-arm term: feature_map hadamard_bias "
-             "or the offline correction block)")
-    return f"{scorer.prior_note}; {reach}"
-
-
 def build_app(args: AppArgs) -> serve.Application:
     """Typed builder referenced by ``import_path: ray_router.serve.app:build_app``."""
     from ray_router.serve.arms import resolve_arm_table
@@ -727,5 +714,4 @@ def build_app(args: AppArgs) -> serve.Application:
         "service": args.service.model_dump(),
     }
     logger.info(f"ray-router: {table.n_arms} arms, embeddings from {table.source}; state in {state_dir}")
-    logger.info(f"ray-router: {policy_startup_line(table, args.policy.config)}")
     return Ingress.bind(embedder, posterior, ingress_spec)
