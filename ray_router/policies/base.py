@@ -94,6 +94,14 @@ def check_outcome(outcome: float) -> float:
     return y
 
 
+def top_two(utility: np.ndarray, n_arms: int, arms: Sequence[int] | None) -> np.ndarray:
+    """The best and runner-up offered arms by ``utility`` (K,) (one arm when only one is offered);
+    the duel of a router that plays its estimate's top two."""
+    mask = offered_mask(n_arms, arms)
+    order = np.argsort(-np.where(mask, utility, -np.inf), kind="stable")
+    return order[: max(1, min(2, int(mask.sum())))]
+
+
 def check_duel(duel: Duel, n_arms: int) -> None:
     for a in (duel.first, duel.second):
         if not 0 <= int(a) < n_arms:
@@ -148,13 +156,14 @@ _REGISTRY: dict[str, PolicyEntry] = {}
 
 
 def register_policy(name: str, config_cls: type, *, description: str = "", needs_embeddings: bool = True,
-                    defaults: Mapping[str, Any] | None = None):
+                    defaults: Mapping[str, Any] | None = None, reference: Callable[[Any], np.ndarray] | None = None):
     """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``; ``defaults``
-    override the config class's field defaults for this name (a preset)."""
+    override the config class's field defaults for this name (a preset); ``reference(stream)``
+    marks a hindsight reference that the evaluator computes instead of replaying."""
 
     def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
         _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings,
-                                      defaults=dict(defaults or {}))
+                                      defaults=dict(defaults or {}), reference=reference)
         return factory
 
     return deco

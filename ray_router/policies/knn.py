@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ray_router.errors import ConfigError
-from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, offered_mask, register_policy
+from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, offered_mask, register_policy, top_two
 from ray_router.policies.laplace_ts import check_context, check_fields, is_int
 
 KNN_WEIGHTINGS = ("similarity", "uniform")
@@ -94,10 +94,7 @@ class KNNRouter:
         return (w @ self.U[idx]) / w.sum()
 
     def _ranked(self, context: np.ndarray, arms: Sequence[int] | None) -> np.ndarray:
-        mask = offered_mask(self.n_arms, arms)
-        u = np.where(mask, self.predict(context), -np.inf)
-        order = np.argsort(-u, kind="stable")
-        return order[: max(1, min(2, int(mask.sum())))]
+        return top_two(self.predict(context), self.n_arms, arms)
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel:
         top = self._ranked(context, arms)

@@ -209,12 +209,11 @@ def fit_offline_prior(
     # leave-one-out centroids and means: a row never predicts itself
     loo_n = np.maximum(counts[idx] - 1, 1)[:, None]
     own_loo = np.where(counts[idx][:, None] > 1, (sums_x[idx] - X) / loo_n, centroids[idx])
+    sims = _unit(X) @ _unit(centroids).T  # cos(x_i, ξ_m), the row's own centroid without it
+    sims[np.arange(len(X)), idx] = np.sum(_unit(X) * _unit(own_loo), axis=1)
     if temperature is None:
-        temperature = _fit_temperature(X, idx, centroids, own_loo) if M > 1 else 20.0
-    prior = OfflinePrior(centroids, Ubar, se, counts, names, float(temperature), 1.0)
+        temperature = _fit_temperature(sims, idx) if M > 1 else 20.0
     if slope is None:
-        sims = _unit(X) @ _unit(centroids).T
-        sims[np.arange(len(X)), idx] = np.sum(_unit(X) * _unit(own_loo), axis=1)
         pi = _softmax(float(temperature) * sims)
         Ubar_loo = np.broadcast_to(Ubar, (len(X), M, K)).copy()
         own_u = np.where(counts[idx][:, None] > 1, (sums_u[idx] - U) / loo_n, Ubar[idx])
@@ -231,15 +230,14 @@ def fit_offline_prior(
     return OfflinePrior(centroids, Ubar, se, counts, names, float(temperature), float(slope), basis, center, arm_se)
 
 
-def _fit_temperature(X: np.ndarray, idx: np.ndarray, centroids: np.ndarray, own_loo: np.ndarray) -> float:
-    """τ maximising Σ_i log π_{m_i}(x_i) with leave-one-out own centroids; searched on a log grid."""
-    sims = _unit(X) @ _unit(centroids).T
-    sims[np.arange(len(X)), idx] = np.sum(_unit(X) * _unit(own_loo), axis=1)
+def _fit_temperature(sims: np.ndarray, idx: np.ndarray) -> float:
+    """τ maximising Σ_i log π_{m_i}(x_i), π = softmax(τ·sims) with leave-one-out own centroids
+    (``sims`` (n, M)); searched on a log grid."""
     grid = np.exp(np.linspace(math.log(1.0), math.log(500.0), 60))
     best, best_ll = 20.0, -np.inf
     for tau in grid:
         Z = tau * sims
-        ll = (Z[np.arange(len(X)), idx] - np.logaddexp.reduce(Z, axis=1)).sum()
+        ll = (Z[np.arange(len(Z)), idx] - np.logaddexp.reduce(Z, axis=1)).sum()
         if ll > best_ll:
             best, best_ll = float(tau), ll
     return best

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ray_router.errors import ConfigError
-from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, offered_mask, register_policy
+from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, register_policy, top_two
 from ray_router.policies.offline_prior import OfflinePrior, fit_offline_prior
 
 
@@ -41,9 +41,7 @@ class OfflineStaticRouter:
         x = np.asarray(context, dtype=np.float64).reshape(-1)
         if x.shape[0] != self.prior.dim or not np.isfinite(x).all():
             raise ConfigError(f"context must be {self.prior.dim} finite numbers")
-        mask = offered_mask(self.n_arms, arms)
-        u = np.where(mask, self.prior.estimate(x[None])[0], -np.inf)
-        return np.argsort(-u, kind="stable")[: max(1, min(2, int(mask.sum())))]
+        return top_two(self.prior.estimate(x[None])[0], self.n_arms, arms)
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel:
         top = self._ranked(context, arms)

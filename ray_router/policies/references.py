@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ray_router.errors import ConfigError
-from ray_router.policies.base import PolicyEnv, _REGISTRY, get_entry, register_policy
+from ray_router.policies.base import PolicyEnv, register_policy
 
 
 @dataclass(frozen=True)
@@ -53,5 +53,5 @@ def _not_a_router(name: str):
 
 
 for _name, _fn in REFERENCES.items():
-    register_policy(_name, ReferenceConfig, needs_embeddings=False, description=_DESCRIPTIONS[_name])(_not_a_router(_name))
-    _REGISTRY[_name] = __import__("dataclasses").replace(get_entry(_name), reference=_fn)
+    register_policy(_name, ReferenceConfig, needs_embeddings=False, description=_DESCRIPTIONS[_name],
+                    reference=_fn)(_not_a_router(_name))
