@@ -13,26 +13,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+from ray_router import raycompat
 from ray_router.errors import ConfigError
 
 IMPORT_PATH = "ray_router.serve.app:build_app"
 APP_NAME = "ray-router"
 
-# Settings every local run needs (RAY_NOTES.md): no usage stats, no token auth, loopback only.
-RAY_ENV_DEFAULTS = {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    # Serve's throughput-optimised mode (Ray >= 2.55, KubeRay's high-throughput guide): user code
-    # and the handle router on each replica's main event loop, gRPC between deployments, and direct
-    # ingress: each Ingress replica also runs its own HTTP server (same host, a port from
-    # 30000-31000), so a request can skip the proxy hop; the proxy keeps serving the config's port.
-    # Measured by bench/serve_latency.py (both paths, same run). Set it to 0 to turn it off.
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-}
+# Serve's settings on top of Ray's (raycompat.RAY_ENV_DEFAULTS). Serve's throughput-optimised mode
+# (Ray >= 2.55, KubeRay's high-throughput guide): user code and the handle router on each replica's
+# main event loop, gRPC between deployments, and direct ingress: each Ingress replica also runs its
+# own HTTP server (same host, a port from 30000-31000), so a request can skip the proxy hop; the
+# proxy keeps serving the config's port. Measured by bench/serve_latency.py (both paths, same run).
+# Set it to 0 to turn it off.
+SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -123,43 +117,23 @@ def init_ray(
     address: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> None:
-    """Start (or connect to) Ray. A local start is capped: ``num_cpus``, a small object store, no dashboard."""
-    for k, v in {**RAY_ENV_DEFAULTS, **(env or {})}.items():
-        os.environ.setdefault(k, v)
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, namespace="serve", log_to_driver=False)
-        return
-    kwargs: dict[str, Any] = {}
-    if metrics_export_port is not None:
-        kwargs["_metrics_export_port"] = int(metrics_export_port)
-        kwargs["_system_config"] = {"metrics_report_interval_ms": 1000}
-    ray.init(
-        address="local",  # always a fresh capped instance; joining a cluster is what ``address`` is for
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        object_store_memory=object_store_mb * 2**20,
-        namespace="serve",
-        **kwargs,
-    )
+    """Start (or connect to) Ray in Serve's namespace. A local start is capped: ``num_cpus``, a small
+    object store, no dashboard."""
+    raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, namespace="serve",
+                       metrics_export_port=metrics_export_port, env={**SERVE_ENV_DEFAULTS, **(env or {})})
 
 
 def start_serve(cfg: Mapping[str, Any]):
     """Start Serve's controller and proxy with the config's HTTP options (once per cluster); the
     controller client. (``serve_start`` is what ``serve run config.yaml`` calls.)"""
-    from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
 
     schema = validate_config(cfg, check_args=False)
-    return serve_api.serve_start(
+    return raycompat.serve_start(
         http_options=schema.http_options.model_dump(),
         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
         proxy_location=schema.proxy_location,
-        global_logging_config=schema.logging_config,
+        logging_config=schema.logging_config,
     )
 
 
@@ -179,13 +153,10 @@ def direct_urls(app_name: str = "ray-router", timeout_s: float = 10.0) -> list[s
     """Base URLs of ``app_name``'s Ingress replicas' own HTTP servers (Serve's direct ingress), or
     [] when direct ingress is off. They skip the proxy hop, so they answer faster than
     :func:`app_url`; each changes when its replica restarts, while the proxy's URL stays."""
-    import ray
-    from ray.serve.context import _get_global_client
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:  # Serve exposes the replicas' ports only through the controller's instance details
-            details = ray.get(_get_global_client()._controller.get_serve_instance_details.remote(), timeout=timeout_s)
+            details = raycompat.serve_instance_details(timeout_s)
         except Exception:  # noqa: BLE001 - an older or newer Serve: no direct URLs, the proxy still works
             return []
         urls = [

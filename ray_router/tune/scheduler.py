@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Optional
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from ray_router import raycompat
+
 
 def _default_group(config: Dict[str, Any]) -> str:
     return f"{config.get('dataset')}|{config.get('split')}|{config.get('split_seed')}"
@@ -54,7 +56,7 @@ class GroupedASHA(FIFOScheduler):
         return s
 
     def _known(self, sched: AsyncHyperBandScheduler, tune_controller, trial: Trial) -> None:
-        if trial.trial_id not in sched._trial_info:  # e.g. a trial restored from an interrupted run
+        if not raycompat.asha_knows(sched, trial.trial_id):  # e.g. a trial restored from an interrupted run
             sched.on_trial_add(tune_controller, trial)
 
     # ----------------------------------------------------------------- events
@@ -75,7 +77,7 @@ class GroupedASHA(FIFOScheduler):
         self.on_trial_remove(tune_controller, trial)
 
     def on_trial_remove(self, tune_controller, trial: Trial) -> None:
-        self._sched(trial)._trial_info.pop(trial.trial_id, None)
+        raycompat.asha_forget(self._sched(trial), trial.trial_id)
 
     def debug_string(self) -> str:
         stopped = sum(s._num_stopped for s in self._schedulers.values())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ray_router import raycompat
 from ray_router.errors import ConfigError
 from ray_router.tune.spec import ResourcesSpec, SweepSpec, load_sweep
 
@@ -38,16 +39,9 @@ TRIAL_LOG_ENV = "RAY_ROUTER_TUNE_TRIAL_LOG"  # optional: append "<trial id> <sta
 
 def ray_env() -> None:
     """Environment for a local Ray on this kind of machine (RAY_NOTES.md); set only where unset."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Save the experiment state at most every 5 s (Tune's default: >= 10 s), so that a killed driver
-    # loses little: a trial finished after the last save runs again on resume.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # TUNE_GLOBAL_CHECKPOINT_S: save the experiment state at most every 5 s (Tune's default: >= 10 s),
+    # so that a killed driver loses little: a trial finished after the last save runs again on resume.
+    raycompat.apply_env_defaults({"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_AIR_NEW_OUTPUT": "0"})
     if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
         # With it, Tune writes no result files and ResultGrid.get_dataframe() comes back empty.
         print("[tune] ignoring TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1: the results need Tune's loggers",
@@ -267,27 +261,6 @@ def driver_runs(exp_dir: Path) -> list[dict]:
     return list(runs.values())
 
 
-def init_ray(address: str | None, num_cpus: int | None, object_store_mb: int | None, temp_dir: str | None):
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return True
-    kwargs: dict[str, Any] = dict(
-        address="local",  # never attach to someone else's `ray start` cluster by accident
-        num_cpus=num_cpus or os.cpu_count() or 1,
-        object_store_memory=(object_store_mb or 256) * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    if temp_dir:
-        kwargs["_temp_dir"] = str(temp_dir)
-    ray.init(**kwargs)
-    return True
-
-
 def run_sweep(
     path: str | Path,
     smoke_test: bool = False,
@@ -327,7 +300,7 @@ def run_sweep(
     import ray
 
     t_start = time.time()
-    started = init_ray(address, num_cpus, object_store_mb, ray_temp_dir)
+    started = raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir)
     try:
         max_parallel = check_resources(spec.search.resources_per_trial, ray.cluster_resources(), ray.available_resources())
         if spec.search.max_concurrent_trials:
