@@ -240,3 +240,30 @@ def model_embeddings(
         idx = np.asarray(categories_offline)
     centroids = category_centroids(X_offline, idx, M)
     return arm_embeddings(centroids, weighting_scores(P, C, config), config.beta)
+
+
+COST_NORMALISERS = ("shared", "category_max")
+
+
+def offline_arm_embeddings(
+    table: RoutingTable,
+    X_offline: np.ndarray,
+    offline_rows: np.ndarray,
+    config: WeightingConfig,
+    cost_normaliser: str = "shared",
+    columns: np.ndarray | None = None,
+) -> np.ndarray:
+    """Model embeddings a_k (K, d) of ``table``'s arms (or of its ``columns``) from its offline rows.
+
+    ``X_offline`` are the embeddings of ``table``'s rows ``offline_rows``. ``cost_normaliser``:
+    ``shared`` divides costs by the table's own normaliser (the environment's scale, one scale
+    everywhere); ``category_max`` by the largest category-mean cost of the offline rows."""
+    if cost_normaliser not in COST_NORMALISERS:
+        raise ConfigError(f"cost_normaliser must be one of {COST_NORMALISERS}, got {cost_normaliser!r}")
+    cats = table.categories[offline_rows]
+    names = category_order(cats)
+    P, C = category_stats(table, offline_rows, names)
+    if columns is not None:
+        P, C = P[columns], C[columns]
+    C = normalise_costs(C) if cost_normaliser == "category_max" else C / table.cost_normaliser()
+    return model_embeddings(X_offline, cats, P, C, config, category_names=names)

@@ -114,20 +114,11 @@ def make_split(table: RoutingTable, cfg: EvalConfig, seed: int):
 
 def arm_embeddings_for(table: RoutingTable, X: np.ndarray, offline: np.ndarray, cfg: EvalConfig) -> np.ndarray:
     """Model embeddings a_k from the offline rows (ALGORITHM.md s.3) with the configured weighting."""
-    from ray_router.embeddings.model_embeddings import (
-        WeightingConfig,
-        category_stats,
-        model_embeddings,
-        normalise_costs,
-    )
+    from ray_router.embeddings.model_embeddings import WeightingConfig, offline_arm_embeddings
 
     lam = cfg.cost_weight if cfg.weighting_cost_weight is None else cfg.weighting_cost_weight
     wcfg = WeightingConfig(name=cfg.weighting, cost_weight=lam, top_tau=cfg.weighting_tau, beta=cfg.weighting_beta)
-    offline_cats = table.categories[offline]
-    names = tuple(dict.fromkeys(str(c) for c in offline_cats))
-    P, C = category_stats(table, offline, names)
-    C = normalise_costs(C) if cfg.cost_normaliser == "category_max" else C / table.cost_normaliser()
-    return model_embeddings(X[offline], offline_cats, P, C, wcfg, category_names=names)
+    return offline_arm_embeddings(table, X[offline], offline, wcfg, cost_normaliser=cfg.cost_normaliser)
 
 
 def make_stream(

@@ -1,8 +1,8 @@
 """The arm table: ids, prices, upstreams and model embeddings a_k, resolved once by the builder.
 
 Arm embeddings come from a file or are computed from a dataset's offline split with the core
-functions (``category_stats`` -> ``normalise_costs`` -> ``model_embeddings``), exactly as the replay
-evaluation builds them, with the same encoder the embedder replicas serve (so query and arm
+function ``offline_arm_embeddings`` the replay evaluation uses (costs divided by the largest
+category mean: the service applies each request's own cost weight at ranking time), with the same encoder the embedder replicas serve (so query and arm
 embeddings share one space). The offline texts go through the core's embedding cache, so only the
 first start of a given encoder pays for encoding them.
 """
@@ -114,7 +114,7 @@ def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str, dict | No
 
 def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str, dict | None]:
     from ray_router.data import k_per_category, load_dataset, resolve_data_dir, stratified_split
-    from ray_router.embeddings import WeightingConfig, category_stats, model_embeddings, normalise_costs
+    from ray_router.embeddings.model_embeddings import WeightingConfig, offline_arm_embeddings
 
     data_dir = resolve_data_dir(spec.data_dir)
     if not data_dir.is_dir():
@@ -143,11 +143,9 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
     encoder = _encoder_for(args, cache_dir=spec.cache_dir)  # None -> the core's default cache
     X = encoder.encode([str(t) for t in table.texts[offline]])
     cats = table.categories[offline]
-    names = tuple(dict.fromkeys(str(c) for c in cats))
-    P, C = category_stats(table, offline, names)
     w = spec.weighting
     wcfg = WeightingConfig(name=w.name, cost_weight=w.cost_weight, top_tau=w.top_tau, beta=w.beta)
-    A = model_embeddings(X, cats, P[cols], normalise_costs(C[cols]), wcfg, category_names=names)
+    A = offline_arm_embeddings(table, X, offline, wcfg, cost_normaliser="category_max", columns=cols)
     source = f"{table.name} ({table.source}): {len(offline)} offline rows, split {split.name}, weighting {w.name}"
     from ray_router.policies.offline_prior import fit_offline_prior
 

@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ray_router.embeddings.spec import EncoderSpec
+
 STATE_DIR_ENV = "RAY_ROUTER_STATE_DIR"
 
 
@@ -97,12 +99,6 @@ class ArmEmbeddingsSpec(_Model):
         if self.file is not None and not self.file.endswith((".npy", ".npz")):
             raise ValueError("arm_embeddings.file must be a .npy or .npz file")
         return self
-
-
-class EncoderSpec(_Model):
-    name: str = Field("minilm", description="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a model folder")
-    device: str = Field("auto", description="auto: CUDA when the replica sees a GPU, else CPU")
-    max_seq_length: Optional[int] = Field(None, ge=1)
 
 
 class EmbedderSpec(_Model):

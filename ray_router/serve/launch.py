@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from ray_router import raycompat
 from ray_router.errors import ConfigError
+from ray_router.yamlio import deep_merge
 
 IMPORT_PATH = "ray_router.serve.app:build_app"
 APP_NAME = "ray-router"
@@ -37,13 +38,6 @@ def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return cfg
-
-
-def _merge(base: dict, extra: Mapping) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) and isinstance(out.get(k), (dict, type(None))) else v
-    return out
 
 
 def our_apps(cfg: Mapping[str, Any]) -> list[dict]:
@@ -69,14 +63,14 @@ def with_overrides(
     cfg["http_options"] = http
     for app in our_apps(cfg):
         if args:
-            app["args"] = _merge(app.get("args") or {}, args)
+            app["args"] = deep_merge(app.get("args") or {}, args)
         for name, opts in (deployments or {}).items():
             entries = app.setdefault("deployments", [])
             entry = next((d for d in entries if d.get("name") == name), None)
             if entry is None:
                 entries.append({"name": name, **opts})
             else:
-                entry.update(_merge(entry, opts))
+                entry.update(deep_merge(entry, opts))
     return cfg
 
 

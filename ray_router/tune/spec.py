@@ -17,7 +17,6 @@ fields and every candidate value against its validation (:func:`load_sweep` rais
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import re
@@ -27,7 +26,9 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_router.embeddings.spec import EncoderSpec
 from ray_router.errors import ConfigError, RouterError
+from ray_router.yamlio import deep_merge
 
 ENCODER_CHOICES = ("base", "ccft")
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "quniform")
@@ -106,12 +107,6 @@ class SplitSpec(_Model):
     @property
     def key(self) -> str:
         return self.label or self.split
-
-
-class EncoderSpec(_Model):
-    name: str = Field("minilm", description="base encoder: minilm, hash (stand-in), or a model folder")
-    device: str = "auto"
-    max_seq_length: Optional[int] = Field(None, ge=1)
 
 
 # --------------------------------------------------------------------------- search
@@ -454,16 +449,6 @@ def validate(spec: SweepSpec) -> SweepSpec:
 
 
 # ---------------------------------------------------------------------------- loading
-def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(dict(base))
-    for k, v in extra.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "sweep") -> SweepSpec:
     """Validate a sweep mapping; ``smoke_test`` applies its ``smoke_test`` overrides first (the run
     name gets a ``-smoke`` suffix so a smoke run never resumes a real one)."""
@@ -474,7 +459,7 @@ def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "
         overrides = data.get("smoke_test") or {}
         if not isinstance(overrides, Mapping):
             raise ConfigError(f"{where}: smoke_test must be a mapping of overrides")
-        data = _deep_merge(data, overrides)
+        data = deep_merge(data, overrides)
         data["name"] = f"{data.get('name', 'sweep')}-smoke"
     try:
         spec = SweepSpec.model_validate(data)
