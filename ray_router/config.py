@@ -18,8 +18,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as _pydantic_dataclass
+from typing_extensions import dataclass_transform
 
 from ray_router.errors import ConfigError
 
@@ -35,6 +36,7 @@ class StrictModel(BaseModel):
     model_config = STRICT
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field, Field))
 def config_dataclass(cls: type[T]) -> type[T]:
     """A frozen pydantic dataclass with :data:`STRICT` validation (``dataclasses.fields`` and
     ``dataclasses.replace`` keep working; ``replace`` validates the new values too)."""
