@@ -40,7 +40,7 @@ class StrictModel(BaseModel):
 def config_dataclass(cls: type[T]) -> type[T]:
     """A frozen pydantic dataclass with :data:`STRICT` validation (``dataclasses.fields`` and
     ``dataclasses.replace`` keep working; ``replace`` validates the new values too)."""
-    return _pydantic_dataclass(frozen=True, config=_DATACLASS)(cls)  # type: ignore[no-any-return]
+    return _pydantic_dataclass(frozen=True, config=_DATACLASS)(cls)  # type: ignore[return-value]
 
 
 def format_validation_error(e: ValidationError, where: str = "") -> str:
@@ -64,7 +64,7 @@ def parse(cls: type[T], values: Mapping[str, Any] | None = None, where: str = ""
     ``strict=False`` coerces (``"0.5"`` → 0.5): for values typed as text, e.g. ``--set key=value``."""
     try:
         if isinstance(cls, type) and issubclass(cls, BaseModel):
-            return cls.model_validate(dict(values or {}), strict=strict)  # type: ignore[return-value]
+            return cls.model_validate(dict(values or {}), strict=strict)
         if strict:
             names = set(field_names(cls))
             unknown = sorted(set(values or {}) - names)
@@ -82,7 +82,7 @@ def replace(obj: T, where: str = "", **changes: Any) -> T:
     """``dataclasses.replace`` / ``model_copy(update=...)`` with validation, errors as ConfigError."""
     try:
         if isinstance(obj, BaseModel):
-            return type(obj).model_validate({**obj.model_dump(), **changes})  # type: ignore[return-value]
+            return type(obj).model_validate({**obj.model_dump(), **changes})
         return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
     except ValidationError as e:
         raise as_config_error(e, where or type(obj).__name__) from None
@@ -92,7 +92,7 @@ def field_names(cls: type) -> tuple[str, ...]:
     """The field names of a config class (model or dataclass)."""
     if isinstance(cls, type) and issubclass(cls, BaseModel):
         return tuple(cls.model_fields)
-    return tuple(f.name for f in dataclasses.fields(cls))
+    return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
 
 
 def checked(where: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
