@@ -6,10 +6,19 @@ import dataclasses
 import numpy as np
 import pytest
 
+from ray_router.config import parse
 from ray_router.errors import ConfigError
 from ray_router.evaluation.experiment import EvalConfig, evaluate, paired_difference
 from ray_router.evaluation.replay import ReplayStream
-from ray_router.policies import FGTSCDB, FGTSConfig, OfflinePrior, PolicyEnv, fit_offline_prior, make_policy
+from ray_router.policies import (
+    FGTSCDB,
+    FGTSConfig,
+    OfflinePrior,
+    PolicyEnv,
+    fit_offline_prior,
+    get_entry,
+    make_policy,
+)
 from ray_router.policies.features import OfflineAugmented, make_feature_map
 from ray_router.policies.fgts_cdb import FGTSCDBLanes, extend_contexts, preset
 from ray_router.policies.reachability import unreachable_arms
@@ -137,16 +146,16 @@ def test_without_offline_data_the_prior_is_off_and_says_so():
     rng = np.random.default_rng(0)
     policy = FGTSCDB(FGTSConfig(), rng.normal(size=(4, 6)), seed=0)
     assert policy.prior is None and "OFF" in policy.prior_note
-    with pytest.raises(ConfigError, match="offline_prior"):
-        FGTSConfig(offline_prior="knn-ish")
-    with pytest.raises(ConfigError, match="arm_selection"):
-        FGTSConfig(arm_selection="greedy")
+    with pytest.raises(ConfigError, match="^fgts_cdb config: offline_prior: "):
+        get_entry("fgts_cdb").config({"offline_prior": "knn-ish"})
+    with pytest.raises(ConfigError, match="^fgts_cdb config: arm_selection: "):
+        get_entry("fgts_cdb").config({"arm_selection": "greedy"})
     with pytest.raises(ConfigError, match="unknown FGTS.CDB preset"):
         preset("nope")
     # a wrong type is a ConfigError naming the field (the CLI prints it as one error line)
     for field, value in [("correction_scale", "abc"), ("arm_bias", 1), ("query_rank", 2.5), ("prior_weight", "x")]:
-        with pytest.raises(ConfigError, match=field):
-            FGTSConfig(**{field: value})
+        with pytest.raises(ConfigError, match=f"^FGTSConfig: {field}: "):
+            parse(FGTSConfig, {field: value})
     assert FGTSConfig(prior_weight=None, eta=2).eta == 2  # ints are floats, None where allowed
 
 

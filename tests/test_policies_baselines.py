@@ -9,6 +9,7 @@ seeding, snapshots, extreme inputs) is in test_policy_contract.py.
 import numpy as np
 import pytest
 
+from ray_router.config import parse
 from ray_router.errors import ConfigError
 from ray_router.evaluation.replay import ReplayStream, run_replay
 from ray_router.policies import (
@@ -361,7 +362,9 @@ def test_knn_snapshot_carries_its_training_data():
     (KNNConfig, "k", 0), (KNNConfig, "k", 2.0), (KNNConfig, "weighting", "gaussian"), (KNNConfig, "target", "costs"),
 ])
 def test_invalid_config_is_rejected_with_the_field_named(cls, field, value):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: {field}: "):
+        parse(cls, {field: value})
+    with pytest.raises(ValueError, match=rf"(?m)^{field}$"):  # built directly: pydantic's error, same field
         cls(**{field: value})
 
 

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ray_router.errors import ConfigError
+from ray_router.policies.common import sigmoid
 
 # Shrinkage of the per-cell variance: ``n0`` pseudo-rows of variance ``v0`` (a Bernoulli(½) score).
 _PRIOR_VAR, _PRIOR_ROWS = 0.25, 1.0
@@ -263,7 +264,7 @@ def _fit_slope(uhat: np.ndarray, U: np.ndarray, max_duels: int, seed: int) -> fl
         return 1.0
     w = 1.0
     for _ in range(50):
-        p = 0.5 * (1.0 + np.tanh(0.5 * w * z))
+        p = sigmoid(w * z)
         g = ((p - y) * z).sum() + 1e-3 * w  # a whisper of ridge keeps w finite on separable data
         h = (p * (1 - p) * z * z).sum() + 1e-3
         step = g / h
