@@ -37,6 +37,7 @@ from ray_router.embeddings import (
     top_tau_mask,
     weighting_scores,
 )
+from ray_router.config import parse
 from ray_router.errors import ConfigError
 
 SCORES = [[1.0, 0.4, 0.3], [0.2, 0.6, 0.5], [0.8, 0.6, 0.3], [0.2, 0.6, 0.3], [0.0, 0.0, 0.0]]
@@ -194,8 +195,9 @@ def test_softmax_is_stable_and_rejects_all_masked_rows():
     ],
 )
 def test_weighting_config_rejects(kwargs):
-    with pytest.raises(ConfigError):
-        WeightingConfig(**kwargs)
+    (field,) = kwargs
+    with pytest.raises(ConfigError, match=rf"^WeightingConfig: {field}: "):
+        parse(WeightingConfig, kwargs)
 
 
 def test_weighting_config_is_frozen_and_hashable():

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from ray_router.data import make_table
+from ray_router.config import parse
 from ray_router.errors import ConfigError
 from ray_router.evaluation import EvalConfig, ReplayEnvironment, evaluate, format_table, mean_ci95, write_outputs
 from ray_router.policies.base import Duel
@@ -125,18 +126,20 @@ def test_holdout_split_keeps_the_category_out_of_the_offline_part():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"policies": ("nope",)}, "unknown policy"),
-    ({"policies": ()}, "at least one"),
-    ({"n_seeds": 0}, "n_seeds"),
-    ({"split": "random"}, "split"),
-    ({"split": "holdout"}, "held_out"),
-    ({"offline_fraction": 1.0}, "offline_fraction"),
-    ({"kappa": 0.0}, "kappa"),
-    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, "temperature"),
+    ({"policies": ("nope",)}, "policies: unknown policy"),
+    ({"policies": ()}, "policies: at least one"),
+    ({"n_seeds": 0}, "n_seeds: "),
+    ({"split": "random"}, "split: "),
+    ({"split": "holdout"}, "needs held_out"),
+    ({"offline_fraction": 1.0}, "offline_fraction: "),
+    ({"kappa": 0.0}, "kappa: "),
+    ({"cost_normaliser": "max"}, "cost_normaliser: "),
+    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, r"policy_configs: fgts_cdb config: unknown field\(s\) \['temperature'\]"),
+    ({"policy_configs": {"fgts_cdb": {"eta": -1.0}}}, "policy_configs: fgts_cdb config: eta: "),
 ])
 def test_invalid_eval_configs_are_rejected(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        EvalConfig(**kwargs)
+    with pytest.raises(ConfigError, match=f"^EvalConfig: .*{match}"):
+        parse(EvalConfig, kwargs)
 
 
 def test_embeddings_must_match_the_table():

@@ -251,5 +251,5 @@ def test_evaluate_reports_served_regret_references_pairs_and_the_constant_contex
     assert rec["context"] == "constant"
     run = const.runs[("offline_static", 0)]
     assert len(set(run.served.tolist())) == 1  # one context: the static router serves one arm
-    with pytest.raises(ConfigError, match="context"):
-        EvalConfig(context="noise")
+    with pytest.raises(ConfigError, match="^EvalConfig: context: "):
+        parse(EvalConfig, {"context": "noise"})
