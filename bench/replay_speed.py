@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ray_router.evaluation.replay import ReplayStream, run_replay, run_replay_lanes
-from ray_router.policies import FGTSCDB, FGTSConfig
+from ray_router.policies import FEATURE_MAPS, FGTSCDB, FGTSConfig
 from ray_router.policies.fgts_cdb import FGTSCDBLanes
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1500)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--arms", type=int, default=11)
-    ap.add_argument("--feature-map", default=FGTSConfig().feature_map)
+    ap.add_argument("--feature-map", default=FGTSConfig().feature_map, choices=FEATURE_MAPS)
     ap.add_argument("--lanes", type=int, default=0, help="also replay this many runs as lanes (0: skip)")
     ap.add_argument("--group-size", type=int, default=1, help="lanes per group sharing a seed's stream")
     args = ap.parse_args()
