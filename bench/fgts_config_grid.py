@@ -46,7 +46,7 @@ def main() -> None:
     X = get_encoder("minilm").encode(list(table.texts))
     t0 = time.perf_counter()
     res = evaluate_grid(table, X, cfgs, workers=a.workers)
-    names = list(confs) + ["refs"]
+    names = [*list(confs), "refs"]
     refs = {r["policy"]: r for r in res[-1].records}
     first = res[0].records[0]["served_regret_per_seed"]
 

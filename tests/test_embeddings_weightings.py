@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ray_router.config import parse
 from ray_router.data.table import make_table
 from ray_router.embeddings import (
     WeightingConfig,
@@ -37,7 +38,6 @@ from ray_router.embeddings import (
     top_tau_mask,
     weighting_scores,
 )
-from ray_router.config import parse
 from ray_router.errors import ConfigError
 
 SCORES = [[1.0, 0.4, 0.3], [0.2, 0.6, 0.5], [0.8, 0.6, 0.3], [0.2, 0.6, 0.3], [0.0, 0.0, 0.0]]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ray_router.errors import ConfigError
-from ray_router.policies import FEATURE_MAPS, FGTSCDB, FGTSConfig, PolicyEnv, make_feature_map, make_policy
+from ray_router.policies import FEATURE_MAPS, FGTSCDB, PolicyEnv, make_feature_map, make_policy
 from ray_router.policies.base import Duel
 from tests.bandits import replay
 

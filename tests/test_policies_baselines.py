@@ -13,9 +13,9 @@ from ray_router.config import parse
 from ray_router.errors import ConfigError
 from ray_router.evaluation.replay import ReplayStream, run_replay
 from ray_router.policies import (
+    FGTSCDB,
     CoLSTIM,
     CoLSTIMConfig,
-    FGTSCDB,
     FGTSConfig,
     KNNConfig,
     KNNRouter,
@@ -339,7 +339,7 @@ def test_knn_needs_offline_data_and_picks_its_target():
 
 
 def test_knn_snapshot_carries_its_training_data():
-    (X, U, c), (Xq, _, _), _, _ = _clustered(2)
+    (X, U, _c), (Xq, _, _), _, _ = _clustered(2)
     policy = make_policy("knn", PolicyEnv(5, offline={"X": X, "utilities": U}), config={"k": 7})
     clone = KNNRouter(KNNConfig(), np.ones((1, 16)), np.zeros((1, 5)))  # built from other data
     clone.restore(snapshot_from_bytes(snapshot_to_bytes(policy.snapshot())))

@@ -23,7 +23,8 @@ Our choices (the paper is silent):
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Mapping, Sequence, get_args
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from pydantic import Field

@@ -12,9 +12,10 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -107,7 +108,7 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     records: list[dict]
-    curves: "Any"  # pandas.DataFrame: one row per (policy, seed, round)
+    curves: Any  # pandas.DataFrame: one row per (policy, seed, round)
     runs: dict[tuple[str, int], ReplayResult] = field(default_factory=dict, repr=False)
 
 
@@ -336,8 +337,8 @@ def _evaluate_grid(table, X, cfgs, encoder, progress, workers, on_seed) -> list[
     outs: list[dict[tuple[str, int], ReplayResult]] = [{} for _ in cfgs]
     seeds = cfgs[0].seeds
     if workers > 1 and len(seeds) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         # one contiguous block of seeds per worker; each block runs as lanes where it can
         blocks = [[int(s) for s in b] for b in np.array_split(seeds, min(workers, len(seeds)))]

@@ -18,8 +18,9 @@ Contexts are the encoder's L2-normalised query embeddings, shape (dim,).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -82,10 +83,10 @@ class PolicyEntry:
     factory: Callable[[Any, PolicyEnv, int], Policy]
     description: str = ""
     needs_embeddings: bool = True
-    # lanes(config, envs, seeds) -> an object running len(seeds) independent copies in lockstep
+    # lanes(config, envs, seeds, group_size) -> an object running len(seeds) independent copies in lockstep
     # (``select(X) -> (first, second)``, ``update(X, first, second, y)``), or None when this config
     # cannot run as lanes. The replay evaluator uses it to vectorise seeds (evaluation/replay.py).
-    lanes: Callable[[Any, Sequence[PolicyEnv], Sequence[int]], Any] | None = None
+    lanes: Callable[..., Any] | None = None  # (config, envs, seeds, group_size=1)
     # field values that differ from the config class's defaults (a named preset, e.g. fgts_cdb_paper)
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # hindsight references (best per-category arm, per-query oracle) are not routers: the evaluator
@@ -116,7 +117,7 @@ def register_policy(name: str, config_cls: type, *, description: str = "", needs
 
 
 def register_lanes(name: str):
-    """Decorator: register ``lanes(config, envs, seeds)`` for the already registered policy ``name``.
+    """Decorator: register ``lanes(config, envs, seeds, group_size=1)`` for the already registered policy ``name``.
 
     Lane l must make exactly the choices of ``factory(config, envs[l], seeds[l])``."""
 

@@ -8,7 +8,8 @@ candidate set is the same :class:`ConfigError` whatever the policy.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Mapping, Sequence, TypeVar, overload
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, TypeVar, overload
 
 import numpy as np
 from pydantic import Field

@@ -31,7 +31,8 @@ linear stochastic transitivity model). Shared machinery (all numpy):
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Mapping, Sequence, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 

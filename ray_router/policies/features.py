@@ -90,7 +90,7 @@ class Hadamard(FeatureMap):
             return (X @ M.reshape(C * K, d).T).reshape(len(X), C, K).transpose(1, 0, 2)
         if X.ndim == 3 and M.ndim >= 4:  # lanes: one (n, d) @ (d, [W·]C·K) GEMM per group
             G, n, d = X.shape
-            out = (X @ M.reshape(G, -1, d).transpose(0, 2, 1)).reshape((G, n) + M.shape[1:-1])
+            out = (X @ M.reshape(G, -1, d).transpose(0, 2, 1)).reshape((G, n, *M.shape[1:-1]))
             return np.moveaxis(out, 1, -2)
         return X @ np.swapaxes(M, -1, -2)
 
@@ -155,7 +155,7 @@ class Concat(Hadamard):
         return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2) @ self.A], axis=-1)
 
     def features(self, X):
-        arm = np.broadcast_to(self.A, (X.shape[0],) + self.A.shape)
+        arm = np.broadcast_to(self.A, (X.shape[0], *self.A.shape))
         return np.concatenate([super().features(X), arm], axis=2)
 
     def pair_features(self, X, first, second):
@@ -230,10 +230,10 @@ class OfflineAugmented(FeatureMap):
         if self.arm_bias:
             S = S + theta[..., None, self.i_b : self.i_c]
         if self.correction:
-            Tc = theta[..., self.i_c : self.i_q].reshape(theta.shape[:-1] + (self.M, K))
+            Tc = theta[..., self.i_c : self.i_q].reshape((*theta.shape[:-1], self.M, K))
             S = S + self._lane_axes(pi, theta.ndim, X.ndim) @ Tc
         if self.r:
-            Tq = theta[..., self.i_q :].reshape(theta.shape[:-1] + (self.r, K))
+            Tq = theta[..., self.i_q :].reshape((*theta.shape[:-1], self.r, K))
             S = S + self._lane_axes(z, theta.ndim, X.ndim) @ Tq
         return S
 
@@ -246,10 +246,10 @@ class OfflineAugmented(FeatureMap):
             parts.append(weights.sum(axis=-2))
         if self.correction:
             pib = self._lane_axes(pi, weights.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(pib, -1, -2) @ weights).reshape(weights.shape[:-2] + (-1,)))
+            parts.append((np.swapaxes(pib, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
         if self.r:
             zb = self._lane_axes(z, weights.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(zb, -1, -2) @ weights).reshape(weights.shape[:-2] + (-1,)))
+            parts.append((np.swapaxes(zb, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
         return np.concatenate([np.broadcast_to(p, parts[0].shape[:-1] + p.shape[-1:]) for p in parts], axis=-1)
 
     def features(self, X):
@@ -274,8 +274,8 @@ class OfflineAugmented(FeatureMap):
         if self.arm_bias:
             parts.append(E)
         if self.correction:
-            parts.append((pi[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+            parts.append((pi[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
         if self.r:
-            parts.append((z[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+            parts.append((z[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
         shape = np.broadcast_shapes(*[p.shape[:-1] for p in parts])
         return np.concatenate([np.broadcast_to(p, shape + p.shape[-1:]) for p in parts], axis=-1)

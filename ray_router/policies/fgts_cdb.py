@@ -36,7 +36,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import Field
@@ -130,7 +131,7 @@ def preset(name: str, **overrides: Any) -> FGTSConfig:
 
 def lanes_potential_grad(
     fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray,
-    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: "Prior | None" = None,
+    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: Prior | None = None,
     mu: float | None = None,
 ) -> np.ndarray:
     """∇U_j for independent lanes, each over its own batch of duels.
@@ -147,7 +148,7 @@ def lanes_potential_grad(
     lead, C = theta.shape[:-2], theta.shape[-2]
     B, K = y.shape[-1], fmap.n_arms
     S = fmap.scores(theta.astype(fmap.A.dtype, copy=False), X)  # (*lead, C, B, K)
-    base = (np.arange(math.prod(lead) * C).reshape(lead + (C, 1)) * B + np.arange(B)) * K  # flat (lane, chain, row)
+    base = (np.arange(math.prod(lead) * C).reshape((*lead, C, 1)) * B + np.arange(B)) * K  # flat (lane, chain, row)
     Sf = S.reshape(-1)
     i1, i2 = base + first[..., None, :], base + second[..., None, :]
     g = c.eta * (sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
@@ -210,13 +211,13 @@ def sgld_lanes(
         Xf = X.reshape(n_groups * cap, -1)
         flat = rows + (np.arange(n_groups) * cap)[:, None, None]  # row in Xf
         # every step's duels at once (small arrays), each step's contexts when it needs them (large)
-        i = rows.reshape((n_groups,) + members + (n_steps * B,))
+        i = rows.reshape((n_groups, *members, n_steps * B))
         first, second, y = (np.take_along_axis(a, i, -1) for a in (first, second, y))
         if mask is not None:
             mask = np.take_along_axis(mask, i[..., None], -2)
     xi = None
     if c.langevin_noise:
-        xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups,) + members + (n_steps, C, p))
+        xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups, *members, n_steps, C, p))
     start = theta
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging chain is handled below
         theta = _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi,
@@ -276,7 +277,7 @@ class DuelHistory:
     def _grow(self, cap: int) -> None:
         for name in ("X", "first", "second", "y", "mask"):
             old = getattr(self, name)
-            new = np.empty((cap,) + old.shape[1:], dtype=old.dtype)
+            new = np.empty((cap, *old.shape[1:]), dtype=old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
@@ -650,7 +651,7 @@ class FGTSCDBLanes:
         self.n_lanes, self.group_size, self.n_groups = L, W, L // W
         self.priors = priors
         self.fmap: FeatureMap = build_feature_map(
-            config, A.reshape((self.n_groups, W) + A.shape[1:]),
+            config, A.reshape((self.n_groups, W, *A.shape[1:])),
             None if pr0 is None else pr0.n_categories, 0 if pr0 is None else pr0.rank)
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.x_dim = int(A.shape[2])

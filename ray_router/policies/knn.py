@@ -22,7 +22,8 @@ require that key. The snapshot carries the training data, so a restored router n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Mapping, Sequence, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 

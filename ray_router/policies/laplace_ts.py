@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, cast, get_args
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, cast, get_args
 
 import numpy as np
 from pydantic import Field
@@ -62,7 +63,6 @@ from ray_router.policies.common import (
 from ray_router.policies.features import FeatureMap, FeatureMapName, make_feature_map
 from ray_router.policies.fgts_cdb import FGTSConfig
 from ray_router.policies.snapshot import PolicySnapshot, check_header
-
 
 # ------------------------------------------------------------ shared linear-logistic maths
 MAP_TOL = 1e-10  # stop refitting once the Newton decrement (≈ 2·(f − min f)) is below this
@@ -143,7 +143,7 @@ class PairHistory:
         self.D = np.empty((cap, self.fmap.dim))
 
     def _grow(self) -> None:
-        names = ("X", "first", "second", "D") + self._FLOATS
+        names = ("X", "first", "second", "D", *self._FLOATS)
         old = {k: getattr(self, k) for k in names}
         self._alloc(2 * len(self.y))
         for k, arr in old.items():
@@ -173,7 +173,7 @@ class PairHistory:
 
     def arrays(self) -> dict[str, np.ndarray]:
         n = self.n
-        return {k: getattr(self, k)[:n].copy() for k in ("X", "first", "second") + self._FLOATS}
+        return {k: getattr(self, k)[:n].copy() for k in ("X", "first", "second", *self._FLOATS)}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         n = len(arrays["y"])

@@ -10,7 +10,8 @@ earned its keep. It works for any model pool with offline rows or an operator's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ray_router.errors import ConfigError
+
 
 class PolicySnapshot(TypedDict):
     """The header of every policy snapshot: which policy wrote it. A plain dict at run time."""
