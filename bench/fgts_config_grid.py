@@ -20,6 +20,7 @@ import numpy as np
 
 
 def main() -> None:
+    from ray_router.config import parse
     from ray_router.data import load_dataset
     from ray_router.embeddings import get_encoder
     from ray_router.evaluation.experiment import EvalConfig, evaluate_grid
@@ -35,15 +36,17 @@ def main() -> None:
     ap.add_argument("--configs", required=True, help='JSON: {"name": {FGTSConfig overrides}, ...}')
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
-    table = load_dataset(a.dataset)
-    X = get_encoder("minilm").encode(list(table.texts))
     confs = json.loads(a.configs)
     common = dict(cost_weight=a.lam, n_seeds=a.seeds, n_rounds=a.rounds, split=a.split, k_per_category=5)
-    cfgs = [EvalConfig(policies=("fgts_cdb",), policy_configs={"fgts_cdb": ov}, **common) for ov in confs.values()]
-    cfgs.append(EvalConfig(policies=tuple(a.refs.split(",")), **common))
+    # through parse, before any slow work: a bad override is one ConfigError naming the configuration and field
+    cfgs = [parse(EvalConfig, {"policies": ("fgts_cdb",), "policy_configs": {"fgts_cdb": ov}, **common}, where=name)
+            for name, ov in confs.items()]
+    cfgs.append(parse(EvalConfig, {"policies": tuple(a.refs.split(",")), **common}, where="--refs"))
+    table = load_dataset(a.dataset)
+    X = get_encoder("minilm").encode(list(table.texts))
     t0 = time.perf_counter()
     res = evaluate_grid(table, X, cfgs, workers=a.workers)
-    names = list(confs) + ["refs"]
+    names = [*list(confs), "refs"]
     refs = {r["policy"]: r for r in res[-1].records}
     first = res[0].records[0]["served_regret_per_seed"]
 

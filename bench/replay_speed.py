@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ray_router.evaluation.replay import ReplayStream, run_replay, run_replay_lanes
-from ray_router.policies import FGTSCDB, FGTSConfig
+from ray_router.policies import FEATURE_MAPS, FGTSCDB, FGTSConfig
 from ray_router.policies.fgts_cdb import FGTSCDBLanes
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1500)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--arms", type=int, default=11)
-    ap.add_argument("--feature-map", default=FGTSConfig().feature_map)
+    ap.add_argument("--feature-map", default=FGTSConfig().feature_map, choices=FEATURE_MAPS)
     ap.add_argument("--lanes", type=int, default=0, help="also replay this many runs as lanes (0: skip)")
     ap.add_argument("--group-size", type=int, default=1, help="lanes per group sharing a seed's stream")
     args = ap.parse_args()
@@ -78,7 +78,7 @@ def main() -> None:
           f"batch_size={cfg.batch_size}, {T} rounds")
     print(f"  overall            {T / total:8.1f} rounds/s  ({1000 * total / T:.2f} ms/round)")
     print(f"  first {exact:>4} rounds  {exact / t_exact:8.1f} rounds/s  (exact gradient, growing history)")
-    if T > exact:
+    if exact < T:
         print(f"  rounds {exact + 1}-{T:<5} {(T - exact) / t_mini:8.1f} rounds/s  (minibatch of {cfg.batch_size})")
     print(f"  time in SGLD       {100 * policy.sgld_seconds / total:8.1f} %")
     print(f"  SGLD FLOP rate     {sgld_rate / 1e9:8.2f} GFLOP/s (upper-bound count, minibatch regime)")
@@ -90,9 +90,9 @@ def main() -> None:
         orders = [stream.order] + [rng.integers(0, 2000, T) for _ in range(L // W - 1)]
         streams = [ReplayStream(X, U, U, np.zeros_like(U), o) for o in orders for _ in range(W)]
         arm_emb = np.stack([A + 0.01 * w * rng.normal(size=A.shape) for _ in range(L // W) for w in range(W)])
-        lanes = FGTSCDBLanes(cfg, arm_emb, seeds=[l // W for l in range(L)], group_size=W)
+        lanes = FGTSCDBLanes(cfg, arm_emb, seeds=[lane // W for lane in range(L)], group_size=W)
         t2 = time.perf_counter()
-        run_replay_lanes(lanes, streams, 10.0, [np.random.default_rng(1 + l) for l in range(L)])
+        run_replay_lanes(lanes, streams, 10.0, [np.random.default_rng(1 + lane) for lane in range(L)])
         t_lanes = time.perf_counter() - t2
         lane_rate = L * steps * sgld_step_flops(cfg.batch_size, d, K) / lanes.sgld_seconds
         print(f"{L} runs as lanes of one array program ({L // W} groups of {W} sharing a stream), same shapes:")

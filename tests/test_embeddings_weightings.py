@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ray_router.config import parse
 from ray_router.data.table import make_table
 from ray_router.embeddings import (
     WeightingConfig,
@@ -194,8 +195,9 @@ def test_softmax_is_stable_and_rejects_all_masked_rows():
     ],
 )
 def test_weighting_config_rejects(kwargs):
-    with pytest.raises(ConfigError):
-        WeightingConfig(**kwargs)
+    (field,) = kwargs
+    with pytest.raises(ConfigError, match=rf"^WeightingConfig: {field}: "):
+        parse(WeightingConfig, kwargs)
 
 
 def test_weighting_config_is_frozen_and_hashable():

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ray_router.config import parse
 from ray_router.data import make_table
 from ray_router.errors import ConfigError
 from ray_router.evaluation import EvalConfig, ReplayEnvironment, evaluate, format_table, mean_ci95, write_outputs
@@ -59,12 +60,45 @@ def test_regret_is_best_minus_the_mean_of_the_two_arms():
     assert env.regret(0, Duel(1, 1), mask=np.array([False, True, True])) == 0.0
 
 
-def test_mean_ci95_uses_the_student_t_quantile():
-    mean, lo, hi = mean_ci95(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
-    half = 2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / math.sqrt(5)
-    assert mean == 3.0 and lo == pytest.approx(3 - half) and hi == pytest.approx(3 + half)
-    m1, l1, h1 = mean_ci95(np.array([7.0]))
+# t_{0.975, df} in closed form (independent of the code's scipy call): df = 1 is a Cauchy quantile,
+# df = 2 has t_p = (2p − 1) / sqrt(2p(1 − p)).
+T975_DF1 = math.tan(math.pi * (0.975 - 0.5))  # 12.7062...
+T975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # 4.3027...
+
+
+def _t_cdf_df4(t: float) -> float:
+    """The Student-t CDF with 4 degrees of freedom, in closed form."""
+    u = t / math.sqrt(4 + t * t)
+    return 0.5 + 0.75 * u * (1 - u * u / 3)
+
+
+def test_mean_ci95_half_width_is_the_student_t_quantile():
+    for values, t in [([3.0, 5.0], T975_DF1), ([1.0, 2.0, 6.0], T975_DF2)]:
+        mean, lo, hi = mean_ci95(np.array(values))
+        half = t * np.std(values, ddof=1) / math.sqrt(len(values))
+        assert mean == pytest.approx(np.mean(values))
+        assert (lo, hi) == (pytest.approx(mean - half, rel=1e-9), pytest.approx(mean + half, rel=1e-9))
+    # df = 4: the half-width, in units of the standard error, is the t whose CDF is 0.975
+    v = np.array([1.0, 2.0, 3.0, 4.0, 9.0])
+    mean, lo, hi = mean_ci95(v)
+    t_used = (hi - mean) / (np.std(v, ddof=1) / math.sqrt(5))
+    assert _t_cdf_df4(t_used) == pytest.approx(0.975, abs=1e-9)
+    assert hi - mean == pytest.approx(mean - lo)
+    m1, l1, h1 = mean_ci95(np.array([7.0]))  # one value: no spread can be estimated
     assert m1 == l1 == h1 == 7.0
+
+
+@pytest.mark.parametrize("n", [3, 5, 40])
+def test_mean_ci95_covers_the_true_mean_95_percent_of_the_time(n):
+    """Coverage on 20000 simulated normal samples of size n: the binomial sd of the rate is 0.0015,
+    so ±0.006 is four sd. The normal 1.96 instead of t would cover 81% (n = 3), 87.8% (n = 5) or
+    94.3% (n = 40): each fails here."""
+    rng = np.random.default_rng(n)
+    samples = rng.normal(loc=2.5, scale=3.0, size=(n, 20000))
+    mean, lo, hi = mean_ci95(samples, axis=0)
+    np.testing.assert_allclose(mean, samples.mean(axis=0))
+    covered = np.mean((lo <= 2.5) & (hi >= 2.5))
+    assert covered == pytest.approx(0.95, abs=0.006)
 
 
 def test_evaluate_writes_the_record_schema_and_is_reproducible(tmp_path):
@@ -80,9 +114,12 @@ def test_evaluate_writes_the_record_schema_and_is_reproducible(tmp_path):
         for key in ("dataset", "policy", "encoder", "weighting", "n_seeds", "n_rounds", "cum_regret_mean",
                     "cum_regret_ci95"):
             assert key in r
-        lo, hi = r["cum_regret_ci95"]
-        assert lo <= r["cum_regret_mean"] <= hi and r["n_seeds"] == 3 and r["n_rounds"] == 150
-        assert r["cum_regret_mean"] == pytest.approx(np.mean(r["cum_regret_per_seed"]))
+        assert r["n_seeds"] == 3 and r["n_rounds"] == 150
+        for kind in ("cum_regret", "served_regret"):  # the record's interval is the t-interval of its seeds
+            per_seed = r[f"{kind}_per_seed"]
+            assert r[f"{kind}_mean"] == pytest.approx(np.mean(per_seed))
+            half = T975_DF2 * np.std(per_seed, ddof=1) / math.sqrt(3)
+            assert r[f"{kind}_ci95"] == [pytest.approx(np.mean(per_seed) - half), pytest.approx(np.mean(per_seed) + half)]
     assert by["fgts_cdb"]["encoder"] == "base" and by["uniform"]["encoder"] == "none"
     curves = result.curves
     assert len(curves) == 3 * 3 * 150
@@ -125,18 +162,20 @@ def test_holdout_split_keeps_the_category_out_of_the_offline_part():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"policies": ("nope",)}, "unknown policy"),
-    ({"policies": ()}, "at least one"),
-    ({"n_seeds": 0}, "n_seeds"),
-    ({"split": "random"}, "split"),
-    ({"split": "holdout"}, "held_out"),
-    ({"offline_fraction": 1.0}, "offline_fraction"),
-    ({"kappa": 0.0}, "kappa"),
-    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, "temperature"),
+    ({"policies": ("nope",)}, "policies: unknown policy"),
+    ({"policies": ()}, "policies: at least one"),
+    ({"n_seeds": 0}, "n_seeds: "),
+    ({"split": "random"}, "split: "),
+    ({"split": "holdout"}, "needs held_out"),
+    ({"offline_fraction": 1.0}, "offline_fraction: "),
+    ({"kappa": 0.0}, "kappa: "),
+    ({"cost_normaliser": "max"}, "cost_normaliser: "),
+    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, r"policy_configs: fgts_cdb config: unknown field\(s\) \['temperature'\]"),
+    ({"policy_configs": {"fgts_cdb": {"eta": -1.0}}}, "policy_configs: fgts_cdb config: eta: "),
 ])
 def test_invalid_eval_configs_are_rejected(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        EvalConfig(**kwargs)
+    with pytest.raises(ConfigError, match=f"^EvalConfig: .*{match}"):
+        parse(EvalConfig, kwargs)
 
 
 def test_embeddings_must_match_the_table():

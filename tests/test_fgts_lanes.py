@@ -22,28 +22,28 @@ def _play(G, T, cfg, W=1, d=12, K=5, seed=0):
     X /= np.linalg.norm(X, axis=2, keepdims=True)
     theta_star = rng.normal(size=(L, K, d)) * 3
 
-    def judge(l, r, x, f, s):
-        u = theta_star[l] @ x
+    def judge(lane, r, x, f, s):
+        u = theta_star[lane] @ x
         return float(r.random() < 1 / (1 + np.exp(-(u[f] - u[s]))))
 
     lone = []
-    for l in range(L):
-        g = l // W
-        p, r, log = FGTSCDB(cfg, A[l], seed=10 + g), np.random.default_rng(l), []
+    for lane in range(L):
+        g = lane // W
+        p, r, log = FGTSCDB(cfg, A[lane], seed=10 + g), np.random.default_rng(lane), []
         for t in range(T):
             duel = p.select(X[g, t])
-            p.update(X[g, t], duel, judge(l, r, X[g, t], duel.first, duel.second))
+            p.update(X[g, t], duel, judge(lane, r, X[g, t], duel.first, duel.second))
             log.append((duel.first, duel.second))
         lone.append((log, p.theta))
-    lanes = FGTSCDBLanes(cfg, A, seeds=[10 + l // W for l in range(L)], group_size=W)
-    rs, logs = [np.random.default_rng(l) for l in range(L)], [[] for _ in range(L)]
+    lanes = FGTSCDBLanes(cfg, A, seeds=[10 + lane // W for lane in range(L)], group_size=W)
+    rs, logs = [np.random.default_rng(lane) for lane in range(L)], [[] for _ in range(L)]
     for t in range(T):
         Xt = np.repeat(X[:, t], W, axis=0)
         f, s = lanes.select(Xt)
-        y = [judge(l, rs[l], Xt[l], f[l], s[l]) for l in range(L)]
+        y = [judge(lane, rs[lane], Xt[lane], f[lane], s[lane]) for lane in range(L)]
         lanes.update(Xt, f, s, np.array(y))
-        for l in range(L):
-            logs[l].append((int(f[l]), int(s[l])))
+        for lane in range(L):
+            logs[lane].append((int(f[lane]), int(s[lane])))
     return lone, logs, lanes
 
 
@@ -54,9 +54,9 @@ def test_lanes_make_exactly_the_choices_of_lone_policies(feature_map, distinct):
     cfg = FGTSConfig(feature_map=feature_map, distinct_arms=distinct, batch_size=16, n_steps=5)
     lone, logs, lanes = _play(G=3, T=60, cfg=cfg)
     theta = lanes.theta.reshape(3, 2, -1)
-    for l in range(3):
-        assert logs[l] == lone[l][0]
-        np.testing.assert_array_equal(theta[l], lone[l][1])
+    for lane in range(3):
+        assert logs[lane] == lone[lane][0]
+        np.testing.assert_array_equal(theta[lane], lone[lane][1])
     # and the lanes did learn something different per lane (not one lane copied L times)
     assert logs[0] != logs[1]
 
@@ -67,11 +67,11 @@ def test_grouped_lanes_share_minibatches_yet_match_lone_policies(feature_map):
     cfg = FGTSConfig(feature_map=feature_map, distinct_arms=True, batch_size=16, n_steps=5)
     lone, logs, lanes = _play(G=2, W=3, T=60, cfg=cfg)
     theta = lanes.theta.reshape(6, 2, -1)
-    for l in range(6):
-        assert logs[l] == lone[l][0]
+    for lane in range(6):
+        assert logs[lane] == lone[lane][0]
         # a group's GEMM is W times wider, so BLAS may round its float32 sums differently: equal
         # up to float32 rounding, not bit for bit (ungrouped lanes are bit for bit, above)
-        np.testing.assert_allclose(theta[l], lone[l][1], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(theta[lane], lone[lane][1], rtol=1e-5, atol=1e-6)
     assert logs[0] != logs[1]  # members of one group keep their own arms and posteriors
 
 

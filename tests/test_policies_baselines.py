@@ -9,12 +9,13 @@ seeding, snapshots, extreme inputs) is in test_policy_contract.py.
 import numpy as np
 import pytest
 
+from ray_router.config import parse
 from ray_router.errors import ConfigError
 from ray_router.evaluation.replay import ReplayStream, run_replay
 from ray_router.policies import (
+    FGTSCDB,
     CoLSTIM,
     CoLSTIMConfig,
-    FGTSCDB,
     FGTSConfig,
     KNNConfig,
     KNNRouter,
@@ -338,7 +339,7 @@ def test_knn_needs_offline_data_and_picks_its_target():
 
 
 def test_knn_snapshot_carries_its_training_data():
-    (X, U, c), (Xq, _, _), _, _ = _clustered(2)
+    (X, U, _c), (Xq, _, _), _, _ = _clustered(2)
     policy = make_policy("knn", PolicyEnv(5, offline={"X": X, "utilities": U}), config={"k": 7})
     clone = KNNRouter(KNNConfig(), np.ones((1, 16)), np.zeros((1, 5)))  # built from other data
     clone.restore(snapshot_from_bytes(snapshot_to_bytes(policy.snapshot())))
@@ -361,7 +362,9 @@ def test_knn_snapshot_carries_its_training_data():
     (KNNConfig, "k", 0), (KNNConfig, "k", 2.0), (KNNConfig, "weighting", "gaussian"), (KNNConfig, "target", "costs"),
 ])
 def test_invalid_config_is_rejected_with_the_field_named(cls, field, value):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}: {field}: "):
+        parse(cls, {field: value})
+    with pytest.raises(ValueError, match=rf"(?m)^{field}$"):  # built directly: pydantic's error, same field
         cls(**{field: value})
 
 

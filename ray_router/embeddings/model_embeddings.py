@@ -23,42 +23,37 @@ Our choices (the paper is silent):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Literal, get_args
 
 import numpy as np
+from pydantic import Field
 
+from ray_router.config import config_dataclass
 from ray_router.data.table import RoutingTable
 from ray_router.errors import ConfigError
 
-WEIGHTINGS = ("perf", "perf_cost", "excel_perf_cost", "excel_mask")
+WeightingName = Literal["perf", "perf_cost", "excel_perf_cost", "excel_mask"]
+WEIGHTINGS: tuple[str, ...] = get_args(WeightingName)  # the one list of the weightings (ALGORITHM.md s.3)
+CostNormaliser = Literal["shared", "category_max"]
+COST_NORMALISERS: tuple[str, ...] = get_args(CostNormaliser)  # see :func:`offline_arm_embeddings`
 _TIE_ATOL = 1e-12
+_NonNegativeFinite = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class WeightingConfig:
     """How category scores become model embeddings.
 
     ``name``: one of :data:`WEIGHTINGS`; ``cost_weight`` (lambda >= 0): weight of the normalised cost;
     ``top_tau`` (tau >= 1): how many top arms per category count as excelling; ``beta`` (>= 0): softmax
-    sharpness (0 = uniform over the allowed categories).
+    sharpness (0 = uniform over the allowed categories). Numbers are finite.
     """
 
-    name: str = "perf"
-    cost_weight: float = 0.0
-    top_tau: int = 3
-    beta: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.name not in WEIGHTINGS:
-            raise ConfigError(f"unknown weighting {self.name!r}; choose one of {list(WEIGHTINGS)}")
-        for field in ("cost_weight", "beta"):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"weighting {field} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.top_tau, bool) or not isinstance(self.top_tau, int) or self.top_tau < 1:
-            raise ConfigError(f"weighting top_tau must be an int >= 1, got {self.top_tau!r}")
+    name: WeightingName = "perf"
+    cost_weight: _NonNegativeFinite = 0.0
+    top_tau: Annotated[int, Field(ge=1)] = 3
+    beta: _NonNegativeFinite = 10.0
 
 
 def category_order(categories: Sequence[str] | np.ndarray) -> tuple[str, ...]:
@@ -242,15 +237,13 @@ def model_embeddings(
     return arm_embeddings(centroids, weighting_scores(P, C, config), config.beta)
 
 
-COST_NORMALISERS = ("shared", "category_max")
-
 
 def offline_arm_embeddings(
     table: RoutingTable,
     X_offline: np.ndarray,
     offline_rows: np.ndarray,
     config: WeightingConfig,
-    cost_normaliser: str = "shared",
+    cost_normaliser: CostNormaliser = "shared",
     columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """Model embeddings a_k (K, d) of ``table``'s arms (or of its ``columns``) from its offline rows.

@@ -6,6 +6,14 @@ from ray_router.evaluation.replay import ReplayResult, ReplayStream, run_replay
 from ray_router.evaluation.stats import mean_ci95
 
 __all__ = [
-    "ReplayEnvironment", "EvalConfig", "EvalResult", "evaluate", "format_table", "write_outputs",
-    "ReplayResult", "ReplayStream", "run_replay", "mean_ci95",
+    "EvalConfig",
+    "EvalResult",
+    "ReplayEnvironment",
+    "ReplayResult",
+    "ReplayStream",
+    "evaluate",
+    "format_table",
+    "mean_ci95",
+    "run_replay",
+    "write_outputs",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 
 from ray_router.errors import ConfigError
 from ray_router.policies.base import Duel
+from ray_router.policies.common import sigmoid
 
 
 class ReplayEnvironment:
@@ -53,7 +54,7 @@ class ReplayEnvironment:
             if gap == 0:
                 return float(rng.random() < 0.5)
             return 1.0 if gap > 0 else 0.0
-        p = 0.5 * (1.0 + math.tanh(0.5 * self.kappa * gap))
+        p = sigmoid(self.kappa * gap)
         return float(rng.random() < p)
 
     def regret(self, row: int, duel: Duel, mask: np.ndarray | None = None) -> float:

@@ -12,76 +12,90 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from ray_router.config import config_dataclass, parse
 from ray_router.data.table import RoutingTable
+from ray_router.embeddings.model_embeddings import CostNormaliser, WeightingName
 from ray_router.errors import ConfigError
 from ray_router.evaluation.replay import ReplayResult, ReplayStream, reference_result, run_replay, run_replay_lanes
 from ray_router.evaluation.stats import mean_ci95
 from ray_router.policies.base import PolicyEnv, get_entry, make_policy
+from ray_router.policies.common import Positive, PositiveInt
 
-SPLITS = ("stratified", "k_per_category", "holdout")
-COST_NORMALISERS = ("shared", "category_max")
-CONTEXTS = ("query", "constant")
+Split = Literal["stratified", "k_per_category", "holdout"]
+SPLITS: tuple[str, ...] = get_args(Split)
+Context = Literal["query", "constant"]
+CONTEXTS: tuple[str, ...] = get_args(Context)
 # Reference lines every comparison is made against (paired per-seed differences), when they ran.
 PAIRED_REFERENCES = ("best_fixed", "best_per_category", "offline_static", "knn", "colstim", "uniform")
 
 
-@dataclass(frozen=True)
+def _invalid(e: ConfigError) -> PydanticCustomError:
+    """A ConfigError raised while validating a field, as pydantic's error (its message kept verbatim)."""
+    return PydanticCustomError("invalid", "{message}", {"message": str(e)})
+
+
+@config_dataclass
 class EvalConfig:
     """One replay experiment. Policy hyperparameters go in ``policy_configs[name]`` (field names)."""
 
-    policies: tuple[str, ...] = ("fgts_cdb", "uniform")
-    n_seeds: int = 5
+    policies: Annotated[tuple[str, ...], Field(strict=False)] = ("fgts_cdb", "uniform")  # a YAML list is fine
+    n_seeds: PositiveInt = 5
     base_seed: int = 0
-    n_rounds: int = 2000
+    n_rounds: PositiveInt = 2000
     cost_weight: float = 0.0  # λ in r = score − λ·cost_norm
-    kappa: float = 10.0  # judge sharpness; inf = noiseless
+    kappa: Positive = 10.0  # judge sharpness; inf = noiseless
     use_pairwise_labels: bool = True  # real labels (MixInstruct cmp_results) where present
-    split: str = "stratified"  # stratified | k_per_category | holdout
-    offline_fraction: float = 0.2
+    split: Split = "stratified"
+    offline_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     k_per_category: int = 5
     held_out: str | None = None  # category held out of the offline part (split="holdout")
     split_seed: int | None = None  # fix the offline/online split for every seed (None: each seed splits anew)
-    weighting: str = "perf"
+    weighting: WeightingName = "perf"
     weighting_beta: float = 10.0
     weighting_tau: int = 3
     weighting_cost_weight: float | None = None  # λ inside the weighting; None = cost_weight
     # "shared": the weightings divide costs by the environment's normaliser (one scale everywhere);
     # "category_max": by the largest category-mean cost of the offline rows (the code before issue 10)
-    cost_normaliser: str = "shared"
-    context: str = "query"  # "constant": every query embedding replaced by one vector (the ablation)
+    cost_normaliser: CostNormaliser = "shared"
+    context: Context = "query"  # "constant": every query embedding replaced by one vector (the ablation)
     policy_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not self.policies:
-            raise ConfigError("at least one policy is needed")
-        for name in self.policies:
-            get_entry(name)  # raises on an unknown name
-        for name, values in self.policy_configs.items():
-            entry = get_entry(name)
-            names = {f.name for f in dataclasses.fields(entry.config_cls)}
-            unknown = sorted(set(values) - names)
-            if unknown:
-                raise ConfigError(f"policy {name!r} has no field(s) {unknown}; fields: {sorted(names)}")
-        if self.n_seeds < 1 or self.n_rounds < 1:
-            raise ConfigError("n_seeds and n_rounds must be >= 1")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
+    @field_validator("policies")
+    @classmethod
+    def _registered(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if not names:
+            raise PydanticCustomError("empty", "at least one policy is needed")
+        try:
+            for name in names:
+                get_entry(name)
+        except ConfigError as e:
+            raise _invalid(e) from None
+        return names
+
+    @field_validator("policy_configs")
+    @classmethod
+    def _policy_configs(cls, configs: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
+        try:
+            for name, values in configs.items():
+                get_entry(name).config(values)  # unknown policy, unknown field or bad value: a ConfigError
+        except ConfigError as e:
+            raise _invalid(e) from None
+        return configs
+
+    @model_validator(mode="after")
+    def _holdout_names_its_category(self) -> EvalConfig:
         if self.split == "holdout" and not self.held_out:
-            raise ConfigError("split='holdout' needs held_out=<category>")
-        if not 0 < self.offline_fraction < 1:
-            raise ConfigError("offline_fraction must be in (0, 1)")
-        if not self.kappa > 0:
-            raise ConfigError("kappa must be > 0 (inf = noiseless judge)")
-        if self.cost_normaliser not in COST_NORMALISERS:
-            raise ConfigError(f"cost_normaliser must be one of {COST_NORMALISERS}, got {self.cost_normaliser!r}")
-        if self.context not in CONTEXTS:
-            raise ConfigError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+            raise PydanticCustomError("holdout", "split='holdout' needs held_out=<category>")
+        return self
 
     @property
     def seeds(self) -> list[int]:
@@ -94,7 +108,7 @@ class EvalConfig:
 @dataclass
 class EvalResult:
     records: list[dict]
-    curves: "Any"  # pandas.DataFrame: one row per (policy, seed, round)
+    curves: Any  # pandas.DataFrame: one row per (policy, seed, round)
     runs: dict[tuple[str, int], ReplayResult] = field(default_factory=dict, repr=False)
 
 
@@ -117,7 +131,8 @@ def arm_embeddings_for(table: RoutingTable, X: np.ndarray, offline: np.ndarray, 
     from ray_router.embeddings.model_embeddings import WeightingConfig, offline_arm_embeddings
 
     lam = cfg.cost_weight if cfg.weighting_cost_weight is None else cfg.weighting_cost_weight
-    wcfg = WeightingConfig(name=cfg.weighting, cost_weight=lam, top_tau=cfg.weighting_tau, beta=cfg.weighting_beta)
+    wcfg = parse(WeightingConfig, {"name": cfg.weighting, "cost_weight": lam, "top_tau": cfg.weighting_tau,
+                                   "beta": cfg.weighting_beta}, where="EvalConfig weighting")
     return offline_arm_embeddings(table, X[offline], offline, wcfg, cost_normaliser=cfg.cost_normaliser)
 
 
@@ -322,8 +337,8 @@ def _evaluate_grid(table, X, cfgs, encoder, progress, workers, on_seed) -> list[
     outs: list[dict[tuple[str, int], ReplayResult]] = [{} for _ in cfgs]
     seeds = cfgs[0].seeds
     if workers > 1 and len(seeds) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
         # one contiguous block of seeds per worker; each block runs as lanes where it can
         blocks = [[int(s) for s in b] for b in np.array_split(seeds, min(workers, len(seeds)))]

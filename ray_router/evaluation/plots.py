@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from itertools import cycle
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +105,7 @@ def plot_perf_cost(path: str | Path, arm_points, router_curves, title: str = "",
         if all_costs and max(all_costs) > hc[-1]:
             hc, hq = np.append(hc, max(all_costs)), np.append(hq, hq[-1])
         if log_x and len(hc) > 1:  # the hull is linear in cost: sample it densely so it bends on a log axis
-            dense = np.unique(np.concatenate([np.geomspace(a, b, 32) for a, b in zip(hc[:-1], hc[1:])]))
+            dense = np.unique(np.concatenate([np.geomspace(a, b, 32) for a, b in pairwise(hc)]))
             hc, hq = dense, np.interp(dense, hc, hq)
         key = "single-arm hull"
         label = key + (f", AIQ {aiq_values[key]:.3f}" if key in aiq_values else "")

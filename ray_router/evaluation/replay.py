@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -169,32 +170,32 @@ def run_replay_lanes(
     y = np.empty(L)
     t0 = time.perf_counter()
     for t in tqdm(range(T), desc=desc, disable=not progress, leave=False, mininterval=1.0):
-        X = np.stack([s.contexts[order[l, t]] for l, s in enumerate(streams)])
+        X = np.stack([s.contexts[order[lane, t]] for lane, s in enumerate(streams)])
         f, s2 = lanes.select(X)
         served[:, t] = lanes.best(X) if hasattr(lanes, "best") else f
-        for l in range(L):
-            duel = Duel(int(f[l]), int(s2[l]))
-            row = int(order[l, t])
-            y[l] = envs[l].feedback(row, duel, rngs[l])
-            regret[l, t] = envs[l].regret(row, duel)
+        for lane in range(L):
+            duel = Duel(int(f[lane]), int(s2[lane]))
+            row = int(order[lane, t])
+            y[lane] = envs[lane].feedback(row, duel, rngs[lane])
+            regret[lane, t] = envs[lane].regret(row, duel)
         lanes.update(X, f, s2, y)
         first[:, t], second[:, t], outcome[:, t] = f, s2, y
     seconds = (time.perf_counter() - t0) / L
     sgld = float(getattr(lanes, "sgld_seconds", 0.0)) / L
     return [
         ReplayResult(
-            rows=order[l],
-            first=first[l],
-            second=second[l],
-            outcome=outcome[l],
-            regret=regret[l],
-            served_score=s.scores[order[l], served[l]],
-            served_cost=s.costs[order[l], served[l]],
-            n_real_labels=envs[l].n_real_labels,
+            rows=order[lane],
+            first=first[lane],
+            second=second[lane],
+            outcome=outcome[lane],
+            regret=regret[lane],
+            served_score=s.scores[order[lane], served[lane]],
+            served_cost=s.costs[order[lane], served[lane]],
+            n_real_labels=envs[lane].n_real_labels,
             seconds=seconds,
             sgld_seconds=sgld,
-            served=served[l],
-            served_regret=_served_regret(s.utilities, order[l], served[l]),
+            served=served[lane],
+            served_regret=_served_regret(s.utilities, order[lane], served[lane]),
         )
-        for l, s in enumerate(streams)
+        for lane, s in enumerate(streams)
     ]

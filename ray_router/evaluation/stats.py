@@ -1,4 +1,4 @@
-"""Mean and 95% confidence interval over seeds (Student t, no scipy needed)."""
+"""Mean and 95% confidence interval over seeds (Student t)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,14 @@ import math
 
 import numpy as np
 
-# two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond that the normal 1.96 is
-# within 2% of the exact value.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]
-
 
 def t975(df: int) -> float:
+    """The two-sided 95% Student-t quantile t_{0.975, df} (NaN for df < 1)."""
     if df < 1:
         return float("nan")
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+    from scipy.stats import t  # imported on first use: scipy.stats takes a while to import
+
+    return float(t.ppf(0.975, df))
 
 
 def mean_ci95(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

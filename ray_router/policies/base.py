@@ -7,8 +7,9 @@ separation of frozen config and mutable state):
 - ``update(context, duel, outcome, arms=None)``: learn from "first better" (1), "second better" (0)
   or a tie (½); ``arms`` are the arms that were offered in that round;
 - ``best(context, arms=None) -> int``: the exploit arm (what a router serves in ``single`` mode);
-- ``snapshot() -> dict`` / ``restore(snapshot)``: the whole learned state plus config, so a copy made
-  from a snapshot makes exactly the same future choices as the original.
+- ``snapshot() -> PolicySnapshot`` / ``restore(snapshot)``: the whole learned state plus config (a
+  plain dict headed by the policy's name, ``policies/snapshot.py``), so a copy made from a snapshot
+  makes exactly the same future choices as the original.
 
 Arms are integer indices ``0..n_arms-1``; ``arms`` restricts a call to a subset (the candidates).
 Contexts are the encoder's L2-normalised query embeddings, shape (dim,).
@@ -17,12 +18,15 @@ Contexts are the encoder's L2-normalised query embeddings, shape (dim,).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.errors import ConfigError
+from ray_router.policies.snapshot import PolicySnapshot
 
 
 @dataclass(frozen=True)
@@ -66,67 +70,9 @@ class Policy(Protocol):
 
     def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int: ...
 
-    def snapshot(self) -> dict: ...
+    def snapshot(self) -> PolicySnapshot: ...
 
     def restore(self, snapshot: Mapping[str, Any]) -> None: ...
-
-
-# ----------------------------------------------------------------------------- helpers
-def offered_mask(n_arms: int, arms: Sequence[int] | None) -> np.ndarray:
-    """Boolean mask of the offered arms; ``None`` offers all. Raises ConfigError on a bad subset."""
-    mask = np.zeros(n_arms, dtype=bool)
-    if arms is None:
-        mask[:] = True
-        return mask
-    idx = np.asarray(list(arms), dtype=np.int64)
-    if idx.size == 0:
-        raise ConfigError("the candidate set is empty")
-    if idx.min() < 0 or idx.max() >= n_arms:
-        raise ConfigError(f"candidate arm index out of range 0..{n_arms - 1}: {idx.tolist()}")
-    mask[idx] = True
-    return mask
-
-
-def check_outcome(outcome: float) -> float:
-    y = float(outcome)
-    if not (0.0 <= y <= 1.0) or np.isnan(y):
-        raise ConfigError(f"outcome must be in [0, 1] (1 first better, 0 second better, 0.5 tie), got {outcome!r}")
-    return y
-
-
-def top_two(utility: np.ndarray, n_arms: int, arms: Sequence[int] | None) -> np.ndarray:
-    """The best and runner-up offered arms by ``utility`` (K,) (one arm when only one is offered);
-    the duel of a router that plays its estimate's top two."""
-    mask = offered_mask(n_arms, arms)
-    order = np.argsort(-np.where(mask, utility, -np.inf), kind="stable")
-    return order[: max(1, min(2, int(mask.sum())))]
-
-
-def check_duel(duel: Duel, n_arms: int) -> None:
-    for a in (duel.first, duel.second):
-        if not 0 <= int(a) < n_arms:
-            raise ConfigError(f"arm index {a} out of range 0..{n_arms - 1}")
-
-
-def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
-def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:
-    bitgen_cls = getattr(np.random, state["bit_generator"])
-    bg = bitgen_cls()
-    bg.state = dict(state)
-    return np.random.Generator(bg)
-
-
-def config_from_dict(cls: type, values: Mapping[str, Any] | None) -> Any:
-    """Build a frozen config dataclass from a mapping, rejecting unknown fields by name."""
-    values = dict(values or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
-    return cls(**values)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -137,10 +83,10 @@ class PolicyEntry:
     factory: Callable[[Any, PolicyEnv, int], Policy]
     description: str = ""
     needs_embeddings: bool = True
-    # lanes(config, envs, seeds) -> an object running len(seeds) independent copies in lockstep
+    # lanes(config, envs, seeds, group_size) -> an object running len(seeds) independent copies in lockstep
     # (``select(X) -> (first, second)``, ``update(X, first, second, y)``), or None when this config
     # cannot run as lanes. The replay evaluator uses it to vectorise seeds (evaluation/replay.py).
-    lanes: Callable[[Any, Sequence[PolicyEnv], Sequence[int]], Any] | None = None
+    lanes: Callable[..., Any] | None = None  # (config, envs, seeds, group_size=1)
     # field values that differ from the config class's defaults (a named preset, e.g. fgts_cdb_paper)
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # hindsight references (best per-category arm, per-query oracle) are not routers: the evaluator
@@ -148,8 +94,9 @@ class PolicyEntry:
     reference: Callable[[Any], np.ndarray] | None = None
 
     def config(self, values: Mapping[str, Any] | None = None) -> Any:
-        """The config of this entry: its defaults, then ``values`` (unknown fields rejected)."""
-        return config_from_dict(self.config_cls, {**self.defaults, **dict(values or {})})
+        """The config of this entry: its defaults, then ``values``; a ConfigError naming the field
+        for an unknown field or a bad value."""
+        return parse(self.config_cls, {**self.defaults, **dict(values or {})}, where=f"{self.name} config")
 
 
 _REGISTRY: dict[str, PolicyEntry] = {}
@@ -170,7 +117,7 @@ def register_policy(name: str, config_cls: type, *, description: str = "", needs
 
 
 def register_lanes(name: str):
-    """Decorator: register ``lanes(config, envs, seeds)`` for the already registered policy ``name``.
+    """Decorator: register ``lanes(config, envs, seeds, group_size=1)`` for the already registered policy ``name``.
 
     Lane l must make exactly the choices of ``factory(config, envs[l], seeds[l])``."""
 

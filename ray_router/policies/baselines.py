@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import config_dataclass
 from ray_router.errors import ConfigError
-from ray_router.policies.base import (
-    Duel,
-    PolicyEnv,
-    check_duel,
-    check_outcome,
-    offered_mask,
-    register_policy,
-    rng_from_state,
-    rng_state,
-)
+from ray_router.policies.base import Duel, PolicyEnv, register_policy
+from ray_router.policies.common import check_feedback, offered_mask, rng_from_state, rng_state
+from ray_router.policies.snapshot import PolicySnapshot, check_header
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class UniformConfig:
     distinct_arms: bool = True  # draw two different arms when more than one is offered
+
+
+class UniformSnapshot(PolicySnapshot):
+    n_arms: int
+    distinct_arms: bool
+    n_updates: int
+    rng: dict[str, Any]
+
+
+class BestFixedSnapshot(PolicySnapshot):
+    utility: np.ndarray
+    n_updates: int
 
 
 class UniformPolicy:
@@ -42,27 +48,25 @@ class UniformPolicy:
         return Duel(int(a), int(b))
 
     def update(self, context, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
-        check_outcome(outcome)
-        check_duel(duel, self.n_arms)
+        check_feedback(duel, outcome, self.n_arms)
         self.n_updates += 1
 
     def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
         return int(self.rng.choice(np.flatnonzero(offered_mask(self.n_arms, arms))))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> UniformSnapshot:
         return {"policy": self.name, "n_arms": self.n_arms, "distinct_arms": self.config.distinct_arms,
                 "n_updates": self.n_updates, "rng": rng_state(self.rng)}
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
+        check_header(snapshot, self.name)
         self.n_arms = int(snapshot["n_arms"])
         self.config = UniformConfig(distinct_arms=bool(snapshot["distinct_arms"]))
         self.n_updates = int(snapshot["n_updates"])
         self.rng = rng_from_state(snapshot["rng"])
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class HindsightConfig:
     pass
 
@@ -91,16 +95,14 @@ class BestFixedArm:
         return Duel(k, k)
 
     def update(self, context, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
-        check_outcome(outcome)
-        check_duel(duel, self.n_arms)
+        check_feedback(duel, outcome, self.n_arms)
         self.n_updates += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> BestFixedSnapshot:
         return {"policy": self.name, "utility": self.utility.copy(), "n_updates": self.n_updates}
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
+        check_header(snapshot, self.name)
         self.utility = np.asarray(snapshot["utility"], dtype=np.float64)
         self.n_arms = len(self.utility)
         self.n_updates = int(snapshot["n_updates"])

@@ -31,72 +31,57 @@ linear stochastic transitivity model). Shared machinery (all numpy):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ray_router.policies.base import Duel, PolicyEnv, offered_mask, register_policy
-from ray_router.policies.features import FEATURE_MAPS
-from ray_router.policies.fgts_cdb import FGTSConfig
-from ray_router.policies.laplace_ts import (
-    LaplaceBacked,
-    LogisticLaplace,
+from ray_router.config import config_dataclass
+from ray_router.policies.base import Duel, PolicyEnv, register_policy
+from ray_router.policies.common import (
+    NonNegativeFinite,
+    NonNegativeInt,
+    PositiveFinite,
+    PositiveInt,
     check_context,
-    check_fields,
-    is_int,
-    schedule_checks,
+    offered_mask,
 )
-
-
-def _common_checks(c: Any) -> list[tuple[bool, str]]:
-    return [
-        (c.reg > 0 and math.isfinite(c.reg), "reg must be finite and > 0"),
-        (c.alpha >= 0 and math.isfinite(c.alpha), "alpha must be finite and >= 0"),
-        (is_int(c.explore_rounds, 0), "explore_rounds must be an int >= 0"),
-        (c.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
-    ] + schedule_checks(c)
+from ray_router.policies.features import FeatureMapName
+from ray_router.policies.fgts_cdb import FGTSConfig
+from ray_router.policies.laplace_ts import LaplaceBacked, LogisticLaplace, RefreshFraction
 
 
 # ------------------------------------------------------------------------------- configs
-@dataclass(frozen=True)
+@config_dataclass
 class MaxInPConfig:
     """Hyperparameters of MaxInP (frozen, validated once). Field names are the sweep keys."""
 
-    reg: float = 1.0  # λ: ridge of the MLE and of V = λI + Σ ΔΔᵀ (**our choice**, see module doc)
-    alpha: float = 1.0  # confidence width: arm i survives if θ̂ᵀ(φ_i − φ_j) + α||φ_i − φ_j||_{V⁻¹} >= 0 ∀j
-    explore_rounds: int = 0  # the paper's initial phase of uniformly random pairs (0: the ridge suffices)
-    refresh_every: int = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
-    refresh_fraction: float = 0.1  # ...and once the history grew by this fraction since (online steps between)
-    map_steps: int = 5  # full-history Newton-type steps at each refit (warm-started)
-    feature_map: str = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
-
-    def __post_init__(self) -> None:
-        check_fields("MaxInPConfig", _common_checks(self))
+    reg: PositiveFinite = 1.0  # λ: ridge of the MLE and of V = λI + Σ ΔΔᵀ (**our choice**, see module doc)
+    alpha: NonNegativeFinite = 1.0  # confidence width: arm i survives if θ̂ᵀ(φ_i − φ_j) + α||φ_i − φ_j||_{V⁻¹} >= 0 ∀j
+    explore_rounds: NonNegativeInt = 0  # the paper's initial phase of uniformly random pairs (0: the ridge suffices)
+    refresh_every: PositiveInt = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
+    refresh_fraction: RefreshFraction = 0.1  # ...and once the history grew by this fraction since (online steps between)
+    map_steps: PositiveInt = 5  # full-history Newton-type steps at each refit (warm-started)
+    feature_map: FeatureMapName = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
 
 
-PERTURBATIONS = ("gumbel", "normal", "none")
+Perturbation = Literal["gumbel", "normal", "none"]
+PERTURBATIONS: tuple[str, ...] = get_args(Perturbation)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class CoLSTIMConfig:
     """Hyperparameters of CoLSTIM (frozen, validated once). Field names are the sweep keys."""
 
-    reg: float = 1.0  # λ: ridge of the MLE and of V = λI + Σ ΔΔᵀ (**our choice**)
-    alpha: float = 1.0  # width of the second arm's bonus α·||φ_j − φ_first||_{V⁻¹}
-    perturbation: str = "gumbel"  # noise of the first arm: gumbel (BTL/logistic link), normal (Thurstone), none
-    perturb_width: float = 1.0  # c in the first arm's noise scale min(1, c·||φ_i − φ̄||_{V⁻¹})
-    explore_rounds: int = 0  # the paper's initial phase τ of uniformly random pairs (0: the ridge suffices)
-    refresh_every: int = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
-    refresh_fraction: float = 0.1  # ...and once the history grew by this fraction since (online steps between)
-    map_steps: int = 5  # full-history Newton-type steps at each refit (warm-started)
-    feature_map: str = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
-
-    def __post_init__(self) -> None:
-        check_fields("CoLSTIMConfig", _common_checks(self) + [
-            (self.perturbation in PERTURBATIONS, f"perturbation must be one of {PERTURBATIONS}"),
-            (self.perturb_width >= 0 and math.isfinite(self.perturb_width), "perturb_width must be finite and >= 0"),
-        ])
+    reg: PositiveFinite = 1.0  # λ: ridge of the MLE and of V = λI + Σ ΔΔᵀ (**our choice**)
+    alpha: NonNegativeFinite = 1.0  # width of the second arm's bonus α·||φ_j − φ_first||_{V⁻¹}
+    perturbation: Perturbation = "gumbel"  # noise of the first arm: gumbel (BTL/logistic link), normal (Thurstone), none
+    perturb_width: NonNegativeFinite = 1.0  # c in the first arm's noise scale min(1, c·||φ_i − φ̄||_{V⁻¹})
+    explore_rounds: NonNegativeInt = 0  # the paper's initial phase τ of uniformly random pairs (0: the ridge suffices)
+    refresh_every: PositiveInt = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
+    refresh_fraction: RefreshFraction = 0.1  # ...and once the history grew by this fraction since (online steps between)
+    map_steps: PositiveInt = 5  # full-history Newton-type steps at each refit (warm-started)
+    feature_map: FeatureMapName = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
 
 
 # ----------------------------------------------------------------------------- the policies

@@ -4,29 +4,32 @@ Every map here is linear in θ, so a policy only ever needs two operations on a 
 X (n, d), never the (n, K, p) feature tensor itself:
 
 - ``scores(theta, X) -> (..., n, K)``: <θ, φ(x_s, a_k)> for every row and arm;
-- ``weighted_grad(W, X) -> (..., p)``: ∇_θ Σ_s Σ_k W[s, k]·<θ, φ(x_s, a_k)>.
+- ``weighted_grad(weights, X) -> (..., p)``: ∇_θ Σ_s Σ_k weights[s, k]·<θ, φ(x_s, a_k)>.
 
-Leading axes (``...``) are independent chains: θ (..., p), W (..., n, K); X is (n, d), shared by
+Leading axes (``...``) are independent chains: θ (..., p), weights (..., n, K); X is (n, d), shared by
 the chains, or (..., n, d).
 
 *Lanes* run independent policies (e.g. one per evaluation seed) in one array program: the arm
-embeddings are then (G, K, d) or (G, W, K, d), θ (G, [W,] C, p), X (G, n, d) and W (G, [W,] C, n, K):
+embeddings are then (G, K, d) or (G, W, K, d), θ (G, [W,] C, p), X (G, n, d) and weights (G, [W,] C, n, K):
 G groups of lanes, each with its own contexts X, and optionally W members per group that share
 those contexts (the same stream and minibatch) but not their arm embeddings. Each group's products
 are one GEMM, (n, d) @ (d, W·C·K): wider, so faster per lane, when members share a group
 (``FGTSCDBLanes``).
 
-A loss over duels is a sum of such terms with W holding +c at one arm and −c at another, so the
+A loss over duels is a sum of such terms with weights +c at one arm and −c at another, so the
 SGLD gradient costs one (n, K) @ (K, d) product. ``features(X)`` materialises φ for tests.
 """
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 from ray_router.errors import ConfigError
 
-FEATURE_MAPS = ("hadamard", "hadamard_bias", "concat")
+FeatureMapName = Literal["hadamard", "hadamard_bias", "concat"]  # the type of a config's ``feature_map``
+FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMapName)
 
 
 class FeatureMap:
@@ -52,7 +55,7 @@ class FeatureMap:
     def scores(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def weighted_grad(self, W: np.ndarray, X: np.ndarray) -> np.ndarray:
+    def weighted_grad(self, weights: np.ndarray, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def features(self, X: np.ndarray) -> np.ndarray:
@@ -87,22 +90,23 @@ class Hadamard(FeatureMap):
             return (X @ M.reshape(C * K, d).T).reshape(len(X), C, K).transpose(1, 0, 2)
         if X.ndim == 3 and M.ndim >= 4:  # lanes: one (n, d) @ (d, [W·]C·K) GEMM per group
             G, n, d = X.shape
-            out = (X @ M.reshape(G, -1, d).transpose(0, 2, 1)).reshape((G, n) + M.shape[1:-1])
+            out = (X @ M.reshape(G, -1, d).transpose(0, 2, 1)).reshape((G, n, *M.shape[1:-1]))
             return np.moveaxis(out, 1, -2)
         return X @ np.swapaxes(M, -1, -2)
 
-    def weighted_grad(self, W, X):
-        # Σ_s Σ_k W_sk x_s ⊙ a_k = Σ_k a_k ⊙ (Σ_s W_sk x_s)
-        if X.ndim == 2 and W.ndim == 3:
-            C, n, K = W.shape
-            G = (W.transpose(1, 0, 2).reshape(n, C * K).T @ X).reshape(C, K, -1)
-        elif X.ndim == 3 and W.ndim >= 4:  # lanes: one ([W·]C·K, n) @ (n, d) GEMM per group
+    def weighted_grad(self, weights, X):
+        # Σ_s Σ_k w_sk x_s ⊙ a_k = Σ_k a_k ⊙ (Σ_s w_sk x_s)
+        if X.ndim == 2 and weights.ndim == 3:
+            C, n, K = weights.shape
+            per_arm = (weights.transpose(1, 0, 2).reshape(n, C * K).T @ X).reshape(C, K, -1)
+        elif X.ndim == 3 and weights.ndim >= 4:  # lanes: one ([W·]C·K, n) @ (n, d) GEMM per group
             n = X.shape[1]
-            Wn = np.moveaxis(W, -2, 1)  # (G, n, [W,] C, K)
-            G = (Wn.reshape(len(X), n, -1).transpose(0, 2, 1) @ X).reshape(Wn.shape[:1] + Wn.shape[2:] + (-1,))
+            by_row = np.moveaxis(weights, -2, 1)  # (G, n, [W,] C, K)
+            per_arm = (by_row.reshape(len(X), n, -1).transpose(0, 2, 1) @ X).reshape(
+                by_row.shape[:1] + by_row.shape[2:] + (-1,))
         else:
-            G = np.swapaxes(W, -1, -2) @ X
-        return (G * self._A_chains).sum(axis=-2)
+            per_arm = np.swapaxes(weights, -1, -2) @ X
+        return (per_arm * self._A_chains).sum(axis=-2)
 
     def features(self, X):
         return X[:, None, :] * self.A[None, :, :]
@@ -123,8 +127,8 @@ class HadamardBias(Hadamard):
     def scores(self, theta, X):
         return super().scores(theta, X) + theta[..., None, self.context_dim :]
 
-    def weighted_grad(self, W, X):
-        return np.concatenate([super().weighted_grad(W, X), W.sum(axis=-2)], axis=-1)
+    def weighted_grad(self, weights, X):
+        return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2)], axis=-1)
 
     def features(self, X):
         eye = np.broadcast_to(np.eye(self.n_arms), (X.shape[0], self.n_arms, self.n_arms))
@@ -147,11 +151,11 @@ class Concat(Hadamard):
     def scores(self, theta, X):
         return super().scores(theta, X) + (theta[..., self.context_dim :] @ np.swapaxes(self.A, -1, -2))[..., None, :]
 
-    def weighted_grad(self, W, X):
-        return np.concatenate([super().weighted_grad(W, X), W.sum(axis=-2) @ self.A], axis=-1)
+    def weighted_grad(self, weights, X):
+        return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2) @ self.A], axis=-1)
 
     def features(self, X):
-        arm = np.broadcast_to(self.A, (X.shape[0],) + self.A.shape)
+        arm = np.broadcast_to(self.A, (X.shape[0], *self.A.shape))
         return np.concatenate([super().features(X), arm], axis=2)
 
     def pair_features(self, X, first, second):
@@ -226,26 +230,26 @@ class OfflineAugmented(FeatureMap):
         if self.arm_bias:
             S = S + theta[..., None, self.i_b : self.i_c]
         if self.correction:
-            Tc = theta[..., self.i_c : self.i_q].reshape(theta.shape[:-1] + (self.M, K))
+            Tc = theta[..., self.i_c : self.i_q].reshape((*theta.shape[:-1], self.M, K))
             S = S + self._lane_axes(pi, theta.ndim, X.ndim) @ Tc
         if self.r:
-            Tq = theta[..., self.i_q :].reshape(theta.shape[:-1] + (self.r, K))
+            Tq = theta[..., self.i_q :].reshape((*theta.shape[:-1], self.r, K))
             S = S + self._lane_axes(z, theta.ndim, X.ndim) @ Tq
         return S
 
-    def weighted_grad(self, W, X):
+    def weighted_grad(self, weights, X):
         x, u, pi, z = self._cols(X)
-        parts = [self.base.weighted_grad(W, x)]
-        ub = self._lane_axes(u, W.ndim - 1, X.ndim)
-        parts.append((W * ub).sum(axis=(-2, -1))[..., None])
+        parts = [self.base.weighted_grad(weights, x)]
+        ub = self._lane_axes(u, weights.ndim - 1, X.ndim)
+        parts.append((weights * ub).sum(axis=(-2, -1))[..., None])
         if self.arm_bias:
-            parts.append(W.sum(axis=-2))
+            parts.append(weights.sum(axis=-2))
         if self.correction:
-            pib = self._lane_axes(pi, W.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(pib, -1, -2) @ W).reshape(W.shape[:-2] + (-1,)))
+            pib = self._lane_axes(pi, weights.ndim - 1, X.ndim)
+            parts.append((np.swapaxes(pib, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
         if self.r:
-            zb = self._lane_axes(z, W.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(zb, -1, -2) @ W).reshape(W.shape[:-2] + (-1,)))
+            zb = self._lane_axes(z, weights.ndim - 1, X.ndim)
+            parts.append((np.swapaxes(zb, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
         return np.concatenate([np.broadcast_to(p, parts[0].shape[:-1] + p.shape[-1:]) for p in parts], axis=-1)
 
     def features(self, X):
@@ -270,8 +274,8 @@ class OfflineAugmented(FeatureMap):
         if self.arm_bias:
             parts.append(E)
         if self.correction:
-            parts.append((pi[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+            parts.append((pi[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
         if self.r:
-            parts.append((z[..., :, None] * E[..., None, :]).reshape(E.shape[:-1] + (-1,)))
+            parts.append((z[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
         shape = np.broadcast_shapes(*[p.shape[:-1] for p in parts])
         return np.concatenate([np.broadcast_to(p, shape + p.shape[-1:]) for p in parts], axis=-1)

@@ -23,10 +23,12 @@ The two chains are kept as one (2, p) array so both samplers advance in one vect
 Preconditioning (**our choice**, ``preconditioner="diag_fisher"``): the coordinates of φ live on
 very different scales (x ⊙ a_k has entries of order 1/sqrt(d), a one-hot arm term has entries of 1),
 so one step size is either unstable along the large ones or frozen along the small ones. We run
-SGLD with a fixed diagonal preconditioner G = diag(H)⁻¹, H = η·Σ_s ¼·Δ_s² + 1/σ0² (¼ bounds σ'(z);
-Δ_s = φ(x_s,a¹_s) − φ(x_s,a²_s)), recomputed per refresh: θ ← θ − δ·G·∇U + sqrt(2δ·G)·ξ. A constant
-positive-definite G leaves the stationary distribution unchanged, so this samples the same
-posterior; ``preconditioner="none"`` gives plain SGLD with G = I.
+SGLD with a fixed diagonal preconditioner P = diag(H)⁻¹, H = η·Σ_s ¼·Δ_s² + 1/σ0² (¼ bounds σ'(z);
+Δ_s = φ(x_s,a¹_s) − φ(x_s,a²_s)), recomputed per refresh: θ ← θ − δ·P·∇U + sqrt(2δ·P)·ξ. A constant
+positive-definite P leaves the stationary distribution unchanged, so this samples the same
+posterior; ``preconditioner="none"`` gives plain SGLD with P = I.
+
+Shapes of lanes (:class:`FGTSCDBLanes`): G lane groups, W members per group, C chains, p features.
 """
 
 from __future__ import annotations
@@ -34,116 +36,82 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+from pydantic import Field
 
+from ray_router.config import config_dataclass, parse
 from ray_router.errors import ConfigError
-from ray_router.policies.base import (
-    Duel,
-    PolicyEnv,
-    check_duel,
-    check_outcome,
+from ray_router.policies.base import Duel, PolicyEnv, register_lanes, register_policy
+from ray_router.policies.common import (
+    Finite,
+    NonNegative,
+    NonNegativeInt,
+    Positive,
+    PositiveFinite,
+    PositiveInt,
+    check_context,
+    check_feedback,
+    log_sigmoid,
     offered_mask,
-    register_lanes,
-    register_policy,
     rng_from_state,
     rng_state,
+    second_arm,
+    sigmoid,
 )
-from ray_router.policies.features import FEATURE_MAPS, FeatureMap, OfflineAugmented, make_feature_map
+from ray_router.policies.features import FeatureMap, FeatureMapName, OfflineAugmented, make_feature_map
 from ray_router.policies.offline_prior import OfflinePrior, fit_offline_prior
+from ray_router.policies.snapshot import PolicySnapshot, check_header
+
+# The choices of FGTSConfig's choice fields (the types are what the config validates against).
+StepDecay = Literal["constant", "sqrt"]
+Preconditioner = Literal["none", "diag_fisher"]
+ComputeDtype = Literal["float32", "float64"]
+OfflinePriorKind = Literal["none", "category"]
+FeelGoodSchedule = Literal["constant", "inv_sqrt"]
+ArmSelection = Literal["thompson", "exploit_first"]
+PRECONDITIONERS: tuple[str, ...] = get_args(Preconditioner)
+OFFLINE_PRIORS: tuple[str, ...] = get_args(OfflinePriorKind)
+FEEL_GOOD_SCHEDULES: tuple[str, ...] = get_args(FeelGoodSchedule)
+ARM_SELECTIONS: tuple[str, ...] = get_args(ArmSelection)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class FGTSConfig:
     """Hyperparameters of FGTS.CDB (frozen, validated once). Field names are the sweep keys."""
 
-    eta: float = 1.0  # weight of the logistic loss (FGTS.CDB theory: 0.25)
-    mu: float = 0.01  # weight of the feel-good term (theory: 1/(10 e^B sqrt(T)) ≈ 0)
-    feel_good_clip: float = 1.0  # b, clip of the feel-good term (**our choice**); inf = unclipped
-    prior_sigma: float = 1.0  # σ0 of the Gaussian prior N(0, σ0² I) (**our choice**)
-    n_steps: int = 20  # SGLD steps per sampler per refresh
-    batch_size: int = 256  # exact gradient up to this history size, minibatch after
-    step_size: float = 0.1  # δ0 (relative to the curvature when preconditioned)
-    step_decay: str = "constant"  # "constant": δ = δ0; "sqrt": δ = δ0 / sqrt(max(1, n_seen))
-    preconditioner: str = "diag_fisher"  # "none" or "diag_fisher" (**our choice**, see SGLD notes)
-    langevin_noise: float = 1.0  # scale of the sqrt(2δ)ξ term; 0 turns SGLD into gradient descent
-    feature_map: str = "hadamard"  # one of FEATURE_MAPS; the offline correction block is the per-arm term (notes)
+    eta: NonNegative = 1.0  # weight of the logistic loss (FGTS.CDB theory: 0.25)
+    mu: NonNegative = 0.01  # weight of the feel-good term (theory: 1/(10 e^B sqrt(T)) ≈ 0)
+    feel_good_clip: Positive = 1.0  # b, clip of the feel-good term (**our choice**); inf = unclipped
+    prior_sigma: PositiveFinite = 1.0  # σ0 of the Gaussian prior N(0, σ0² I) (**our choice**)
+    n_steps: PositiveInt = 20  # SGLD steps per sampler per refresh
+    batch_size: PositiveInt = 256  # exact gradient up to this history size, minibatch after
+    step_size: PositiveFinite = 0.1  # δ0 (relative to the curvature when preconditioned)
+    step_decay: StepDecay = "constant"  # "constant": δ = δ0; "sqrt": δ = δ0 / sqrt(max(1, n_seen))
+    preconditioner: Preconditioner = "diag_fisher"  # "none" or "diag_fisher" (**our choice**, see SGLD notes)
+    langevin_noise: NonNegative = 1.0  # scale of the sqrt(2δ)ξ term; 0 turns SGLD into gradient descent
+    feature_map: FeatureMapName = "hadamard"  # the offline correction block is the per-arm term (notes)
     distinct_arms: bool = False  # True: the second arm is θ²'s best arm other than the first
-    exploit_ema: float = 0.1  # weight of each refresh in the running mean used by best()
-    max_history: int = 0  # 0 keeps every duel; N keeps the most recent N (bounded memory for serving)
-    compute_dtype: str = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
-    embedding_scale: float | None = 1.0  # a_k is multiplied by this in φ; None = sqrt(d) (see notes)
+    exploit_ema: Annotated[float, Field(gt=0, le=1)] = 0.1  # weight of each refresh in the running mean used by best()
+    max_history: NonNegativeInt = 0  # 0 keeps every duel; N keeps the most recent N (bounded memory for serving)
+    compute_dtype: ComputeDtype = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
+    embedding_scale: PositiveFinite | None = 1.0  # a_k is multiplied by this in φ; None = sqrt(d) (see notes)
     # --- offline-informed extension (ALGORITHM.md s.5, **our extension**; "none" = the paper's prior)
-    offline_prior: str = "category"  # "none": N(0, σ0² I); "category": prior feature û_k(x) and correction block
-    prior_weight: float | None = None  # prior mean w0 of û's coefficient (logit scale); None = fitted slope
-    prior_weight_sigma: float = 1.0  # prior sd of û's coefficient
-    pi_temperature: float | None = None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
+    offline_prior: OfflinePriorKind = "category"  # "none": N(0, σ0² I); "category": prior feature û_k(x) and correction block
+    prior_weight: Finite | None = None  # prior mean w0 of û's coefficient (logit scale); None = fitted slope
+    prior_weight_sigma: PositiveFinite = 1.0  # prior sd of û's coefficient
+    pi_temperature: PositiveFinite | None = None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
     correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
     arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
-    correction_scale: float = 1.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
-    query_rank: int = 0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
-    query_prior_sigma: float = 0.1  # prior sd of that block
-    feel_good_schedule: str = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
-    arm_selection: str = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
+    correction_scale: PositiveFinite = 1.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
+    query_rank: Annotated[int, Field(ge=0, le=256)] = 0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
+    query_prior_sigma: PositiveFinite = 0.1  # prior sd of that block
+    feel_good_schedule: FeelGoodSchedule = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
+    arm_selection: ArmSelection = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
     #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        checks = [
-            (self.eta >= 0, "eta must be >= 0"),
-            (self.mu >= 0, "mu must be >= 0"),
-            (self.feel_good_clip > 0, "feel_good_clip must be > 0 (use inf for no clip)"),
-            (self.prior_sigma > 0 and math.isfinite(self.prior_sigma), "prior_sigma must be finite and > 0"),
-            (isinstance(self.n_steps, int) and self.n_steps >= 1, "n_steps must be an int >= 1"),
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an int >= 1"),
-            (self.step_size > 0 and math.isfinite(self.step_size), "step_size must be finite and > 0"),
-            (self.step_decay in ("constant", "sqrt"), "step_decay must be 'constant' or 'sqrt'"),
-            (self.langevin_noise >= 0, "langevin_noise must be >= 0"),
-            (self.preconditioner in PRECONDITIONERS, f"preconditioner must be one of {PRECONDITIONERS}"),
-            (self.compute_dtype in ("float32", "float64"), "compute_dtype must be 'float32' or 'float64'"),
-            (self.embedding_scale is None or (self.embedding_scale > 0 and math.isfinite(self.embedding_scale)),
-             "embedding_scale must be None (sqrt(d)) or finite and > 0"),
-            (self.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
-            (0 < self.exploit_ema <= 1, "exploit_ema must be in (0, 1]"),
-            (isinstance(self.max_history, int) and self.max_history >= 0, "max_history must be an int >= 0"),
-            (self.offline_prior in OFFLINE_PRIORS, f"offline_prior must be one of {OFFLINE_PRIORS}"),
-            (self.prior_weight is None or math.isfinite(self.prior_weight), "prior_weight must be None (fitted) or finite"),
-            (self.prior_weight_sigma > 0 and math.isfinite(self.prior_weight_sigma), "prior_weight_sigma must be finite and > 0"),
-            (self.pi_temperature is None or (self.pi_temperature > 0 and math.isfinite(self.pi_temperature)),
-             "pi_temperature must be None (fitted) or finite and > 0"),
-            (self.correction_scale > 0 and math.isfinite(self.correction_scale), "correction_scale must be finite and > 0"),
-            (0 <= self.query_rank <= 256, "query_rank must be in [0, 256]"),
-            (self.query_prior_sigma > 0 and math.isfinite(self.query_prior_sigma), "query_prior_sigma must be finite and > 0"),
-            (self.feel_good_schedule in FEEL_GOOD_SCHEDULES, f"feel_good_schedule must be one of {FEEL_GOOD_SCHEDULES}"),
-            (self.arm_selection in ARM_SELECTIONS, f"arm_selection must be one of {ARM_SELECTIONS}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"FGTSConfig: {msg}")
-
-
-def _check_types(cfg: Any) -> None:
-    """Each field of a config dataclass has its annotated type (``float`` takes ints; ``X | None`` None),
-    so a wrong value is a ConfigError that names the field, never a TypeError from a comparison."""
-    ok = {"float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str)}
-    for f in dataclasses.fields(cfg):
-        kinds = [k.strip() for k in str(f.type).split("|")]
-        v = getattr(cfg, f.name)
-        if v is None and "None" in kinds:
-            continue
-        checks = [ok[k] for k in kinds if k in ok]
-        if checks and not any(c(v) for c in checks):
-            raise ConfigError(f"{type(cfg).__name__}: {f.name} must be {' or '.join(kinds)}, got {v!r}")
-
-
-PRECONDITIONERS = ("none", "diag_fisher")
-OFFLINE_PRIORS = ("none", "category")
-FEEL_GOOD_SCHEDULES = ("constant", "inv_sqrt")
-ARM_SELECTIONS = ("thompson", "exploit_first")
 
 # Named configurations. ``paper``: the routing paper's FGTS.CDB as ALGORITHM.md s.2 fixes it, with
 # the per-arm term of ``hadamard_bias`` (plain ``hadamard`` cannot express that one arm is better,
@@ -154,24 +122,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> "FGTSConfig":
-    """``FGTSConfig`` of the named preset (:data:`PRESETS`) with ``overrides``."""
+def preset(name: str, **overrides: Any) -> FGTSConfig:
+    """``FGTSConfig`` of the named preset (:data:`PRESETS`) with ``overrides`` (ConfigError on a bad one)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown FGTS.CDB preset {name!r}; presets: {sorted(PRESETS)}")
-    return FGTSConfig(**{**PRESETS[name], **overrides})
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
-
-
-def _log_sigmoid(z: np.ndarray) -> np.ndarray:
-    return -np.logaddexp(0.0, -z)
+    return parse(FGTSConfig, {**PRESETS[name], **overrides}, where=f"FGTS.CDB preset {name!r}")
 
 
 def lanes_potential_grad(
     fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray,
-    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: "Prior | None" = None,
+    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: Prior | None = None,
     mu: float | None = None,
 ) -> np.ndarray:
     """∇U_j for independent lanes, each over its own batch of duels.
@@ -188,10 +148,10 @@ def lanes_potential_grad(
     lead, C = theta.shape[:-2], theta.shape[-2]
     B, K = y.shape[-1], fmap.n_arms
     S = fmap.scores(theta.astype(fmap.A.dtype, copy=False), X)  # (*lead, C, B, K)
-    base = (np.arange(math.prod(lead) * C).reshape(lead + (C, 1)) * B + np.arange(B)) * K  # flat (lane, chain, row)
+    base = (np.arange(math.prod(lead) * C).reshape((*lead, C, 1)) * B + np.arange(B)) * K  # flat (lane, chain, row)
     Sf = S.reshape(-1)
     i1, i2 = base + first[..., None, :], base + second[..., None, :]
-    g = c.eta * (_sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
+    g = c.eta * (sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
     idx, w = [i1, i2], [g, -g]
     if mu > 0:
         io = np.where((np.arange(C) % 2 == 0)[:, None], i2, i1)  # the other sampler's arm
@@ -199,9 +159,10 @@ def lanes_potential_grad(
         active = (Sf[istar] - Sf[io] < c.feel_good_clip) * mu
         idx += [istar, io]
         w += [-active, active]
-    W = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=S.size)
-    W = W.reshape(S.shape).astype(fmap.A.dtype, copy=False)
-    return scale * fmap.weighted_grad(W, X) + prior_grad(c, theta, prior)
+    # dU/dS: each duel's loss and feel-good weights summed onto the (lane, chain, row, arm) they touch
+    arm_weights = np.bincount(np.concatenate(idx, axis=None), np.concatenate(w, axis=None), minlength=S.size)
+    arm_weights = arm_weights.reshape(S.shape).astype(fmap.A.dtype, copy=False)
+    return scale * fmap.weighted_grad(arm_weights, X) + prior_grad(c, theta, prior)
 
 
 Prior = tuple  # (mean, precision) of the Gaussian prior, arrays broadcastable to θ
@@ -222,14 +183,14 @@ def feel_good_weight(c: FGTSConfig, n: int) -> float:
 
 def sgld_lanes(
     fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, history: tuple[np.ndarray, ...], n: int, delta: float,
-    G: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int, prior: Prior | None = None,
+    precond: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int, prior: Prior | None = None,
 ) -> np.ndarray:
     """Advance every lane's chains ``n_steps`` SGLD steps; returns the new θ, shaped like ``theta``.
 
     ``theta`` (G, [W,] C, p) as in :func:`lanes_potential_grad`; ``history`` = (X (G, ≥n, d),
     first, second, y (G, [W,] ≥n), mask (G, [W,] ≥n, K) or None when every duel offered every arm):
-    the first ``n`` duels of each lane, the contexts shared by a group's members. ``G`` (G, [W,] p)
-    is each lane's preconditioner, ``delta`` the step size, ``rngs[g]`` group g's generator. While
+    the first ``n`` duels of each lane, the contexts shared by a group's members. ``precond`` (G, [W,] p)
+    is each lane's preconditioner P, ``delta`` the step size, ``rngs[g]`` group g's generator. While
     n ≤ ``batch_size`` the gradient is exact; beyond that each step uses one minibatch per group
     (uniform, with replacement, shared by its members and chains) rescaled by n/B. A group draws all
     of a refresh's minibatch rows, then all its noise, so each member's chains are exactly those of
@@ -240,7 +201,7 @@ def sgld_lanes(
     if mask is not None and mask[..., :n, :].all():
         mask = None  # every arm offered in every duel: skip the masked argmax
     n_groups, (C, p), B = theta.shape[0], theta.shape[-2:], c.batch_size
-    step = delta * G[..., None, :]  # (G, [W,] 1, p)
+    step = delta * precond[..., None, :]  # (G, [W,] 1, p)
     noise_sd = np.sqrt(2.0 * step) * c.langevin_noise
     members = (1,) * (theta.ndim - 3)  # the member axis of the noise, broadcast over a group
     minibatch = n > B
@@ -250,13 +211,13 @@ def sgld_lanes(
         Xf = X.reshape(n_groups * cap, -1)
         flat = rows + (np.arange(n_groups) * cap)[:, None, None]  # row in Xf
         # every step's duels at once (small arrays), each step's contexts when it needs them (large)
-        i = rows.reshape((n_groups,) + members + (n_steps * B,))
+        i = rows.reshape((n_groups, *members, n_steps * B))
         first, second, y = (np.take_along_axis(a, i, -1) for a in (first, second, y))
         if mask is not None:
             mask = np.take_along_axis(mask, i[..., None], -2)
     xi = None
     if c.langevin_noise:
-        xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups,) + members + (n_steps, C, p))
+        xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups, *members, n_steps, C, p))
     start = theta
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging chain is handled below
         theta = _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi,
@@ -316,7 +277,7 @@ class DuelHistory:
     def _grow(self, cap: int) -> None:
         for name in ("X", "first", "second", "y", "mask"):
             old = getattr(self, name)
-            new = np.empty((cap,) + old.shape[1:], dtype=old.dtype)
+            new = np.empty((cap, *old.shape[1:]), dtype=old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
@@ -413,6 +374,20 @@ def extend_contexts(prior: OfflinePrior | None, X: np.ndarray) -> np.ndarray:
     return np.concatenate([X, pi @ prior.utility, pi, prior.projection(X)], axis=1)
 
 
+class FGTSSnapshot(PolicySnapshot):
+    """What :meth:`FGTSCDB.snapshot` holds (Serve persists it through ``policies/snapshot.py``)."""
+
+    config: dict[str, Any]  # the FGTSConfig's fields
+    arm_embeddings: np.ndarray  # (K, d)
+    history: dict[str, np.ndarray]  # DuelHistory.arrays(): X, first, second, y, mask
+    theta: np.ndarray  # (2, p) the two chains
+    theta_mean: np.ndarray  # (p,) the running mean best() plays
+    counters: dict[str, int]  # n_updates, n_refreshes, refreshed_at
+    rng: dict[str, Any]  # the generator's bit-generator state
+    offline_prior: dict[str, Any] | None  # OfflinePrior.to_dict(), or None under the paper's prior
+    prior_note: str
+
+
 class FGTSCDB:
     """FGTS.CDB with two SGLD chains (one per sampler). See the module docstring for the maths.
 
@@ -466,7 +441,7 @@ class FGTSCDB:
         return c.step_size
 
     def preconditioner(self) -> np.ndarray:
-        """G (p,): diag(H)⁻¹ with H = η·Σ_s ¼·Δ_s² + 1/σ0², or ones (see the module docstring)."""
+        """P (p,): diag(H)⁻¹ with H = η·Σ_s ¼·Δ_s² + 1/σ0², or ones (see the module docstring)."""
         c = self.config
         if c.preconditioner == "none":
             return np.ones(self.dim)
@@ -497,7 +472,7 @@ class FGTSCDB:
         S = self.fmap.scores(theta, X)
         rows = np.arange(len(y))
         z = S[rows, first] - S[rows, second]
-        loss = -(y * _log_sigmoid(z) + (1 - y) * _log_sigmoid(-z))
+        loss = -(y * log_sigmoid(z) + (1 - y) * log_sigmoid(-z))
         other = second if sampler == 1 else first
         best = np.where(mask, S, -np.inf).max(axis=1)
         fg = np.minimum(c.feel_good_clip, best - S[rows, other])
@@ -531,11 +506,7 @@ class FGTSCDB:
     # --------------------------------------------------------------- protocol
     def _context(self, context: np.ndarray) -> np.ndarray:
         """The query embedding (d,), checked, extended by the offline blocks' columns when on."""
-        x = np.asarray(context, dtype=np.float64).reshape(-1)
-        if x.shape[0] != self.x_dim:
-            raise ConfigError(f"context has dim {x.shape[0]}, expected {self.x_dim}")
-        if not np.isfinite(x).all():
-            raise ConfigError("context contains NaN or inf")
+        x = check_context(context, self.x_dim)
         return extend_contexts(self.prior, x[None])[0]
 
     def arm_scores(self, context: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
@@ -558,18 +529,12 @@ class FGTSCDB:
             first = self.best(context, arms)
         else:
             first = int(S[0].argmax())
-        second = int(S[1].argmax())
-        if self.config.distinct_arms and second == first and mask.sum() > 1:
-            s2 = S[1].copy()
-            s2[first] = -np.inf
-            second = int(s2.argmax())
-        return Duel(first, second)
+        return Duel(first, int(second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))))
 
     def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
         """Record one duel. ``arms`` = the arms offered that round (the feel-good max ranges over them)."""
         x = self._context(context)
-        y = check_outcome(outcome)
-        check_duel(duel, self.n_arms)
+        y = check_feedback(duel, outcome, self.n_arms)
         n_before = self.history.n
         self.history.append(x, int(duel.first), int(duel.second), y, offered_mask(self.n_arms, arms))
         if self.history.n == n_before + 1:
@@ -588,7 +553,7 @@ class FGTSCDB:
         return int(s.argmax())
 
     # ---------------------------------------------------------------- state
-    def snapshot(self) -> dict:
+    def snapshot(self) -> FGTSSnapshot:
         return {
             "policy": self.name,
             "config": dataclasses.asdict(self.config),
@@ -607,9 +572,8 @@ class FGTSCDB:
         }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = FGTSConfig(**snapshot["config"])
+        check_header(snapshot, self.name)
+        self.config = parse(FGTSConfig, snapshot["config"], where=f"{self.name} snapshot config")
         self.arm_embeddings = np.array(snapshot["arm_embeddings"], dtype=np.float64)
         prior = snapshot.get("offline_prior")
         self.prior = None if prior is None else OfflinePrior.from_dict(prior)
@@ -687,7 +651,7 @@ class FGTSCDBLanes:
         self.n_lanes, self.group_size, self.n_groups = L, W, L // W
         self.priors = priors
         self.fmap: FeatureMap = build_feature_map(
-            config, A.reshape((self.n_groups, W) + A.shape[1:]),
+            config, A.reshape((self.n_groups, W, *A.shape[1:])),
             None if pr0 is None else pr0.n_categories, 0 if pr0 is None else pr0.rank)
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.x_dim = int(A.shape[2])
@@ -723,7 +687,7 @@ class FGTSCDBLanes:
         return c.step_size / math.sqrt(max(1, self.n)) if c.step_decay == "sqrt" else c.step_size
 
     def preconditioner(self) -> np.ndarray:
-        """(G, W, p), each lane's G (see :meth:`FGTSCDB.preconditioner`)."""
+        """(G, W, p), each lane's P (see :meth:`FGTSCDB.preconditioner`)."""
         c = self.config
         if c.preconditioner == "none":
             return np.ones_like(self._delta_sq)
@@ -772,14 +736,7 @@ class FGTSCDBLanes:
             first = self.best(X)
         else:
             first = S[:, 0].argmax(axis=1)
-        second = S[:, 1].argmax(axis=1)
-        if self.config.distinct_arms and self.n_arms > 1:
-            same = second == first
-            if same.any():
-                s2 = S[:, 1].copy()
-                s2[np.arange(self.n_lanes), first] = -np.inf
-                second = np.where(same, s2.argmax(axis=1), second)
-        return first, second
+        return first, second_arm(S[:, 1], first, self.config.distinct_arms, self.n_arms)
 
     def update(self, X: np.ndarray, first: np.ndarray, second: np.ndarray, y: np.ndarray) -> None:
         """Record one duel per lane: lane l played (first[l], second[l]) on X[l] with outcome y[l]."""

@@ -21,33 +21,38 @@ require that key. The snapshot carries the training data, so a restored router n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from ray_router.config import config_dataclass, parse
 from ray_router.errors import ConfigError
-from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, offered_mask, register_policy, top_two
-from ray_router.policies.laplace_ts import check_context, check_fields, is_int
+from ray_router.policies.base import Duel, PolicyEnv, register_policy
+from ray_router.policies.common import PositiveInt, check_context, check_feedback, top_two
+from ray_router.policies.snapshot import PolicySnapshot, check_header
 
-KNN_WEIGHTINGS = ("similarity", "uniform")
-KNN_TARGETS = ("auto", "utilities", "scores")
+KNNWeighting = Literal["similarity", "uniform"]
+KNNTarget = Literal["auto", "utilities", "scores"]
+KNN_WEIGHTINGS: tuple[str, ...] = get_args(KNNWeighting)
+KNN_TARGETS: tuple[str, ...] = get_args(KNNTarget)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class KNNConfig:
     """Hyperparameters of the kNN router (frozen, validated once)."""
 
-    k: int = 10  # neighbours (capped at the offline size)
-    weighting: str = "similarity"  # "similarity": cosine-weighted mean; "uniform": plain mean
-    target: str = "auto"  # which offline table to regress: auto (utilities, else scores), utilities, scores
+    k: PositiveInt = 10  # neighbours (capped at the offline size)
+    weighting: KNNWeighting = "similarity"  # "similarity": cosine-weighted mean; "uniform": plain mean
+    target: KNNTarget = "auto"  # which offline table to regress: auto (utilities, else scores), utilities, scores
 
-    def __post_init__(self) -> None:
-        check_fields("KNNConfig", [
-            (is_int(self.k, 1), "k must be an int >= 1"),
-            (self.weighting in KNN_WEIGHTINGS, f"weighting must be one of {KNN_WEIGHTINGS}"),
-            (self.target in KNN_TARGETS, f"target must be one of {KNN_TARGETS}"),
-        ])
+
+class KNNSnapshot(PolicySnapshot):
+    config: dict[str, Any]
+    X: np.ndarray
+    utilities: np.ndarray
+    n_updates: int
 
 
 def _unit_rows(X: np.ndarray) -> np.ndarray:
@@ -106,21 +111,16 @@ class KNNRouter:
     def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
         """No online learning: validate and count."""
         check_context(context, self.X.shape[1])
-        check_outcome(outcome)
-        check_duel(duel, self.n_arms)
-        if arms is not None:
-            offered_mask(self.n_arms, arms)
+        check_feedback(duel, outcome, self.n_arms, arms)
         self.n_updates += 1
 
-    def snapshot(self) -> dict:
-        return {"policy": self.name, "config": {"k": self.config.k, "weighting": self.config.weighting,
-                                                "target": self.config.target},
+    def snapshot(self) -> KNNSnapshot:
+        return {"policy": self.name, "config": dataclasses.asdict(self.config),
                 "X": self.X.copy(), "utilities": self.U.copy(), "n_updates": self.n_updates}
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = KNNConfig(**snapshot["config"])
+        check_header(snapshot, self.name)
+        self.config = parse(KNNConfig, snapshot["config"], where=f"{self.name} snapshot config")
         self._set_data(snapshot["X"], snapshot["utilities"])
         self.n_updates = int(snapshot["n_updates"])
 

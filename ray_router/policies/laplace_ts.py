@@ -40,37 +40,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal, cast, get_args
 
 import numpy as np
+from pydantic import Field
 
-from ray_router.errors import ConfigError
-from ray_router.policies.base import (
-    Duel,
-    PolicyEnv,
-    check_duel,
-    check_outcome,
+from ray_router.config import config_dataclass, parse
+from ray_router.policies.base import Duel, PolicyEnv, register_policy
+from ray_router.policies.common import (
+    PositiveFinite,
+    PositiveInt,
+    check_context,
+    check_feedback,
+    logistic_nll,
     offered_mask,
-    register_policy,
     rng_from_state,
     rng_state,
+    second_arm,
+    sigmoid,
 )
-from ray_router.policies.features import FEATURE_MAPS, FeatureMap, make_feature_map
+from ray_router.policies.features import FeatureMap, FeatureMapName, make_feature_map
 from ray_router.policies.fgts_cdb import FGTSConfig
-
+from ray_router.policies.snapshot import PolicySnapshot, check_header
 
 # ------------------------------------------------------------ shared linear-logistic maths
 MAP_TOL = 1e-10  # stop refitting once the Newton decrement (≈ 2·(f − min f)) is below this
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
-
-
-def logistic_nll(y: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """ℓ(y, z) = −y·log σ(z) − (1−y)·log σ(−z) = log(1 + e^z) − y·z, elementwise and overflow-free."""
-    return np.logaddexp(0.0, z) - y * z
 
 
 def newton_steps(
@@ -148,7 +143,7 @@ class PairHistory:
         self.D = np.empty((cap, self.fmap.dim))
 
     def _grow(self) -> None:
-        names = ("X", "first", "second", "D") + self._FLOATS
+        names = ("X", "first", "second", "D", *self._FLOATS)
         old = {k: getattr(self, k) for k in names}
         self._alloc(2 * len(self.y))
         for k, arr in old.items():
@@ -178,7 +173,7 @@ class PairHistory:
 
     def arrays(self) -> dict[str, np.ndarray]:
         n = self.n
-        return {k: getattr(self, k)[:n].copy() for k in ("X", "first", "second") + self._FLOATS}
+        return {k: getattr(self, k)[:n].copy() for k in ("X", "first", "second", *self._FLOATS)}
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         n = len(arrays["y"])
@@ -194,33 +189,12 @@ class PairHistory:
         self.n = n
 
 
-def check_context(x: Any, dim: int) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    if x.shape[0] != dim:
-        raise ConfigError(f"context has dim {x.shape[0]}, expected {dim}")
-    if not np.isfinite(x).all():
-        raise ConfigError("context contains NaN or inf")
-    return x
-
-
-def check_fields(name: str, checks: list[tuple[bool, str]]) -> None:
-    """Raise ConfigError naming the config for the first failed (ok, message) check."""
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(f"{name}: {msg}")
-
-
-def is_int(v: Any, lo: int) -> bool:
-    """An int (not a bool) >= lo."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
 def _adf_mode(z0: float, a: float, y: float) -> float:
     """The root z of ``z + a·(σ(z) − y) = z0`` (a ≥ 0): strictly increasing, so bracketed Newton."""
     lo, hi = z0 - a * (1.0 - y), z0 + a * y  # σ(z) − y lies in (−y, 1 − y)
     z = min(max(z0, lo), hi)
     for _ in range(60):
-        s = 0.5 * (1.0 + math.tanh(0.5 * z))
+        s = sigmoid(z)
         g = z + a * (s - y) - z0
         if g > 0:
             hi = z
@@ -233,7 +207,8 @@ def _adf_mode(z0: float, a: float, y: float) -> float:
     return z
 
 
-HESSIANS = ("full", "diag")
+Hessian = Literal["full", "diag"]
+HESSIANS: tuple[str, ...] = get_args(Hessian)
 
 
 class LogisticLaplace:
@@ -243,7 +218,7 @@ class LogisticLaplace:
     the MAP (for MaxInP/CoLSTIM: the ridge MLE, η = 1). Not a policy: the policies below own one.
     """
 
-    def __init__(self, fmap: FeatureMap, *, eta: float, prior_precision: float, hessian: str = "full",
+    def __init__(self, fmap: FeatureMap, *, eta: float, prior_precision: float, hessian: Hessian = "full",
                  refresh_every: int = 100, refresh_fraction: float = 0.1, map_steps: int = 5):
         self.fmap, self.dim = fmap, fmap.dim
         self.eta, self.lam, self.hessian = float(eta), float(prior_precision), hessian
@@ -272,7 +247,7 @@ class LogisticLaplace:
             u = self.solve(delta)  # H⁻¹Δ
             curv = float(delta @ u)
             z = _adf_mode(float(delta @ self.theta), eta * curv, y)
-            s = 0.5 * (1.0 + math.tanh(0.5 * z))
+            s = sigmoid(z)
             self.theta = self.theta - eta * (s - y) * u
             w = s * (1.0 - s)
             if self.hessian == "full":
@@ -360,39 +335,34 @@ class LogisticLaplace:
 
 
 # ----------------------------------------------------------------------------------- policy
-@dataclass(frozen=True)
+# The refresh schedule of every config that owns a LogisticLaplace (LaplaceTS, MaxInP, CoLSTIM)
+RefreshFraction = Annotated[float, Field(ge=0, le=10)]
+
+
+@config_dataclass
 class LaplaceTSConfig:
     """Hyperparameters of the Laplace sampler (frozen, validated once). η, σ0, feature_map and
     distinct_arms mean what they mean in FGTSConfig, with its defaults, so both sample one posterior."""
 
-    eta: float = FGTSConfig.eta  # weight of the logistic loss (default = FGTS.CDB's)
-    prior_sigma: float = FGTSConfig.prior_sigma  # σ0 of the Gaussian prior (default = FGTS.CDB's)
-    hessian: str = "full"  # "full": H⁻¹ and a Cholesky factor; "diag": diag(H) only
-    refresh_every: int = 100  # refit the MAP and rebuild H at least this many duels apart...
-    refresh_fraction: float = 0.1  # ...and once the history grew by this fraction since (amortised O(p²))
-    map_steps: int = 5  # full-history Newton-type steps at each refresh (warm-started)
-    feature_map: str = FGTSConfig.feature_map  # one of FEATURE_MAPS (default = FGTS.CDB's)
+    eta: PositiveFinite = FGTSConfig.eta  # weight of the logistic loss (default = FGTS.CDB's)
+    prior_sigma: PositiveFinite = FGTSConfig.prior_sigma  # σ0 of the Gaussian prior (default = FGTS.CDB's)
+    hessian: Hessian = "full"  # "full": H⁻¹ and a Cholesky factor; "diag": diag(H) only
+    refresh_every: PositiveInt = 100  # refit the MAP and rebuild H at least this many duels apart...
+    refresh_fraction: RefreshFraction = 0.1  # ...and once the history grew by this fraction since (amortised O(p²))
+    map_steps: PositiveInt = 5  # full-history Newton-type steps at each refresh (warm-started)
+    feature_map: FeatureMapName = FGTSConfig.feature_map  # one of FEATURE_MAPS (default = FGTS.CDB's)
     distinct_arms: bool = FGTSConfig.distinct_arms  # True: the second arm is θ²'s best other than the first
 
-    def __post_init__(self) -> None:
-        check_fields("LaplaceTSConfig", [
-            (self.eta > 0 and math.isfinite(self.eta), "eta must be finite and > 0"),
-            (self.prior_sigma > 0 and math.isfinite(self.prior_sigma), "prior_sigma must be finite and > 0"),
-            (self.hessian in HESSIANS, f"hessian must be one of {HESSIANS}"),
-        ] + schedule_checks(self) + [
-            (self.feature_map in FEATURE_MAPS, f"feature_map must be one of {FEATURE_MAPS}"),
-            (isinstance(self.distinct_arms, bool), "distinct_arms must be a bool"),
-        ])
 
+class LaplaceSnapshot(PolicySnapshot, total=False):
+    """LaplaceTS keeps its Laplace state under ``posterior``; MaxInP and CoLSTIM under ``mle``, with ``V_inv``."""
 
-def schedule_checks(c: Any) -> list[tuple[bool, str]]:
-    """Validation of the refresh fields shared by every config that owns a LogisticLaplace."""
-    return [
-        (is_int(c.refresh_every, 1), "refresh_every must be an int >= 1"),
-        (isinstance(c.refresh_fraction, (int, float)) and not isinstance(c.refresh_fraction, bool)
-         and 0 <= c.refresh_fraction <= 10, "refresh_fraction must be in [0, 10]"),
-        (is_int(c.map_steps, 1), "map_steps must be an int >= 1"),
-    ]
+    config: dict[str, Any]
+    arm_embeddings: np.ndarray
+    posterior: dict[str, Any]
+    mle: dict[str, Any]
+    V_inv: np.ndarray
+    rng: dict[str, Any]
 
 
 class LaplaceBacked:
@@ -446,10 +416,7 @@ class LaplaceBacked:
     def _absorb(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None) -> np.ndarray:
         """Validate one duel and absorb it into the Laplace state; returns its Δ = φ(x,a¹) − φ(x,a²)."""
         x = check_context(context, self.fmap.context_dim)
-        y = check_outcome(outcome)
-        check_duel(duel, self.n_arms)
-        if arms is not None:
-            offered_mask(self.n_arms, arms)  # validates the offered set
+        y = check_feedback(duel, outcome, self.n_arms, arms)
         return self.post.absorb(x, int(duel.first), int(duel.second), y)
 
     # ---------------------------------------------------------------- state
@@ -459,14 +426,14 @@ class LaplaceBacked:
     def _load_extra(self, snapshot: Mapping[str, Any]) -> None:
         pass
 
-    def snapshot(self) -> dict:
-        return {"policy": self.name, "config": dataclasses.asdict(self.config), "arm_embeddings": self.fmap.A.copy(),
-                self._state_key: self.post.state(), **self._extra_state(), "rng": rng_state(self.rng)}
+    def snapshot(self) -> LaplaceSnapshot:
+        return cast(LaplaceSnapshot, {
+            "policy": self.name, "config": dataclasses.asdict(self.config), "arm_embeddings": self.fmap.A.copy(),
+            self._state_key: self.post.state(), **self._extra_state(), "rng": rng_state(self.rng)})
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = self.config_cls(**snapshot["config"])
+        check_header(snapshot, self.name)
+        self.config = parse(self.config_cls, snapshot["config"], where=f"{self.name} snapshot config")
         self._build(np.asarray(snapshot["arm_embeddings"], dtype=np.float64))
         self.post.load(snapshot[self._state_key])
         self._load_extra(snapshot)
@@ -499,11 +466,8 @@ class LaplaceTS(LaplaceBacked):
         x = check_context(context, self.fmap.context_dim)
         mask = offered_mask(self.n_arms, arms)
         S = np.where(mask, self.fmap.scores(self.sample(2), x[None, :])[:, 0, :], -np.inf)  # (2, K)
-        first, second = int(S[0].argmax()), int(S[1].argmax())
-        if self.config.distinct_arms and second == first and mask.sum() > 1:
-            S[1, first] = -np.inf
-            second = int(S[1].argmax())
-        return Duel(first, second)
+        first = int(S[0].argmax())
+        return Duel(first, int(second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))))
 
     def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
         """Absorb one duel by an online Laplace step (O(p²)); refresh on schedule (module docstring)."""

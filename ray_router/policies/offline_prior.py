@@ -23,12 +23,14 @@ few example queries per category, a per-category score per arm and how many rows
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ray_router.errors import ConfigError
+from ray_router.policies.common import sigmoid
 
 # Shrinkage of the per-cell variance: ``n0`` pseudo-rows of variance ``v0`` (a Bernoulli(½) score).
 _PRIOR_VAR, _PRIOR_ROWS = 0.25, 1.0
@@ -122,7 +124,7 @@ class OfflinePrior:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "OfflinePrior":
+    def from_dict(cls, d: Mapping[str, Any]) -> OfflinePrior:
         try:
             basis = d.get("basis")
             return cls(
@@ -140,7 +142,7 @@ class OfflinePrior:
         except KeyError as e:
             raise ConfigError(f"offline prior: missing field {e.args[0]!r}") from None
 
-    def same_as(self, other: "OfflinePrior | None") -> bool:
+    def same_as(self, other: OfflinePrior | None) -> bool:
         if other is None:
             return False
         a, b = self.to_dict(), other.to_dict()
@@ -152,7 +154,7 @@ class OfflinePrior:
     def from_profile(
         cls, centroids: np.ndarray, utility: np.ndarray, counts: Sequence[float] | np.ndarray,
         category_names: Sequence[str], temperature: float = 20.0, slope: float = 2.5,
-    ) -> "OfflinePrior":
+    ) -> OfflinePrior:
         """An operator's prior: category centroids (M, d) of a few example queries, a per-category
         utility (score) per arm (M, K), and how many rows each category's scores rest on (M,)."""
         U = np.asarray(utility, dtype=np.float64)
@@ -204,7 +206,7 @@ def fit_offline_prior(
         tau2 = np.maximum(Ubar.var(axis=0, ddof=1) - (se**2).mean(axis=0), 1e-6)  # (K,)
         B = se**2 / (se**2 + tau2)
         Ubar = (1 - B) * Ubar + B * pooled
-        se = np.maximum(np.sqrt((1 - B)) * se, _MIN_STDERR)
+        se = np.maximum(np.sqrt(1 - B) * se, _MIN_STDERR)
 
     # leave-one-out centroids and means: a row never predicts itself
     loo_n = np.maximum(counts[idx] - 1, 1)[:, None]
@@ -248,7 +250,7 @@ def _fit_slope(uhat: np.ndarray, U: np.ndarray, max_duels: int, seed: int) -> fl
 
     Every pair (j < k) on every offline row (subsampled to ``max_duels``): outcome 1 if u_j > u_k,
     0 if below, ½ if equal. One-parameter logistic regression by Newton's method from w = 1."""
-    n, K = U.shape
+    K = U.shape[1]
     if K < 2:
         return 1.0
     j, k = np.triu_indices(K, 1)
@@ -263,7 +265,7 @@ def _fit_slope(uhat: np.ndarray, U: np.ndarray, max_duels: int, seed: int) -> fl
         return 1.0
     w = 1.0
     for _ in range(50):
-        p = 0.5 * (1.0 + np.tanh(0.5 * w * z))
+        p = sigmoid(w * z)
         g = ((p - y) * z).sum() + 1e-3 * w  # a whisper of ridge keeps w finite on separable data
         h = (p * (1 - p) * z * z).sum() + 1e-3
         step = g / h

@@ -9,24 +9,29 @@ earned its keep. It works for any model pool with offline rows or an operator's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import config_dataclass, parse
 from ray_router.errors import ConfigError
-from ray_router.policies.base import Duel, PolicyEnv, check_duel, check_outcome, register_policy, top_two
+from ray_router.policies.base import Duel, PolicyEnv, register_policy
+from ray_router.policies.common import PositiveFinite, check_context, check_feedback, top_two
 from ray_router.policies.offline_prior import OfflinePrior, fit_offline_prior
+from ray_router.policies.snapshot import PolicySnapshot, check_header
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class OfflineStaticConfig:
-    pi_temperature: float | None = None  # τ of π(x); None = fitted on the offline rows
+    pi_temperature: PositiveFinite | None = None  # τ of π(x); None = fitted on the offline rows
 
-    def __post_init__(self) -> None:
-        if self.pi_temperature is not None and not (isinstance(self.pi_temperature, (int, float))
-                                                    and 0 < self.pi_temperature < float("inf")):
-            raise ConfigError("OfflineStaticConfig: pi_temperature must be None (fitted) or finite and > 0")
+
+class OfflineStaticSnapshot(PolicySnapshot):
+    prior: dict[str, Any]
+    n_updates: int
+    config: dict[str, Any]
 
 
 class OfflineStaticRouter:
@@ -38,9 +43,7 @@ class OfflineStaticRouter:
         self.n_updates = 0
 
     def _ranked(self, context: np.ndarray, arms: Sequence[int] | None) -> np.ndarray:
-        x = np.asarray(context, dtype=np.float64).reshape(-1)
-        if x.shape[0] != self.prior.dim or not np.isfinite(x).all():
-            raise ConfigError(f"context must be {self.prior.dim} finite numbers")
+        x = check_context(context, self.prior.dim)
         return top_two(self.prior.estimate(x[None])[0], self.n_arms, arms)
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel:
@@ -51,18 +54,16 @@ class OfflineStaticRouter:
         return int(self._ranked(context, arms)[0])
 
     def update(self, context, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
-        check_outcome(outcome)
-        check_duel(duel, self.n_arms)
+        check_feedback(duel, outcome, self.n_arms)
         self.n_updates += 1
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> OfflineStaticSnapshot:
         return {"policy": self.name, "prior": self.prior.to_dict(), "n_updates": self.n_updates,
-                "config": {"pi_temperature": self.config.pi_temperature}}
+                "config": dataclasses.asdict(self.config)}
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
-        if snapshot.get("policy") != self.name:
-            raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {self.name!r}")
-        self.config = OfflineStaticConfig(**snapshot["config"])
+        check_header(snapshot, self.name)
+        self.config = parse(OfflineStaticConfig, snapshot["config"], where=f"{self.name} snapshot config")
         self.prior = OfflinePrior.from_dict(snapshot["prior"])
         self.n_arms = self.prior.n_arms
         self.n_updates = int(snapshot["n_updates"])

@@ -16,7 +16,8 @@ appended to a_k (a slight over-estimate of what is reachable: π(x) only ranges 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

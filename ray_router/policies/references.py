@@ -11,15 +11,14 @@ The best single arm in hindsight is the policy ``best_fixed``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from ray_router.config import config_dataclass
 from ray_router.errors import ConfigError
 from ray_router.policies.base import PolicyEnv, register_policy
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class ReferenceConfig:
     pass
 

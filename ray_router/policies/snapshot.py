@@ -2,6 +2,10 @@
 
 A snapshot (``policy.snapshot()``) is a nested dict of JSON values and numpy arrays. ``save_snapshot``
 writes it atomically (temp file + rename) so a crash never leaves a half-written snapshot behind.
+
+Every snapshot starts with the header :class:`PolicySnapshot` (the policy's registered name); each
+policy declares the rest of its fields as a ``TypedDict`` that extends it, and checks the header
+with :func:`check_header` before it restores anything.
 """
 
 from __future__ import annotations
@@ -9,10 +13,28 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypedDict
 
 import numpy as np
+
+from ray_router.errors import ConfigError
+
+
+class PolicySnapshot(TypedDict):
+    """The header of every policy snapshot: which policy wrote it. A plain dict at run time."""
+
+    policy: str
+
+
+def check_header(snapshot: Mapping[str, Any], name: str) -> None:
+    """ConfigError unless ``snapshot`` is a snapshot of the policy ``name``."""
+    if not isinstance(snapshot, Mapping):
+        raise ConfigError(f"a policy snapshot is a mapping, got {type(snapshot).__name__}")
+    if snapshot.get("policy") != name:
+        raise ConfigError(f"snapshot is of policy {snapshot.get('policy')!r}, not {name!r}")
+
 
 _ARRAY = "__ndarray__"
 _FLOAT = "__float__"  # non-finite floats, which JSON cannot hold
