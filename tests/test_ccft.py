@@ -34,20 +34,12 @@ from ray_router.embeddings.ccft import (
     warmup_linear_schedule,
 )
 from ray_router.errors import ConfigError, DataError
+from tests.data_fixtures import shared_data_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-def _shared_data_dir() -> Path | None:
-    """Where the real RouterBench subset lies: $RAY_ROUTER_DATA_DIR, ../shared/data or ./data."""
-    repo = Path(__file__).resolve().parents[1]
-    for cand in (os.environ.get("RAY_ROUTER_DATA_DIR"), repo.parent / "shared" / "data", repo / "data"):
-        if cand and (Path(cand) / "routerbench_5shot_arc_mbpp_winogrande.parquet").is_file():
-            return Path(cand)
-    return None
-
-
-DATA = _shared_data_dir()
+DATA = shared_data_dir()  # $RAY_ROUTER_DATA_DIR, ../shared/data or ./data
 needs_shared = pytest.mark.skipif(DATA is None, reason="shared data dir with the real Parquet files not found")
 
 # Tiny, so that a CPU trains it in seconds: 8 queries per category, 32 tokens, one step.
