@@ -38,6 +38,7 @@ def _sample(rows: np.ndarray, cats: np.ndarray, per_category: int, rng: np.rando
 
 
 def run_one(dataset: str, args: argparse.Namespace) -> dict:
+    from ray_router.config import parse
     from ray_router.data import load_dataset, stratified_split
     from ray_router.embeddings import get_encoder
     from ray_router.embeddings.ccft import CCFTConfig, category_separation, fine_tune, read_artifact
@@ -51,7 +52,7 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict:
         ("queries_per_category", args.queries_per_category), ("epochs", args.epochs), ("loss", args.loss),
         ("max_seq_length", args.max_seq_length), ("batch_size", args.batch_size), ("lr", args.lr),
     ) if v is not None}
-    config = CCFTConfig(seed=args.seed, **overrides)
+    config = parse(CCFTConfig, {"seed": args.seed, **overrides}, where="CCFT config")
     cache_root = Path(os.environ.get("RAY_ROUTER_CACHE_DIR", "~/.cache/ray-router")).expanduser()
     artifact_root = Path(args.artifact_dir) if args.artifact_dir else cache_root / "ccft"
     out_dir = artifact_root / f"{dataset}-{args.text_view}-split{args.seed}"
@@ -82,8 +83,8 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict:
         "text_view": args.text_view,
         "split_seed": args.seed,
         "offline_fraction": args.offline_fraction,
-        "n_offline": int(len(split.offline)),
-        "n_online": int(len(split.online)),
+        "n_offline": len(split.offline),
+        "n_online": len(split.online),
         "config": meta["config"],
         "artifact": str(path),
         "fingerprint": meta["fingerprint"],

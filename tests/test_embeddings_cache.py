@@ -6,9 +6,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -119,35 +118,40 @@ def test_cached_real_encoder_never_loads_torch(tmp_path):
 
 
 def test_concurrent_writers_do_not_corrupt(tmp_path):
-    # 4 processes start together (file barrier) and each encodes overlapping text sets in 30 calls;
-    # max_shards=5 forces merges while the others write.
-    root, gate = tmp_path / "cache", tmp_path / "gate"
-    gate.mkdir()
+    # 4 processes start together (each reports "ready" on stdout, then blocks on stdin until all have)
+    # and each encodes overlapping text sets in 30 calls; max_shards=5 forces merges while the others
+    # write. The cache's warnings are errors in the workers: one that meets an unreadable shard fails.
+    root = tmp_path / "cache"
     code = """
-        import sys, time
-        from pathlib import Path
+        import sys, warnings
         from ray_router.embeddings import CachedEncoder, EmbeddingCache, HashEncoder
-        w, root, gate = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-        (gate / f"ready-{w}").touch()
-        while not (gate / "go").exists():
-            time.sleep(0.005)
+        warnings.filterwarnings("error", message="embedding cache")
+        w, root = int(sys.argv[1]), sys.argv[2]
+        print("ready", flush=True)
+        sys.stdin.readline()
         enc = CachedEncoder(HashEncoder(8), EmbeddingCache(root, max_shards=5))
         for i in range(30):
             enc.encode([f"t{(w * 7 + i * 3 + j) % 90}" for j in range(6)])
     """
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(w), str(root), str(gate)], env=ENV,
-                         stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(w), str(root)], env=ENV,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for w in range(4)
     ]
-    deadline = time.monotonic() + 60
-    while len(list(gate.glob("ready-*"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (gate / "go").touch()
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        assert "skipping" not in err, err
+    try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.communicate(timeout=60)[1]  # "" if it died first
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     texts = sorted({f"t{(w * 7 + i * 3 + j) % 90}" for w in range(4) for i in range(30) for j in range(6)})
     inner = Counting(HashEncoder(8))
     np.testing.assert_array_equal(CachedEncoder(inner, root).encode(texts), HashEncoder(8).encode(texts))

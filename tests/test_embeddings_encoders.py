@@ -54,10 +54,16 @@ def test_hash_encoder_is_deterministic_unit_and_seeded():
     assert HashEncoder(4).encode([]).shape == (0, 4)
 
 
-@pytest.mark.parametrize("dim", [0, -3, 2.5, True])
+@pytest.mark.parametrize("dim", [0, -3, 2.5, True, "8"])
 def test_hash_encoder_rejects_bad_dim(dim):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^HashEncoder: dim: "):
         HashEncoder(dim=dim)
+
+
+def test_hash_encoder_takes_numpy_integers():
+    assert HashEncoder(np.int64(8), seed=np.int32(2)).identity == HashEncoder(8, seed=2).identity == "hash:dim=8:seed=2"
+    with pytest.raises(ConfigError, match=r"^HashEncoder: seed: "):
+        HashEncoder(8, seed=1.5)
 
 
 def test_lookup_encoder_table_and_fallback():
@@ -92,6 +98,9 @@ def test_lookup_from_categories_clusters():
     off = ~np.eye(40, dtype=bool)
     assert G[same & off].min() > G[~same].max()
     np.testing.assert_array_equal(X, LookupEncoder.from_categories(texts, cats, dim=16).encode(texts))
+    for bad in ({"noise": -0.1}, {"noise": float("nan")}, {"dim": 0}):
+        with pytest.raises(ConfigError, match=rf"^LookupEncoder.from_categories: {next(iter(bad))}: "):
+            LookupEncoder.from_categories(texts, cats, **bad)
 
 
 # ------------------------------------------------- sentence-transformers identity
@@ -142,13 +151,15 @@ def test_bad_model_paths_raise_config_error(tmp_path, bad):
     elif bad == "EMPTYDIR":
         bad = tmp_path / "empty"
         bad.mkdir()
-    with pytest.raises(ConfigError, match="does not exist|not a sentence-transformers directory"):
+    with pytest.raises(ConfigError, match=r"does not exist|not a sentence-transformers directory"):
         SentenceTransformerEncoder(bad)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_seq_length": 0}, {"batch_size": 0}, {"batch_size": 2.0}])
+@pytest.mark.parametrize("kwargs", [{"max_seq_length": 0}, {"batch_size": 0}, {"batch_size": 2.0},
+                                    {"max_seq_length": "128"}, {"batch_size": True}])
 def test_bad_encoder_options(kwargs):
-    with pytest.raises(ConfigError):
+    (field,) = kwargs
+    with pytest.raises(ConfigError, match=rf"^SentenceTransformerEncoder: {field}: "):
         SentenceTransformerEncoder(**kwargs)
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ray_router.embeddings.base import Encoder, l2_normalise
+from ray_router.embeddings.cache import CachedEncoder, EmbeddingCache, default_cache_dir, text_key
 from ray_router.embeddings.ccft import (
     CCFTConfig,
     CCFTResult,
@@ -19,7 +20,6 @@ from ray_router.embeddings.ccft import (
     read_artifact,
     save_artifact,
 )
-from ray_router.embeddings.cache import CachedEncoder, EmbeddingCache, default_cache_dir, text_key
 from ray_router.embeddings.lookup import HashEncoder, LookupEncoder
 from ray_router.embeddings.model_embeddings import (
     WEIGHTINGS,
@@ -76,38 +76,38 @@ def get_encoder(
 
 
 __all__ = [
-    "Encoder",
-    "l2_normalise",
-    "SentenceTransformerEncoder",
-    "packaged_model_path",
-    "resolve_device",
-    "HashEncoder",
-    "LookupEncoder",
-    "EmbeddingCache",
-    "CachedEncoder",
-    "default_cache_dir",
-    "text_key",
-    "get_encoder",
     "ENCODER_NAMES",
     "WEIGHTINGS",
-    "WeightingConfig",
-    "category_order",
-    "category_stats",
-    "category_weights",
-    "normalise_costs",
-    "category_centroids",
-    "top_tau_mask",
-    "weighting_scores",
-    "arm_embeddings",
-    "model_embeddings",
     "CCFTConfig",
     "CCFTResult",
+    "CachedEncoder",
+    "EmbeddingCache",
+    "Encoder",
+    "HashEncoder",
     "InBatchContrastiveLoss",
-    "fine_tune",
-    "save_artifact",
-    "read_artifact",
-    "ccft_fingerprint",
+    "LookupEncoder",
+    "SentenceTransformerEncoder",
+    "WeightingConfig",
+    "arm_embeddings",
+    "category_centroids",
+    "category_order",
     "category_separation",
+    "category_stats",
+    "category_weights",
+    "ccft_fingerprint",
+    "default_cache_dir",
+    "fine_tune",
+    "get_encoder",
+    "l2_normalise",
+    "model_embeddings",
+    "normalise_costs",
+    "packaged_model_path",
+    "read_artifact",
+    "resolve_device",
+    "save_artifact",
+    "text_key",
+    "top_tau_mask",
+    "weighting_scores",
 ]
 
 

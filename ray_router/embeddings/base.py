@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -15,8 +16,11 @@ class Encoder(Protocol):
     so two encoders with the same identity must return the same vectors for the same text.
     """
 
-    identity: str
-    dim: int
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray: ...
 

@@ -24,8 +24,9 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import numpy as np
 
@@ -204,7 +205,7 @@ class CachedEncoder:
     def __init__(
         self,
         encoder: Encoder,
-        cache_dir: "str | os.PathLike[str] | EmbeddingCache | None" = None,
+        cache_dir: str | os.PathLike[str] | EmbeddingCache | None = None,
         chunk_size: int = 4096,
     ):
         self.encoder = encoder
@@ -240,7 +241,8 @@ class CachedEncoder:
         self.n_hits += len(texts) - len(missing)
         if not texts:
             return np.zeros((0, dim), dtype=np.float32)
-        return np.stack(self.cache.get(self.identity, dim, keys)).astype(np.float32, copy=False)
+        rows = cast("list[np.ndarray]", self.cache.get(self.identity, dim, keys))  # every miss was just stored
+        return np.stack(rows).astype(np.float32, copy=False)
 
     def __repr__(self) -> str:
         return f"CachedEncoder({self.encoder!r}, root={str(self.cache.root)!r})"

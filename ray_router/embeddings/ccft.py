@@ -25,7 +25,7 @@ Importing this module is cheap; ``torch`` and ``sentence_transformers`` load whe
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import math
@@ -33,13 +33,17 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import numpy as np
+from pydantic import Field, TypeAdapter, ValidationError
 
+from ray_router.config import as_config_error, config_dataclass, field_names, replace
+from ray_router.embeddings.options import Int, PositiveReal, Real
 from ray_router.embeddings.sentence import ARTIFACT_FILE, SentenceTransformerEncoder, resolve_device
 from ray_router.errors import ConfigError, DataError
 
@@ -48,22 +52,18 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT_VERSION = 1
 ARTIFACT_KIND = "ccft"
-LOSSES = ("masked_mnrl", "mnrl")
 
 
 # ============================================================================ config
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+Loss = Literal["masked_mnrl", "mnrl"]
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
-def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass(frozen=True)
+@config_dataclass
 class CCFTConfig:
-    """Hyperparameters of one CCFT run (frozen, validated on construction: bad values raise
-    :class:`ConfigError`).
+    """Hyperparameters of one CCFT run (a strict, frozen pydantic dataclass: build it with
+    ``ray_router.config.parse(CCFTConfig, values, where=...)`` to get a :class:`ConfigError` naming the
+    field; direct construction raises pydantic's ``ValidationError``).
 
     - ``loss``: ``masked_mnrl`` (default; in-batch contrastive loss whose same-category in-batch
       items are masked out instead of counted as negatives, see :class:`InBatchContrastiveLoss`) or
@@ -77,67 +77,38 @@ class CCFTConfig:
       with a different random query of its category. A few epochs because the sample is tiny.
     - ``lr`` (2e-5), ``batch_size`` (32), ``scale`` (20, the inverse temperature of the cosine
       logits): ALGORITHM.md's defaults (MNRL's). ``warmup_ratio`` (0.1): linear warm-up over that
-      fraction of the steps, then linear decay to 0 (sentence-transformers' ``WarmupLinear``).
+      fraction of the steps, then linear decay to 0 (see :func:`warmup_linear_schedule`).
       ``weight_decay`` (0.01, AdamW) and ``max_grad_norm`` (1.0; 0 = no clipping) as in
       sentence-transformers' ``fit``.
     - ``max_seq_length``: token limit during training, stored in the artifact (so the fine-tuned
       encoder reads the same tokens it was trained on); None = the base model's (256 for MiniLM).
     - ``seed``: query sampling, pairing, batch order, dropout. On CPU the same inputs and seed give
       bit-identical weights.
+
+    Numbers are checked strictly (``"3"`` and ``True`` are not integers, NaN and inf are refused);
+    numpy scalars count as the Python numbers they hold.
     """
 
-    loss: str = "masked_mnrl"
-    queries_per_category: int = 32
-    epochs: int = 4
-    lr: float = 2e-5
-    batch_size: int = 32
-    scale: float = 20.0
-    max_seq_length: int | None = None
-    seed: int = 0
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ConfigError(f"CCFTConfig.loss must be one of {list(LOSSES)}, got {self.loss!r}")
-        for name, low in (("queries_per_category", 1), ("epochs", 1), ("batch_size", 2), ("seed", 0)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < low:
-                raise ConfigError(f"CCFTConfig.{name} must be an integer >= {low}, got {value!r}")
-        if self.max_seq_length is not None and (not _is_int(self.max_seq_length) or self.max_seq_length < 2):
-            raise ConfigError(f"CCFTConfig.max_seq_length must be None or an integer >= 2, got {self.max_seq_length!r}")
-        for name in ("lr", "scale"):
-            value = getattr(self, name)
-            if not _is_real(value) or value <= 0:
-                raise ConfigError(f"CCFTConfig.{name} must be a finite number > 0, got {value!r}")
-        if not _is_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"CCFTConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        for name in ("weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not _is_real(value) or value < 0:
-                raise ConfigError(f"CCFTConfig.{name} must be a finite number >= 0, got {value!r}")
+    loss: Loss = "masked_mnrl"
+    queries_per_category: Annotated[Int, Field(ge=1)] = 32
+    epochs: Annotated[Int, Field(ge=1)] = 4
+    lr: PositiveReal = 2e-5
+    batch_size: Annotated[Int, Field(ge=2)] = 32
+    scale: PositiveReal = 20.0
+    max_seq_length: Annotated[Int, Field(ge=2)] | None = None
+    seed: Annotated[Int, Field(ge=0)] = 0
+    warmup_ratio: Annotated[Real, Field(ge=0, lt=1)] = 0.1
+    weight_decay: Annotated[Real, Field(ge=0)] = 0.01
+    max_grad_norm: Annotated[Real, Field(ge=0)] = 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (ints and floats as Python types)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v if v is None or isinstance(v, str) else (int(v) if _is_int(v) else float(v))
-        return out
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "CCFTConfig":
-        """Build from a mapping; an unknown key is a :class:`ConfigError` that lists the fields."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown CCFTConfig field(s) {unknown}; valid: {names}")
-        return cls(**dict(values))
+        """Plain JSON-able dict (the fields are Python ints, floats, strings or None)."""
+        return {name: getattr(self, name) for name in field_names(CCFTConfig)}
 
 
 # ============================================================================== loss
 _LOSS_CLASS: Any = None
+_POSITIVE_REAL: TypeAdapter[float] = TypeAdapter(PositiveReal)
 
 
 def _loss_class():
@@ -173,12 +144,13 @@ def _loss_class():
 
         def __init__(self, scale: float = 20.0, label_aware: bool = True):
             super().__init__()
-            if not _is_real(scale) or scale <= 0:
-                raise ConfigError(f"loss scale must be a finite number > 0, got {scale!r}")
-            self.scale = float(scale)
+            try:
+                self.scale = _POSITIVE_REAL.validate_python(scale, strict=True)
+            except ValidationError as e:
+                raise as_config_error(e, "loss scale") from None
             self.label_aware = bool(label_aware)
 
-        def logits(self, anchors: "torch.Tensor", positives: "torch.Tensor", labels: "torch.Tensor | None" = None):
+        def logits(self, anchors: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor | None = None):
             a = nn.functional.normalize(anchors, p=2, dim=-1)
             p = nn.functional.normalize(positives, p=2, dim=-1)
             scores = self.scale * (a @ p.T)
@@ -191,7 +163,7 @@ def _loss_class():
                 scores = scores.masked_fill(same, float("-inf"))
             return scores
 
-        def forward(self, anchors: "torch.Tensor", positives: "torch.Tensor", labels: "torch.Tensor | None" = None):
+        def forward(self, anchors: torch.Tensor, positives: torch.Tensor, labels: torch.Tensor | None = None):
             if anchors.shape != positives.shape or anchors.ndim != 2:
                 raise ConfigError(
                     f"anchors {tuple(anchors.shape)} and positives {tuple(positives.shape)} must both be (B, d)"
@@ -308,7 +280,7 @@ def _model_max_seq_length(path: Path) -> int | None:
             value = json.loads((path / name).read_text(encoding="utf-8")).get(key)
         except (OSError, ValueError, AttributeError):
             continue
-        if _is_int(value) and 0 < value < 1_000_000:  # transformers writes ~1e30 for "no limit"
+        if type(value) is int and 0 < value < 1_000_000:  # transformers writes ~1e30 for "no limit"
             return int(value)
     return None
 
@@ -340,7 +312,7 @@ def _plan(texts: Sequence[str], categories: Sequence[str] | np.ndarray, config: 
     if config.max_seq_length is None:  # resolve, so that None and the base's own limit hash alike
         limit = _model_max_seq_length(base.model_path)
         if limit is not None:
-            config = dataclasses.replace(config, max_seq_length=limit)
+            config = replace(config, where="CCFTConfig", max_seq_length=limit)
     rows = sample_training_queries(texts, labels, config.queries_per_category, config.seed)
     train_texts, train_labels = [texts[i] for i in rows], labels[rows]
     data_hash = training_data_sha256(train_texts, train_labels)
@@ -362,20 +334,31 @@ def ccft_fingerprint(
 def _versions() -> dict[str, str]:
     out = {}
     for mod in ("torch", "sentence_transformers", "transformers"):
-        try:
+        with contextlib.suppress(Exception):  # informational only
             out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - informational only
-            pass
     return out
 
 
 def _train(plan: _Plan, device: str) -> CCFTResult:
-    import torch
+    """One CCFT run: load the base model, draw every epoch's pairs, build the optimiser and its
+    schedule, fit, and describe the result."""
+    dev = resolve_device(device)
+    model = _load_base_model(plan, dev)
+    epochs = _draw_epochs(plan)
+    n_steps = sum(len(batches) for batches in epochs)
+    optimiser = _optimiser(model, plan.config)
+    scheduler = warmup_linear_schedule(optimiser, math.ceil(plan.config.warmup_ratio * n_steps), n_steps)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    history = _fit(model, plan, epochs, optimiser, scheduler, dev)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return CCFTResult(model=model, metadata=_metadata(plan, model, history, n_steps, dev, seconds, cpu_seconds))
+
+
+def _load_base_model(plan: _Plan, dev: str) -> Any:
+    """The base ``SentenceTransformer`` on ``dev`` with the config's token limit (no progress bar)."""
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
-    config = plan.config
-    dev = resolve_device(device)
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -383,59 +366,99 @@ def _train(plan: _Plan, device: str) -> CCFTResult:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    if config.max_seq_length is not None:
-        model.max_seq_length = int(config.max_seq_length)
-    loss_fn = make_loss(config)
-    preprocess = getattr(model, "preprocess", None) or model.tokenize
+    if plan.config.max_seq_length is not None:
+        model.max_seq_length = int(plan.config.max_seq_length)
+    return model
 
-    cats = sorted(set(plan.labels.tolist()))
-    y_all = torch.tensor([cats.index(c) for c in plan.labels], dtype=torch.long)
-    rng = np.random.default_rng(config.seed)
-    epochs = [_pair_batches(plan.labels, config.batch_size, rng) for _ in range(config.epochs)]
-    n_steps = sum(len(e) for e in epochs)
-    n_warmup = math.ceil(config.warmup_ratio * n_steps)
 
-    def lr_factor(step: int) -> float:  # sentence-transformers' WarmupLinear
-        if step < n_warmup:
-            return (step + 1) / (n_warmup + 1)  # never 0, so the first step moves the weights
-        return max(0.0, (n_steps - step) / max(1, n_steps - n_warmup))
+def _draw_epochs(plan: _Plan) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Every epoch's (anchor, positive) batches, drawn up front with one generator seeded by the config."""
+    rng = np.random.default_rng(plan.config.seed)
+    return [_pair_batches(plan.labels, plan.config.batch_size, rng) for _ in range(plan.config.epochs)]
 
-    decay, no_decay = [], []
+
+_NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias")
+
+
+def _optimiser(model: Any, config: CCFTConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter but biases and LayerNorms (as sentence-transformers' ``fit``)."""
+    import torch
+
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
-        (no_decay if any(k in name for k in ("bias", "LayerNorm.weight", "LayerNorm.bias")) else decay).append(param)
-    optimiser = torch.optim.AdamW(
+        (no_decay if any(k in name for k in _NO_DECAY) else decay).append(param)
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
 
+
+def warmup_linear_schedule(optimiser: torch.optim.Optimizer, n_warmup: int, n_steps: int) -> Any:
+    """Linear warm-up over ``n_warmup`` steps, then linear decay to 0 at ``n_steps``: at step ``s``
+    (0-based) the learning rate is ``lr · (s + 1) / (n_warmup + 1)`` during the warm-up and
+    ``lr · (n_steps - s) / max(1, n_steps - n_warmup)`` after it.
+
+    transformers' ``get_linear_schedule_with_warmup`` started one step later (over ``n_warmup + 1``
+    warm-up and ``n_steps + 1`` total steps, resumed at step 1): so the first step's rate is never 0
+    and the first step moves the weights (a one-step run would otherwise train nothing)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    for group in optimiser.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # what a scheduler resumed at step 1 reads
+    return get_linear_schedule_with_warmup(optimiser, n_warmup + 1, n_steps + 1, last_epoch=0)
+
+
+def _fit(model: Any, plan: _Plan, epochs: list, optimiser: Any, scheduler: Any, dev: str) -> list[float]:
+    """Train ``model`` in place; the mean loss of each epoch. Dropout draws from torch's global
+    generator, seeded by the config inside ``fork_rng`` (the caller's generator state is kept)."""
+    import torch
+
+    loss_fn = make_loss(plan.config)
+    cats = sorted(set(plan.labels.tolist()))
+    labels = torch.tensor([cats.index(c) for c in plan.labels], dtype=torch.long)
     fork_devices = [torch.device(dev).index or 0] if dev.startswith("cuda") else []
     history: list[float] = []
-    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(plan.config.seed)
         model.train()
         for batches in epochs:
-            losses = []
-            for a_idx, p_idx in batches:
-                batch_texts = [plan.texts[i] for i in a_idx] + [plan.texts[i] for i in p_idx]
-                features = preprocess(batch_texts)
-                features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in features.items()}
-                emb = model(features)["sentence_embedding"]
-                loss = loss_fn(emb[: len(a_idx)], emb[len(a_idx) :], y_all[a_idx])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimiser.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
+            losses = [
+                _train_step(model, loss_fn, optimiser, scheduler, plan, a_idx, p_idx, labels[a_idx])
+                for a_idx, p_idx in batches
+            ]
             history.append(float(np.mean(losses)))
     model.eval()
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return history
 
-    counts = {c: {"available": n, "used": int((plan.labels == c).sum())} for c, n in plan.available.items()}
-    metadata = {
+
+def _train_step(model: Any, loss_fn: Any, optimiser: Any, scheduler: Any, plan: _Plan,
+                a_idx: np.ndarray, p_idx: np.ndarray, labels: torch.Tensor) -> float:
+    """One optimiser step on a batch of (anchor, positive) pairs; returns its loss."""
+    import torch
+
+    emb = _embed([plan.texts[i] for i in a_idx] + [plan.texts[i] for i in p_idx], model)
+    loss = loss_fn(emb[: len(a_idx)], emb[len(a_idx) :], labels)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    if plan.config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), plan.config.max_grad_norm)
+    optimiser.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def _embed(texts: list[str], model: Any) -> torch.Tensor:
+    """Sentence embeddings of ``texts`` with gradients (the model's forward pass, not ``encode``)."""
+    preprocess = getattr(model, "preprocess", None) or model.tokenize
+    features = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in preprocess(texts).items()}
+    return model(features)["sentence_embedding"]
+
+
+def _metadata(plan: _Plan, model: Any, history: list[float], n_steps: int, dev: str, seconds: float,
+              cpu_seconds: float) -> dict[str, Any]:
+    """The artifact metadata of a finished run (``created_at`` is added when it is saved)."""
+    return {
         "format_version": FORMAT_VERSION,
         "kind": ARTIFACT_KIND,
         "name": f"ccft-{plan.base.name}",
@@ -448,7 +471,7 @@ def _train(plan: _Plan, device: str) -> CCFTResult:
         },
         "config": plan.config.to_dict(),
         "max_seq_length": int(model.max_seq_length),
-        "categories": counts,
+        "categories": {c: {"available": n, "used": int((plan.labels == c).sum())} for c, n in plan.available.items()},
         "n_train": len(plan.texts),
         "data_sha256": plan.data_sha256,
         "train_seconds": round(seconds, 3),
@@ -459,7 +482,6 @@ def _train(plan: _Plan, device: str) -> CCFTResult:
         "device": dev,
         "versions": _versions(),
     }
-    return CCFTResult(model=model, metadata=metadata)
 
 
 def train(
@@ -596,30 +618,14 @@ def fine_tune(
 
 
 # ======================================================================== separation
-def _silhouette_cosine(X: np.ndarray, y: np.ndarray, n_labels: int, chunk: int = 2048) -> np.ndarray:
-    """Per-sample silhouette with cosine distance (rows of ``X`` unit-norm); 0 for singleton labels."""
-    n = len(X)
-    onehot = np.zeros((n, n_labels))
-    onehot[np.arange(n), y] = 1.0
-    counts = onehot.sum(axis=0)
-    out = np.zeros(n)
-    for start in range(0, n, chunk):
-        Xc = X[start : start + chunk]
-        D = np.clip(1.0 - Xc @ X.T, 0.0, 2.0)
-        D[np.arange(len(Xc)), np.arange(start, start + len(Xc))] = 0.0
-        sums = D @ onehot  # (chunk, L): total distance to each label's members
-        own = y[start : start + chunk]
-        rows = np.arange(len(Xc))
-        n_own = counts[own]
-        a = sums[rows, own] / np.maximum(n_own - 1, 1)
-        means = sums / np.maximum(counts, 1)
-        means[:, counts == 0] = np.inf
-        means[rows, own] = np.inf
-        b = means.min(axis=1)
-        denom = np.maximum(a, b)
-        s = np.where(denom > 0, (b - a) / np.where(denom > 0, denom, 1.0), 0.0)
-        out[start : start + chunk] = np.where(n_own > 1, s, 0.0)
-    return out
+def _silhouette_cosine(X: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-sample silhouette with cosine distance (scikit-learn, which works through the distance
+    matrix in chunks); 0 for a row alone in its label. At least two labels."""
+    from sklearn.metrics import silhouette_samples
+
+    if len(set(labels.tolist())) >= len(X):  # every row alone in its label (scikit-learn refuses it)
+        return np.zeros(len(X))
+    return np.asarray(silhouette_samples(X, labels, metric="cosine"), dtype=np.float64)
 
 
 def _unit64(X: Any) -> np.ndarray:
@@ -636,13 +642,13 @@ def category_separation(
     X_eval: np.ndarray,
     cats_eval: Sequence[str] | np.ndarray,
 ) -> dict[str, Any]:
-    """How well embeddings separate categories on held-out queries (numpy only).
+    """How well embeddings separate categories on held-out queries.
 
     - ``nearest_centroid_accuracy``: each eval row is assigned the category whose train centroid
       (mean of the unit-normalised train rows) has the highest cosine; the share assigned correctly,
       over eval rows whose category occurs in the train set (``n_eval_unseen`` counts the others).
     - ``silhouette``: mean silhouette of the eval rows under their true labels with cosine distance
-      (Rousseeuw 1987; 0 for a row alone in its label, as in scikit-learn), NaN with fewer than two
+      (Rousseeuw 1987; scikit-learn's ``silhouette_samples``, 0 for a row alone in its label), NaN with fewer than two
       eval categories. In [-1, 1], higher = tighter, better separated categories.
     - ``per_category``: accuracy and mean silhouette of each eval category.
     """
@@ -662,9 +668,8 @@ def category_separation(
     accuracy = float(correct[seen].mean()) if seen.any() else float("nan")
 
     eval_cats = sorted(set(ye.tolist()))
-    y_idx = np.array([eval_cats.index(c) for c in ye], dtype=np.int64)
     if len(eval_cats) >= 2:
-        s = _silhouette_cosine(Xe, y_idx, len(eval_cats))
+        s = _silhouette_cosine(Xe, ye)
         silhouette = float(s.mean())
     else:
         s, silhouette = np.full(len(Xe), np.nan), float("nan")
@@ -679,8 +684,8 @@ def category_separation(
     return {
         "nearest_centroid_accuracy": accuracy,
         "silhouette": silhouette,
-        "n_train": int(len(Xt)),
-        "n_eval": int(len(Xe)),
+        "n_train": len(Xt),
+        "n_eval": len(Xe),
         "n_eval_unseen": int((~seen).sum()),
         "categories": train_cats,
         "per_category": per_category,
@@ -688,18 +693,19 @@ def category_separation(
 
 
 __all__ = [
+    "FORMAT_VERSION",
+    "LOSSES",
     "CCFTConfig",
     "CCFTResult",
-    "InBatchContrastiveLoss",
-    "LOSSES",
-    "FORMAT_VERSION",
-    "make_loss",
-    "sample_training_queries",
-    "training_data_sha256",
-    "ccft_fingerprint",
-    "train",
-    "fine_tune",
-    "save_artifact",
-    "read_artifact",
+    "InBatchContrastiveLoss",  # noqa: F822 - defined on first use, by __getattr__
     "category_separation",
+    "ccft_fingerprint",
+    "fine_tune",
+    "make_loss",
+    "read_artifact",
+    "sample_training_queries",
+    "save_artifact",
+    "train",
+    "training_data_sha256",
+    "warmup_linear_schedule",
 ]

@@ -8,16 +8,18 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.embeddings.base import Encoder, l2_normalise
+from ray_router.embeddings.options import CategoryLookupOptions, HashEncoderOptions
 from ray_router.errors import ConfigError, DataError
 
 
 def _text_seed(text: str, seed: int) -> int:
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
 
 
@@ -29,11 +31,9 @@ class HashEncoder:
     """
 
     def __init__(self, dim: int = 32, seed: int = 0):
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ConfigError(f"HashEncoder: dim must be a positive int, got {dim!r}")
-        self.dim = dim
-        self.seed = int(seed)
-        self.identity = f"hash:dim={dim}:seed={self.seed}"
+        options = parse(HashEncoderOptions, {"dim": dim, "seed": seed}, where="HashEncoder")
+        self.dim, self.seed = options.dim, options.seed
+        self.identity = f"hash:dim={self.dim}:seed={self.seed}"
 
     def vector(self, text: str) -> np.ndarray:
         """The (dim,) unit vector of one text."""
@@ -98,15 +98,14 @@ class LookupEncoder:
         dim: int = 16,
         noise: float = 0.3,
         seed: int = 0,
-    ) -> "LookupEncoder":
+    ) -> LookupEncoder:
         """Texts of one category cluster: ``vector = normalise(u_m + noise · h(text))`` with ``u_m`` a
         random unit direction per category and ``h`` a :class:`HashEncoder` vector.
 
         Repeated texts keep the category they first appear with."""
         if len(texts) != len(categories):
             raise ConfigError("LookupEncoder.from_categories: texts and categories differ in length")
-        if noise < 0:
-            raise ConfigError(f"LookupEncoder.from_categories: noise must be >= 0, got {noise}")
+        parse(CategoryLookupOptions, {"dim": dim, "noise": noise, "seed": seed}, where="LookupEncoder.from_categories")
         directions = HashEncoder(dim, seed=seed + 1)
         jitter = HashEncoder(dim, seed=seed)
         table: dict[str, np.ndarray] = {}

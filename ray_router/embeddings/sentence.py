@@ -23,12 +23,15 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.embeddings.base import l2_normalise
+from ray_router.embeddings.options import SentenceTransformerOptions
 from ray_router.errors import ConfigError
 
 ARTIFACT_FILE = "ray_router_artifact.json"
@@ -144,14 +147,12 @@ class SentenceTransformerEncoder:
             raise ConfigError(
                 f"encoder model path {str(path)!r} is not a sentence-transformers directory (no modules.json)"
             )
-        if max_seq_length is not None and (not isinstance(max_seq_length, int) or max_seq_length < 1):
-            raise ConfigError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+        options = parse(SentenceTransformerOptions, {"max_seq_length": max_seq_length, "batch_size": batch_size},
+                        where="SentenceTransformerEncoder")
         self.model_path = path
         self.requested_device = device
-        self.max_seq_length = max_seq_length
-        self.batch_size = batch_size
+        self.max_seq_length = options.max_seq_length
+        self.batch_size = options.batch_size
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -189,7 +190,9 @@ class SentenceTransformerEncoder:
                         model.max_seq_length = self.max_seq_length
                     model.eval()
                     get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
-                    dim = int(get_dim())
+                    dim = get_dim()
+                    if not isinstance(dim, int):
+                        raise ConfigError(f"{self.model_path}: the model reports no embedding dimension ({dim!r})")
                     if self._dim is not None and self._dim != dim:
                         raise ConfigError(f"{self.model_path}: configs say dim {self._dim}, the model gives {dim}")
                     self._dim = dim

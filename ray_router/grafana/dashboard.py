@@ -7,8 +7,9 @@ series for replica health. Queries use two Grafana built-ins, ``$__rate_interval
 and two dashboard variables: ``$datasource`` (the Prometheus data source) and ``$application``
 (the Serve application, a label that only Serve's own series carry).
 
-Plain dicts, no dependency: the model is small, and Grafana's JSON is the stable interface (the
-same file is provisioned by the ConfigMap in ``k8s/base/grafana`` and uploaded by
+Rows, panels and queries are strict frozen dataclasses (a wrong panel kind or width fails when the
+dashboard is built); the output is plain dicts, as Grafana's JSON is the stable interface (the same
+file is provisioned by the ConfigMap in ``k8s/base/grafana`` and uploaded by
 ``ray-router grafana push``). ``tests/grafana`` checks every expression with ``promtool`` and runs
 each one against a real Prometheus scraping the real app.
 """
@@ -17,8 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from ray_router.config import config_dataclass
 
 DASHBOARD_UID = "ray-router"
 TITLE = "ray-router: routing, feedback, posterior, Serve health"
@@ -47,30 +53,30 @@ SERVE_ERRORS = "ray_serve_deployment_error_counter_total"
 SERVE_LATENCY = "ray_serve_deployment_processing_latency_ms_bucket"
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Query:
-    expr: str
+    expr: Annotated[str, Field(min_length=1)]
     legend: str = ""
     instant: bool = False  # stat / bar gauge panels read one value per series
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Panel:
-    title: str
-    description: str
-    queries: tuple[Query, ...]
-    kind: str = "timeseries"  # timeseries | stat | bargauge
+    title: Annotated[str, Field(min_length=1)]
+    description: Annotated[str, Field(min_length=1)]
+    queries: Annotated[tuple[Query, ...], Field(min_length=1)]
+    kind: Literal["timeseries", "stat", "bargauge"] = "timeseries"
     unit: str = "short"
-    width: int = 12
-    height: int = 8
-    max: float | None = None
+    width: Annotated[int, Field(ge=1, le=24)] = 12  # of Grafana's 24 columns
+    height: Annotated[int, Field(ge=1)] = 8
+    max: int | float | None = None  # an int stays an int in the JSON
     stack: bool = False
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Row:
-    title: str
-    panels: tuple[Panel, ...] = field(default_factory=tuple)
+    title: Annotated[str, Field(min_length=1)]
+    panels: tuple[Panel, ...] = ()
 
 
 def _q(expr: str, legend: str = "", instant: bool = False) -> Query:

@@ -14,8 +14,9 @@ auth. Secrets come from the environment, never from the command line.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import httpx
 

@@ -40,18 +40,18 @@ class FakeGrafana:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}{self.prefix}"
 
-    def start(self) -> "FakeGrafana":
+    def start(self) -> FakeGrafana:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 fake.violations.append(f"GET {self.path}")
                 self._answer(404, {"message": "Not found"})
 
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
                 req = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "raw": raw}
                 fake.requests.append(req)

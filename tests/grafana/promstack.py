@@ -119,24 +119,31 @@ def start_prometheus(workdir: Path, targets: list[str] | None = None, interval_s
     cfg.write_text(config if config is not None else scrape_config(targets or [], interval_s))
     port = free_port()
     log_path = workdir / "prometheus.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "GOMAXPROCS": "1"},
-    )
-    log.close()
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "GOMAXPROCS": "1"},
+        )
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log_path)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{prom.log_tail()}")
-        try:
-            if httpx.get(f"{prom.url}/-/ready", timeout=1).status_code == 200:
-                return prom
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    prom.stop()
-    raise RuntimeError(f"prometheus not ready within {timeout_s}s:\n{prom.log_tail()}")
+    while not _ready(prom):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            prom.stop()
+            raise RuntimeError(f"prometheus not ready within {timeout_s}s:\n{prom.log_tail()}")
+        try:  # between two readiness probes, wait on the process itself: an exit is seen at once
+            code = proc.wait(timeout=min(0.2, remaining))
+        except subprocess.TimeoutExpired:
+            continue
+        raise RuntimeError(f"prometheus exited with {code}:\n{prom.log_tail()}")
+    return prom
+
+
+def _ready(prom: Prometheus) -> bool:
+    """Prometheus answers 200 on ``/-/ready`` once it serves queries."""
+    try:
+        return httpx.get(f"{prom.url}/-/ready", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

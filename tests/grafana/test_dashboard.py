@@ -5,6 +5,7 @@ package that the core never imports. The live check against Prometheus is test_p
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -101,7 +102,7 @@ def test_dashboard_model_is_well_formed():
     occupied: set[tuple[int, int]] = set()
     for p in d["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] >= 1
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] >= 1
         cells = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
         assert not cells & occupied, f"panel {p['title']!r} overlaps another"
         occupied |= cells
@@ -110,13 +111,36 @@ def test_dashboard_model_is_well_formed():
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert p["targets"] and all(t["expr"] and t["refId"] for t in p["targets"])
         assert p["description"]
-    assert json.loads(dashboard_json()) == d
-    assert dashboard_json() == dashboard_json(), "the JSON must be stable (sorted keys)"
+    assert json.loads(dashboard_json()) == d  # nothing JSON cannot carry (a tuple would come back a list)
 
 
-def test_committed_dashboard_json_is_the_generated_one():
-    committed = (REPO / "k8s" / "base" / "grafana" / "ray-router-dashboard.json").read_text()
-    assert committed == dashboard_json(), "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`"
+def _provisioned_dashboard_file() -> Path:
+    """The file that k8s/base's ConfigMap generator provisions to Grafana's dashboard sidecar."""
+    kustomization = yaml.safe_load((REPO / "k8s" / "base" / "kustomization.yaml").read_text())
+    (gen,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "ray-router-grafana-dashboard"]
+    assert gen["options"]["labels"] == {"grafana_dashboard": "1"}, "the sidecar loads ConfigMaps with this label"
+    (entry,) = gen["files"]
+    key, _, rel = entry.partition("=")
+    assert key.endswith(".json")
+    return REPO / "k8s" / "base" / rel
+
+
+def test_the_provisioned_dashboard_is_the_generated_one():
+    committed = _provisioned_dashboard_file().read_text()
+    assert json.loads(committed) == build_dashboard(), (
+        "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`")
+    assert committed == dashboard_json(), "same content, other formatting: re-export it"
+
+
+def test_the_json_does_not_depend_on_the_process():
+    """Another interpreter (another hash seed) writes the same bytes: no set or dict order leaks in."""
+    code = "import sys; from ray_router.grafana import dashboard_json; sys.stdout.write(dashboard_json())"
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        for seed in ("1", "2")
+    }
+    assert outs == {dashboard_json()}
 
 
 def test_grafana_is_a_leaf_package():

@@ -2,25 +2,34 @@
 
 One module-scoped stack: a capped local Ray node (2 CPUs, small object store, no dashboard, metrics
 exported on a free port), the real Serve app from ``serve_configs/local.yaml`` (temporary state
-directory, real encoder, real RouterBench arm table), and Debian's ``prometheus`` scraping the
-node every second. A little real HTTP traffic (duels with feedback of each outcome, single routes,
-two rejected requests) runs in two waves, so that rates and quantiles have two samples to work on.
+directory; with the RouterBench data, the real encoder and arm table, else a synthetic arm table
+and the hash encoder: the metrics are the same), and Debian's ``prometheus`` scraping the node
+every second. A little real HTTP traffic (duels with feedback of each outcome, single routes, two
+rejected requests) runs in two waves, and the second wave waits until Prometheus holds a sample of
+every app series taken after the first, so that rates and quantiles have two samples to work on.
 Then each expression, with Grafana's variables substituted, goes to ``/api/v1/query``: none may
 error, and each one on the app's own ``ray_router_*`` series must return a finite value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from ray_router.grafana.dashboard import SERVE_HEALTHY, build_dashboard, queries, substitute
+from tests.grafana.promstack import (
+    KUBERAY_POD_META,
+    free_port,
+    k8s_config_with_static_targets,
+    prometheus_binary,
+    start_prometheus,
+)
 from tests.serve.conftest import wait_for
-from tests.grafana.promstack import KUBERAY_POD_META, free_port, k8s_config_with_static_targets, prometheus_binary, start_prometheus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 
@@ -57,13 +66,41 @@ def _has(prom, expr: str) -> bool:
     return res.get("status") == "success" and bool(res["data"]["result"])
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+# The app's series that both waves move (counters, histogram counts, the log size).
+GROWING = ("ray_router_routes_total", "ray_router_feedback_total", "ray_router_route_latency_seconds_count",
+           "ray_router_http_errors_total", "ray_router_posterior_refresh_seconds_count", "ray_router_feedback_log_bytes")
+
+
+def _sums(prom) -> dict[str, float]:
+    """Each growing series summed over its labels, as Prometheus holds it now (NaN when absent)."""
+    out = {}
+    for series in GROWING:
+        res = prom.query(f"sum({series})")
+        result = res.get("data", {}).get("result") if res.get("status") == "success" else None
+        out[series] = float(result[0]["value"][1]) if result else math.nan
+    return out
+
+
+def _arm_table_args(tmp: Path, app_args: dict) -> dict:
+    """The app arguments for the arm table: the real RouterBench offline split when the data is
+    here, else a synthetic table (one random unit vector per arm) read by the hash encoder."""
     from tests.data_fixtures import shared_data_dir
 
     data_dir = shared_data_dir()
-    if data_dir is None:
-        pytest.skip("the RouterBench data (RAY_ROUTER_DATA_DIR) is needed to run the Serve app")
+    if data_dir is not None:
+        return {"arm_embeddings": {"from_dataset": {"data_dir": str(data_dir)}}}
+    from ray_router.embeddings import HashEncoder
+
+    arm_ids = [arm["id"] for arm in app_args["arms"]]
+    dim = HashEncoder().dim
+    vectors = np.random.default_rng(0).standard_normal((len(arm_ids), dim))
+    path = tmp / "arm_embeddings.npz"
+    np.savez(path, embeddings=vectors / np.linalg.norm(vectors, axis=1, keepdims=True), arm_ids=np.array(arm_ids))
+    return {"arm_embeddings": {"file": str(path), "from_dataset": None}, "encoder": {"name": "hash"}}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
     if prometheus_binary() is None:
         pytest.fail("prometheus is not installed; `make test` installs it (target test-tools)")
     import ray
@@ -80,11 +117,10 @@ def stack(tmp_path_factory):
     prom = None
     launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=metrics_port)
     try:
-        cfg = launch.with_overrides(
-            launch.load_serve_config(REPO / "serve_configs" / "local.yaml"),
-            port=http_port,
-            args={"arm_embeddings": {"from_dataset": {"data_dir": str(data_dir)}}, "state": {"dir": str(tmp / "state")}},
-        )
+        base = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+        (app,) = launch.our_apps(base)
+        cfg = launch.with_overrides(base, port=http_port,
+                                    args={**_arm_table_args(tmp, app["args"]), "state": {"dir": str(tmp / "state")}})
         # the scrape config shipped in k8s/, its pod discovery swapped for this node (promstack.py)
         k8s_cfg = (REPO / "k8s" / "base" / "prometheus" / "prometheus.yml").read_text()
         prom = start_prometheus(tmp / "prometheus", config=k8s_config_with_static_targets(
@@ -97,14 +133,15 @@ def stack(tmp_path_factory):
                 "ray_router_routes_total", "ray_router_feedback_total", "ray_router_route_latency_seconds_bucket",
                 "ray_router_posterior_refresh_seconds_bucket", "ray_router_feedback_log_bytes",
                 "ray_router_http_errors_total", SERVE_HEALTHY)), 90, "the app's series in Prometheus")
+            first = _sums(prom)
             _traffic(client, wave=2)
             n_fb = client.get("/v1/stats").json()["posterior"]["n_updates"]
             _wait(lambda: client.get("/v1/stats").json()["posterior"]["refreshed_at_update"] >= n_fb, 60,
                   "a posterior refresh after the last feedback")
-            # a few scrapes after the last request: every counter has a sample after its increase
             _wait(lambda: _has(prom, f"sum(ray_router_feedback_total) >= {n_fb}"), 30, "the last feedback in Prometheus")
-            _wait(lambda: _has(prom, "sum(ray_router_posterior_refresh_seconds_count) >= 2"), 30, "two refreshes")
-            time.sleep(3)
+            # every growing series has a sample above its first one: each rate and increase has two points
+            _wait(lambda: all(v > first[k] for k, v in _sums(prom).items()), 60,
+                  f"a second sample of {list(GROWING)} in Prometheus, above {first}")
         yield prom, metrics_port
     finally:
         if prom is not None:
@@ -117,10 +154,8 @@ def _finite(result: list[dict]) -> int:
     n = 0
     for series in result:
         value = series.get("value") or [0, "NaN"]
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             n += math.isfinite(float(value[1]))
-        except (TypeError, ValueError):
-            pass
     return n
 
 

@@ -1,0 +1,53 @@
+"""Typed options of the encoders and the numeric field types the embedding configs share.
+
+The fields are strict (``ray_router.config``): ``"3"`` and ``True`` are not integers, ``2.0`` is not
+an integer, NaN and inf are not numbers; numpy scalars (a sweep grid, an array element) count as
+the Python number they hold. The encoders build their options with ``ray_router.config.parse``, so
+a bad value is a :class:`~ray_router.errors.ConfigError` that names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BeforeValidator, Field
+
+from ray_router.config import config_dataclass
+
+
+def _python_scalar(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds (``np.int64(5)`` -> ``5``); anything else as is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+Int = Annotated[int, BeforeValidator(_python_scalar)]
+Real = Annotated[float, BeforeValidator(_python_scalar), Field(allow_inf_nan=False)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+PositiveReal = Annotated[Real, Field(gt=0)]
+
+
+@config_dataclass
+class SentenceTransformerOptions:
+    """``max_seq_length``: token limit (None = the model's own); ``batch_size``: texts per forward pass."""
+
+    max_seq_length: PositiveInt | None = None
+    batch_size: PositiveInt = 64
+
+
+@config_dataclass
+class HashEncoderOptions:
+    """``dim``: vector length; ``seed``: which pseudo-random vectors."""
+
+    dim: PositiveInt = 32
+    seed: Int = 0
+
+
+@config_dataclass
+class CategoryLookupOptions:
+    """:meth:`~ray_router.embeddings.lookup.LookupEncoder.from_categories`: vector length, the weight
+    of each text's own jitter around its category direction, and the seed."""
+
+    dim: PositiveInt = 16
+    noise: Annotated[Real, Field(ge=0)] = 0.3
+    seed: Int = 0
