@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.tune.spec import SweepSpec, section_values, slug
 from ray_router.tune.trial import config_group, encoder_of
 
@@ -260,7 +262,7 @@ def serve_config(spec: SweepSpec, prepared, group, config: Mapping[str, Any], te
     if enc != "ccft" and spec.encoder.max_seq_length is not None:
         encoder["max_seq_length"] = spec.encoder.max_seq_length
     args["encoder"] = encoder
-    measured = dataclasses.asdict(FGTSConfig(**section_values(spec, config, "fgts_cdb")))
+    measured = dataclasses.asdict(parse(FGTSConfig, section_values(spec, config, "fgts_cdb"), where="fgts_cdb"))
     old = dict((args.get("policy") or {}).get("config") or {})
     if "max_history" in old and measured.get("max_history", 0) == 0:
         measured["max_history"] = old["max_history"]  # serving-only memory bound, not a learning setting
@@ -364,7 +366,7 @@ def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, rer
         entry: dict[str, Any] = {
             "group": g.key, "dataset": g.dataset, "split": g.split, "split_seed": g.split_seed,
             "held_out": g.split_kwargs.get("held_out"), "n_offline": g.n_offline, "n_online": g.n_online,
-            "trials": int(len(gt)), "complete": int((gt["status"] == "complete").sum()),
+            "trials": len(gt), "complete": int((gt["status"] == "complete").sum()),
             "stopped": int((gt["status"] == "stopped").sum()), "errored": int((gt["status"] == "error").sum()),
         }
         for role, r in rs.items():
@@ -402,7 +404,7 @@ def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, rer
     fresh_runs = [r for r in runs if not r.get("resumed")]
     summary = {
         "sweep": spec.name, "description": spec.description,
-        "trials": int(len(trials)), "complete": int((trials["status"] == "complete").sum()),
+        "trials": len(trials), "complete": int((trials["status"] == "complete").sum()),
         "stopped_early": int((trials["status"] == "stopped").sum()), "errored": int((trials["status"] == "error").sum()),
         "driver_runs": len(runs), "resumes": len(runs) - len(fresh_runs), "runs": runs,
         "interrupted_runs": sum(1 for r in runs if r.get("interrupted")),

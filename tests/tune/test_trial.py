@@ -3,7 +3,6 @@ and the data preparation encodes each text once."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
