@@ -27,11 +27,11 @@ from typing import Any, Callable
 import numpy as np
 
 from ray_router.data.table import RoutingTable
+from ray_router.embeddings.model_embeddings import WEIGHTINGS
 from ray_router.errors import ConfigError
 from ray_router.evaluation.aiq import aiq_pair
 from ray_router.evaluation.experiment import EvalConfig, evaluate, evaluate_grid, make_split, paired_difference
 
-WEIGHTINGS = ("perf", "perf_cost", "excel_perf_cost", "excel_mask")
 BASELINES = ("uniform", "best_fixed", "best_per_category", "offline_static", "maxinp", "colstim", "laplace_ts", "knn")
 # FGTS.CDB as the project ships it (offline-informed, ALGORITHM.md s.5) and exactly as the paper
 ROUTERS = ("fgts_cdb", "fgts_cdb_paper")

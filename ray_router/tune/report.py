@@ -89,12 +89,12 @@ def write_frames(exp_dir: Path, trials, progress) -> dict[str, Path]:
 
 # -------------------------------------------------------------------------- importance
 def _spearman2(x: np.ndarray, y: np.ndarray) -> float:
-    import pandas as pd
+    """Spearman's ρ² (NaN when either side is constant)."""
+    from scipy.stats import spearmanr
 
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1] ** 2)
+    return float(spearmanr(x, y).statistic ** 2)
 
 
 def _eta2(labels: Sequence[Any], y: np.ndarray) -> float:
@@ -118,7 +118,7 @@ def comparable(trials, progress):
     t["regret_at_common"] = np.nan
     if not len(t) or not len(progress):
         return t
-    for gk, g in t.groupby("group"):
+    for _, g in t.groupby("group"):
         ids = set(g["trial_id"])
         pr = progress[progress["trial_id"].isin(ids)]
         reach = pr.groupby("trial_id")["rounds_played"].max()
