@@ -13,15 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.data_fixtures import (
-    GPT35,
-    RB_MODELS,
-    ROUTERDC,
-    SUBSET,
-    routerbench_reference_columns,
-    shared_data_dir,
-    write_routerbench_pickle,
-)
 from ray_router.data import (
     DATASET_NAMES,
     PairwiseJudgments,
@@ -31,10 +22,19 @@ from ray_router.data import (
     load_mixinstruct,
     load_routerbench,
     resolve_data_dir,
-    write_mixinstruct_fixture,
 )
-from ray_router.data.mixinstruct import MIXINSTRUCT_MODELS
 from ray_router.errors import ConfigError, DataError
+from tests.data_fixtures import (
+    GPT35,
+    MIXINSTRUCT_MODELS,
+    RB_MODELS,
+    ROUTERDC,
+    SUBSET,
+    routerbench_reference_columns,
+    shared_data_dir,
+    write_mixinstruct_fixture,
+    write_routerbench_pickle,
+)
 
 DATA = shared_data_dir()
 needs_shared = pytest.mark.skipif(DATA is None, reason="shared data dir with the real Parquet files not found")

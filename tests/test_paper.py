@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from ray_router.data.mixinstruct import write_mixinstruct_fixture
 from ray_router.embeddings.ccft import CCFTConfig
 from ray_router.evaluation.paper import BASELINES, ROUTERS, THIN_POLICIES, WEIGHTINGS, PaperConfig, run_paper
+from tests.data_fixtures import write_mixinstruct_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ray_router.errors import ConfigError, DataError, OfflineError
 
