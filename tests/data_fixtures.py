@@ -19,9 +19,11 @@ ROUTERDC = "routerdc_7model_in_distribution.parquet"
 
 
 def shared_data_dir() -> Path | None:
-    """The directory holding the real shared data files, or None."""
-    for cand in (os.environ.get("RAY_ROUTER_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if cand and (Path(cand) / SUBSET).is_file():
+    """The directory holding the real shared data files, or None. ``$RAY_ROUTER_DATA_DIR``, when set,
+    is the only place looked at (as for the product); else ``../shared/data``, else ``./data``."""
+    env = os.environ.get("RAY_ROUTER_DATA_DIR")
+    for cand in ([env] if env else [REPO.parent / "shared" / "data", REPO / "data"]):
+        if (Path(cand) / SUBSET).is_file():
             return Path(cand)
     return None
 
