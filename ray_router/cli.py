@@ -8,8 +8,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ray_router.errors import ConfigError, RouterError
 
@@ -139,9 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset files: download, info")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet)")
+    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet; "
+                        "shows a progress bar)")
     d.add_argument("name", help="routerbench or mixinstruct")
     d.add_argument("--dest", default=None, help="target folder (default: the data dir)")
+    d.add_argument("--splits", type=_csv, default=None, metavar="A,B",
+                   help="routerbench: 0shot,5shot (default both); mixinstruct: train,val,test (default test,val)")
+    d.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the folder already holds a file of the dataset that `load_dataset` reads "
+                        "(`make run` uses it: it downloads RouterBench only on a machine without the data)")
     _add_data_args(d)
     d = dsub.add_parser("info", help="load a dataset and print its summary")
     d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
@@ -352,14 +359,25 @@ def cmd_data(args) -> int:
     from ray_router.data import load_dataset, resolve_data_dir
 
     if args.data_command == "download":
-        from ray_router.data import download_dataset
-
-        dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir)
-        for path in download_dataset(args.name, dest):
-            print(path)
-        return 0
+        return _download(args)
     table = load_dataset(args.name, data_dir=resolve_data_dir(args.data_dir), **_table_options(args, args.name))
     print(json.dumps(table.describe(), indent=2))
+    return 0
+
+
+def _download(args) -> int:
+    from ray_router.data import resolve_data_dir
+    from ray_router.data.download import download_dataset, hub_endpoint, present_release
+
+    dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir)
+    if args.if_missing:
+        present = present_release(args.name, dest)
+        if present is not None:
+            print(f"[ray-router] {args.name}: {present} is there; nothing to download", file=sys.stderr)
+            return 0
+    print(f"[ray-router] downloading {args.name} from {hub_endpoint()} into {dest}", file=sys.stderr)
+    for path in download_dataset(args.name, dest, splits=args.splits):
+        print(path)
     return 0
 
 
