@@ -237,3 +237,46 @@ def write_mixinstruct_fixture(
             for rec in records:
                 fh.write(json.dumps(rec) + "\n")
     return path
+
+
+# --------------------------------------------------------------------------- RouterBench Parquet subset
+SUBSET_CATEGORIES = ("arc-challenge", "mbpp", "winogrande")
+
+
+def write_routerbench_subset(data_dir: Path, n: int = 600, seed: int = 0) -> Path:
+    """Write a synthetic ``routerbench_5shot_arc_mbpp_winogrande.parquet`` into ``data_dir``, with the
+    real subset's 33 columns and dtypes (scores in {0, 1} whose mean depends on the arm and the category,
+    USD costs per query, a shared 5-shot block before each ARC and WinoGrande question): what
+    ``load_dataset("routerbench")`` reads where the real data is missing. Returns ``data_dir``."""
+    rng = np.random.default_rng(seed)
+    cats = np.array(SUBSET_CATEGORIES)[rng.choice(3, size=n, p=[0.46, 0.14, 0.40])]
+    quality = rng.uniform(0.2, 0.9, (3, len(RB_MODELS)))
+    price = rng.uniform(1e-5, 3e-3, len(RB_MODELS))
+    shots = {c: "".join(f"Solved example {k} of {c}: a question, four choices and its answer.\nAnswer:\nA\n\n"
+                        for k in range(5)) for c in ("arc-challenge", "winogrande")}
+    prompts = [f"Write a function number {i}.\ndef f{i}():" if c == "mbpp"
+               else f"{shots[c]}Question {i} about {c}: what is {i % 17} + {i % 5}?\nAnswer:" for i, c in enumerate(cats)]
+    ci = np.searchsorted(SUBSET_CATEGORIES, cats)
+    frame: dict[str, Any] = {
+        "orig_index": np.arange(n, dtype=np.int64),
+        "sample_id": [f"{c}.test.{i}" for i, c in enumerate(cats)],
+        "eval_name": cats.astype(str),
+        "prompt": prompts,
+        "prompt_parts": [[p] for p in prompts],
+        "n_prompt_parts": np.ones(n, dtype=np.int16),
+    }
+    scores = (rng.random((n, len(RB_MODELS))) < quality[ci]).astype(np.float64)
+    for k, m in enumerate(RB_MODELS):
+        frame[m] = scores[:, k]
+    for k, m in enumerate(RB_MODELS):
+        frame[f"{m}|total_cost"] = price[k] * rng.uniform(0.5, 1.5, n)
+    frame.update({
+        "oracle_model_to_route_to": [RB_MODELS[int(np.argmax(s))] if s.max() > 0 else "no_model_correct" for s in scores],
+        "merged_duplicate": np.zeros(n, dtype=bool),
+        "orig_index_dup": np.full(n, np.nan),
+        "routerdc_split": np.where(rng.random(n) < 0.8, "train", "test"),
+        "routerdc_cluster_id": rng.integers(0, 8, n).astype(np.float64),
+    })
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(frame).to_parquet(data_dir / SUBSET, index=False)
+    return data_dir
