@@ -26,6 +26,10 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(_float(p) for p in _csv(text))
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["fgts_cdb.eta=0.5", ...]`` -> ``{"fgts_cdb": {"eta": 0.5}}`` (values parsed as YAML scalars)."""
     import yaml
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cost-weight", type=_float, default=None, help="λ of the main grid (default 0.2)")
     e.add_argument("--held-out", default=None, help="category held out (default: the smallest)")
     e.add_argument("--baselines", type=_csv, default=None, help="comma-separated baselines")
-    e.add_argument("--lambdas", type=_csv, default=None, help="λ grid of the perf-cost view, e.g. 0,0.25,1")
+    e.add_argument("--lambdas", type=_floats, default=None, help="λ grid of the perf-cost view, e.g. 0,0.25,1")
     e.add_argument("--subsample", type=int, default=None, help="a stratified sample of N queries (0 = all)")
     e.add_argument("--workers", type=int, default=2)
     _add_data_args(e)
@@ -299,26 +303,19 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
     return table, X, "base" if label == "minilm" else label
 
 
+# EvalConfig fields set by `evaluate`/`run` flags: field -> argparse dest (the field's name where not listed)
+_EVAL_FLAGS = ("policies", "n_seeds", "base_seed", "n_rounds", "cost_weight", "kappa", "split", "offline_fraction",
+               "k_per_category", "held_out", "split_seed", "weighting", "context", "cost_normaliser")
+_EVAL_DEST = {"n_seeds": "seeds", "n_rounds": "rounds"}
+
+
 def _eval_config(args):
+    from ray_router.config import parse
     from ray_router.evaluation import EvalConfig
 
-    return EvalConfig(
-        policies=tuple(args.policies),
-        n_seeds=args.seeds,
-        base_seed=args.base_seed,
-        n_rounds=args.rounds,
-        cost_weight=args.cost_weight,
-        kappa=args.kappa,
-        split=args.split,
-        offline_fraction=args.offline_fraction,
-        k_per_category=args.k_per_category,
-        held_out=args.held_out,
-        split_seed=args.split_seed,
-        weighting=args.weighting,
-        context=args.context,
-        cost_normaliser=args.cost_normaliser,
-        policy_configs=parse_overrides(args.overrides),
-    )
+    values = {f: getattr(args, _EVAL_DEST.get(f, f)) for f in _EVAL_FLAGS}
+    values.update(policies=tuple(args.policies), policy_configs=parse_overrides(args.overrides))
+    return parse(EvalConfig, values, where=args.command)
 
 
 def cmd_evaluate(args) -> int:
@@ -341,14 +338,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from ray_router.config import parse
     from ray_router.evaluation.paper import PaperConfig, run_paper
 
     overrides = {k: v for k, v in {
         "dataset": args.dataset, "n_seeds": args.seeds, "n_rounds": args.rounds, "cost_weight": args.cost_weight,
         "held_out": args.held_out, "baselines": args.baselines, "workers": args.workers,
-        "lambda_grid": tuple(float(x) for x in args.lambdas) if args.lambdas else None, "subsample": args.subsample,
+        "lambda_grid": args.lambdas or None, "subsample": args.subsample,
     }.items() if v is not None}
-    cfg = PaperConfig.quick(**overrides) if args.quick else PaperConfig(**overrides)
+    cfg = PaperConfig.quick(**overrides) if args.quick else parse(PaperConfig, overrides, where="experiment paper")
     result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)
     print(result.report)
     print(f"\nwrote {result.paths['report']} and {result.paths['summary']}")

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ray_router.config import config_dataclass, parse
 from ray_router.data.table import RoutingTable
 from ray_router.embeddings.model_embeddings import WEIGHTINGS
 from ray_router.errors import ConfigError
@@ -39,7 +40,7 @@ ROUTERS = ("fgts_cdb", "fgts_cdb_paper")
 THIN_POLICIES = ("fgts_cdb", "fgts_cdb_paper", "offline_static", "best_fixed", "best_per_category", "uniform")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class PaperConfig:
     dataset: str = "routerbench"
     n_seeds: int = 5
@@ -67,8 +68,7 @@ class PaperConfig:
 
         base = dict(n_seeds=5, n_rounds=400, lambda_grid=(0.0, 0.25, 1.0, 20.0), subsample=900,
                     ccft=CCFTConfig(queries_per_category=16, epochs=1, max_seq_length=128))
-        base.update(kw)
-        return cls(**base)
+        return parse(cls, {**base, **kw}, where="experiment paper --quick")
 
 
 @dataclass
