@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_registry_routerbench_preference(tmp_path):
     assert table.meta["variant"] == "0shot" and table.name == "routerbench"
     assert Path(table.source).name == "routerbench_0shot.pkl"
     assert load_dataset("routerbench", data_dir=tmp_path, variant="5shot").meta["variant"] == "5shot"
-    with pytest.raises(DataError, match="routerbench_5shot_arc_mbpp_winogrande.parquet"):
+    with pytest.raises(DataError, match=re.escape("routerbench_5shot_arc_mbpp_winogrande.parquet")):
         load_dataset("routerbench", data_dir=tmp_path, variant="5shot_arc_mbpp_winogrande")
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from ray_router.embeddings.ccft import CCFTConfig
 from ray_router.evaluation.paper import PaperConfig, run_paper
+from tests.data_fixtures import write_mixinstruct_fixture
 
 # What the experiment must run, written out here (not imported from the module under test): the two
 # FGTS.CDB configurations, the paper's four weightings, the eight baselines of the main grid and the
@@ -15,7 +16,6 @@ ROUTERS = {"fgts_cdb", "fgts_cdb_paper"}
 WEIGHTINGS = {"perf", "perf_cost", "excel_perf_cost", "excel_mask"}
 BASELINES = {"uniform", "best_fixed", "best_per_category", "offline_static", "maxinp", "colstim", "laplace_ts", "knn"}
 THIN = {"fgts_cdb", "fgts_cdb_paper", "offline_static", "best_fixed", "best_per_category", "uniform"}
-from tests.data_fixtures import write_mixinstruct_fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

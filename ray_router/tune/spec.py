@@ -75,7 +75,7 @@ def typed_values(cls: type, values: Mapping[str, Any], where: str) -> dict[str, 
     """``values`` (fields of the config class ``cls``) after the class's own validation, with the
     class's types (``1`` for a float field is ``1.0``); a ConfigError naming ``where`` otherwise."""
     with _located(where):
-        config = parse(cls, values, where=where)
+        config: Any = parse(cls, values, where=where)
     return {k: getattr(config, k) for k in values}
 
 
@@ -454,7 +454,7 @@ def default_config(spec: SweepSpec) -> dict[str, Any]:
     classes = section_classes()
     out: dict[str, dict[str, Any]] = {}
     for sec, fields in spec.space.items():
-        defaults = parse(classes[sec], {}, where=sec)
+        defaults: Any = parse(classes[sec], {}, where=sec)
         out[sec] = {k: getattr(defaults, k) for k in fields}
     for sec, fields in spec.report.defaults.items():
         out.setdefault(sec, {}).update(fields)
