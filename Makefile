@@ -25,7 +25,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# On a machine without the data (no ../shared/data, nothing in ./data), the first step downloads the
+# real RouterBench 0-shot release into ./data (needs internet; progress bar); otherwise it does nothing.
 run: $(STAMP)
+	HF_HUB_OFFLINE=0 $(BIN)/ray-router data download routerbench --splits 0shot --if-missing
 	$(BIN)/ray-router experiment paper --quick --dataset routerbench --out runs/paper-quick
 
 test: $(STAMP) test-tools

@@ -8,8 +8,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ray_router.errors import ConfigError, RouterError
 
@@ -23,6 +24,10 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(_float(p) for p in _csv(text))
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -139,9 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset files: download, info")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet)")
+    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet; "
+                        "shows a progress bar)")
     d.add_argument("name", help="routerbench or mixinstruct")
     d.add_argument("--dest", default=None, help="target folder (default: the data dir)")
+    d.add_argument("--splits", type=_csv, default=None, metavar="A,B",
+                   help="routerbench: 0shot,5shot (default both); mixinstruct: train,val,test (default test,val)")
+    d.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the folder already holds a file of the dataset that `load_dataset` reads "
+                        "(`make run` uses it: it downloads RouterBench only on a machine without the data)")
     _add_data_args(d)
     d = dsub.add_parser("info", help="load a dataset and print its summary")
     d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cost-weight", type=_float, default=None, help="λ of the main grid (default 0.2)")
     e.add_argument("--held-out", default=None, help="category held out (default: the smallest)")
     e.add_argument("--baselines", type=_csv, default=None, help="comma-separated baselines")
-    e.add_argument("--lambdas", type=_csv, default=None, help="λ grid of the perf-cost view, e.g. 0,0.25,1")
+    e.add_argument("--lambdas", type=_floats, default=None, help="λ grid of the perf-cost view, e.g. 0,0.25,1")
     e.add_argument("--subsample", type=int, default=None, help="a stratified sample of N queries (0 = all)")
     e.add_argument("--workers", type=int, default=2)
     _add_data_args(e)
@@ -292,26 +303,19 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
     return table, X, "base" if label == "minilm" else label
 
 
+# EvalConfig fields set by `evaluate`/`run` flags: field -> argparse dest (the field's name where not listed)
+_EVAL_FLAGS = ("policies", "n_seeds", "base_seed", "n_rounds", "cost_weight", "kappa", "split", "offline_fraction",
+               "k_per_category", "held_out", "split_seed", "weighting", "context", "cost_normaliser")
+_EVAL_DEST = {"n_seeds": "seeds", "n_rounds": "rounds"}
+
+
 def _eval_config(args):
+    from ray_router.config import parse
     from ray_router.evaluation import EvalConfig
 
-    return EvalConfig(
-        policies=tuple(args.policies),
-        n_seeds=args.seeds,
-        base_seed=args.base_seed,
-        n_rounds=args.rounds,
-        cost_weight=args.cost_weight,
-        kappa=args.kappa,
-        split=args.split,
-        offline_fraction=args.offline_fraction,
-        k_per_category=args.k_per_category,
-        held_out=args.held_out,
-        split_seed=args.split_seed,
-        weighting=args.weighting,
-        context=args.context,
-        cost_normaliser=args.cost_normaliser,
-        policy_configs=parse_overrides(args.overrides),
-    )
+    values = {f: getattr(args, _EVAL_DEST.get(f, f)) for f in _EVAL_FLAGS}
+    values.update(policies=tuple(args.policies), policy_configs=parse_overrides(args.overrides))
+    return parse(EvalConfig, values, where=args.command)
 
 
 def cmd_evaluate(args) -> int:
@@ -334,14 +338,15 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from ray_router.config import parse
     from ray_router.evaluation.paper import PaperConfig, run_paper
 
     overrides = {k: v for k, v in {
         "dataset": args.dataset, "n_seeds": args.seeds, "n_rounds": args.rounds, "cost_weight": args.cost_weight,
         "held_out": args.held_out, "baselines": args.baselines, "workers": args.workers,
-        "lambda_grid": tuple(float(x) for x in args.lambdas) if args.lambdas else None, "subsample": args.subsample,
+        "lambda_grid": args.lambdas or None, "subsample": args.subsample,
     }.items() if v is not None}
-    cfg = PaperConfig.quick(**overrides) if args.quick else PaperConfig(**overrides)
+    cfg = PaperConfig.quick(**overrides) if args.quick else parse(PaperConfig, overrides, where="experiment paper")
     result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)
     print(result.report)
     print(f"\nwrote {result.paths['report']} and {result.paths['summary']}")
@@ -352,14 +357,25 @@ def cmd_data(args) -> int:
     from ray_router.data import load_dataset, resolve_data_dir
 
     if args.data_command == "download":
-        from ray_router.data import download_dataset
-
-        dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir)
-        for path in download_dataset(args.name, dest):
-            print(path)
-        return 0
+        return _download(args)
     table = load_dataset(args.name, data_dir=resolve_data_dir(args.data_dir), **_table_options(args, args.name))
     print(json.dumps(table.describe(), indent=2))
+    return 0
+
+
+def _download(args) -> int:
+    from ray_router.data import resolve_data_dir
+    from ray_router.data.download import download_dataset, hub_endpoint, present_release
+
+    dest = Path(args.dest) if args.dest else resolve_data_dir(args.data_dir)
+    if args.if_missing:
+        present = present_release(args.name, dest)
+        if present is not None:
+            print(f"[ray-router] {args.name}: {present} is there; nothing to download", file=sys.stderr)
+            return 0
+    print(f"[ray-router] downloading {args.name} from {hub_endpoint()} into {dest}", file=sys.stderr)
+    for path in download_dataset(args.name, dest, splits=args.splits):
+        print(path)
     return 0
 
 

@@ -1,12 +1,14 @@
-"""Helpers for the data-layer tests: where the real shared data lies, and a writer of small
-RouterBench pickles in the exact release format (37 columns, ``str(list)`` prompts and responses,
-object-dtype score columns with NaN, a duplicated 5-shot ``sample_id`` pair)."""
+"""Helpers for the data-layer tests: where the real shared data lies, and writers of small files in
+the exact release formats: RouterBench pickles (37 columns, ``str(list)`` prompts and responses,
+object-dtype score columns with NaN, a duplicated 5-shot ``sample_id`` pair) and MixInstruct JSON lines."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,9 +19,11 @@ ROUTERDC = "routerdc_7model_in_distribution.parquet"
 
 
 def shared_data_dir() -> Path | None:
-    """The directory holding the real shared data files, or None."""
-    for cand in (os.environ.get("RAY_ROUTER_DATA_DIR"), REPO.parent / "shared" / "data", REPO / "data"):
-        if cand and (Path(cand) / SUBSET).is_file():
+    """The directory holding the real shared data files, or None. ``$RAY_ROUTER_DATA_DIR``, when set,
+    is the only place looked at (as for the product); else ``../shared/data``, else ``./data``."""
+    env = os.environ.get("RAY_ROUTER_DATA_DIR")
+    for cand in ([env] if env else [REPO.parent / "shared" / "data", REPO / "data"]):
+        if (Path(cand) / SUBSET).is_file():
             return Path(cand)
     return None
 
@@ -144,3 +148,135 @@ def write_routerbench_pickle(path: Path, dup_order: str = "normal_first", seed: 
         "nan_row_scores": nan_scores,
         "nan_row_costs": nan_costs,
     }
+
+
+# --------------------------------------------------------------------------- MixInstruct
+MIXINSTRUCT_MODELS = (  # the 11 candidate models of the release
+    "alpaca-native",
+    "chatglm-6b",
+    "dolly-v2-12b",
+    "flan-t5-xxl",
+    "koala-7B-HF",
+    "llama-7b-hf-baize-lora-bf16",
+    "moss-moon-003-sft",
+    "mpt-7b",
+    "oasst-sft-4-pythia-12b-epoch-3.5",
+    "stablelm-tuned-alpha-7b",
+    "vicuna-13b-1.1",
+)
+_SOURCES = ("unified_chip2", "dolly_15k/open_qa", "dolly_15k/brainstorming", "itwgpt4", "sharegpt")
+
+
+def write_mixinstruct_fixture(
+    path: str | Path,
+    n: int = 20,
+    seed: int = 0,
+    *,
+    cmp_fraction: float = 0.8,
+    models: Sequence[str] = MIXINSTRUCT_MODELS,
+    json_array: bool = False,
+) -> Path:
+    """Write ``n`` synthetic MixInstruct records in the exact release format (ray_router.data.mixinstruct).
+
+    A ``cmp_fraction`` share of records carries ``cmp_results`` (JSON string over all model pairs,
+    verdicts consistent with bartscore up to ties); the rest carry the string ``"null"``. The
+    first record's ``instruction`` is empty and the second's ``input`` is empty."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    quality = rng.normal(0.0, 0.4, size=len(models))
+    records = []
+    for i in range(n):
+        source = _SOURCES[i % len(_SOURCES)]
+        instruction = "" if i == 0 else f"Instruction {i}: describe item {int(rng.integers(1000))}."
+        inp = "" if i == 1 else f"Input text number {i}."
+        cands = []
+        for k, model in enumerate(models):
+            bart = float(-3.6 + quality[k] + rng.normal(0, 0.5))
+            cands.append({
+                "decoding_method": "top_p_sampling",
+                "model": model,
+                "text": f"answer of {model} to record {i}",
+                "scores": {
+                    "logprobs": float(-rng.gamma(2.0, 20.0)),
+                    "rougeL": float(rng.uniform(0, 0.5)),
+                    "rouge2": float(rng.uniform(0, 0.3)),
+                    "rougeLsum": float(rng.uniform(0, 0.5)),
+                    "rouge1": float(rng.uniform(0, 0.6)),
+                    "bleu": float(rng.uniform(0, 40)),
+                    "bertscore": float(rng.uniform(0.5, 0.8)),
+                    "bleurt": float(rng.normal(-0.6, 0.3)),
+                    "bartscore": round(bart, 4),
+                },
+            })
+        cmp: Any = "null"
+        if rng.random() < cmp_fraction:
+            verdicts = {}
+            for a in range(len(models)):
+                for b in range(a + 1, len(models)):
+                    sa, sb = cands[a]["scores"]["bartscore"], cands[b]["scores"]["bartscore"]
+                    diff = sa - sb
+                    if abs(diff) < 0.05:
+                        verdict = "Same good" if (sa + sb) / 2 > -3.6 else "Same bad"
+                    else:
+                        verdict = "A is better" if diff > 0 else "B is better"
+                    verdicts[f"{models[a]},{models[b]}"] = verdict
+            cmp = json.dumps(verdicts)
+        records.append({
+            "id": f"{source}/{10000 + i}",
+            "instruction": instruction,
+            "input": inp,
+            "output": f"reference answer {i}",
+            "candidates": cands,
+            "cmp_results": cmp,
+        })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        if json_array:
+            json.dump(records, fh)
+        else:
+            for rec in records:
+                fh.write(json.dumps(rec) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- RouterBench Parquet subset
+SUBSET_CATEGORIES = ("arc-challenge", "mbpp", "winogrande")
+
+
+def write_routerbench_subset(data_dir: Path, n: int = 600, seed: int = 0) -> Path:
+    """Write a synthetic ``routerbench_5shot_arc_mbpp_winogrande.parquet`` into ``data_dir``, with the
+    real subset's 33 columns and dtypes (scores in {0, 1} whose mean depends on the arm and the category,
+    USD costs per query, a shared 5-shot block before each ARC and WinoGrande question): what
+    ``load_dataset("routerbench")`` reads where the real data is missing. Returns ``data_dir``."""
+    rng = np.random.default_rng(seed)
+    cats = np.array(SUBSET_CATEGORIES)[rng.choice(3, size=n, p=[0.46, 0.14, 0.40])]
+    quality = rng.uniform(0.2, 0.9, (3, len(RB_MODELS)))
+    price = rng.uniform(1e-5, 3e-3, len(RB_MODELS))
+    shots = {c: "".join(f"Solved example {k} of {c}: a question, four choices and its answer.\nAnswer:\nA\n\n"
+                        for k in range(5)) for c in ("arc-challenge", "winogrande")}
+    prompts = [f"Write a function number {i}.\ndef f{i}():" if c == "mbpp"
+               else f"{shots[c]}Question {i} about {c}: what is {i % 17} + {i % 5}?\nAnswer:" for i, c in enumerate(cats)]
+    ci = np.searchsorted(SUBSET_CATEGORIES, cats)
+    frame: dict[str, Any] = {
+        "orig_index": np.arange(n, dtype=np.int64),
+        "sample_id": [f"{c}.test.{i}" for i, c in enumerate(cats)],
+        "eval_name": cats.astype(str),
+        "prompt": prompts,
+        "prompt_parts": [[p] for p in prompts],
+        "n_prompt_parts": np.ones(n, dtype=np.int16),
+    }
+    scores = (rng.random((n, len(RB_MODELS))) < quality[ci]).astype(np.float64)
+    for k, m in enumerate(RB_MODELS):
+        frame[m] = scores[:, k]
+    for k, m in enumerate(RB_MODELS):
+        frame[f"{m}|total_cost"] = price[k] * rng.uniform(0.5, 1.5, n)
+    frame.update({
+        "oracle_model_to_route_to": [RB_MODELS[int(np.argmax(s))] if s.max() > 0 else "no_model_correct" for s in scores],
+        "merged_duplicate": np.zeros(n, dtype=bool),
+        "orig_index_dup": np.full(n, np.nan),
+        "routerdc_split": np.where(rng.random(n) < 0.8, "train", "test"),
+        "routerdc_cluster_id": rng.integers(0, 8, n).astype(np.float64),
+    })
+    data_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(frame).to_parquet(data_dir / SUBSET, index=False)
+    return data_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.data_fixtures import (
-    GPT35,
-    RB_MODELS,
-    ROUTERDC,
-    SUBSET,
-    routerbench_reference_columns,
-    shared_data_dir,
-    write_routerbench_pickle,
-)
 from ray_router.data import (
     DATASET_NAMES,
     PairwiseJudgments,
@@ -31,10 +23,19 @@ from ray_router.data import (
     load_mixinstruct,
     load_routerbench,
     resolve_data_dir,
-    write_mixinstruct_fixture,
 )
-from ray_router.data.mixinstruct import MIXINSTRUCT_MODELS
 from ray_router.errors import ConfigError, DataError
+from tests.data_fixtures import (
+    GPT35,
+    MIXINSTRUCT_MODELS,
+    RB_MODELS,
+    ROUTERDC,
+    SUBSET,
+    routerbench_reference_columns,
+    shared_data_dir,
+    write_mixinstruct_fixture,
+    write_routerbench_pickle,
+)
 
 DATA = shared_data_dir()
 needs_shared = pytest.mark.skipif(DATA is None, reason="shared data dir with the real Parquet files not found")
@@ -139,7 +140,7 @@ def test_registry_routerbench_preference(tmp_path):
     assert table.meta["variant"] == "0shot" and table.name == "routerbench"
     assert Path(table.source).name == "routerbench_0shot.pkl"
     assert load_dataset("routerbench", data_dir=tmp_path, variant="5shot").meta["variant"] == "5shot"
-    with pytest.raises(DataError, match="routerbench_5shot_arc_mbpp_winogrande.parquet"):
+    with pytest.raises(DataError, match=re.escape("routerbench_5shot_arc_mbpp_winogrande.parquet")):
         load_dataset("routerbench", data_dir=tmp_path, variant="5shot_arc_mbpp_winogrande")
 
 

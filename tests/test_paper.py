@@ -5,9 +5,17 @@ import json
 
 import pytest
 
-from ray_router.data.mixinstruct import write_mixinstruct_fixture
 from ray_router.embeddings.ccft import CCFTConfig
-from ray_router.evaluation.paper import BASELINES, ROUTERS, THIN_POLICIES, WEIGHTINGS, PaperConfig, run_paper
+from ray_router.evaluation.paper import PaperConfig, run_paper
+from tests.data_fixtures import write_mixinstruct_fixture
+
+# What the experiment must run, written out here (not imported from the module under test): the two
+# FGTS.CDB configurations, the paper's four weightings, the eight baselines of the main grid and the
+# routers and references of the thin-offline section.
+ROUTERS = {"fgts_cdb", "fgts_cdb_paper"}
+WEIGHTINGS = {"perf", "perf_cost", "excel_perf_cost", "excel_mask"}
+BASELINES = {"uniform", "best_fixed", "best_per_category", "offline_static", "maxinp", "colstim", "laplace_ts", "knn"}
+THIN = {"fgts_cdb", "fgts_cdb_paper", "offline_static", "best_fixed", "best_per_category", "uniform"}
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,6 +32,10 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
         fgts = {(r["encoder"], r["weighting"]) for r in main if r["policy"] == router}
         assert fgts == {(e, w) for e in ("base", "ccft") for w in WEIGHTINGS}
     assert {r["policy"] for r in main} == {*ROUTERS, *BASELINES}
+    assert len(main) == 2 * 2 * 4 + 8  # each router on each encoder x weighting, each baseline once
+    lam = [r for r in recs if r["section"].startswith("lambda=")]
+    assert sorted((r["section"], r["policy"]) for r in lam) == sorted(
+        (f"lambda={x}", p) for x in ("0", "1") for p in (*ROUTERS, "offline_static"))
     for r in recs:
         assert r["encoder"] in ("base", "ccft", "constant") and r["weighting"] in WEIGHTINGS
         assert r["n_seeds"] == 2 and len(r["cum_regret_ci95"]) == 2 and "split" in r and "aiq" in r
@@ -35,12 +47,12 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     best = next(r for r in main if r["policy"] == "best_fixed")
     assert best["served_regret_per_seed"] == best["cum_regret_per_seed"]  # it serves what it duels
     thin = [r for r in recs if r["section"] == "thin"]
-    assert {r["policy"] for r in thin} == set(THIN_POLICIES)
+    assert {r["policy"] for r in thin} == THIN
     assert all(r["split"] == "k_per_category:2" for r in thin)
     ablation = [r for r in recs if r["section"] == "ablation"]
     assert ablation and all(r["context"] == "constant" for r in ablation)
     unseen = [r for r in recs if r["section"] == "unseen"]
-    assert unseen and all(r["split"].startswith("holdout:") for r in unseen)
+    assert len(unseen) == 5 + 2 and all(r["split"].startswith("holdout:") for r in unseen)  # base: 5, CCFT: 2
     assert {r["encoder"] for r in unseen if r["policy"] == "fgts_cdb"} == {"base", "ccft"}
     assert any(r["real_label_share"] > 0 for r in recs)  # cmp_results judged some duels
     report = result.report

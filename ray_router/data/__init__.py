@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ray_router.data.generic import load_generic
-from ray_router.data.mixinstruct import load_mixinstruct, write_mixinstruct_fixture
+from ray_router.data.mixinstruct import load_mixinstruct
 from ray_router.data.registry import DATASET_NAMES, load_dataset, resolve_data_dir
 from ray_router.data.routerbench import load_routerbench
 from ray_router.data.splits import Split, hold_out_category, k_per_category, stratified_split
@@ -33,7 +33,6 @@ __all__ = [
     "make_table",
     "resolve_data_dir",
     "stratified_split",
-    "write_mixinstruct_fixture",
 ]
 
 

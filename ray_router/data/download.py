@@ -1,8 +1,10 @@
 """Fetch the benchmark release files from the Hugging Face Hub into a data directory.
 
 Offline machines fail at once: before touching ``huggingface_hub`` (imported lazily here), the
-function checks ``HF_HUB_OFFLINE`` and probes ``huggingface.co:443`` with a short timeout, and
-raises :class:`~ray_router.errors.OfflineError` with the URLs to fetch by hand.
+function checks ``HF_HUB_OFFLINE`` and probes the Hub (``huggingface.co:443``, or the host of
+``$HF_ENDPOINT``, e.g. a mirror) with a short timeout, and raises
+:class:`~ray_router.errors.OfflineError` with the URLs to fetch by hand. Downloads show a progress
+bar on stderr, in a terminal and in a log alike (``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it).
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from urllib.parse import urlsplit
 
 from ray_router.errors import ConfigError, DataError, OfflineError
 
 HF_HOST = "huggingface.co"
 HF_PORT = 443
+HF_ENDPOINT_ENV = "HF_ENDPOINT"  # huggingface_hub's own variable: a mirror, or a local server in tests
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,31 @@ HUB_DATASETS: dict[str, HubDataset] = {
 }
 
 
+def hub_endpoint() -> str:
+    """The Hub's base URL: ``$HF_ENDPOINT``, else ``https://huggingface.co``."""
+    return (os.environ.get(HF_ENDPOINT_ENV) or f"https://{HF_HOST}").rstrip("/")
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    url = urlsplit(endpoint)
+    return url.hostname or HF_HOST, url.port or (443 if url.scheme == "https" else 80)
+
+
 def file_url(repo_id: str, filename: str) -> str:
-    return f"https://{HF_HOST}/datasets/{repo_id}/resolve/main/{filename}"
+    return f"{hub_endpoint()}/datasets/{repo_id}/resolve/main/{filename}"
+
+
+def present_release(name: str, data_dir: str | Path) -> Path | None:
+    """The file of ``name`` that :func:`~ray_router.data.load_dataset` would read from ``data_dir``
+    (for MixInstruct: its default test split), or None when there is none."""
+    from ray_router.data.mixinstruct import split_file
+    from ray_router.data.registry import ROUTERBENCH_FILES
+
+    names = {"routerbench": list(ROUTERBENCH_FILES.values()),
+             "mixinstruct": [split_file("test"), split_file("test").removesuffix("l")]}.get(name)
+    if names is None:
+        raise ConfigError(f"unknown dataset {name!r} for download; choose one of {sorted(HUB_DATASETS)}")
+    return next((Path(data_dir) / f for f in names if (Path(data_dir) / f).is_file()), None)
 
 
 def _manual_hint(entry: HubDataset, files: Sequence[str], dest: Path) -> str:
@@ -57,8 +84,11 @@ def _manual_hint(entry: HubDataset, files: Sequence[str], dest: Path) -> str:
     )
 
 
-def hub_reachable(timeout: float, host: str = HF_HOST, port: int = HF_PORT) -> bool:
-    """True if a TCP connection to ``host:port`` (DNS included) opens within ``timeout`` seconds."""
+def hub_reachable(timeout: float, host: str | None = None, port: int | None = None) -> bool:
+    """True if a TCP connection to ``host:port`` (default: the Hub endpoint's; DNS included) opens
+    within ``timeout`` seconds."""
+    if host is None or port is None:
+        host, port = _host_port(hub_endpoint())
     result: list[bool] = []
 
     def probe() -> None:
@@ -72,6 +102,21 @@ def hub_reachable(timeout: float, host: str = HF_HOST, port: int = HF_PORT) -> b
     thread.start()
     thread.join(timeout)
     return bool(result and result[0])
+
+
+def _progress_bar() -> type:
+    """A tqdm bar shown whether or not stderr is a terminal (``huggingface_hub``'s own shows only on a
+    terminal; a multi-GB download in a CI log deserves one too), unless progress bars are disabled."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from tqdm.auto import tqdm
+
+    class DownloadBar(tqdm):  # type: ignore[misc]
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = are_progress_bars_disabled()
+            super().__init__(*args, **kwargs)
+
+    return DownloadBar
 
 
 def download_dataset(
@@ -93,15 +138,17 @@ def download_dataset(
     dest = Path(dest_dir).expanduser()
     hint = _manual_hint(entry, files, dest)
 
+    endpoint = hub_endpoint()
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise OfflineError(
-            f"cannot download {name} from https://{HF_HOST}/datasets/{entry.repo_id}: HF_HUB_OFFLINE is set; "
+            f"cannot download {name} from {endpoint}/datasets/{entry.repo_id}: HF_HUB_OFFLINE is set; "
             f"unset it (e.g. `unset HF_HUB_OFFLINE`) to allow downloads.\n{hint}"
         )
     if not hub_reachable(timeout):
+        host, port = _host_port(endpoint)
         raise OfflineError(
-            f"cannot reach {HF_HOST}:{HF_PORT} within {timeout:g}s to download {name} from "
-            f"https://{HF_HOST}/datasets/{entry.repo_id}; this machine looks offline.\n{hint}"
+            f"cannot reach {host}:{port} within {timeout:g}s to download {name} from "
+            f"{endpoint}/datasets/{entry.repo_id}; this machine looks offline.\n{hint}"
         )
 
     import httpx
@@ -115,7 +162,8 @@ def download_dataset(
     for filename in files:
         url = file_url(entry.repo_id, filename)
         try:
-            local = hf_hub_download(repo_id=entry.repo_id, filename=filename, repo_type="dataset", local_dir=dest)
+            local = hf_hub_download(repo_id=entry.repo_id, filename=filename, repo_type="dataset", local_dir=dest,
+                                    endpoint=endpoint, tqdm_class=_progress_bar())
         except network_errors as exc:  # lost the network midway
             raise OfflineError(f"download of {url} failed: {exc}\n{hint}") from exc
         except Exception as exc:  # HTTP errors (404, gated repo, ...) and disk errors

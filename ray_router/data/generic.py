@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -134,7 +135,7 @@ def read_pickle_restricted(path: Path) -> Any:
         if "refusing" in str(exc):
             raise DataError(f"{path}: {exc}") from exc
         first = exc
-    except Exception as exc:  # version skew: retry with pandas' compatibility shims
+    except Exception as exc:  # noqa: BLE001 - version skew: retry with pandas' compatibility shims
         first = exc
     try:
         with path.open("rb") as fh:

@@ -25,9 +25,10 @@ There is no cost field; ``prices={arm: usd_per_query}`` adds constant per-arm co
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,19 +38,6 @@ from ray_router.errors import ConfigError, DataError
 
 METRICS = ("logprobs", "rougeL", "rouge2", "rougeLsum", "rouge1", "bleu", "bertscore", "bleurt", "bartscore")
 CMP_OUTCOMES = {"A is better": 1.0, "B is better": 0.0, "Same good": 0.5, "Same bad": 0.5}
-MIXINSTRUCT_MODELS = (
-    "alpaca-native",
-    "chatglm-6b",
-    "dolly-v2-12b",
-    "flan-t5-xxl",
-    "koala-7B-HF",
-    "llama-7b-hf-baize-lora-bf16",
-    "moss-moon-003-sft",
-    "mpt-7b",
-    "oasst-sft-4-pythia-12b-epoch-3.5",
-    "stablelm-tuned-alpha-7b",
-    "vicuna-13b-1.1",
-)
 SPLIT_FILES = {
     "train": "train_data_prepared.jsonl",
     "val": "val_data_prepared.jsonl",
@@ -196,30 +184,47 @@ def load_mixinstruct(
     ``table.meta`` records ``split`` (default: guessed from the file name), ``metric``,
     ``n_with_cmp_results`` and the drop counts."""
     path = Path(path)
+    _check_arguments(path, metric, missing)
+    records = [_parse_record(rec, metric, path, where) for where, rec in iter_records(path)]
+    known = {m for r in records for m in r.scores}
+    arm_list = _choose_arms(records, arms, known, path)
+    kept = _complete_records(records, arm_list, missing, path)
+    pairwise = _pairwise(kept, arm_list, known if arms is not None else None, path)
+    meta = {
+        "split": split or _guess_split(path),
+        "metric": metric,
+        "n_records": len(records),
+        "n_with_cmp_results": sum(1 for r in kept if r.cmp),
+        "dropped_missing_candidate_rows": len(records) - len(kept),
+    }
+    return finish_table(_raw_table(kept, arm_list), name=name, path=path, nan=nan, prices=prices, pairwise=pairwise,
+                        meta=meta)
+
+
+def _check_arguments(path: Path, metric: str, missing: str) -> None:
     if metric not in METRICS:
         raise ConfigError(f"unknown MixInstruct metric {metric!r}; choose one of {list(METRICS)}")
     if missing not in ("error", "drop"):
         raise ConfigError(f"missing must be 'error' or 'drop', got {missing!r}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    records = [_parse_record(rec, metric, path, where) for where, rec in iter_records(path)]
 
-    explicit = arms is not None
+
+def _choose_arms(records: list[_Record], arms: Sequence[str] | None, known: set[str], path: Path) -> list[str]:
+    """``arms``, else every candidate model in first-seen order; each must be a candidate somewhere."""
     if arms is None:
-        seen: dict[str, None] = {}
-        for r in records:
-            for model in r.scores:
-                seen.setdefault(model, None)
-        arms = list(seen)
-    arms = [str(a) for a in arms]
-    if not arms:
+        arms = list(dict.fromkeys(model for r in records for model in r.scores))
+    chosen = [str(a) for a in arms]
+    if not chosen:
         raise DataError(f"{path}: no candidate models found (field 'candidates' empty or no records)")
-    known = {m for r in records for m in r.scores}
-    for arm in arms:
+    for arm in chosen:
         if arm not in known:
             raise DataError(f"{path}: unknown arm {arm!r}: no candidate has model {arm!r}")
-    arm_index = {a: k for k, a in enumerate(arms)}
+    return chosen
 
+
+def _complete_records(records: list[_Record], arms: list[str], missing: str, path: Path) -> list[_Record]:
+    """The records with a candidate for every arm (``missing="error"``: a DataError on the first other)."""
     kept: list[_Record] = []
     for r in records:
         absent = [a for a in arms if a not in r.scores]
@@ -230,32 +235,37 @@ def load_mixinstruct(
             )
         if not absent:
             kept.append(r)
+    return kept
 
-    p_rows, p_first, p_second, p_outcome = [], [], [], []
+
+def _pairwise(kept: list[_Record], arms: list[str], left_out_from: set[str] | None, path: Path) -> PairwiseJudgments | None:
+    """The ``cmp_results`` of the kept records over ``arms`` (None when there are none). A pair naming a
+    model outside ``arms`` is an error, unless the caller chose the arms and the model is one of the
+    file's candidates (``left_out_from``)."""
+    arm_index = {a: k for k, a in enumerate(arms)}
+    rows, first, second, outcome = [], [], [], []
     for row, r in enumerate(kept):
-        for a, b, outcome in r.cmp:
+        for a, b, result in r.cmp:
             if a not in arm_index or b not in arm_index:
-                if explicit and a in known and b in known:
+                if left_out_from is not None and a in left_out_from and b in left_out_from:
                     continue  # a pair involving an arm the caller left out
                 bad = a if a not in arm_index else b
                 raise DataError(f"{path}: {r.where} (id {r.id!r}): field 'cmp_results' names unknown model {bad!r}")
             if a == b:
                 continue
-            p_rows.append(row)
-            p_first.append(arm_index[a])
-            p_second.append(arm_index[b])
-            p_outcome.append(outcome)
-    pairwise = None
-    if p_rows:
-        pairwise = PairwiseJudgments(
-            rows=np.asarray(p_rows, dtype=np.int64),
-            first=np.asarray(p_first, dtype=np.int64),
-            second=np.asarray(p_second, dtype=np.int64),
-            outcome=np.asarray(p_outcome, dtype=np.float64),
-        )
+            rows.append(row)
+            first.append(arm_index[a])
+            second.append(arm_index[b])
+            outcome.append(result)
+    if not rows:
+        return None
+    return PairwiseJudgments(rows=np.asarray(rows, dtype=np.int64), first=np.asarray(first, dtype=np.int64),
+                             second=np.asarray(second, dtype=np.int64), outcome=np.asarray(outcome, dtype=np.float64))
 
+
+def _raw_table(kept: list[_Record], arms: list[str]) -> RawTable:
     scores = np.array([[r.scores[a] for a in arms] for r in kept], dtype=np.float64).reshape(len(kept), len(arms))
-    raw = RawTable(
+    return RawTable(
         ids=[r.id for r in kept],
         texts=[r.text for r in kept],
         categories=[r.category for r in kept],
@@ -264,14 +274,6 @@ def load_mixinstruct(
         costs=np.full(scores.shape, np.nan),
         has_cost=np.zeros(len(arms), dtype=bool),
     )
-    meta = {
-        "split": split or _guess_split(path),
-        "metric": metric,
-        "n_records": len(records),
-        "n_with_cmp_results": sum(1 for r in kept if r.cmp),
-        "dropped_missing_candidate_rows": len(records) - len(kept),
-    }
-    return finish_table(raw, name=name, path=path, nan=nan, prices=prices, pairwise=pairwise, meta=meta)
 
 
 def _guess_split(path: Path) -> str | None:
@@ -279,79 +281,3 @@ def _guess_split(path: Path) -> str | None:
         if path.name.startswith(filename.split("_", 1)[0] + "_"):
             return split
     return None
-
-
-# --------------------------------------------------------------------------- fixture writer
-_SOURCES = ("unified_chip2", "dolly_15k/open_qa", "dolly_15k/brainstorming", "itwgpt4", "sharegpt")
-
-
-def write_mixinstruct_fixture(
-    path: str | Path,
-    n: int = 20,
-    seed: int = 0,
-    *,
-    cmp_fraction: float = 0.8,
-    models: Sequence[str] = MIXINSTRUCT_MODELS,
-    json_array: bool = False,
-) -> Path:
-    """Write ``n`` synthetic records in the exact release format (for tests and demos).
-
-    A ``cmp_fraction`` share of records carries ``cmp_results`` (JSON string over all model pairs,
-    verdicts consistent with bartscore up to ties); the rest carry the string ``"null"``. The
-    first record's ``instruction`` is empty and the second's ``input`` is empty."""
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    quality = rng.normal(0.0, 0.4, size=len(models))
-    records = []
-    for i in range(n):
-        source = _SOURCES[i % len(_SOURCES)]
-        instruction = "" if i == 0 else f"Instruction {i}: describe item {int(rng.integers(1000))}."
-        inp = "" if i == 1 else f"Input text number {i}."
-        cands = []
-        for k, model in enumerate(models):
-            bart = float(-3.6 + quality[k] + rng.normal(0, 0.5))
-            cands.append({
-                "decoding_method": "top_p_sampling",
-                "model": model,
-                "text": f"answer of {model} to record {i}",
-                "scores": {
-                    "logprobs": float(-rng.gamma(2.0, 20.0)),
-                    "rougeL": float(rng.uniform(0, 0.5)),
-                    "rouge2": float(rng.uniform(0, 0.3)),
-                    "rougeLsum": float(rng.uniform(0, 0.5)),
-                    "rouge1": float(rng.uniform(0, 0.6)),
-                    "bleu": float(rng.uniform(0, 40)),
-                    "bertscore": float(rng.uniform(0.5, 0.8)),
-                    "bleurt": float(rng.normal(-0.6, 0.3)),
-                    "bartscore": round(bart, 4),
-                },
-            })
-        cmp: Any = "null"
-        if rng.random() < cmp_fraction:
-            verdicts = {}
-            for a in range(len(models)):
-                for b in range(a + 1, len(models)):
-                    sa, sb = cands[a]["scores"]["bartscore"], cands[b]["scores"]["bartscore"]
-                    diff = sa - sb
-                    if abs(diff) < 0.05:
-                        verdict = "Same good" if (sa + sb) / 2 > -3.6 else "Same bad"
-                    else:
-                        verdict = "A is better" if diff > 0 else "B is better"
-                    verdicts[f"{models[a]},{models[b]}"] = verdict
-            cmp = json.dumps(verdicts)
-        records.append({
-            "id": f"{source}/{10000 + i}",
-            "instruction": instruction,
-            "input": inp,
-            "output": f"reference answer {i}",
-            "candidates": cands,
-            "cmp_results": cmp,
-        })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        if json_array:
-            json.dump(records, fh)
-        else:
-            for rec in records:
-                fh.write(json.dumps(rec) + "\n")
-    return path

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ray_router.data.generic import load_generic
 from ray_router.data.mixinstruct import load_mixinstruct, split_file

@@ -15,8 +15,8 @@ Duplicated ``sample_id`` rows (14 ARC ids in the 5-shot release) are merged as t
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -157,7 +157,7 @@ def strip_shared_prefixes(
     for cat, rows in by_cat.items():
         if len(rows) < 2:
             continue
-        prefix = os.path.commonprefix([texts[i] for i in rows])
+        prefix = os.path.commonprefix([texts[i] for i in rows])  # noqa: RUF071 - a string prefix
         cut = prefix.rfind(sep)
         if cut < 0 or cut + len(sep) < min_chars:
             continue

@@ -9,8 +9,9 @@ same split on every platform.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class Split:
         if np.intersect1d(self.offline, self.online).size:
             raise ValueError("Split.offline and Split.online overlap")
 
-    def tables(self, table: "RoutingTable") -> tuple["RoutingTable", "RoutingTable"]:
+    def tables(self, table: RoutingTable) -> tuple[RoutingTable, RoutingTable]:
         """``(offline_table, online_table)`` of ``table``."""
         return table.subset(self.offline), table.subset(self.online)
 

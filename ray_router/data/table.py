@@ -13,8 +13,8 @@ Rows are immutable once built; :meth:`subset` returns a new table over some rows
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class PairwiseJudgments:
             out[(int(r), int(b), int(a))] = 1.0 - float(y)
         return out
 
-    def subset(self, rows: np.ndarray) -> "PairwiseJudgments | None":
+    def subset(self, rows: np.ndarray) -> PairwiseJudgments | None:
         rows = np.asarray(rows, dtype=np.int64)
         remap = {int(old): new for new, old in enumerate(rows)}
         keep = np.array([int(r) in remap for r in self.rows], dtype=bool)
@@ -153,7 +153,7 @@ class RoutingTable:
         return self.scores - cost_weight * self.normalised_costs(normaliser)
 
     # ----------------------------------------------------------------- subset
-    def subset(self, rows: Sequence[int] | np.ndarray, name: str | None = None) -> "RoutingTable":
+    def subset(self, rows: Sequence[int] | np.ndarray, name: str | None = None) -> RoutingTable:
         rows = np.asarray(rows, dtype=np.int64)
         return RoutingTable(
             name=name or self.name,

@@ -20,25 +20,27 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import config_dataclass, parse
 from ray_router.data.table import RoutingTable
+from ray_router.embeddings.model_embeddings import WEIGHTINGS
 from ray_router.errors import ConfigError
 from ray_router.evaluation.aiq import aiq_pair
 from ray_router.evaluation.experiment import EvalConfig, evaluate, evaluate_grid, make_split, paired_difference
 
-WEIGHTINGS = ("perf", "perf_cost", "excel_perf_cost", "excel_mask")
 BASELINES = ("uniform", "best_fixed", "best_per_category", "offline_static", "maxinp", "colstim", "laplace_ts", "knn")
 # FGTS.CDB as the project ships it (offline-informed, ALGORITHM.md s.5) and exactly as the paper
 ROUTERS = ("fgts_cdb", "fgts_cdb_paper")
 THIN_POLICIES = ("fgts_cdb", "fgts_cdb_paper", "offline_static", "best_fixed", "best_per_category", "uniform")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class PaperConfig:
     dataset: str = "routerbench"
     n_seeds: int = 5
@@ -61,13 +63,12 @@ class PaperConfig:
     k_per_category: int = 5  # the thin offline regime (the paper: about five queries per category suffice)
 
     @classmethod
-    def quick(cls, **kw) -> "PaperConfig":
+    def quick(cls, **kw) -> PaperConfig:
         from ray_router.embeddings.ccft import CCFTConfig
 
         base = dict(n_seeds=5, n_rounds=400, lambda_grid=(0.0, 0.25, 1.0, 20.0), subsample=900,
                     ccft=CCFTConfig(queries_per_category=16, epochs=1, max_seq_length=128))
-        base.update(kw)
-        return cls(**base)
+        return parse(cls, {**base, **kw}, where="experiment paper --quick")
 
 
 @dataclass
@@ -120,12 +121,32 @@ def _separation(X: np.ndarray, table: RoutingTable, split) -> dict:
 
 def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=None, device: str = "auto",
               progress: Callable[[str], None] = _log) -> PaperResult:
-    from ray_router.data import load_dataset, resolve_data_dir
-    from ray_router.embeddings import get_encoder
-
+    """The four parts of the module docstring on one dataset; the report and its files in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    table, held_out = _load_table(cfg, data_dir, progress)
+    main_cfg = _main_config(cfg)
+    split = make_split(table, main_cfg, cfg.split_seed)
+    encoders = _embed(table, split.offline, cfg, out / "artifacts", cache_dir, device)
+    separation = {name: _separation(X, table, split) for name, X in encoders.items()}
+    progress(f"category separation of online queries: {json.dumps(separation)}")
+    runs = _Runs(table, cfg.workers, progress)
+    _main_grid(runs, encoders, main_cfg, cfg)
+    _unseen(runs, encoders["base"], main_cfg, held_out, cfg, out / "artifacts", cache_dir, device)
+    _thin_and_ablation(runs, encoders["base"], main_cfg, cfg)
+    reach = _reachability(table, encoders["base"], main_cfg, cfg.weightings)
+    perf_cost, arm_points, router_aiq = _perf_cost(runs, encoders["ccft"], main_cfg, split, cfg)
+    _pair_sections(runs.records)
+    paths = _write(out, cfg, table, runs.records, _concat(runs.curves), separation, perf_cost, arm_points, router_aiq,
+                   held_out, time.perf_counter() - t_start, reach)
+    return PaperResult(records=runs.records, report=paths["report"].read_text(), paths=paths)
+
+
+def _load_table(cfg: PaperConfig, data_dir, progress: Callable[[str], None]) -> tuple[RoutingTable, str]:
+    """The (subsampled) dataset and the category held out in part 2 (default: the smallest)."""
+    from ray_router.data import load_dataset, resolve_data_dir
+
     table = _subsample(load_dataset(cfg.dataset, data_dir=resolve_data_dir(data_dir)), cfg.subsample, cfg.split_seed)
     cats = table.category_names
     if len(cats) < 2:
@@ -134,106 +155,125 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     if held_out not in cats:
         raise ConfigError(f"held-out category {held_out!r} not in {list(cats)}")
     progress(f"{table.name}: {table.n_queries} queries x {table.n_arms} arms, categories {list(cats)}")
+    return table, held_out
+
+
+def _main_config(cfg: PaperConfig) -> EvalConfig:
+    """The main grid's EvalConfig; the other parts replace some of its fields."""
+    return EvalConfig(cost_weight=cfg.cost_weight, n_seeds=cfg.n_seeds, n_rounds=cfg.n_rounds, kappa=cfg.kappa,
+                      offline_fraction=cfg.offline_fraction, split_seed=cfg.split_seed,
+                      policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {},
+                      k_per_category=cfg.k_per_category)
+
+
+def _embed(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device) -> dict:
+    """Query embeddings of the base encoder and of the CCFT encoder fine-tuned on ``offline``."""
+    from ray_router.embeddings import get_encoder
 
     X_base = _encode(get_encoder("minilm", cache_dir=cache_dir, device=device), table, "base encoder")
-    common = dict(n_seeds=cfg.n_seeds, n_rounds=cfg.n_rounds, kappa=cfg.kappa, offline_fraction=cfg.offline_fraction,
-                  split_seed=cfg.split_seed, policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {},
-                  k_per_category=cfg.k_per_category)
-    main_cfg = EvalConfig(cost_weight=cfg.cost_weight, **common)
-    split = make_split(table, main_cfg, cfg.split_seed)
-    art_root = out / "artifacts"
-    X_ccft = _encode(_ccft_encoder(table, split.offline, cfg, art_root, cache_dir, device),
-                     table, "CCFT encoder")
-    encoders = {"base": X_base, "ccft": X_ccft}
-    separation = {name: _separation(X, table, split) for name, X in encoders.items()}
-    progress(f"category separation of online queries: {json.dumps(separation)}")
+    X_ccft = _encode(_ccft_encoder(table, offline, cfg, art_dir, cache_dir, device), table, "CCFT encoder")
+    return {"base": X_base, "ccft": X_ccft}
 
-    records: list[dict] = []
-    curves = []
 
-    def record(res, encoder: str, weighting: str, split_label: str, tag: str, seconds: float) -> list[dict]:
+class _Runs:
+    """Evaluations of one table: every record (tagged with encoder, weighting, split and section) and
+    every curve, in the order they ran."""
+
+    def __init__(self, table: RoutingTable, workers: int, progress: Callable[[str], None]) -> None:
+        self.table, self.workers, self.progress = table, workers, progress
+        self.records: list[dict] = []
+        self.curves: list[Any] = []
+
+    def run(self, X, ecfg: EvalConfig, encoder: str, weighting: str, split_label: str, tag: str) -> list[dict]:
+        t0 = time.perf_counter()
+        res = evaluate(self.table, X, ecfg, encoder=encoder, workers=self.workers)
+        return self._record(res, encoder, weighting, split_label, tag, time.perf_counter() - t0)
+
+    def run_grid(self, X, ecfgs: list[EvalConfig], encoder: str, weightings, split_label: str, tags) -> list[list[dict]]:
+        """Several configurations over one stream at once (FGTS.CDB's runs share array programs)."""
+        t0 = time.perf_counter()
+        results = evaluate_grid(self.table, X, ecfgs, encoder=encoder, workers=self.workers)
+        seconds = (time.perf_counter() - t0) / len(ecfgs)
+        return [self._record(res, encoder, w, split_label, tag, seconds) for res, w, tag in zip(results, weightings, tags)]
+
+    def _record(self, res, encoder: str, weighting: str, split_label: str, tag: str, seconds: float) -> list[dict]:
         for r in res.records:
-            r["encoder"] = encoder
-            r["weighting"] = weighting
-            r["split"] = split_label
-            r["aiq"] = None
-            r["section"] = tag
+            r.update(encoder=encoder, weighting=weighting, split=split_label, aiq=None, section=tag)
         c = res.curves
         c["config"] = [f"{p}/{encoder}/{weighting}" for p in c["policy"]]
         c["section"] = tag
-        curves.append(c[["section", "config", "policy", "seed", "round", "cum_regret", "cum_served_regret", "served_score",
-                         "served_cost"]])
-        progress(f"{tag}: {[r['policy'] for r in res.records]} {encoder}/{weighting} "
-                 f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({seconds:.0f}s)")
-        records.extend(res.records)
+        self.curves.append(c[["section", "config", "policy", "seed", "round", "cum_regret", "cum_served_regret",
+                              "served_score", "served_cost"]])
+        self.progress(f"{tag}: {[r['policy'] for r in res.records]} {encoder}/{weighting} "
+                      f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({seconds:.0f}s)")
+        self.records.extend(res.records)
         return res.records
 
-    def run(X, ecfg: EvalConfig, encoder: str, weighting: str, split_label: str, tag: str) -> list[dict]:
-        t0 = time.perf_counter()
-        res = evaluate(table, X, ecfg, encoder=encoder, workers=cfg.workers)
-        return record(res, encoder, weighting, split_label, tag, time.perf_counter() - t0)
 
-    def run_grid(X, ecfgs: list[EvalConfig], encoder: str, weightings, split_label: str, tags) -> list[list[dict]]:
-        """Several configurations over one stream at once (FGTS.CDB's runs share array programs)."""
-        t0 = time.perf_counter()
-        results = evaluate_grid(table, X, ecfgs, encoder=encoder, workers=cfg.workers)
-        seconds = (time.perf_counter() - t0) / len(ecfgs)
-        return [record(res, encoder, w, split_label, tag, seconds) for res, w, tag in zip(results, weightings, tags)]
-
-    # 1. main grid
+def _main_grid(runs: _Runs, encoders: dict, main_cfg: EvalConfig, cfg: PaperConfig) -> None:
+    """Part 1: both routers on each encoder x weighting, and every baseline on the base encoder."""
     for enc, X in encoders.items():
-        run_grid(X, [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=w) for w in cfg.weightings],
-                 enc, cfg.weightings, "stratified", ["main"] * len(cfg.weightings))
-    baselines = tuple(b for b in cfg.baselines)
-    if baselines:
-        run(X_base, dataclasses.replace(main_cfg, policies=baselines, weighting="perf"), "base", "perf",
-            "stratified", "main")
+        runs.run_grid(X, [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=w) for w in cfg.weightings],
+                      enc, cfg.weightings, "stratified", ["main"] * len(cfg.weightings))
+    if cfg.baselines:
+        runs.run(encoders["base"], dataclasses.replace(main_cfg, policies=tuple(cfg.baselines), weighting="perf"),
+                 "base", "perf", "stratified", "main")
 
-    # 2. unseen category
+
+def _unseen(runs: _Runs, X_base, main_cfg: EvalConfig, held_out: str, cfg: PaperConfig, art_dir: Path, cache_dir,
+            device) -> None:
+    """Part 2: ``held_out`` never seen offline, nor by the CCFT encoder (fine-tuned on this split)."""
     hold_cfg = dataclasses.replace(main_cfg, split="holdout", held_out=held_out, weighting="perf")
-    hsplit = make_split(table, hold_cfg, cfg.split_seed)
-    X_ccft_h = _encode(_ccft_encoder(table, hsplit.offline, cfg, art_root, cache_dir, device),
-                       table, "CCFT encoder (held-out split)")
+    hsplit = make_split(runs.table, hold_cfg, cfg.split_seed)
+    X_ccft_h = _encode(_ccft_encoder(runs.table, hsplit.offline, cfg, art_dir, cache_dir, device),
+                       runs.table, "CCFT encoder (held-out split)")
     label = f"holdout:{held_out}"
-    run(X_base, dataclasses.replace(hold_cfg, policies=ROUTERS + ("offline_static", "best_fixed", "uniform")), "base",
-        "perf", label, "unseen")
-    run(X_ccft_h, dataclasses.replace(hold_cfg, policies=ROUTERS), "ccft", "perf", label, "unseen")
+    runs.run(X_base, dataclasses.replace(hold_cfg, policies=(*ROUTERS, "offline_static", "best_fixed", "uniform")),
+             "base", "perf", label, "unseen")
+    runs.run(X_ccft_h, dataclasses.replace(hold_cfg, policies=ROUTERS), "ccft", "perf", label, "unseen")
 
-    # 2b. thin offline regime (k per category) and the constant-context ablation, base encoder
+
+def _thin_and_ablation(runs: _Runs, X_base, main_cfg: EvalConfig, cfg: PaperConfig) -> None:
+    """Part 2b: the thin offline regime (k per category) and the constant-context ablation, base encoder."""
     thin_cfg = dataclasses.replace(main_cfg, split="k_per_category", weighting="perf", policies=THIN_POLICIES)
-    run(X_base, thin_cfg, "base", "perf", f"k_per_category:{cfg.k_per_category}", "thin")
-    run(X_base, dataclasses.replace(main_cfg, policies=("fgts_cdb", "offline_static"), weighting="perf",
-                                    context="constant"), "constant", "perf", "stratified", "ablation")
-    reach = _reachability(table, X_base, main_cfg, cfg.weightings)
+    runs.run(X_base, thin_cfg, "base", "perf", f"k_per_category:{cfg.k_per_category}", "thin")
+    runs.run(X_base, dataclasses.replace(main_cfg, policies=("fgts_cdb", "offline_static"), weighting="perf",
+                                         context="constant"), "constant", "perf", "stratified", "ablation")
 
-    # 3. perf-cost view (each router, CCFT, perf_cost weighting) over λ
-    lam_recs = run_grid(
-        X_ccft, [dataclasses.replace(main_cfg, policies=ROUTERS + ("offline_static",), weighting="perf_cost",
-                                     cost_weight=lam) for lam in cfg.lambda_grid],
+
+def _perf_cost(runs: _Runs, X_ccft, main_cfg: EvalConfig, split, cfg: PaperConfig):
+    """Part 3: each router (CCFT, perf_cost weighting) over the λ grid, every single arm, and AIQ where
+    the data has costs (recorded on the λ runs). Returns (router points, arm points, router AIQ or None)."""
+    policies = (*ROUTERS, "offline_static")
+    lam_recs = runs.run_grid(
+        X_ccft, [dataclasses.replace(main_cfg, policies=policies, weighting="perf_cost", cost_weight=lam)
+                 for lam in cfg.lambda_grid],
         "ccft", ["perf_cost"] * len(cfg.lambda_grid), "stratified", [f"lambda={lam:g}" for lam in cfg.lambda_grid])
-    perf_cost = {name: [(lam, next(r for r in recs if r["policy"] == name)["served_cost_mean_usd"],
-                         next(r for r in recs if r["policy"] == name)["served_score_mean"])
-                        for lam, recs in zip(cfg.lambda_grid, lam_recs)]
-                 for name in ROUTERS + ("offline_static",)}
+    perf_cost = {}
+    for name in policies:
+        recs = [next(r for r in recs if r["policy"] == name) for recs in lam_recs]
+        perf_cost[name] = [(lam, r["served_cost_mean_usd"], r["served_score_mean"]) for lam, r in zip(cfg.lambda_grid, recs)]
+    table = runs.table
     online = table.subset(split.online)
     arm_points = [(a, float(online.costs[:, k].mean()) if online.costs is not None else 0.0,
                    float(online.scores[:, k].mean())) for k, a in enumerate(table.arms)]
-    router_aiq = None
-    if table.has_costs:  # like for like: every curve over the same cost range (RouterBench's own convention)
-        router_aiq = {name: aiq_pair(pts, arm_points) for name, pts in perf_cost.items()}
-        for r in records:
-            if r["section"].startswith("lambda=") and r["policy"] in router_aiq:
-                r["aiq"] = router_aiq[r["policy"]][0]
-                r["aiq_single_arm_hull"] = router_aiq[r["policy"]][1]
+    if not table.has_costs:
+        return perf_cost, arm_points, None
+    # like for like: every curve over the same cost range (RouterBench's own convention)
+    router_aiq = {name: aiq_pair(pts, arm_points) for name, pts in perf_cost.items()}
+    for r in runs.records:
+        if r["section"].startswith("lambda=") and r["policy"] in router_aiq:
+            r["aiq"] = router_aiq[r["policy"]][0]
+            r["aiq_single_arm_hull"] = router_aiq[r["policy"]][1]
+    return perf_cost, arm_points, router_aiq
 
+
+def _pair_sections(records: list[dict]) -> None:
+    """Sections run in several calls: pair their records over the same seeds."""
     from ray_router.evaluation.experiment import add_paired
 
-    for sec in ("main", "unseen"):  # sections run in several calls: pair them over the same seeds
+    for sec in ("main", "unseen"):
         add_paired([r for r in records if r["section"] == sec])
-    curves_df = _concat(curves)
-    paths = _write(out, cfg, table, records, curves_df, separation, perf_cost, arm_points, router_aiq, held_out,
-                   time.perf_counter() - t_start, reach)
-    return PaperResult(records=records, report=paths["report"].read_text(), paths=paths)
 
 
 def _concat(frames):

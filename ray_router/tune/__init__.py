@@ -11,4 +11,4 @@ the trial loop (:mod:`~ray_router.tune.trial`) and the data preparation
 from ray_router.tune.spec import EmbeddingChoice, SweepSpec, load_sweep, parse_sweep
 from ray_router.tune.sweep import SweepOutcome, check_resources, run_sweep
 
-__all__ = ["EmbeddingChoice", "SweepSpec", "SweepOutcome", "check_resources", "load_sweep", "parse_sweep", "run_sweep"]
+__all__ = ["EmbeddingChoice", "SweepOutcome", "SweepSpec", "check_resources", "load_sweep", "parse_sweep", "run_sweep"]

@@ -10,15 +10,16 @@ the model) and cache hits. Trials receive the arrays (through Ray's object store
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from ray_router.data.table import RoutingTable
 from ray_router.errors import ConfigError, DataError
-from ray_router.tune.spec import SweepSpec, slug
+from ray_router.tune.spec import SweepSpec, ccft_config, slug
 from ray_router.tune.trial import group_key
 
 
@@ -175,9 +176,9 @@ def prepare(
 def _ccft(spec, table, split, ds, sp, seed, base, artifacts: Path, cache_dir, device, counter: _Counter,
           out: Prepared, log) -> tuple[str, str]:
     from ray_router.embeddings import get_encoder
-    from ray_router.embeddings.ccft import CCFTConfig, ccft_fingerprint, fine_tune
+    from ray_router.embeddings.ccft import ccft_fingerprint, fine_tune
 
-    cfg = CCFTConfig.from_dict(spec.ccft)
+    cfg = ccft_config(spec.ccft)
     texts = [str(t) for t in table.texts[split.offline]]
     cats = [str(c) for c in table.categories[split.offline]]
     fp = ccft_fingerprint(texts, cats, cfg, base_model=base)

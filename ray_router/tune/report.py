@@ -15,11 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.tune.spec import SweepSpec, section_values, slug
 from ray_router.tune.trial import config_group, encoder_of
 
@@ -87,12 +89,12 @@ def write_frames(exp_dir: Path, trials, progress) -> dict[str, Path]:
 
 # -------------------------------------------------------------------------- importance
 def _spearman2(x: np.ndarray, y: np.ndarray) -> float:
-    import pandas as pd
+    """Spearman's ρ² (NaN when either side is constant)."""
+    from scipy.stats import spearmanr
 
-    rx, ry = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
-    if rx.std() == 0 or ry.std() == 0:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1] ** 2)
+    return float(spearmanr(x, y).statistic ** 2)
 
 
 def _eta2(labels: Sequence[Any], y: np.ndarray) -> float:
@@ -116,7 +118,7 @@ def comparable(trials, progress):
     t["regret_at_common"] = np.nan
     if not len(t) or not len(progress):
         return t
-    for gk, g in t.groupby("group"):
+    for _, g in t.groupby("group"):
         ids = set(g["trial_id"])
         pr = progress[progress["trial_id"].isin(ids)]
         reach = pr.groupby("trial_id")["rounds_played"].max()
@@ -260,7 +262,7 @@ def serve_config(spec: SweepSpec, prepared, group, config: Mapping[str, Any], te
     if enc != "ccft" and spec.encoder.max_seq_length is not None:
         encoder["max_seq_length"] = spec.encoder.max_seq_length
     args["encoder"] = encoder
-    measured = dataclasses.asdict(FGTSConfig(**section_values(spec, config, "fgts_cdb")))
+    measured = dataclasses.asdict(parse(FGTSConfig, section_values(spec, config, "fgts_cdb"), where="fgts_cdb"))
     old = dict((args.get("policy") or {}).get("config") or {})
     if "max_history" in old and measured.get("max_history", 0) == 0:
         measured["max_history"] = old["max_history"]  # serving-only memory bound, not a learning setting
@@ -317,17 +319,36 @@ def _verdict(best: Mapping, default: Mapping) -> str:
 
 def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, reruns: list[dict], runs: list[dict],
                  data_dir=None, log: Callable[[str], None] = print, wall_seconds: float = 0.0) -> dict[str, Path]:
-    import pandas as pd
-
-    from ray_router.evaluation.plots import plot_regret
-    from ray_router.tune.spec import default_config
-
+    """The files of ``<exp_dir>/report`` (module docstring); returns their paths by name."""
     out = exp_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {"report": out / "report.md", "summary": out / "summary.json",
                               "rerun": out / "rerun.parquet"}
-    n_rounds = int(spec.eval.get("n_rounds", 2000))
-    # ---- fresh-seed re-runs
+    _write_reruns(paths["rerun"], spec, reruns)
+    imp, param_plots = _importance_plots(spec, trials, progress, out)
+    groups, sections = [], []
+    for g in prepared.groups.values():
+        entry, section = _group_report(spec, prepared, g, trials, reruns, out, log)
+        groups.append(entry)
+        sections.append(section)
+        if entry.get("serve_config"):
+            paths[f"serve:{g.key}"] = Path(entry["serve_config"])
+    summary = _summary(spec, prepared, trials, runs, imp, groups, wall_seconds)
+    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    paths["report"].write_text(_report_md(spec, summary, imp, param_plots, sections))
+    paths.update({f"plot:{p.stem}": p for p in param_plots})
+    log(f"report: {paths['report']}")
+    return paths
+
+
+def _n_rounds(spec: SweepSpec) -> int:
+    return int(spec.eval.get("n_rounds", 2000))
+
+
+def _write_reruns(path: Path, spec: SweepSpec, reruns: list[dict]) -> None:
+    """``rerun.parquet``: one row per re-run configuration and fresh seed."""
+    import pandas as pd
+
     rows = []
     for r in reruns:
         rec = r["record"]
@@ -336,73 +357,97 @@ def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, rer
                          "role": r["role"], "trial_id": r["trial_id"], "encoder": r["encoder"], "seed": seed,
                          "cum_regret": float(v), "n_rounds": rec["n_rounds"],
                          "config": json.dumps(r["config"], sort_keys=True, default=str)})
-    pd.DataFrame(rows).to_parquet(paths["rerun"], index=False)
+    pd.DataFrame(rows).to_parquet(path, index=False)
 
-    # ---- importance and plots
+
+def _importance_plots(spec: SweepSpec, trials, progress, out: Path):
+    """(importance table, plots of the ``report.top_params`` most important swept fields)."""
+    import pandas as pd
+
     keys = [f"{sec}.{k}" for sec, k in spec.swept_keys()]
     imp = (importance(trials, keys, progress) if keys and len(trials)
            else pd.DataFrame(columns=["param", "importance", "n_groups"]))
     top = [p for p in imp["param"].tolist() if p in trials.columns][: spec.report.top_params]
-    param_plots = plot_params(trials, top, spec, out, progress) if top else []
+    return imp, (plot_params(trials, top, spec, out, progress) if top else [])
 
-    # ---- per group
-    defaults = default_config(spec)
-    groups_out = []
-    sections = []
-    for g in prepared.groups.values():
-        rs = {r["role"]: r for r in reruns if r["group"] == g.key}
-        gt = trials[trials["group"] == g.key]
-        curves = []
-        for role, r in rs.items():
-            c = r["curves"].copy()
-            c["config"] = f"{role} ({r['encoder']})" if role != "uniform" else "uniform"
-            curves.append(c)
-        plot_path = out / f"rerun_{slug(g.dataset)}_{slug(g.split)}_seed{g.split_seed}.png"
-        if curves:
-            plot_regret(pd.concat(curves, ignore_index=True), plot_path, group="config",
-                        title=f"{g.dataset} / {g.split} / split seed {g.split_seed}: fresh seeds")
-        entry: dict[str, Any] = {
-            "group": g.key, "dataset": g.dataset, "split": g.split, "split_seed": g.split_seed,
-            "held_out": g.split_kwargs.get("held_out"), "n_offline": g.n_offline, "n_online": g.n_online,
-            "trials": int(len(gt)), "complete": int((gt["status"] == "complete").sum()),
-            "stopped": int((gt["status"] == "stopped").sum()), "errored": int((gt["status"] == "error").sum()),
-        }
-        for role, r in rs.items():
-            rec = r["record"]
-            entry[role] = {"cum_regret_mean": rec["cum_regret_mean"], "cum_regret_ci95": rec["cum_regret_ci95"],
-                           "per_seed": rec["cum_regret_per_seed"], "served_score_mean": rec["served_score_mean"],
-                           "encoder": r["encoder"], "trial_id": r["trial_id"]}
-        best = rs.get("best")
-        if best is not None:
-            bt = gt[gt["trial_id"] == best["trial_id"]].iloc[0]
-            entry["best"]["trial_estimate"] = {"cum_regret_mean": float(bt["cum_regret_mean"]),
-                                               "ci95": [float(bt["cum_regret_ci_low"]), float(bt["cum_regret_ci_high"])],
-                                               "seeds": int(spec.eval.get("n_seeds", 5))}
-            entry["best"]["config"] = {k: bt[k] for k in _flat_config(spec, best["config"])}
-            if "default" in rs:
-                entry["verdict"] = _verdict(best["record"], rs["default"]["record"])
-            if spec.report.export_serve and g.split_kwargs["split"] != "holdout":
-                try:
-                    cfg, header = serve_config(
-                        spec, prepared, g, best["config"], spec.report.serve_template, trial_id=best["trial_id"],
-                        fresh=f"Fresh-seed cumulative regret at T={n_rounds}: {_ci(best['record'])} "
-                              f"(default {_ci(rs['default']['record'])})" if "default" in rs else "")
-                    sp = _write_yaml(out / "serve" / f"{slug(g.dataset)}-{slug(g.split)}-seed{g.split_seed}.yaml", cfg, header)
-                    entry["serve_config"] = str(sp)
-                    paths[f"serve:{g.key}"] = sp
-                except Exception as e:  # noqa: BLE001 - the report still lists the config
-                    entry["serve_config_error"] = f"{type(e).__name__}: {e}"
-                    log(f"{g.key}: Serve config not exported: {e}")
-        groups_out.append(entry)
-        sections.append(_group_section(spec, g, entry, rs, defaults, plot_path if curves else None, out, n_rounds))
 
-    # ---- summary
-    tot = prepared.encoding_totals()
+def _group_report(spec: SweepSpec, prepared, g, trials, reruns: list[dict], out: Path,
+                  log: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+    """One group's summary entry and report section: its trials, its fresh-seed re-runs (plotted),
+    the best configuration with its Serve config."""
+    from ray_router.tune.spec import default_config
+
+    rs = {r["role"]: r for r in reruns if r["group"] == g.key}
+    gt = trials[trials["group"] == g.key]
+    plot_path = _plot_reruns(g, rs, out)
+    entry: dict[str, Any] = {
+        "group": g.key, "dataset": g.dataset, "split": g.split, "split_seed": g.split_seed,
+        "held_out": g.split_kwargs.get("held_out"), "n_offline": g.n_offline, "n_online": g.n_online,
+        "trials": len(gt), "complete": int((gt["status"] == "complete").sum()),
+        "stopped": int((gt["status"] == "stopped").sum()), "errored": int((gt["status"] == "error").sum()),
+    }
+    for role, r in rs.items():
+        rec = r["record"]
+        entry[role] = {"cum_regret_mean": rec["cum_regret_mean"], "cum_regret_ci95": rec["cum_regret_ci95"],
+                       "per_seed": rec["cum_regret_per_seed"], "served_score_mean": rec["served_score_mean"],
+                       "encoder": r["encoder"], "trial_id": r["trial_id"]}
+    if "best" in rs:
+        _add_best(spec, prepared, g, entry, rs, gt, out, log)
+    return entry, _group_section(spec, g, entry, rs, default_config(spec), plot_path, out, _n_rounds(spec))
+
+
+def _plot_reruns(g, rs: Mapping[str, dict], out: Path) -> Path | None:
+    """The group's fresh-seed regret curves, one line per configuration (None when nothing re-ran)."""
+    import pandas as pd
+
+    from ray_router.evaluation.plots import plot_regret
+
+    curves = []
+    for role, r in rs.items():
+        c = r["curves"].copy()
+        c["config"] = f"{role} ({r['encoder']})" if role != "uniform" else "uniform"
+        curves.append(c)
+    if not curves:
+        return None
+    plot_path = out / f"rerun_{slug(g.dataset)}_{slug(g.split)}_seed{g.split_seed}.png"
+    plot_regret(pd.concat(curves, ignore_index=True), plot_path, group="config",
+                title=f"{g.dataset} / {g.split} / split seed {g.split_seed}: fresh seeds")
+    return plot_path
+
+
+def _add_best(spec: SweepSpec, prepared, g, entry: dict, rs: Mapping[str, dict], gt, out: Path,
+              log: Callable[[str], None]) -> None:
+    """The best trial's own estimate and configuration, the verdict against the default, its Serve config."""
+    best = rs["best"]
+    bt = gt[gt["trial_id"] == best["trial_id"]].iloc[0]
+    entry["best"]["trial_estimate"] = {"cum_regret_mean": float(bt["cum_regret_mean"]),
+                                       "ci95": [float(bt["cum_regret_ci_low"]), float(bt["cum_regret_ci_high"])],
+                                       "seeds": int(spec.eval.get("n_seeds", 5))}
+    entry["best"]["config"] = {k: bt[k] for k in _flat_config(spec, best["config"])}
+    if "default" in rs:
+        entry["verdict"] = _verdict(best["record"], rs["default"]["record"])
+    if not spec.report.export_serve or g.split_kwargs["split"] == "holdout":
+        return
+    try:
+        fresh = (f"Fresh-seed cumulative regret at T={_n_rounds(spec)}: {_ci(best['record'])} "
+                 f"(default {_ci(rs['default']['record'])})" if "default" in rs else "")
+        cfg, header = serve_config(spec, prepared, g, best["config"], spec.report.serve_template,
+                                   trial_id=best["trial_id"], fresh=fresh)
+        sp = _write_yaml(out / "serve" / f"{slug(g.dataset)}-{slug(g.split)}-seed{g.split_seed}.yaml", cfg, header)
+        entry["serve_config"] = str(sp)
+    except Exception as e:  # noqa: BLE001 - the report still lists the config
+        entry["serve_config_error"] = f"{type(e).__name__}: {e}"
+        log(f"{g.key}: Serve config not exported: {e}")
+
+
+def _summary(spec: SweepSpec, prepared, trials, runs: list[dict], imp, groups: list[dict], wall_seconds: float) -> dict:
+    """``summary.json``: counts, driver runs, encoding, CCFT artifacts, importance, groups."""
     n_imported = int(trials["encoder_imported"].fillna(False).astype(bool).sum()) if len(trials) else 0
     fresh_runs = [r for r in runs if not r.get("resumed")]
-    summary = {
+    base_seed, n_seeds = int(spec.eval.get("base_seed", 0)), int(spec.eval.get("n_seeds", 5))
+    return {
         "sweep": spec.name, "description": spec.description,
-        "trials": int(len(trials)), "complete": int((trials["status"] == "complete").sum()),
+        "trials": len(trials), "complete": int((trials["status"] == "complete").sum()),
         "stopped_early": int((trials["status"] == "stopped").sum()), "errored": int((trials["status"] == "error").sum()),
         "driver_runs": len(runs), "resumes": len(runs) - len(fresh_runs), "runs": runs,
         "interrupted_runs": sum(1 for r in runs if r.get("interrupted")),
@@ -411,23 +456,16 @@ def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, rer
         "wall_seconds_this_run": round(wall_seconds, 1),
         "cpus": runs[-1].get("cpus") if runs else None,
         "trial_cpu_seconds": round(float(trials["time_total_s"].fillna(0).sum()), 1) if len(trials) else 0.0,
-        "encoding_this_run": tot, "encoding_by_identity": prepared.encoding,
+        "encoding_this_run": prepared.encoding_totals(), "encoding_by_identity": prepared.encoding,
         "encoding_per_run": [{k: r.get(k) for k in ("texts_encoded", "unique_texts", "cache_hits", "resumed")} for r in runs],
         "trials_that_imported_an_encoder": n_imported,
         "ccft_artifacts": prepared.ccft,
         "importance": imp.to_dict(orient="records"),
-        "groups": groups_out,
+        "groups": groups,
         "report_seeds": list(range(spec.report.base_seed, spec.report.base_seed + spec.report.seeds)),
-        "trial_seeds": list(range(int(spec.eval.get("base_seed", 0)),
-                                  int(spec.eval.get("base_seed", 0)) + int(spec.eval.get("n_seeds", 5)))),
-        "n_rounds": n_rounds,
+        "trial_seeds": list(range(base_seed, base_seed + n_seeds)),
+        "n_rounds": _n_rounds(spec),
     }
-    paths["summary"].write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    paths["report"].write_text(_report_md(spec, summary, imp, param_plots, sections))
-    for p in param_plots:
-        paths[f"plot:{p.stem}"] = p
-    log(f"report: {paths['report']}")
-    return paths
 
 
 def _json_default(v: Any) -> Any:

@@ -10,7 +10,8 @@ is Tune's.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
@@ -18,24 +19,24 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray_router import raycompat
 
 
-def _default_group(config: Dict[str, Any]) -> str:
+def _default_group(config: dict[str, Any]) -> str:
     return f"{config.get('dataset')}|{config.get('split')}|{config.get('split_seed')}"
 
 
 class GroupedASHA(FIFOScheduler):
     """:class:`AsyncHyperBandScheduler` arguments, plus ``group_of(config) -> hashable``."""
 
-    def __init__(self, group_of: Callable[[Dict[str, Any]], Any] = _default_group, **asha_kwargs: Any):
+    def __init__(self, group_of: Callable[[dict[str, Any]], Any] = _default_group, **asha_kwargs: Any):
         super().__init__()
         self._group_of = group_of
         self._metric = asha_kwargs.pop("metric", None)
         self._mode = asha_kwargs.pop("mode", None)
         self._asha_kwargs = dict(asha_kwargs)
-        self._schedulers: Dict[Any, AsyncHyperBandScheduler] = {}
-        self._trial_group: Dict[str, Any] = {}
+        self._schedulers: dict[Any, AsyncHyperBandScheduler] = {}
+        self._trial_group: dict[str, Any] = {}
 
     # --------------------------------------------------------------- plumbing
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
             return False
         self._metric = metric or self._metric
@@ -63,12 +64,12 @@ class GroupedASHA(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         self._sched(trial).on_trial_add(tune_controller, trial)
 
-    def on_trial_result(self, tune_controller, trial: Trial, result: Dict) -> str:
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         s = self._sched(trial)
         self._known(s, tune_controller, trial)
         return s.on_trial_result(tune_controller, trial, result)
 
-    def on_trial_complete(self, tune_controller, trial: Trial, result: Dict) -> None:
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         s = self._sched(trial)
         self._known(s, tune_controller, trial)
         s.on_trial_complete(tune_controller, trial, result)

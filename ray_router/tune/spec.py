@@ -17,37 +17,32 @@ fields and every candidate value against its validation (:func:`load_sweep` rais
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ray_router.config import StrictModel, config_dataclass, field_names, parse
 from ray_router.embeddings.spec import EncoderSpec
-from ray_router.errors import ConfigError, RouterError
+from ray_router.errors import ConfigError
 from ray_router.yamlio import deep_merge
 
-ENCODER_CHOICES = ("base", "ccft")
 DIST_KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "lograndint", "quniform")
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class EmbeddingChoice:
     """Which query embeddings a trial uses: ``base`` (the general-purpose encoder) or ``ccft`` (the
     encoder fine-tuned on the group's offline split; one artifact per dataset, split and split seed)."""
 
-    encoder: str = "base"
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ENCODER_CHOICES:
-            raise ConfigError(f"encoder must be one of {list(ENCODER_CHOICES)}, got {self.encoder!r}")
+    encoder: Literal["base", "ccft"] = "base"
 
 
 def section_classes() -> dict[str, type]:
-    """The dataclass behind each ``space`` / ``fixed`` section (imported lazily: cheap either way)."""
+    """The config class behind each ``space`` / ``fixed`` section (imported lazily: cheap either way)."""
     from ray_router.embeddings.model_embeddings import WeightingConfig
     from ray_router.policies.fgts_cdb import FGTSConfig
 
@@ -67,16 +62,29 @@ _EVAL_ELSEWHERE = {
 }
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@contextmanager
+def _located(where: str) -> Iterator[None]:
+    """A ConfigError raised inside names ``where`` (the place in the sweep file) first."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+
+def typed_values(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (fields of the config class ``cls``) after the class's own validation, with the
+    class's types (``1`` for a float field is ``1.0``); a ConfigError naming ``where`` otherwise."""
+    with _located(where):
+        config: Any = parse(cls, values, where=where)
+    return {k: getattr(config, k) for k in values}
 
 
 # ------------------------------------------------------------------------------ axes
-class DatasetSpec(_Model):
+class DatasetSpec(StrictModel):
     """One value of the ``datasets`` axis. A plain string is ``{name: <string>}``."""
 
     name: str = Field(min_length=1, description="routerbench, routerdc, mixinstruct, or a file path")
-    label: Optional[str] = Field(None, description="name in results (default: name, or the file stem)")
+    label: str | None = Field(None, description="name in results (default: name, or the file stem)")
     subsample: int = Field(0, ge=0, description=">0: a stratified sample of this many queries")
     subsample_seed: int = 0
     options: dict[str, Any] = Field(default_factory=dict, description="loader options (load_dataset)")
@@ -89,20 +97,20 @@ class DatasetSpec(_Model):
         return Path(self.name).stem if ("/" in self.name or "." in self.name) else self.name
 
 
-class SplitSpec(_Model):
+class SplitSpec(StrictModel):
     """One value of the ``splits`` axis. A plain string is ``{split: <string>}``."""
 
     split: Literal["stratified", "k_per_category", "holdout"]
     offline_fraction: float = Field(0.2, gt=0, lt=1)
     k_per_category: int = Field(5, ge=1)
-    held_out: Union[str, dict[str, str]] = Field(
+    held_out: str | dict[str, str] = Field(
         "smallest", description="holdout: a category or 'smallest' (of each dataset), or {dataset label: one of those}")
 
     def held_out_for(self, dataset: str) -> str:
         if isinstance(self.held_out, str):
             return self.held_out
         return self.held_out.get(dataset, "smallest")
-    label: Optional[str] = None
+    label: str | None = None
 
     @property
     def key(self) -> str:
@@ -110,7 +118,7 @@ class SplitSpec(_Model):
 
 
 # --------------------------------------------------------------------------- search
-class SchedulerSpec(_Model):
+class SchedulerSpec(StrictModel):
     """``asha``: asynchronous successive halving over ``rounds_played`` (per group: a trial competes only
     with trials of its own dataset, split and split seed); ``fifo``: run every trial to the end."""
 
@@ -120,22 +128,22 @@ class SchedulerSpec(_Model):
     brackets: int = Field(1, ge=1)
 
 
-class ResourcesSpec(_Model):
+class ResourcesSpec(StrictModel):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
 
 
-class SearchSpec(_Model):
+class SearchSpec(StrictModel):
     num_samples: int = Field(8, ge=1, description="sampled configurations; each runs on every group")
     seed: int = Field(0, description="seed of the random search (the same file samples the same configs)")
     report_every: int = Field(100, ge=1, description="report cumulative regret every N rounds")
     scheduler: SchedulerSpec = SchedulerSpec()
     resources_per_trial: ResourcesSpec = ResourcesSpec()
-    max_concurrent_trials: Optional[int] = Field(None, ge=1, description="None: as many as the CPUs allow")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the CPUs allow")
     blas_threads: int = Field(1, ge=1, description="BLAS threads inside a trial")
 
 
-class ReportSpec(_Model):
+class ReportSpec(StrictModel):
     seeds: int = Field(5, ge=2, description="fresh seeds for the re-run of the best and the default config")
     base_seed: int = Field(1000, ge=0, description="first fresh seed (must not overlap the trials' seeds)")
     defaults: dict[str, dict[str, Any]] = Field(
@@ -147,26 +155,29 @@ class ReportSpec(_Model):
 
 
 # ----------------------------------------------------------------------------- dists
-Scalar = Union[bool, int, float, str, None]
+Scalar = bool | int | float | str | None
+Range = Annotated[list[float], Field(min_length=2, max_length=2)]  # [low, high]
+IntRange = Annotated[list[int], Field(min_length=2, max_length=2)]
+QRange = Annotated[list[float], Field(min_length=3, max_length=3)]  # [low, high, q]
 
 
-class Dist(_Model):
+class Dist(StrictModel):
     """One search-space entry: exactly one of the keys below (a bare scalar in YAML is a constant).
 
     ``choice: [..]`` random choice; ``grid: [..]`` every value (multiplies the trials);
     ``uniform / loguniform: [low, high]``; ``randint / lograndint: [low, high]`` (high exclusive);
     ``quniform: [low, high, q]``."""
 
-    choice: Optional[list[Scalar]] = Field(None, min_length=1)
-    grid: Optional[list[Scalar]] = Field(None, min_length=1)
-    uniform: Optional[tuple[float, float]] = None
-    loguniform: Optional[tuple[float, float]] = None
-    randint: Optional[tuple[int, int]] = None
-    lograndint: Optional[tuple[int, int]] = None
-    quniform: Optional[tuple[float, float, float]] = None
+    choice: list[Scalar] | None = Field(None, min_length=1)
+    grid: list[Scalar] | None = Field(None, min_length=1)
+    uniform: Range | None = None
+    loguniform: Range | None = None
+    randint: IntRange | None = None
+    lograndint: IntRange | None = None
+    quniform: QRange | None = None
 
     @model_validator(mode="after")
-    def _one(self) -> "Dist":
+    def _one(self) -> Dist:
         set_ = [k for k in DIST_KINDS if getattr(self, k) is not None]
         if len(set_) != 1:
             raise ValueError(f"give exactly one of {list(DIST_KINDS)}, got {set_ or 'none'}")
@@ -174,7 +185,7 @@ class Dist(_Model):
         v = getattr(self, kind)
         if kind in ("uniform", "loguniform", "randint", "lograndint", "quniform"):
             if not v[0] < v[1]:
-                raise ValueError(f"{kind}: low must be < high, got {list(v)}")
+                raise ValueError(f"{kind}: low must be < high, got {v}")
             if kind.startswith("log") and v[0] <= 0:
                 raise ValueError(f"{kind}: low must be > 0, got {v[0]}")
             if kind == "quniform" and v[2] <= 0:
@@ -190,7 +201,8 @@ class Dist(_Model):
         return getattr(self, self.kind)
 
     def candidates(self) -> list[Any]:
-        """Values to validate against the config class: every listed value, or a range's ends."""
+        """Values to validate against the config class: every listed value, or a range's ends (of
+        the type Tune samples: a float for uniform, loguniform and quniform, else an int)."""
         a = self.args
         if self.kind in ("choice", "grid"):
             return list(a)
@@ -203,7 +215,7 @@ class Dist(_Model):
 
 
 # ----------------------------------------------------------------------------- sweep
-class SweepSpec(_Model):
+class SweepSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80)
     description: str = ""
     datasets: list[DatasetSpec] = Field(min_length=1)
@@ -229,7 +241,7 @@ class SweepSpec(_Model):
         return [{"split": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
-    def _unique(self) -> "SweepSpec":
+    def _unique(self) -> SweepSpec:
         for what, keys in (("dataset", [d.key for d in self.datasets]), ("split", [s.key for s in self.splits]),
                            ("split seed", [str(s) for s in self.split_seeds])):
             dup = sorted({k for k in keys if keys.count(k) > 1})
@@ -250,22 +262,23 @@ class SweepSpec(_Model):
         return next(s for s in self.splits if s.key == key)
 
     def space_dists(self) -> dict[str, dict[str, Dist]]:
-        """The sampled entries; listed values coerced to the field's type (``1`` → ``1.0``, ``inf``)."""
+        """The sampled entries; listed values with their field's type (``1`` → ``1.0``)."""
         classes = section_classes()
         out: dict[str, dict[str, Dist]] = {}
         for sec, fields in self.space.items():
             for k, v in fields.items():
-                d = _as_dist(v)
+                d = _as_dist(v, f"space.{sec}.{k}")
                 if d is None:
                     continue
                 if d.kind in ("choice", "grid"):
-                    d = d.model_copy(update={d.kind: [coerce_value(classes[sec], k, x) for x in d.args]})
+                    typed = [typed_values(classes[sec], {k: x}, f"space.{sec}.{k}")[k] for x in d.args]
+                    d = d.model_copy(update={d.kind: typed})
                 out.setdefault(sec, {})[k] = d
         return out
 
     def space_constants(self) -> dict[str, dict[str, Any]]:
         classes = section_classes()
-        return {sec: {k: coerce_value(classes[sec], k, v) for k, v in fields.items() if _as_dist(v) is None}
+        return {sec: typed_values(classes[sec], {k: v for k, v in fields.items() if _as_dist(v) is None}, f"space.{sec}")
                 for sec, fields in self.space.items()}
 
     def encoders_needed(self) -> set[str]:
@@ -275,7 +288,7 @@ class SweepSpec(_Model):
         for source in (self.space.get("embedding", {}), self.fixed.get("embedding", {}),
                        self.report.defaults.get("embedding", {})):
             v = source.get("encoder")
-            d = _as_dist(v)
+            d = _as_dist(v, "embedding.encoder")
             out.update(d.candidates() if d is not None else ([v] if v is not None else []))
         return out
 
@@ -296,61 +309,44 @@ class SweepSpec(_Model):
     @property
     def max_rounds(self) -> int:
         """Rounds a complete trial plays (all its seeds): ASHA's max_t."""
-        from ray_router.evaluation.experiment import EvalConfig
-
-        e = {**{f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in EVAL_FIELDS}, **self.eval}
-        return int(e["n_rounds"]) * int(e["n_seeds"])
+        ev = eval_config(self.eval)
+        return ev.n_rounds * ev.n_seeds
 
 
-def _as_dist(v: Any) -> Dist | None:
-    """A space entry as a :class:`Dist` (None for a constant). Validated by :func:`check_sections`."""
+def _as_dist(v: Any, where: str = "space") -> Dist | None:
+    """A space entry as a :class:`Dist` (None for a constant); a ConfigError naming ``where``."""
     if isinstance(v, Dist):
         return v
     if isinstance(v, Mapping):
-        return Dist.model_validate(dict(v))
+        return parse(Dist, v, where=where)
     return None
 
 
 # ------------------------------------------------------------------------ validation
-def _field_kinds(cls: type) -> dict[str, str]:
-    """Field name -> 'int' | 'float' | 'bool' | 'str' | 'other' from the (string) annotations."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        t = str(f.type).replace(" ", "")
-        head = t.split("|")[0]
-        out[f.name] = head if head in ("int", "float", "bool", "str") else "other"
-    return out
+def eval_config(values: Mapping[str, Any], where: str = "eval") -> Any:
+    """The EvalConfig a sweep's ``eval`` fixes (its other fields at their defaults)."""
+    from ray_router.evaluation.experiment import EvalConfig
+
+    for key in values:
+        if key in _EVAL_ELSEWHERE:
+            raise ConfigError(f"{where}.{key}: not set here; it comes from {_EVAL_ELSEWHERE[key]}")
+        if key not in EVAL_FIELDS:
+            raise ConfigError(f"{where}.{key}: not a field of EvalConfig that a sweep fixes; use one of {list(EVAL_FIELDS)}")
+    with _located(where):
+        return parse(EvalConfig, values, where=where)
 
 
-def coerce_value(cls: type, name: str, value: Any) -> Any:
-    """YAML gives ``1`` for a float field: make it ``1.0`` (and ``'inf'`` → inf) so the core and the
-    result columns see one type."""
-    kind = _field_kinds(cls).get(name)
-    if kind == "float":
-        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
-            return math.inf
-        if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-    return value
-
-
-def _check_value(cls: type, section: str, name: str, value: Any) -> None:
-    kind = _field_kinds(cls)[name]
-    value = coerce_value(cls, name, value)
-    ok_type = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }.get(kind, True)
-    if not ok_type:
-        raise ConfigError(f"{section}.{name}: expected {kind}, got {value!r}")
-    try:
-        cls(**{name: coerce_value(cls, name, value)})
-    except RouterError as e:
-        raise ConfigError(f"{section}.{name} = {value!r} is invalid: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{section}.{name} = {value!r} is invalid: {e}") from None
+def _check_entry(cls: type, where: str, key: str, value: Any, allow_dists: bool) -> None:
+    """One ``space``/``fixed`` entry: a field of ``cls`` whose every candidate value ``cls`` accepts."""
+    names = field_names(cls)
+    if key not in names:
+        raise ConfigError(f"{where}: not a field of {cls.__name__}; fields: {list(names)}")
+    dist = _as_dist(value, where)
+    if dist is not None and not allow_dists:
+        raise ConfigError(f"{where}: fixed values must be plain values, not {dist.kind}")
+    hint = f" (a {dist.kind} range end)" if dist is not None and dist.is_numeric_range() else ""
+    for candidate in (dist.candidates() if dist is not None else [value]):
+        typed_values(cls, {key: candidate}, f"{where} = {candidate!r}{hint}")
 
 
 def check_sections(where: str, sections: Mapping[str, Any], allow_dists: bool) -> None:
@@ -363,57 +359,42 @@ def check_sections(where: str, sections: Mapping[str, Any], allow_dists: bool) -
         if sec not in classes:
             hint = " (EvalConfig fields are fixed in the top-level `eval`)" if sec == "eval" else ""
             raise ConfigError(f"{where}.{sec}: unknown section; use one of {sorted(classes)}{hint}")
-        cls = classes[sec]
-        names = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(fields, Mapping):
-            raise ConfigError(f"{where}.{sec}: expected a mapping of {cls.__name__} fields")
-        for key, v in fields.items():
-            if key not in names:
-                raise ConfigError(f"{where}.{sec}.{key}: not a field of {cls.__name__}; fields: {names}")
-            try:
-                dist = _as_dist(v)
-            except ValidationError as e:
-                raise ConfigError(f"{where}.{sec}.{key}: {_first_error(e)}") from None
-            if dist is not None and not allow_dists:
-                raise ConfigError(f"{where}.{sec}.{key}: fixed values must be plain values, not {dist.kind}")
-            kind = _field_kinds(cls)[key]
-            if dist is not None and dist.is_numeric_range() and kind not in ("int", "float"):
-                raise ConfigError(f"{where}.{sec}.{key}: a {dist.kind} range needs a numeric field ({key} is {kind})")
-            if dist is not None and kind == "int" and dist.kind in ("uniform", "loguniform", "quniform"):
-                raise ConfigError(f"{where}.{sec}.{key}: an int field needs choice, grid, randint or lograndint")
-            for value in (dist.candidates() if dist is not None else [v]):
-                _check_value(cls, f"{where}.{sec}", key, value)
+            raise ConfigError(f"{where}.{sec}: expected a mapping of {classes[sec].__name__} fields")
+        for key, value in fields.items():
+            _check_entry(classes[sec], f"{where}.{sec}.{key}", key, value, allow_dists)
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
-    return f"{loc}: {err.get('msg')}" if loc else str(err.get("msg"))
-
-
-def _check_eval(values: Mapping[str, Any]) -> None:
-    from ray_router.evaluation.experiment import EvalConfig
-
-    for key in values:
-        if key in _EVAL_ELSEWHERE:
-            raise ConfigError(f"eval.{key}: not set here; it comes from {_EVAL_ELSEWHERE[key]}")
-        if key not in EVAL_FIELDS:
-            raise ConfigError(f"eval.{key}: not a field of EvalConfig that a sweep fixes; use one of {list(EVAL_FIELDS)}")
-    try:
-        EvalConfig(**{k: coerce_value(EvalConfig, k, v) for k, v in values.items()})
-    except RouterError as e:
-        raise ConfigError(f"eval: {e}") from None
-
-
-def _check_ccft(values: Mapping[str, Any]) -> None:
+def ccft_config(values: Mapping[str, Any]) -> Any:
+    """The CCFTConfig of the sweep's ``ccft`` section."""
     from ray_router.embeddings.ccft import CCFTConfig
 
-    try:
-        CCFTConfig.from_dict(values)
-    except RouterError as e:
-        raise ConfigError(f"ccft: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"ccft: {e}") from None
+    with _located("ccft"):
+        return parse(CCFTConfig, values, where="ccft")
+
+
+def _check_labels(spec: SweepSpec) -> None:
+    labels = {d.key for d in spec.datasets}
+    for i, sp in enumerate(spec.splits):
+        if isinstance(sp.held_out, dict):
+            unknown = sorted(set(sp.held_out) - labels)
+            if unknown:
+                raise ConfigError(f"splits.{i}.held_out.{unknown[0]}: not a dataset of this sweep; datasets: {sorted(labels)}")
+
+
+def _check_budget(spec: SweepSpec) -> None:
+    """Fresh report seeds, and report/ASHA points inside a trial's rounds."""
+    ev = eval_config(spec.eval)
+    trial_seeds = set(ev.seeds)
+    fresh = set(range(spec.report.base_seed, spec.report.base_seed + spec.report.seeds))
+    if trial_seeds & fresh:
+        raise ConfigError(f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
+                          f"{sorted(trial_seeds)}; the re-run must use fresh seeds")
+    if spec.search.report_every > spec.max_rounds:
+        raise ConfigError(f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})")
+    if spec.search.scheduler.type == "asha" and spec.search.scheduler.grace_period >= spec.max_rounds:
+        raise ConfigError(f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
+                          f"rounds of a trial ({spec.max_rounds})")
 
 
 def validate(spec: SweepSpec) -> SweepSpec:
@@ -425,26 +406,10 @@ def validate(spec: SweepSpec) -> SweepSpec:
         both = sorted(set(fields) & set(spec.space.get(sec, {})))
         if both:
             raise ConfigError(f"fixed.{sec}.{both[0]}: also in space; keep it in one place")
-    _check_eval(spec.eval)
-    _check_ccft(spec.ccft)
-    labels = {d.key for d in spec.datasets}
-    for i, sp in enumerate(spec.splits):
-        if isinstance(sp.held_out, dict):
-            unknown = sorted(set(sp.held_out) - labels)
-            if unknown:
-                raise ConfigError(f"splits.{i}.held_out.{unknown[0]}: not a dataset of this sweep; datasets: {sorted(labels)}")
-    n_seeds = int(spec.eval.get("n_seeds", 5))
-    base = int(spec.eval.get("base_seed", 0))
-    trial_seeds = set(range(base, base + n_seeds))
-    fresh = set(range(spec.report.base_seed, spec.report.base_seed + spec.report.seeds))
-    if trial_seeds & fresh:
-        raise ConfigError(f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
-                          f"{sorted(trial_seeds)}; the re-run must use fresh seeds")
-    if spec.search.report_every > spec.max_rounds:
-        raise ConfigError(f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})")
-    if spec.search.scheduler.type == "asha" and spec.search.scheduler.grace_period >= spec.max_rounds:
-        raise ConfigError(f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
-                          f"rounds of a trial ({spec.max_rounds})")
+    eval_config(spec.eval)
+    ccft_config(spec.ccft)
+    _check_labels(spec)
+    _check_budget(spec)
     return spec
 
 
@@ -461,10 +426,7 @@ def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "
             raise ConfigError(f"{where}: smoke_test must be a mapping of overrides")
         data = deep_merge(data, overrides)
         data["name"] = f"{data.get('name', 'sweep')}-smoke"
-    try:
-        spec = SweepSpec.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {_first_error(e)}") from None
+    spec = parse(SweepSpec, data, where=where)
     try:
         return validate(spec)
     except ConfigError as e:
@@ -481,20 +443,19 @@ def load_sweep(path: str | Path, smoke_test: bool = False) -> SweepSpec:
 
 # ------------------------------------------------------------------------- configs
 def section_values(spec: SweepSpec, config: Mapping[str, Any], section: str) -> dict[str, Any]:
-    """A trial's values for one section: fixed values, then the sampled ones, coerced to field types."""
-    cls = section_classes()[section]
+    """A trial's values for one section: fixed values, then the sampled ones, with the field types."""
     values = {**spec.fixed.get(section, {}), **dict(config.get(section) or {})}
-    return {k: coerce_value(cls, k, v) for k, v in values.items()}
+    return typed_values(section_classes()[section], values, section)
 
 
 def default_config(spec: SweepSpec) -> dict[str, Any]:
     """The un-tuned configuration the report compares against: the sweep's fixed values, the
-    dataclass default of every swept field, and ``report.defaults`` on top."""
+    config class's default of every swept field, and ``report.defaults`` on top."""
     classes = section_classes()
     out: dict[str, dict[str, Any]] = {}
     for sec, fields in spec.space.items():
-        defaults = {f.name: f.default for f in dataclasses.fields(classes[sec])}
-        out[sec] = {k: defaults[k] for k in fields}
+        defaults: Any = parse(classes[sec], {}, where=sec)
+        out[sec] = {k: getattr(defaults, k) for k in fields}
     for sec, fields in spec.report.defaults.items():
         out.setdefault(sec, {}).update(fields)
     return out

@@ -23,9 +23,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ray_router import raycompat
 from ray_router.errors import ConfigError
@@ -81,6 +82,8 @@ class SweepOutcome:
     n_errored: int
     paths: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    trials: Any = field(default=None, repr=False)  # pandas DataFrames (report.result_frames)
+    progress: Any = field(default=None, repr=False)
 
 
 # ------------------------------------------------------------------------ trainable
@@ -277,121 +280,180 @@ def run_sweep(
     make_report: bool = True,
     log: Callable[[str], None] = _log,
 ) -> SweepOutcome:
-    spec = load_sweep(path, smoke_test=smoke_test)
+    """The steps of the module docstring; ``KeyboardInterrupt`` when Ctrl-C left trials unfinished."""
+    spec = load_sweep(path, smoke_test=smoke_test)  # a bad file fails here, before Ray is imported
     ray_env()
-    storage = Path(storage_path or "runs/tune").expanduser().resolve()
-    exp_dir = storage / spec.name
+    exp_dir = Path(storage_path or "runs/tune").expanduser().resolve() / spec.name
+    resumable = _check_storage(spec, exp_dir, fresh, log)
+    t_start = time.time()
+    started = raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir)
+    try:
+        max_parallel = _max_parallel(spec, exp_dir, resumable, log)
+        prepared, data = _prepare_data(spec, exp_dir, artifacts_dir, data_dir, cache_dir, device, log)
+        tuner = _make_tuner(spec, exp_dir, data, prepared, resumable, max_parallel, log)
+        run = _start_run(exp_dir, t_start, resumable, prepared)
+        grid, fit_seconds = _fit(tuner)
+        outcome = _collect(grid, spec, exp_dir, run, fit_seconds, resumable, len(prepared.tables), log)
+        if make_report:
+            _report(outcome, prepared, data, data_dir, t_start, log)
+        _finish_run(outcome, run, t_start)
+        return outcome
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _check_storage(spec: SweepSpec, exp_dir: Path, fresh: bool, log: Callable[[str], None]) -> bool:
+    """Whether ``exp_dir`` holds this sweep to resume (``fresh``: removed first); a ConfigError when it
+    holds something else."""
     from ray import tune
 
     resumable = exp_dir.exists() and tune.Tuner.can_restore(str(exp_dir))
     if fresh and exp_dir.exists():
         log(f"--fresh: removing {exp_dir}")
         shutil.rmtree(exp_dir)
-        resumable = False
-    elif exp_dir.exists() and not resumable and any(exp_dir.iterdir()):
-        if not (exp_dir / SPEC_FILE).exists():
-            raise ConfigError(f"{exp_dir} exists and is not a ray-router sweep; choose another --storage-path")
-    if resumable:
-        stored = exp_dir / SPEC_FILE
-        if stored.exists() and json.loads(stored.read_text()) != _spec_fingerprint(spec):
-            raise ConfigError(f"{exp_dir} holds a different sweep (the file changed since it started): resume with "
-                              "the same file, pass --fresh to start over, or use another --storage-path")
+        return False
+    if exp_dir.exists() and not resumable and any(exp_dir.iterdir()) and not (exp_dir / SPEC_FILE).exists():
+        raise ConfigError(f"{exp_dir} exists and is not a ray-router sweep; choose another --storage-path")
+    stored = exp_dir / SPEC_FILE
+    if resumable and stored.exists() and json.loads(stored.read_text()) != _spec_fingerprint(spec):
+        raise ConfigError(f"{exp_dir} holds a different sweep (the file changed since it started): resume with "
+                          "the same file, pass --fresh to start over, or use another --storage-path")
+    return resumable
 
+
+def _max_parallel(spec: SweepSpec, exp_dir: Path, resumable: bool, log: Callable[[str], None]) -> int:
+    """How many trials run at once (a ConfigError when a trial cannot be placed at all)."""
     import ray
 
-    t_start = time.time()
-    started = raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir)
-    try:
-        max_parallel = check_resources(spec.search.resources_per_trial, ray.cluster_resources(), ray.available_resources())
-        if spec.search.max_concurrent_trials:
-            max_parallel = min(max_parallel, spec.search.max_concurrent_trials)
-        log(f"{'resuming' if resumable else 'starting'} sweep {spec.name!r} in {exp_dir}: "
-            f"{len(spec.groups)} groups x {spec.search.num_samples} samples, up to {max_parallel} trials at once "
-            f"({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    max_parallel = check_resources(spec.search.resources_per_trial, ray.cluster_resources(), ray.available_resources())
+    if spec.search.max_concurrent_trials:
+        max_parallel = min(max_parallel, spec.search.max_concurrent_trials)
+    log(f"{'resuming' if resumable else 'starting'} sweep {spec.name!r} in {exp_dir}: "
+        f"{len(spec.groups)} groups x {spec.search.num_samples} samples, up to {max_parallel} trials at once "
+        f"({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+    return max_parallel
 
-        from ray_router.tune.prepare import prepare
 
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        artifacts = Path(artifacts_dir).expanduser().resolve() if artifacts_dir else default_artifacts_dir()
-        prepared = prepare(spec, artifacts, data_dir=data_dir, cache_dir=cache_dir, device=device, log=log)
-        tot = prepared.encoding_totals()
-        log(f"data ready in {prepared.seconds:.0f}s: {tot['texts_encoded']} texts encoded, "
-            f"{tot['unique_texts']} unique (encoder, text) pairs, {tot['cache_hits']} cache hits")
-        refs = {k: ray.put(v) for k, v in prepared.arrays.items()}
-        table_refs = {k: ray.put(v) for k, v in prepared.tables.items()}
-        data = {"groups": {g.key: {"table": table_refs[g.dataset], "X": {e: refs[a] for e, a in g.arrays.items()},
-                                   "split_kwargs": g.split_kwargs} for g in prepared.groups.values()}}
-        trainable = tune.with_resources(
-            tune.with_parameters(ray_router_trial, data=data, spec=spec),
-            {"cpu": spec.search.resources_per_trial.cpu, "gpu": spec.search.resources_per_trial.gpu},
-        )
-        if resumable:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
-        else:
-            from ray.tune.search.basic_variant import BasicVariantGenerator
+def _prepare_data(spec: SweepSpec, exp_dir: Path, artifacts_dir, data_dir, cache_dir, device,
+                  log: Callable[[str], None]) -> tuple[Any, dict]:
+    """Load, fine-tune and embed in the driver; every array and table goes to the object store once.
+    Returns (prepared, data): ``data["groups"][group key]`` holds the refs a trial of that group reads."""
+    import ray
 
-            (exp_dir / SPEC_FILE).write_text(json.dumps(_spec_fingerprint(spec), indent=1))
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(spec, datasets=list(prepared.tables)),
-                tune_config=tune.TuneConfig(
-                    metric=METRIC, mode=MODE, scheduler=_scheduler(spec), num_samples=spec.search.num_samples,
-                    # the same sampled configuration runs on every (dataset, split, split seed) group
-                    search_alg=BasicVariantGenerator(random_state=spec.search.seed, constant_grid_search=True,
-                                                     max_concurrent=max_parallel),
-                    reuse_actors=False, trial_dirname_creator=trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=spec.name, storage_path=str(storage), verbose=0,
-                    # keep every (tiny) per-seed checkpoint: num_to_keep forces an experiment-state sync
-                    # each time a trial reaches it
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    callbacks=[_progress_callback(spec, log)],
-                ),
-            )
-        run = {"run": f"{t_start:.3f}", "started": t_start, "resumed": resumable,
-               "prepare_seconds": round(prepared.seconds, 1), "cpus": ray.cluster_resources().get("CPU", 0), **tot}
-        _append_run(exp_dir, {**run, "event": "start"})
-        t_fit = time.time()
-        grid = tuner.fit()
-        fit_seconds = time.time() - t_fit
+    from ray_router.tune.prepare import prepare
 
-        from ray_router.tune import report as rep
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = Path(artifacts_dir).expanduser().resolve() if artifacts_dir else default_artifacts_dir()
+    prepared = prepare(spec, artifacts, data_dir=data_dir, cache_dir=cache_dir, device=device, log=log)
+    tot = prepared.encoding_totals()
+    log(f"data ready in {prepared.seconds:.0f}s: {tot['texts_encoded']} texts encoded, "
+        f"{tot['unique_texts']} unique (encoder, text) pairs, {tot['cache_hits']} cache hits")
+    refs = {k: ray.put(v) for k, v in prepared.arrays.items()}
+    table_refs = {k: ray.put(v) for k, v in prepared.tables.items()}
+    data = {"groups": {g.key: {"table": table_refs[g.dataset], "X": {e: refs[a] for e, a in g.arrays.items()},
+                               "split_kwargs": g.split_kwargs} for g in prepared.groups.values()}}
+    return prepared, data
 
-        trials, progress = rep.result_frames(grid, spec)
-        paths = rep.write_frames(exp_dir, trials, progress)
-        unfinished = _unfinished(spec, exp_dir, len(prepared.tables))
-        _append_run(exp_dir, {"run": run["run"], "event": "end", "fit_seconds": round(fit_seconds, 1),
-                              "interrupted": bool(unfinished)})
-        if unfinished:  # Ctrl-C: Tune saved its state and returned early
-            log(f"interrupted with {unfinished} trial(s) unfinished; run the same command again to resume "
-                f"from {exp_dir} (finished trials are kept)")
-            raise KeyboardInterrupt
-        n_err = int((trials["status"] == "error").sum()) if len(trials) else 0
-        outcome = SweepOutcome(
-            spec=spec, experiment_dir=exp_dir, resumed=resumable, wall_seconds=0.0, n_trials=len(trials),
-            n_complete=int((trials["status"] == "complete").sum()) if len(trials) else 0,
-            n_stopped=int((trials["status"] == "stopped").sum()) if len(trials) else 0, n_errored=n_err, paths=paths,
-        )
-        log(f"tuning done in {fit_seconds:.0f}s: {outcome.n_trials} trials, {outcome.n_complete} complete, "
-            f"{outcome.n_stopped} stopped early, {n_err} errored")
-        if n_err == outcome.n_trials:
-            first = next((r.error for r in grid if r.error is not None), None)
-            raise ConfigError(f"every trial failed; first error: {first}")
-        if make_report:
-            reruns = rerun_best(spec, prepared, data, trials, log, cache_dir=exp_dir / "report" / "reruns")
-            runs = driver_runs(exp_dir)
-            outcome.paths.update(rep.write_report(
-                exp_dir, spec, prepared, trials, progress, reruns, runs, data_dir=data_dir, log=log,
-                wall_seconds=time.time() - t_start))
-            outcome.summary = json.loads(outcome.paths["summary"].read_text())
-        outcome.wall_seconds = time.time() - t_start
-        _append_run(exp_dir, {"run": run["run"], "event": "done", "wall_seconds": round(outcome.wall_seconds, 1)})
-        return outcome
-    finally:
-        if started:
-            ray.shutdown()
+
+def _make_tuner(spec: SweepSpec, exp_dir: Path, data: dict, prepared, resumable: bool, max_parallel: int,
+                log: Callable[[str], None]):
+    """``Tuner.restore`` of the stored sweep, or a new Tuner (which records the sweep's fingerprint)."""
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(ray_router_trial, data=data, spec=spec),
+        {"cpu": spec.search.resources_per_trial.cpu, "gpu": spec.search.resources_per_trial.gpu},
+    )
+    if resumable:
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    (exp_dir / SPEC_FILE).write_text(json.dumps(_spec_fingerprint(spec), indent=1))
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec, datasets=list(prepared.tables)),
+        tune_config=tune.TuneConfig(
+            metric=METRIC, mode=MODE, scheduler=_scheduler(spec), num_samples=spec.search.num_samples,
+            # the same sampled configuration runs on every (dataset, split, split seed) group
+            search_alg=BasicVariantGenerator(random_state=spec.search.seed, constant_grid_search=True,
+                                             max_concurrent=max_parallel),
+            reuse_actors=False, trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(exp_dir.parent), verbose=0,
+            # keep every (tiny) per-seed checkpoint: num_to_keep forces an experiment-state sync
+            # each time a trial reaches it
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=[_progress_callback(spec, log)],
+        ),
+    )
+
+
+def _start_run(exp_dir: Path, t_start: float, resumable: bool, prepared) -> dict:
+    """Record this driver run's start in the runs file; returns its entry."""
+    import ray
+
+    run = {"run": f"{t_start:.3f}", "started": t_start, "resumed": resumable,
+           "prepare_seconds": round(prepared.seconds, 1), "cpus": ray.cluster_resources().get("CPU", 0),
+           **prepared.encoding_totals()}
+    _append_run(exp_dir, {**run, "event": "start"})
+    return run
+
+
+def _fit(tuner) -> tuple[Any, float]:
+    t_fit = time.time()
+    grid = tuner.fit()
+    return grid, time.time() - t_fit
+
+
+def _collect(grid, spec: SweepSpec, exp_dir: Path, run: dict, fit_seconds: float, resumed: bool, n_datasets: int,
+             log: Callable[[str], None]) -> SweepOutcome:
+    """Write the result frames and count the trials; KeyboardInterrupt when some are unfinished (Ctrl-C),
+    a ConfigError when every trial failed."""
+    from ray_router.tune import report as rep
+
+    trials, progress = rep.result_frames(grid, spec)
+    paths = rep.write_frames(exp_dir, trials, progress)
+    unfinished = _unfinished(spec, exp_dir, n_datasets)
+    _append_run(exp_dir, {"run": run["run"], "event": "end", "fit_seconds": round(fit_seconds, 1),
+                          "interrupted": bool(unfinished)})
+    if unfinished:  # Ctrl-C: Tune saved its state and returned early
+        log(f"interrupted with {unfinished} trial(s) unfinished; run the same command again to resume "
+            f"from {exp_dir} (finished trials are kept)")
+        raise KeyboardInterrupt
+
+    def count(status: str) -> int:
+        return int((trials["status"] == status).sum()) if len(trials) else 0
+
+    outcome = SweepOutcome(spec=spec, experiment_dir=exp_dir, resumed=resumed, wall_seconds=0.0, n_trials=len(trials),
+                           n_complete=count("complete"), n_stopped=count("stopped"), n_errored=count("error"),
+                           paths=paths, trials=trials, progress=progress)
+    log(f"tuning done in {fit_seconds:.0f}s: {outcome.n_trials} trials, {outcome.n_complete} complete, "
+        f"{outcome.n_stopped} stopped early, {outcome.n_errored} errored")
+    if outcome.n_errored == outcome.n_trials:
+        first = next((r.error for r in grid if r.error is not None), None)
+        raise ConfigError(f"every trial failed; first error: {first}")
+    return outcome
+
+
+def _report(outcome: SweepOutcome, prepared, data: dict, data_dir, t_start: float, log: Callable[[str], None]) -> None:
+    """Fresh-seed re-runs of the best and default configurations, then the report files."""
+    from ray_router.tune import report as rep
+
+    spec, exp_dir = outcome.spec, outcome.experiment_dir
+    reruns = rerun_best(spec, prepared, data, outcome.trials, log, cache_dir=exp_dir / "report" / "reruns")
+    outcome.paths.update(rep.write_report(
+        exp_dir, spec, prepared, outcome.trials, outcome.progress, reruns, driver_runs(exp_dir), data_dir=data_dir,
+        log=log, wall_seconds=time.time() - t_start))
+    outcome.summary = json.loads(outcome.paths["summary"].read_text())
+
+
+def _finish_run(outcome: SweepOutcome, run: dict, t_start: float) -> None:
+    outcome.wall_seconds = time.time() - t_start
+    _append_run(outcome.experiment_dir, {"run": run["run"], "event": "done", "wall_seconds": round(outcome.wall_seconds, 1)})
 
 
 # ------------------------------------------------------------------------------ report

@@ -19,14 +19,16 @@ resumed trial skips the seeds it finished.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
+from ray_router.config import parse
 from ray_router.data.table import RoutingTable
 from ray_router.evaluation.experiment import EvalConfig, run_seed
 from ray_router.evaluation.stats import mean_ci95
-from ray_router.tune.spec import SweepSpec, coerce_value, section_values
+from ray_router.tune.spec import SweepSpec, section_values
 
 # WeightingConfig field -> EvalConfig field
 WEIGHTING_TO_EVAL = {"name": "weighting", "beta": "weighting_beta", "top_tau": "weighting_tau",
@@ -53,13 +55,10 @@ def trial_eval_config(
 ) -> EvalConfig:
     """The EvalConfig of one trial configuration on one group (``split_kwargs``: the group's split
     fields with the held-out category resolved). ``overrides``: e.g. fresh ``base_seed``/``n_seeds``."""
-    ev = {k: coerce_value(EvalConfig, k, v) for k, v in spec.eval.items()}
-    weighting = section_values(spec, config, "weighting")
-    ev.update({WEIGHTING_TO_EVAL[k]: v for k, v in weighting.items()})
-    ev.update(split_kwargs)
-    ev.update(overrides)
-    fgts = section_values(spec, config, "fgts_cdb")
-    return EvalConfig(policies=policies, policy_configs={"fgts_cdb": fgts} if "fgts_cdb" in policies else {}, **ev)
+    weighting = {WEIGHTING_TO_EVAL[k]: v for k, v in section_values(spec, config, "weighting").items()}
+    fgts = {"fgts_cdb": section_values(spec, config, "fgts_cdb")} if "fgts_cdb" in policies else {}
+    values = {**spec.eval, **weighting, **split_kwargs, **overrides, "policies": policies, "policy_configs": fgts}
+    return parse(EvalConfig, values, where="trial configuration")
 
 
 def new_state() -> dict:

@@ -1,8 +1,8 @@
 """Offline Kubernetes checks for the tests: ``kubectl kustomize``, the Kubernetes schemas
 (``kubernetes-validate``) and the KubeRay CRD schemas (``jsonschema``).
 
-The CRD schemas come from ``../shared/k8s-crds`` (or ``$RAY_ROUTER_K8S_CRDS``). Two adjustments make
-``jsonschema`` judge like the API server does (shared/k8s-crds/README.md, RAY_NOTES.md):
+The CRD schemas are vendored in ``k8s/crds`` (``$RAY_ROUTER_K8S_CRDS`` names another folder). Two
+adjustments make ``jsonschema`` judge like the API server does (k8s/crds/README.md, RAY_NOTES.md):
 ``x-kubernetes-int-or-string`` means integer or string, and an object without
 ``x-kubernetes-preserve-unknown-fields`` is closed (the API server would silently prune an unknown
 field, so a typo would be lost without an error; here it is an error). CEL rules
@@ -17,13 +17,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
+CRDS = K8S / "crds"  # vendored KubeRay CRDs (k8s/crds/README.md: source commit and licence)
 BUILDS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
 KUBERAY_GROUP = "ray.io"
@@ -37,7 +39,7 @@ def kubectl() -> str | None:
     return shutil.which("kubectl")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kustomize(name: str) -> tuple[dict[str, Any], ...]:
     """``kubectl kustomize`` of one build (base or an overlay): the resources it outputs."""
     exe = kubectl()
@@ -49,11 +51,9 @@ def kustomize(name: str) -> tuple[dict[str, Any], ...]:
     return tuple(d for d in yaml.safe_load_all(res.stdout) if d)
 
 
-def crd_dir() -> Path | None:
-    for cand in (os.environ.get("RAY_ROUTER_K8S_CRDS"), REPO.parent / "shared" / "k8s-crds"):
-        if cand and (Path(cand) / CRD_FILES["RayService"]).is_file():
-            return Path(cand)
-    return None
+def crd_dir() -> Path:
+    """``$RAY_ROUTER_K8S_CRDS`` when set, else the repository's ``k8s/crds``."""
+    return Path(os.environ.get("RAY_ROUTER_K8S_CRDS") or CRDS)
 
 
 def _adjust(node: Any, root: bool = False) -> Any:
@@ -82,11 +82,11 @@ def _adjust(node: Any, root: bool = False) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def crd_schema(kind: str, version: str = "v1") -> dict[str, Any]:
     d = crd_dir()
-    if d is None:
-        raise RuntimeError("KubeRay CRD schemas not found: ../shared/k8s-crds or $RAY_ROUTER_K8S_CRDS")
+    if not (d / CRD_FILES[kind]).is_file():
+        raise RuntimeError(f"KubeRay CRD schema {CRD_FILES[kind]} not found in {d} (k8s/crds, or $RAY_ROUTER_K8S_CRDS)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # 1 MB files: libyaml is ~10x faster
     crd = yaml.load((d / CRD_FILES[kind]).read_text(), Loader=loader)
     assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == KUBERAY_GROUP

@@ -3,7 +3,7 @@
 - ``kubectl kustomize`` builds each one (kubectl from the [test] extra; never skipped);
 - built-in kinds against the Kubernetes schemas (``kubernetes-validate --strict``), and every Ray
   pod template too, wrapped as a ``v1/PodTemplate``;
-- KubeRay kinds against the CRD schemas of ``../shared/k8s-crds`` (``jsonschema``, closed objects);
+- KubeRay kinds against the vendored CRD schemas of ``k8s/crds`` (``jsonschema``, closed objects);
 - the Serve config embedded in the RayService is ``serve_configs/`` with only the listed cluster
   changes, and validates against Serve's ``ServeDeploySchema`` and the app's ``AppArgs``;
 - what the pieces must agree on: Ray version, image tags, the shared volume, ports, GPUs, the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -94,7 +95,6 @@ def test_builtin_kinds_and_pod_templates_match_kubernetes_schemas(build, version
 
 @pytest.mark.parametrize("build", BUILDS)
 def test_kuberay_kinds_match_the_crd_schemas(build):
-    assert kube.crd_dir() is not None, "KubeRay CRDs not found (../shared/k8s-crds or $RAY_ROUTER_K8S_CRDS)"
     checked = 0
     for d in docs(build):
         if d["apiVersion"].startswith(kube.KUBERAY_GROUP + "/"):
@@ -102,6 +102,17 @@ def test_kuberay_kinds_match_the_crd_schemas(build):
             assert not errors, f"{d['kind']} {d['metadata']['name']}:\n" + "\n".join(errors)
             checked += 1
     assert checked == 2
+
+
+def test_the_crd_schemas_are_vendored_with_their_source_and_licence():
+    """A clone is self-contained: the schemas live in k8s/crds, with the licence and the source commit."""
+    readme = (kube.CRDS / "README.md").read_text()
+    assert re.search(r"commit `[0-9a-f]{40}`", readme), readme
+    assert "Apache License" in (kube.CRDS / "LICENSE").read_text()
+    for kind, name in kube.CRD_FILES.items():
+        crd = yaml.safe_load((kube.CRDS / name).read_text())
+        assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["names"]["kind"] == kind
+        assert f"`{name}`" in readme
 
 
 @pytest.mark.parametrize("mutate, expected", [

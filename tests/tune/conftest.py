@@ -4,16 +4,21 @@
 Ray tests run the CLI in a subprocess, each with its own capped local Ray (``--num-cpus 2``, a small
 object store), started in a new session so that the test can SIGKILL the driver and then every
 process of that session by its process-group id (never by name: other Ray instances may run on the
-same machine).
+same machine). Waits block on what they wait for (a process's exit through a pidfd, a write into a
+directory through inotify), never on a sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +98,7 @@ class Driver:
 
     def __init__(self, args: list[str], env: dict, log: Path):
         self.log_path = log
-        self._log = open(log, "ab")
+        self._log = open(log, "ab")  # noqa: SIM115 - open while the driver runs; closed in kill_group
         self.proc = subprocess.Popen(CLI + args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pgid = self.proc.pid  # the session leader's pid is the group id
@@ -110,17 +115,13 @@ class Driver:
 
     def kill_group(self) -> None:
         """SIGKILL every process of this driver's session (Ray's raylet, GCS and workers included)."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline = time.time() + 20
-        while time.time() < deadline and group_alive(self.pgid):
-            time.sleep(0.2)
+        deadline = time.monotonic() + 20
+        while (left := group_alive(self.pgid)) and time.monotonic() < deadline:
+            wait_for_exit(left, deadline - time.monotonic())
         self._log.close()
 
 
@@ -138,6 +139,65 @@ def group_alive(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(d.name))
     return out
+
+
+def _pidfds(pids: Iterable[int]) -> dict[int, int]:
+    """pidfd -> pid for the processes that still exist (a pidfd turns readable when its process exits)."""
+    fds = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds[os.pidfd_open(pid)] = pid
+    return fds
+
+
+def wait_for_exit(pids: Iterable[int], timeout: float) -> None:
+    """Block until every process of ``pids`` has exited, or ``timeout`` seconds."""
+    fds = _pidfds(pids)
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(list(fds), [], [], left)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class DirWatch:
+    """inotify on one directory: :meth:`wait_until` re-checks a condition each time a file in it is
+    written or renamed into it, or when a watched process exits."""
+
+    _IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80
+
+    def __init__(self, path: Path):
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0 or libc.inotify_add_watch(self.fd, os.fsencode(path), self._IN_CLOSE_WRITE | self._IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {path}")
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float, while_alive: subprocess.Popen) -> bool:
+        """True once ``condition()`` holds; False after ``timeout`` seconds or when ``while_alive`` has exited."""
+        if while_alive.poll() is not None:
+            return condition()
+        proc_fd = os.pidfd_open(while_alive.pid)  # not reaped yet (poll() reaps): the pid is still ours
+        deadline = time.monotonic() + timeout
+        try:
+            while not condition():
+                left = deadline - time.monotonic()
+                if left <= 0 or while_alive.poll() is not None:
+                    return False
+                ready, _, _ = select.select([self.fd, proc_fd], [], [], left)
+                if self.fd in ready:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self.fd, 1 << 16)  # drain the events; the condition reads the files
+            return True
+        finally:
+            os.close(proc_fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @pytest.fixture

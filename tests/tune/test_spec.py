@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
+import re
 
 import pytest
 import yaml
@@ -122,7 +122,7 @@ def test_invalid_sweeps_raise_config_errors_naming_the_key(tmp_path, dotted, val
 def test_load_sweep_names_the_file_and_rejects_non_mappings(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=re.escape("bad.yaml")):
         load_sweep(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_sweep(tmp_path / "missing.yaml")
@@ -131,18 +131,24 @@ def test_load_sweep_names_the_file_and_rejects_non_mappings(tmp_path):
         load_sweep(p)
 
 
-def test_float_fields_are_coerced_and_defaults_are_the_dataclass_defaults(tmp_path):
-    d = sweep_dict(tmp_path / "x.parquet")
-    d["space"]["fgts_cdb"]["feel_good_clip"] = {"choice": [1, "inf"]}
-    spec = parse_sweep(d)
+def test_values_take_the_config_class_types_and_defaults_are_its_defaults(tmp_path):
+    from ray_router.config import parse
+    from ray_router.policies.fgts_cdb import FGTSConfig
     from ray_router.tune.spec import section_values
 
-    vals = section_values(spec, {"fgts_cdb": {"feel_good_clip": "inf", "eta": 4}}, "fgts_cdb")
-    assert vals["feel_good_clip"] == float("inf") and isinstance(vals["eta"], float)
+    d = sweep_dict(tmp_path / "x.parquet")
+    d["space"]["fgts_cdb"]["feel_good_clip"] = {"choice": [1, float("inf")]}  # YAML `.inf`
+    spec = parse_sweep(d)
+    vals = section_values(spec, {"fgts_cdb": {"feel_good_clip": float("inf"), "eta": 4}}, "fgts_cdb")
+    assert vals["feel_good_clip"] == float("inf") and vals["eta"] == 4.0
+    assert type(vals["eta"]) is type(parse(FGTSConfig, {"eta": 4}).eta)  # the class's own type
     assert vals["distinct_arms"] is True  # fixed values apply to every trial
     defaults = default_config(spec)
     assert defaults["fgts_cdb"]["eta"] == 1.0 and defaults["weighting"]["name"] == "perf"
     assert spec.encoders_needed() == {"base"}
+    d["space"]["fgts_cdb"]["feel_good_clip"] = {"choice": [1, "inf"]}  # YAML `inf` is a string: refused
+    with pytest.raises(ConfigError, match=re.escape("space.fgts_cdb.feel_good_clip = 'inf'")):
+        parse_sweep(d)
 
 
 def test_smoke_test_overrides_are_merged_and_validated(tmp_path):
@@ -152,7 +158,7 @@ def test_smoke_test_overrides_are_merged_and_validated(tmp_path):
     assert spec.search.num_samples == 1 and spec.search.report_every == 50
     bad = sweep_dict(tmp_path / "x.parquet", smoke_test={"space": {"fgts_cdb": {"etaa": {"choice": [1.0]}}}})
     parse_sweep(bad)  # the override is only applied with --smoke-test
-    with pytest.raises(ConfigError, match="space.fgts_cdb.etaa"):
+    with pytest.raises(ConfigError, match=re.escape("space.fgts_cdb.etaa")):
         parse_sweep(bad, smoke_test=True)
 
 

@@ -1,5 +1,6 @@
 """Sweeps on a real (capped, local) Ray: the smoke test, resume after SIGKILL and Ctrl-C, and a trial
-that asks for more CPUs than exist. Each runs ``ray-router tune`` in its own process group."""
+that asks for more CPUs than exist. Each runs ``ray-router tune`` in its own process group. How long
+they take is measured by bench/sweep_smoke.py, not asserted here."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import glob
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.tune.conftest import REPO, sweep_dict, write_sweep
+from tests.data_fixtures import shared_data_dir, write_routerbench_subset
+from tests.tune.conftest import REPO, DirWatch, sweep_dict, write_sweep
 
 pytestmark = pytest.mark.integration
 
@@ -43,24 +44,16 @@ def _starts(log: Path) -> list[tuple[str, str]]:
     return [tuple(line.split()[:2]) for line in log.read_text().splitlines() if line.strip()]
 
 
-def test_smoke_test_runs_the_paper_sweep_quickly(tmp_path, tune_env, drivers):
-    """`ray-router tune tune_jobs/paper_sweep.yaml --smoke-test`: real encoder, CCFT, ASHA, report, Serve export."""
-    from tests.data_fixtures import shared_data_dir
-
-    data = shared_data_dir()
-    if data is None:
-        pytest.skip("the real RouterBench subset is not available")
+def test_smoke_test_runs_the_paper_sweep(tmp_path, tune_env, drivers):
+    """`ray-router tune tune_jobs/paper_sweep.yaml --smoke-test`: real encoder, CCFT, ASHA, report, Serve
+    export; on the real RouterBench subset where it is, else on a synthetic file in the same format."""
+    data = shared_data_dir() or write_routerbench_subset(tmp_path / "data")
     env = {**tune_env, "RAY_ROUTER_DATA_DIR": str(data)}
-    budget = float(os.environ.get("RAY_ROUTER_SMOKE_BUDGET_S", "180"))
-    t0 = time.time()
     d = drivers(["tune", "tune_jobs/paper_sweep.yaml", "--smoke-test", "--storage-path", str(tmp_path / "st"), *COMMON],
                 env, tmp_path / "smoke.log")
-    rc = d.wait(timeout=budget + 120)
-    wall = time.time() - t0
+    rc = d.wait(timeout=900)  # a bound against hanging, not a speed target (bench/sweep_smoke.py)
     out = d.output()
     assert rc == 0, out[-4000:]
-    print(f"smoke test wall time: {wall:.0f}s")
-    assert wall < budget, f"--smoke-test took {wall:.0f}s (budget {budget:.0f}s; the CI target is ~120s on 2 idle cores)"
     exp = tmp_path / "st" / "paper_sweep-smoke"
     trials = pd.read_parquet(exp / "results.parquet")
     spec = yaml.safe_load((REPO / "tune_jobs" / "paper_sweep.yaml").read_text())["smoke_test"]
@@ -104,17 +97,19 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     env = {**tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     args = ["tune", str(sweep), "--storage-path", str(tmp_path / "st"), "--cache-dir", str(tmp_path / "emb"), *COMMON]
     exp = tmp_path / "st" / "tiny"
+    exp.mkdir(parents=True)  # empty: a fresh sweep; watched for Tune's experiment-state saves
+    watch = DirWatch(exp)
     first = drivers(args, env, tmp_path / "run1.log")
-    deadline = time.time() + 240
-    finished: set[str] = set()
-    while time.time() < deadline and first.proc.poll() is None:
+
+    def some_finished_some_running() -> bool:  # as Tune last saved its experiment state
         states = _states(exp)
-        finished = {t for t, s in states.items() if s == "TERMINATED"}
-        if len(finished) >= 2 and any(s == "RUNNING" for s in states.values()):
-            break
-        time.sleep(0.3)
+        return (sum(s == "TERMINATED" for s in states.values()) >= 2
+                and any(s == "RUNNING" for s in states.values()))
+
+    ready = watch.wait_until(some_finished_some_running, timeout=300, while_alive=first.proc)
+    watch.close()
     assert first.proc.poll() is None, "the sweep ended before it could be interrupted:\n" + first.output()[-3000:]
-    assert len(finished) >= 2, first.output()[-3000:]
+    assert ready, first.output()[-3000:]
     if how == "sigkill":
         os.kill(first.proc.pid, signal.SIGKILL)  # the driver only: its Ray processes may linger
         first.wait(timeout=60)
@@ -156,7 +151,6 @@ def test_a_trial_that_asks_for_more_cpus_than_exist_fails_fast(tmp_path, tune_en
     d = sweep_dict(synth_table, search={"num_samples": 1, "report_every": 50, "resources_per_trial": {"cpu": 3}})
     sweep = write_sweep(tmp_path / "big.yaml", d)
     log = tmp_path / "trials.log"
-    t0 = time.time()
     drv = drivers(["tune", str(sweep), "--storage-path", str(tmp_path / "st"), *COMMON],
                   {**tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log)}, tmp_path / "big.log")
     rc = drv.wait(timeout=120)
@@ -164,4 +158,3 @@ def test_a_trial_that_asks_for_more_cpus_than_exist_fails_fast(tmp_path, tune_en
     assert rc == 2, out[-3000:]
     assert "error: a trial asks for 3 CPUs but the Ray cluster has 2 CPUs in all" in out
     assert not log.exists(), "no trial may start"
-    assert time.time() - t0 < 100
