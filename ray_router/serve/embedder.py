@@ -3,6 +3,7 @@
 import asyncio
 import os
 import time
+from typing import Any
 
 import numpy as np
 from ray import serve
@@ -11,7 +12,7 @@ from ray_router.embeddings.spec import EncoderSpec
 from ray_router.errors import ConfigError
 
 # a replica with nothing to finish stops at once (the posterior's differ: it writes a last snapshot)
-QUICK_SHUTDOWN = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
+QUICK_SHUTDOWN: dict[str, Any] = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 
 

@@ -16,9 +16,10 @@ from ray_router.errors import RouterError
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+def error_response(http_status: int, code: str, message: str, headers: dict[str, str] | None = None, /,
                    **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, **extra}, status_code=status, headers=headers)
+    """``{"error": code, "message": message, **extra}``; ``extra`` may hold any name (``status`` too)."""
+    return JSONResponse({"error": code, "message": message, **extra}, status_code=http_status, headers=headers)
 
 
 def _count(request: Request, status: int, code: str) -> None:

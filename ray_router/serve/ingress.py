@@ -238,7 +238,7 @@ class Ingress:
         ids = list(dec.arms)
         info = {"decision_id": dec.decision_id, "mode": mode, "arms": ids, "posterior_version": dec.posterior_version}
         headers = {"X-Router-Decision-Id": dec.decision_id, "X-Router-Model": ids[0], "X-Router-Arms": ",".join(ids)}
-        ups = [self.spec.upstreams[i] for i in dec.picked]
+        ups = [u for i in dec.picked if (u := self.spec.upstreams[i]) is not None]  # all: offered were chat arms
         if req.stream:
             resp = await upstream.open_stream(self.http, ups[0], body)
             return StreamingResponse(upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream",
