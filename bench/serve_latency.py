@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = launch.load_serve_config(args.config)
     app_args = launch.our_apps(cfg)[0]["args"]
-    threads = args.encoder_threads or max(1, int(round(app_args.get("embedder", {}).get("num_cpus", 1))))
+    threads = args.encoder_threads or max(1, round(app_args.get("embedder", {}).get("num_cpus", 1)))
     batch = int(app_args.get("embedder", {}).get("max_batch_size", 32))
     encoder_name = app_args.get("encoder", {}).get("name", "minilm")
     n = 8 if args.smoke_test else args.n_queries
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if started_here:
         tmp = tempfile.TemporaryDirectory(prefix="rr-bench-state-")
         url, _ = _deploy(Path(args.config), tmp.name)
-        paths = {"proxy": url, **{"direct": d for d in launch.direct_urls()[:1]}}
+        direct = launch.direct_urls()
+        paths = {"proxy": url, **({"direct": direct[0]} if direct else {})}
     c = args.concurrency
     runs: dict[str, dict] = {}
     try:

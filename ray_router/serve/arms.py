@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ray_router.errors import ConfigError, DataError, RouterError, UnknownArmError
-from ray_router.serve.config import AppArgs, DatasetEmbeddingsSpec
+from ray_router.serve.config import AppArgs, DatasetEmbeddingsSpec, UpstreamSpec
 from ray_router.serve.ranking import normalised_prices
 
 
@@ -28,7 +28,7 @@ class ArmTable:
     embeddings: np.ndarray  # (K, d)
     encoder_identity: str
     source: str
-    upstreams: tuple[dict | None, ...] = field(default=())
+    upstreams: tuple[UpstreamSpec | None, ...] = field(default=())
     offline_prior: dict | None = None  # OfflinePrior.to_dict(): what the offline rows know (ALGORITHM.md s.5)
 
     @property
@@ -170,7 +170,7 @@ def resolve_arm_table(args: AppArgs) -> ArmTable:
         embeddings=A,
         encoder_identity=identity,
         source=source,
-        upstreams=tuple(None if a.upstream is None else a.upstream.model_dump() for a in args.arms),
+        upstreams=tuple(a.upstream for a in args.arms),
         offline_prior=prior,
     )
 

@@ -15,10 +15,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ray_router.config import StrictModel, parse
 from ray_router.embeddings.spec import EncoderSpec
 
 STATE_DIR_ENV = "RAY_ROUTER_STATE_DIR"
@@ -29,16 +30,12 @@ def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or "~/.local/state/ray-router/serve").expanduser()
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class UpstreamSpec(_Model):
+class UpstreamSpec(StrictModel):
     """An OpenAI-compatible endpoint that answers for one arm (``POST {base_url}/chat/completions``)."""
 
     base_url: str = Field(min_length=1, description="e.g. https://api.openai.com/v1")
     model: str = Field(min_length=1, description="model name sent upstream")
-    api_key_env: Optional[str] = Field(None, description="env var holding the upstream API key (sent as Bearer)")
+    api_key_env: str | None = Field(None, description="env var holding the upstream API key (sent as Bearer)")
 
     @field_validator("base_url")
     @classmethod
@@ -48,11 +45,11 @@ class UpstreamSpec(_Model):
         return v.rstrip("/")
 
 
-class ArmSpec(_Model):
+class ArmSpec(StrictModel):
     id: str = Field(min_length=1, max_length=200, description="the arm id users send and see")
     price_usd: float = Field(ge=0, description="expected price of one query (USD), for cost_weight")
-    upstream: Optional[UpstreamSpec] = None
-    dataset_arm: Optional[str] = Field(None, description="column of this arm in the dataset (default: id)")
+    upstream: UpstreamSpec | None = None
+    dataset_arm: str | None = Field(None, description="column of this arm in the dataset (default: id)")
 
     @field_validator("price_usd")
     @classmethod
@@ -62,7 +59,7 @@ class ArmSpec(_Model):
         return v
 
 
-class WeightingSpec(_Model):
+class WeightingSpec(StrictModel):
     """:class:`ray_router.embeddings.WeightingConfig` fields (ALGORITHM.md s.3)."""
 
     name: Literal["perf", "perf_cost", "excel_perf_cost", "excel_mask"] = "perf"
@@ -71,29 +68,29 @@ class WeightingSpec(_Model):
     beta: float = Field(10.0, ge=0)
 
 
-class DatasetEmbeddingsSpec(_Model):
+class DatasetEmbeddingsSpec(StrictModel):
     """Compute the arm embeddings at startup from a dataset's offline split."""
 
     name: str = Field("routerbench", description="routerbench, routerdc, mixinstruct, or a file path")
-    data_dir: Optional[str] = Field(None, description="default: $RAY_ROUTER_DATA_DIR, else ./data")
+    data_dir: str | None = Field(None, description="default: $RAY_ROUTER_DATA_DIR, else ./data")
     options: dict[str, Any] = Field(default_factory=dict, description="loader options (load_dataset)")
     split: Literal["stratified", "k_per_category"] = "stratified"
     offline_fraction: float = Field(0.2, gt=0, lt=1)
     k_per_category: int = Field(5, ge=1)
     seed: int = 0
     weighting: WeightingSpec = WeightingSpec()
-    cache_dir: Optional[str] = Field(None, description="embedding cache (default: the core's default cache)")
+    cache_dir: str | None = Field(None, description="embedding cache (default: the core's default cache)")
 
 
-class ArmEmbeddingsSpec(_Model):
+class ArmEmbeddingsSpec(StrictModel):
     """Exactly one of ``file`` (``.npy`` (K, d) in arm-table order, or ``.npz`` with ``embeddings``
     and optionally ``arm_ids`` / ``encoder_identity``) and ``from_dataset``."""
 
-    file: Optional[str] = None
-    from_dataset: Optional[DatasetEmbeddingsSpec] = None
+    file: str | None = None
+    from_dataset: DatasetEmbeddingsSpec | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ArmEmbeddingsSpec":
+    def _exactly_one(self) -> ArmEmbeddingsSpec:
         if (self.file is None) == (self.from_dataset is None):
             raise ValueError("set exactly one of arm_embeddings.file and arm_embeddings.from_dataset")
         if self.file is not None and not self.file.endswith((".npy", ".npz")):
@@ -101,7 +98,7 @@ class ArmEmbeddingsSpec(_Model):
         return self
 
 
-class EmbedderSpec(_Model):
+class EmbedderSpec(StrictModel):
     """Resources of each embedder replica (the builder applies them; see the module docstring)."""
 
     num_cpus: float = Field(1.0, ge=0)
@@ -115,7 +112,7 @@ class EmbedderSpec(_Model):
     )
 
 
-class PolicySpec(_Model):
+class PolicySpec(StrictModel):
     name: Literal["fgts_cdb"] = "fgts_cdb"
     seed: int = 0
     config: dict[str, Any] = Field(default_factory=dict, description="FGTSConfig fields")
@@ -123,21 +120,16 @@ class PolicySpec(_Model):
     @field_validator("config")
     @classmethod
     def _fields(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from ray_router.errors import RouterError
         from ray_router.policies import FGTSConfig
-        from ray_router.policies.base import config_from_dict
 
-        try:
-            config_from_dict(FGTSConfig, v)
-        except (RouterError, TypeError) as e:
-            raise ValueError(str(e)) from None
+        parse(FGTSConfig, v, where="policy.config")  # a ConfigError (a ValueError) names the field
         return v
 
 
-class StateSpec(_Model):
+class StateSpec(StrictModel):
     """Where the posterior keeps its durable state, and how often it snapshots."""
 
-    dir: Optional[str] = Field(None, description=f"default: ${STATE_DIR_ENV}, else ~/.local/state/ray-router/serve")
+    dir: str | None = Field(None, description=f"default: ${STATE_DIR_ENV}, else ~/.local/state/ray-router/serve")
     snapshot_every_n: int = Field(500, ge=1, description="snapshot after this many new feedbacks")
     snapshot_every_s: float = Field(60.0, gt=0, description="... or this long after the first unsnapshotted one")
     fsync: bool = Field(True, description="fsync the feedback log before acknowledging (leave on)")
@@ -145,20 +137,20 @@ class StateSpec(_Model):
     lock_timeout_s: float = Field(60.0, gt=0, description="wait this long for the previous posterior's lock")
 
 
-class AuthSpec(_Model):
+class AuthSpec(StrictModel):
     token_env: str = Field("RAY_ROUTER_TOKEN", description="env var with the bearer token for writes")
     hmac_key_env: str = Field("RAY_ROUTER_HMAC_KEY", description="env var with the decision-id signing key")
     decision_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, description="feedback accepted this long after a route")
     protect_reads: bool = Field(False, description="also require the token for /v1/route, /v1/chat/completions, stats")
 
 
-class LimitsSpec(_Model):
+class LimitsSpec(StrictModel):
     max_query_chars: int = Field(8192, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=256)
     max_cost_weight: float = Field(1000.0, gt=0)
 
 
-class ServiceSpec(_Model):
+class ServiceSpec(StrictModel):
     """Ingress behaviour."""
 
     posterior_retry_s: float = Field(60.0, ge=0, description="keep retrying while the posterior restarts")
@@ -166,7 +158,7 @@ class ServiceSpec(_Model):
     upstream_timeout_s: float = Field(120.0, gt=0)
 
 
-class AppArgs(_Model):
+class AppArgs(StrictModel):
     """Everything ``build_app`` needs; see ``serve_configs/README.md`` for a field-by-field guide."""
 
     arms: list[ArmSpec] = Field(min_length=2)

@@ -3,7 +3,7 @@
 State directory layout::
 
     <state_dir>/
-      LOCK                      flock held by the one posterior that writes here
+      LOCK                      file lock (filelock) held by the one posterior that writes here
       meta.json                 arm ids, encoder identity, dim (checked on every start)
       feedback.jsonl            append-only feedback log: one JSON object per line, with "seq"
       posterior.snapshot.npz    latest snapshot (atomic rename), see state.py
@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import errno
-import fcntl
+import contextlib
 import json
 import os
-import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from ray_router.errors import ConfigError, DataError
 
@@ -53,45 +53,30 @@ def _dumps(record: dict) -> bytes:
 
 # --------------------------------------------------------------------------------- lock
 class StateLock:
-    """An exclusive ``flock`` on ``<dir>/LOCK``: one posterior writes a state directory.
+    """An exclusive lock on ``<dir>/LOCK`` (``filelock``: an ``flock`` on POSIX): one posterior
+    writes a state directory.
 
     The kernel drops the lock when its holder dies (even by SIGKILL), so a restarted posterior gets
-    it at once; a second live replica waits ``timeout_s`` and then fails with a clear message."""
+    it at once; a second live replica waits ``timeout_s`` and then fails with a clear message. The
+    lock is not thread-local: the posterior takes it on its mutation thread and may release it on
+    another."""
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "LOCK"
-        self._fd: int | None = None
+        self._lock = FileLock(self.path, thread_local=False)
 
     def acquire(self, timeout_s: float) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    raise
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise ConfigError(
-                        f"{self.path} is locked by another posterior for {timeout_s:.0f}s: one state directory "
-                        "takes one writer (keep the Posterior deployment at num_replicas: 1)"
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        try:
+            self._lock.acquire(timeout=timeout_s)
+        except Timeout:
+            raise ConfigError(
+                f"{self.path} is locked by another posterior for {timeout_s:.0f}s: one state directory "
+                "takes one writer (keep the Posterior deployment at num_replicas: 1)"
+            ) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+        self._lock.release(force=True)
 
 
 # ------------------------------------------------------------------------ feedback log
@@ -251,10 +236,8 @@ class GroupCommitter:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its failure went to the waiters
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:

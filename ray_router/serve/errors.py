@@ -1,27 +1,15 @@
 """HTTP-facing errors of the service, all in the core's :class:`RouterError` family.
 
-Each class carries ``http_status`` and a short machine-readable ``code``; the ingress turns any
-``RouterError`` into ``{"error": code, "message": str(exc)}`` with that status, in one place.
+Each class carries ``http_status``, a stable machine-readable ``code`` and the response
+``headers`` it needs; :mod:`ray_router.serve.http_errors` turns any ``RouterError`` into
+``{"error": code, "message": str(exc)}`` with that status, in one place.
 """
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from ray_router.errors import RouterError
-
-
-def error_code(exc: RouterError) -> str:
-    """The ``error`` field of the JSON body for ``exc``."""
-    from ray_router.errors import UnknownArmError
-
-    if isinstance(exc, UnknownArmError):
-        return "unknown_arm"
-    return getattr(exc, "code", None) or {
-        400: "bad_request",
-        404: "not_found",
-        409: "conflict",
-        413: "too_large",
-        422: "invalid_request",
-    }.get(exc.http_status, "error")
 
 
 class MalformedRequest(RouterError):
@@ -32,15 +20,21 @@ class MalformedRequest(RouterError):
 
 
 class InvalidRequest(RouterError):
-    """Well-formed JSON that breaks the request schema or a limit of the config."""
+    """Well-formed JSON that breaks the request schema or a limit of the config. ``details``: the
+    schema errors (``loc``, ``msg``, ``type``), sent in the body's ``details`` field."""
 
     http_status = 422
     code = "invalid_request"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.details = details
 
 
 class Unauthorized(RouterError):
     http_status = 401
     code = "unauthorized"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
 class ForgedDecision(RouterError):
@@ -93,3 +87,4 @@ class ServiceUnavailable(RouterError):
 
     http_status = 503
     code = "unavailable"
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
-
+from typing import Any
 
 from ray_router import raycompat
 from ray_router.errors import ConfigError
@@ -287,7 +287,7 @@ def serve_main(args) -> int:
              metrics_export_port=args.metrics_port, address=args.address)
     stop = {"flag": False}
 
-    def _stop(signum, frame):  # noqa: ARG001 - signal API
+    def _stop(signum, frame):
         stop["flag"] = True
 
     signal.signal(signal.SIGTERM, _stop)

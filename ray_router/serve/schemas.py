@@ -1,46 +1,48 @@
-"""HTTP request bodies (pydantic, strict: no silent coercion, unknown fields refused)."""
+"""HTTP request bodies (pydantic, strict: no silent coercion, unknown fields refused).
+
+The router's own bodies are :class:`~ray_router.config.StrictModel` models; a chat completion body is
+OpenAI's and passes its other fields through to the upstream, so it allows extra fields.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+from ray_router.config import StrictModel
 
 
-class RouteRequest(_Strict):
+class RouteRequest(StrictModel):
     query: str
-    candidates: Optional[list[str]] = Field(None, min_length=1)
+    candidates: list[str] | None = Field(None, min_length=1)
     cost_weight: float = 0.0
     mode: Literal["duel", "single"] = "duel"
 
 
-class FeedbackRequest(_Strict):
+class FeedbackRequest(StrictModel):
     decision_id: str = Field(max_length=16384)
     outcome: Literal["first", "second", "tie"]
 
 
-class AdminRefreshRequest(_Strict):
-    steps: Optional[int] = Field(None, ge=1, le=10_000)
+class AdminRefreshRequest(StrictModel):
+    steps: int | None = Field(None, ge=1, le=10_000)
     times: int = Field(1, ge=1, le=100)
 
 
-class RouterOptions(_Strict):
+class RouterOptions(StrictModel):
     """The ``router`` field of a chat completion request (removed before forwarding)."""
 
-    mode: Optional[Literal["duel", "single"]] = None
+    mode: Literal["duel", "single"] | None = None
     cost_weight: float = 0.0
-    candidates: Optional[list[str]] = Field(None, min_length=1)
+    candidates: list[str] | None = Field(None, min_length=1)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(BaseModel):
@@ -51,7 +53,7 @@ class ChatRequest(BaseModel):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    router: Optional[RouterOptions] = None
+    router: RouterOptions | None = None
 
 
 def message_text(msg: ChatMessage) -> str:

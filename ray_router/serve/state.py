@@ -25,7 +25,8 @@ Snapshots and recovery
     config or the arm embeddings changed since the snapshot, the posterior is rebuilt from the whole
     log under the new config instead (``recovery["rebuilt_from_log"]`` says why).
 
-Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
+:class:`~ray_router.serve.posterior_service.PosteriorService` (the ``Posterior`` deployment's body)
+drives these steps. Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
 and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`` and
 ``policy.theta_mean`` by assignment, never in place, so ``view`` always reads a consistent sample.
 """
@@ -34,9 +35,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,7 @@ from ray_router.serve.durable import (
     write_meta,
 )
 from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel
+from ray_router.serve.specs import PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
@@ -73,25 +75,6 @@ def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0, 
     A = np.asarray(arm_embeddings, dtype=np.float64)
     offline = None if offline_prior is None else {"prior": offline_prior}
     return make_policy("fgts_cdb", PolicyEnv(A.shape[0], A, offline=offline), seed, serving_policy_config(config))
-
-
-@dataclass(frozen=True)
-class PosteriorSpec:
-    """What the posterior needs (plain values; the builder makes it from :class:`AppArgs`)."""
-
-    arm_ids: tuple[str, ...]
-    prices: tuple[float, ...]
-    arm_embeddings: np.ndarray
-    encoder_identity: str
-    state_dir: str
-    policy_config: dict = field(default_factory=dict)
-    policy_seed: int = 0
-    decision_ttl_s: float = 3600.0
-    snapshot_every_n: int = 500
-    snapshot_every_s: float = 60.0
-    fsync: bool = True
-    lock_timeout_s: float = 60.0
-    offline_prior: dict | None = None  # OfflinePrior.to_dict() of the arm table, or None
 
 
 class PosteriorState:
@@ -291,22 +274,6 @@ class PosteriorState:
         self.used[nonce] = {"r": record["request_id"], "s": record["seq"], "y": record["outcome"], "e": record["expires_at"]}
         self.counts["feedback"][record["outcome"]] += 1
         return self._ack(nonce, record["seq"], record["outcome"], replayed=False)
-
-    def record_feedback(self, claims: DecisionClaims, outcome: str, request_id: str = "") -> dict:
-        """Synchronous feedback (the service's steps without group commit): log + fsync, then apply."""
-        nonce = claims.nonce
-        res = self.begin_feedback(claims, outcome, request_id)
-        if isinstance(res, tuple):
-            return res[1]
-        try:
-            ((_, end),) = self.journal.append([res])
-        except BaseException:
-            self.end_feedback(nonce, None)
-            raise
-        res["_end"] = end
-        ack = self.end_feedback(nonce, res)
-        self.apply([res])
-        return ack
 
     def _ack(self, nonce: str, seq: int, outcome: str, replayed: bool) -> dict:
         return {"accepted": True, "seq": int(seq), "outcome": outcome, "replayed": replayed}

@@ -26,9 +26,9 @@ import os
 import secrets
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -134,7 +134,7 @@ class DecisionSigner:
             raise MalformedRequest("decision_id payload is malformed") from None
         if expires <= now:
             raise ExpiredDecision("decision_id has expired")
-        if K != self.n_arms or fp != self.arm_fp:
+        if self.n_arms != K or fp != self.arm_fp:
             raise StaleDecision("decision_id was issued for another arm table of this router")
         mask = raw[_HEAD.size : _HEAD.size + n_mask]
         offered = tuple(i for i in range(K) if mask[i // 8] >> (i % 8) & 1)

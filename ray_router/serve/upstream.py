@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
+from ray_router.serve.config import UpstreamSpec
 from ray_router.serve.errors import UpstreamError
 
 HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "content-encoding")
 
 
-def build_request(upstream: dict, body: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
-    """URL, headers and JSON body for ``upstream`` (``base_url``, ``model``, ``api_key_env``)."""
+def build_request(upstream: UpstreamSpec, body: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """URL, headers and JSON body for ``upstream``."""
     payload = {k: v for k, v in body.items() if k != "router"}
-    payload["model"] = upstream["model"]
+    payload["model"] = upstream.model
     headers = {"content-type": "application/json"}
-    key_env = upstream.get("api_key_env")
+    key_env = upstream.api_key_env
     if key_env:
         key = os.environ.get(key_env)
         if not key:
             raise UpstreamError(f"the upstream's API key env var ${key_env} is not set on the ingress")
         headers["authorization"] = f"Bearer {key}"
-    return f"{upstream['base_url']}/chat/completions", headers, payload
+    return f"{upstream.base_url}/chat/completions", headers, payload
 
 
 def _error_message(resp: httpx.Response, text: str) -> str:
@@ -38,14 +40,14 @@ def _error_message(resp: httpx.Response, text: str) -> str:
     return f"upstream answered {resp.status_code}: {text[:500]}"
 
 
-async def complete(client: httpx.AsyncClient, upstream: dict, body: dict[str, Any]) -> dict[str, Any]:
+async def complete(client: httpx.AsyncClient, upstream: UpstreamSpec, body: dict[str, Any]) -> dict[str, Any]:
     url, headers, payload = build_request(upstream, body)
     try:
         resp = await client.post(url, headers=headers, json=payload)
     except httpx.TimeoutException as e:
-        raise UpstreamError(f"upstream {upstream['base_url']} timed out: {type(e).__name__}") from None
+        raise UpstreamError(f"upstream {upstream.base_url} timed out: {type(e).__name__}") from None
     except httpx.HTTPError as e:
-        raise UpstreamError(f"upstream {upstream['base_url']} unreachable: {type(e).__name__}: {e}") from None
+        raise UpstreamError(f"upstream {upstream.base_url} unreachable: {type(e).__name__}: {e}") from None
     if resp.status_code != 200:
         raise UpstreamError(_error_message(resp, resp.text))
     try:
@@ -57,7 +59,7 @@ async def complete(client: httpx.AsyncClient, upstream: dict, body: dict[str, An
     return out
 
 
-async def open_stream(client: httpx.AsyncClient, upstream: dict, body: dict[str, Any]) -> httpx.Response:
+async def open_stream(client: httpx.AsyncClient, upstream: UpstreamSpec, body: dict[str, Any]) -> httpx.Response:
     """Send a streaming request; return the open response once its status is 200."""
     url, headers, payload = build_request(upstream, body)
     payload["stream"] = True
@@ -65,7 +67,7 @@ async def open_stream(client: httpx.AsyncClient, upstream: dict, body: dict[str,
     try:
         resp = await client.send(req, stream=True)
     except httpx.HTTPError as e:
-        raise UpstreamError(f"upstream {upstream['base_url']} unreachable: {type(e).__name__}: {e}") from None
+        raise UpstreamError(f"upstream {upstream.base_url} unreachable: {type(e).__name__}: {e}") from None
     if resp.status_code != 200:
         text = (await resp.aread()).decode("utf-8", "replace")
         await resp.aclose()
@@ -102,3 +104,23 @@ async def relay_stream(resp: httpx.Response, arm_id: str, router_info: dict[str,
         yield f"data: {json.dumps(err)}\n\n".encode()
     finally:
         await resp.aclose()
+
+
+def merge_answers(arm_ids: list[str], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The chat completion the client gets from the answers of the picked arms (in slot order): the
+    first answer with ``model`` set to its arm id; for a duel, each answer's first choice as choice
+    ``index`` 0 and 1 (with its arm id as ``model``) and the two usages summed."""
+    out = answers[0]
+    out["model"] = arm_ids[0]
+    if len(answers) > 1:
+        choices = []
+        for slot, (arm, ans) in enumerate(zip(arm_ids, answers)):
+            ch = dict(ans["choices"][0]) if ans["choices"] else {}
+            ch["index"], ch["model"] = slot, arm
+            choices.append(ch)
+        out["choices"] = choices
+        usage = [a.get("usage") for a in answers if isinstance(a.get("usage"), dict)]
+        if usage:
+            out["usage"] = {k: sum(u.get(k, 0) for u in usage if isinstance(u.get(k, 0), (int, float)))
+                            for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return out

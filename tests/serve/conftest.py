@@ -5,10 +5,15 @@ port) and one Serve instance for this test package (shut down when the package's
 done, so later test modules find no Ray in the process); each test module deploys its own application from a
 real ``serve_configs/*.yaml`` (with a temporary state directory) and deletes it at the end. A small
 OpenAI-compatible HTTP server stands in for the arms' upstreams.
+
+Arm tables: :func:`synthetic_arm_args` (the config's arms with seeded random embeddings and a
+per-category profile, saved as ``arm_embeddings.file``: needs no data) or :func:`real_arm_args`
+(RouterBench's offline split, as the shipped configs do: needs the real rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -17,11 +22,13 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 
 from ray_router.serve.launch import RAY_ENV_DEFAULTS  # no Ray import
+from ray_router.yamlio import deep_merge
 
 # Before anything imports Ray: loopback only, no token auth, no usage stats (RAY_NOTES.md).
 for _k, _v in RAY_ENV_DEFAULTS.items():
@@ -42,12 +49,12 @@ def free_port() -> int:
 
 # ---------------------------------------------------------------------- fake upstream
 class _Upstream(BaseHTTPRequestHandler):
-    requests: list[dict] = []
+    requests: ClassVar[list[dict]] = []  # every request seen, shared by the handler instances
 
     def log_message(self, *args):  # quiet
         pass
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
         type(self).requests.append({"path": self.path, "auth": self.headers.get("authorization"), "body": body})
         model = body.get("model", "")
@@ -100,10 +107,6 @@ class Cluster:
 
 @pytest.fixture(scope="package")
 def serve_cluster():
-    from tests.data_fixtures import shared_data_dir
-
-    if shared_data_dir() is None:
-        pytest.skip("the RouterBench data (RAY_ROUTER_DATA_DIR) is needed for the Serve tests")
     import warnings
 
     import ray
@@ -111,7 +114,8 @@ def serve_cluster():
     from ray_router.serve import launch
 
     if ray.is_initialized():  # left over by an earlier test module: ours needs its own capped cluster
-        warnings.warn("tests/serve: a Ray instance was left running in this process; shutting it down")
+        warnings.warn("tests/serve: a Ray instance was left running in this process; shutting it down",
+                      stacklevel=2)
         ray.shutdown()
 
     with pytest.MonkeyPatch.context() as env:  # restores the environment afterwards
@@ -140,14 +144,58 @@ class RouterApp:
         return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def deploy_router(cluster: Cluster, state_dir: Path, config: str = "local.yaml", args: dict | None = None,
-                  deployments: dict | None = None) -> RouterApp:
+def config_args(config: str = "local.yaml") -> dict[str, Any]:
+    """The ray-router app's ``args`` of a shipped Serve config."""
     from ray_router.serve import launch
+
+    return launch.our_apps(launch.load_serve_config(REPO / "serve_configs" / config))[0]["args"]
+
+
+def synthetic_arm_args(directory: Path, encoder: str = "hash", seed: int = 0) -> dict[str, Any]:
+    """Arm-table ``args`` that need no data: the 11 arms of the shipped configs with seeded random
+    unit embeddings in ``encoder``'s space and a 3-category profile (the offline prior), saved as an
+    ``arm_embeddings.file`` with its arm ids and encoder identity."""
+    from ray_router.embeddings import get_encoder
+    from ray_router.serve.arms import save_arm_embeddings
+
+    enc = get_encoder(encoder, cache_dir=False)  # identity and dim, without loading a model
+    ids = [a["id"] for a in config_args()["arms"]]
+    rng = np.random.default_rng(seed)
+
+    def unit(n: int) -> np.ndarray:
+        A = rng.normal(size=(n, enc.dim))
+        return A / np.linalg.norm(A, axis=1, keepdims=True)
+
+    profile = {"centroids": unit(3), "utility": rng.uniform(0.2, 0.8, size=(3, len(ids))),
+               "counts": np.full(3, 20.0), "categories": ["code", "math", "chat"]}
+    path = save_arm_embeddings(Path(directory) / f"arms-{encoder}.npz", ids, unit(len(ids)), enc.identity,
+                               profile=profile)
+    return {"arm_embeddings": {"file": str(path)}, "encoder": {"name": encoder, "device": "auto"}}
+
+
+def real_arm_args() -> dict[str, Any]:
+    """The shipped configs' arm table (RouterBench's offline split, the packaged MiniLM), from the
+    real data directory; skips when the real rows are absent."""
     from tests.data_fixtures import shared_data_dir
 
+    data = shared_data_dir()
+    if data is None:
+        pytest.skip("needs the real RouterBench rows (RAY_ROUTER_DATA_DIR)")
+    base = config_args()
+    return {"arm_embeddings": {"from_dataset": {**base["arm_embeddings"]["from_dataset"], "data_dir": str(data)}},
+            "encoder": base["encoder"]}
+
+
+def deploy_router(cluster: Cluster, state_dir: Path, arm_table: dict[str, Any], config: str = "local.yaml",
+                  args: dict | None = None, deployments: dict | None = None) -> RouterApp:
+    """Deploy ``config`` with ``arm_table`` (its ``arm_embeddings`` and ``encoder`` replace the
+    config's), the state in ``state_dir``, and ``args`` merged over the rest."""
+    from ray_router.serve import launch
+
     base = launch.load_serve_config(REPO / "serve_configs" / config)
-    data = {"arm_embeddings": {"from_dataset": {"data_dir": str(shared_data_dir())}}}
-    merged = launch._merge(launch._merge(data, {"state": {"dir": str(state_dir)}}), args or {})
+    for app in launch.our_apps(base):
+        app["args"] = {**app["args"], **arm_table}
+    merged = deep_merge({"state": {"dir": str(state_dir)}}, args or {})
     cfg = launch.with_overrides(base, port=cluster.http_port, args=merged, deployments=deployments)
     url = launch.deploy(cfg, timeout_s=600)
     return RouterApp(url=url, state_dir=state_dir, cluster=cluster, config=cfg)
@@ -156,13 +204,13 @@ def deploy_router(cluster: Cluster, state_dir: Path, config: str = "local.yaml",
 def delete_router() -> None:
     from ray import serve
 
-    try:
+    with contextlib.suppress(Exception):  # best effort between modules
         serve.delete("ray-router", _blocking=True)
-    except Exception:  # noqa: BLE001 - best effort between modules
-        pass
 
 
 def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` (an observable state: an endpoint, a file) until it is truthy; fail after
+    ``timeout_s``. Returns its last value."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_router.embeddings import HashEncoder
-from ray_router.serve.state import PosteriorSpec
+from ray_router.serve.specs import PosteriorSpec
 
 ARMS = ("alpha", "beta", "gamma", "delta")
 PRICES = (0.001, 0.01, 0.0001, 0.0)

@@ -1,5 +1,7 @@
 """``ray-router serve``: validates configs, fails early with a clear message, and serves end to end
-(its own local Ray, real encoder, real HTTP), then stops cleanly on SIGTERM."""
+(its own local Ray, real HTTP), then stops cleanly on SIGTERM: with a synthetic arm table and the
+hash encoder (no data needed), and as shipped (RouterBench's offline split, MiniLM) when the real
+rows are there."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.conftest import REPO, free_port
+from tests.serve.conftest import REPO, free_port, real_arm_args, synthetic_arm_args
 
 CLI = [sys.executable, "-m", "ray_router.cli"]
 
@@ -41,17 +43,30 @@ def test_missing_data_dir_fails_before_starting_ray(tmp_path):
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.integration
-def test_serve_end_to_end_then_sigterm(tmp_path):
-    from tests.data_fixtures import shared_data_dir
+def _command(table: str, tmp_path: Path) -> list[str]:
+    """The serve command line's config arguments for the arm table."""
+    if table == "synthetic":
+        import yaml
 
-    data = shared_data_dir()
-    if data is None:
-        pytest.skip("RouterBench data not available")
+        from ray_router.serve import launch
+
+        cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+        app = launch.our_apps(cfg)[0]
+        app["args"] = {**app["args"], **synthetic_arm_args(tmp_path)}
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return ["--config", str(path)]
+    data = real_arm_args()["arm_embeddings"]["from_dataset"]["data_dir"]  # skips without the real rows
+    return ["--config", "serve_configs/local.yaml", "--data-dir", data]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("table", ["synthetic", "routerbench"])
+def test_serve_end_to_end_then_sigterm(tmp_path, table):
+    config = _command(table, tmp_path)
     port, state = free_port(), tmp_path / "state"
     proc = subprocess.Popen(
-        [*CLI, "serve", "--config", "serve_configs/local.yaml", "--port", str(port), "--state-dir", str(state),
-         "--data-dir", str(data), "--num-cpus", "2"],
+        [*CLI, "serve", *config, "--port", str(port), "--state-dir", str(state), "--num-cpus", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
     )
     lines: list[str] = []
@@ -67,8 +82,11 @@ def test_serve_end_to_end_then_sigterm(tmp_path):
                 break
         assert url == f"http://127.0.0.1:{port}", "".join(lines[-30:])
         token_file = state / "secrets" / "token"
-        banner = [proc.stdout.readline() for _ in range(4)]
+        banner = [proc.stdout.readline() for _ in range(6)]
         assert any(str(token_file) in ln for ln in banner), banner
+        # the posterior's start-up facts: both tables carry a 3-category prior (RouterBench's subset:
+        # arc, mbpp, winogrande; the synthetic profile: three made-up categories)
+        assert any("policy: offline prior: given (3 categories)" in ln for ln in banner), banner
         direct = re.search(r"without the proxy hop .*: (http://127\.0\.0\.1:\d+)", "".join(banner))
         assert direct and direct.group(1) != url, banner  # Serve's direct ingress, on by default
         assert httpx.get(f"{direct.group(1)}/healthz", timeout=60).json()["status"] == "ok"

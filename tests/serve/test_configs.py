@@ -73,19 +73,19 @@ def test_local_prices_are_the_routerbench_mean_costs():
 def test_gpu_config_falls_back_to_cpu_without_gpus(monkeypatch):
     import ray
 
-    from ray_router.serve.app import _embedder_resources
+    from ray_router.serve.builder import embedder_resources
 
     cfg = launch.load_serve_config(REPO / "serve_configs" / "gpu.yaml")
     args = AppArgs.model_validate(launch.our_apps(cfg)[0]["args"])
     assert args.embedder.num_gpus >= 1 and args.embedder.gpu == "auto"
-    assert "num_gpus" not in _embedder_resources(args)  # no Ray cluster here -> no GPU seen
+    assert "num_gpus" not in embedder_resources(args)  # no Ray cluster here -> no GPU seen
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
-    assert _embedder_resources(args)["num_gpus"] == args.embedder.num_gpus
+    assert embedder_resources(args)["num_gpus"] == args.embedder.num_gpus
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert "num_gpus" not in _embedder_resources(args)
+    assert "num_gpus" not in embedder_resources(args)
     required = args.model_copy(update={"embedder": args.embedder.model_copy(update={"gpu": "require"})})
-    assert _embedder_resources(required)["num_gpus"] == args.embedder.num_gpus
+    assert embedder_resources(required)["num_gpus"] == args.embedder.num_gpus
 
 
 def _args(**over):
@@ -108,7 +108,9 @@ def _args(**over):
         ({"arm_embeddings": {}}, "exactly one"),
         ({"arm_embeddings": {"file": "x.txt"}}, ".npy or .npz"),
         ({"policy": {"config": {"no_such_field": 1}}}, "unknown field"),
-        ({"policy": {"config": {"eta": -1}}}, "eta must be"),
+        ({"policy": {"config": {"eta": -1}}}, r"policy\.config[\s\S]*eta"),
+        ({"policy": {"config": {"eta": "1"}}}, r"policy\.config[\s\S]*eta"),  # strict: text is not a number
+        ({"arms": [{"id": "a", "price_usd": "0.1"}, {"id": "b", "price_usd": 2}]}, "valid number"),
         ({"typo": 1}, "Extra inputs"),
         ({"arms": [{"id": "a", "price_usd": 1, "upstream": {"base_url": "ftp://x", "model": "m"}},
                    {"id": "b", "price_usd": 2}]}, "http"),
@@ -194,7 +196,8 @@ def test_the_pure_serve_modules_import_neither_ray_nor_torch():
         "import sys\n"
         "import ray_router.serve, ray_router.serve.config, ray_router.serve.tokens, ray_router.serve.durable, "
         "ray_router.serve.state, ray_router.serve.ranking, ray_router.serve.arms, ray_router.serve.schemas, "
-        "ray_router.serve.launch, ray_router.serve.errors\n"
+        "ray_router.serve.launch, ray_router.serve.errors, ray_router.serve.decision, ray_router.serve.specs, "
+        "ray_router.serve.posterior_service, ray_router.serve.request_body, ray_router.serve.upstream\n"
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') or m in ('torch', 'sentence_transformers'))\n"
         "assert not bad, bad\n"
     )

@@ -1,7 +1,8 @@
-"""The HTTP contract on a real local Ray Serve, real encoder, real RouterBench arm table.
+"""The HTTP contract on a real local Ray Serve.
 
-One application (``serve_configs/local.yaml`` with a temporary state directory and a fake upstream
-for three arms) serves the whole module.
+One application (``serve_configs/local.yaml`` with a temporary state directory, a fake upstream
+for three arms, and the synthetic arm table with the hash encoder: no data needed) serves the
+whole module; ``test_real_data.py`` deploys the shipped arm table (RouterBench, MiniLM).
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import numpy as np
 import pytest
 
 from ray_router.serve.tokens import DecisionSigner, new_nonce
-from tests.serve.conftest import HMAC_KEY, TOKEN, RouterApp, delete_router, deploy_router, wait_for
+from tests.serve.conftest import (
+    HMAC_KEY,
+    TOKEN,
+    RouterApp,
+    config_args,
+    delete_router,
+    deploy_router,
+    synthetic_arm_args,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -25,11 +35,8 @@ MAX_QUERY, MAX_BODY = 2000, 65536
 
 @pytest.fixture(scope="module")
 def app(serve_cluster, fake_upstream, tmp_path_factory) -> RouterApp:
-    from ray_router.serve import launch
-    from tests.serve.conftest import REPO
-
     base_url, _ = fake_upstream
-    arms = launch.our_apps(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"))[0]["args"]["arms"]
+    arms = config_args()["arms"]
     upstreams = {
         GPT4: {"base_url": base_url, "model": "fake-gpt-4", "api_key_env": "RR_TEST_UPSTREAM_KEY"},
         CLAUDE2: {"base_url": base_url, "model": "fake-claude"},
@@ -39,6 +46,7 @@ def app(serve_cluster, fake_upstream, tmp_path_factory) -> RouterApp:
     app = deploy_router(
         serve_cluster,
         tmp_path_factory.mktemp("http-state"),
+        synthetic_arm_args(tmp_path_factory.mktemp("http-arms")),
         args={"arms": arms, "limits": {"max_query_chars": MAX_QUERY, "max_body_bytes": MAX_BODY}},
     )
     yield app
@@ -60,6 +68,11 @@ def direct_client(app):
     assert urls, "direct ingress is on by default (launch.RAY_ENV_DEFAULTS)"
     with httpx.Client(base_url=urls[0], timeout=60) as c:
         yield c
+
+
+def _claims(decision_id: str):
+    """The claims inside a genuine decision id (verified with the test's signing key)."""
+    return DecisionSigner(HMAC_KEY, [a["id"] for a in config_args()["arms"]]).verify(decision_id)
 
 
 def route(client, **body) -> dict:
@@ -166,9 +179,10 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
     d = route(client, query="forgery test")
     tok = d["decision_id"]
     arm_ids = [a["id"] for a in client.get("/v1/arms").json()["arms"]]
-    n0 = stats(client)["posterior"]["n_updates"]
+    s0 = stats(client)
+    n0, seq0 = s0["posterior"]["n_updates"], s0["durability"]["last_seq"]
     body = lambda t: {"decision_id": t, "outcome": "first"}  # noqa: E731
-    x = np.zeros(384, dtype=np.float32)
+    x = np.zeros(_claims(tok).x.shape[0], dtype=np.float32)
     forged = [
         _flip(tok, len(tok) - 1),  # signature changed
         _payload_edit(tok, lambda r: r.__setitem__(1, 1)),  # mode changed
@@ -185,7 +199,7 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
     r = client.post("/v1/feedback", json=body(signer.issue(new_nonce(), time.time() - 1, "duel", 0, 1, None, x)),
                     headers=app.auth)
     assert r.status_code == 410 and r.json()["error"] == "expired_decision"
-    other_table = DecisionSigner(HMAC_KEY, arm_ids[:-1] + ["renamed"])
+    other_table = DecisionSigner(HMAC_KEY, [*arm_ids[:-1], "renamed"])
     r = client.post("/v1/feedback", json=body(other_table.issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x)),
                     headers=app.auth)
     assert r.status_code == 410 and r.json()["error"] == "stale_decision"
@@ -196,9 +210,10 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
     single = route(client, query="single decisions take no duel feedback", mode="single")
     r = client.post("/v1/feedback", json=body(single["decision_id"]), headers=app.auth)
     assert r.status_code == 409 and r.json()["error"] == "not_a_duel"
-    wait_for(lambda: stats(client)["posterior"]["n_updates"] == n0 + 1, what="the one genuine feedback")
-    time.sleep(0.5)
-    assert stats(client)["posterior"]["n_updates"] == n0 + 1
+    # every record is in the log before its answer: once the log is applied, nothing else can come
+    s1 = wait_for(lambda: (s := stats(client))["durability"]["last_applied_seq"] == s["durability"]["last_seq"] and s,
+                  what="the log applied")
+    assert s1["durability"]["last_seq"] == seq0 + 1 and s1["posterior"]["n_updates"] == n0 + 1
 
 
 # --------------------------------------------------------------------------- bad input
@@ -348,7 +363,7 @@ def test_custom_metrics_reach_the_prometheus_endpoint(client, app):
     def scraped():
         text = httpx.get(url, timeout=10).text
         missing = [n for n in exported_names().values() if n not in text]
-        return (not missing) and text or None
+        return ((not missing) and text) or None
 
     text = wait_for(scraped, timeout_s=60, interval_s=1, what="ray_router_* series")
     assert 'ray_router_routes_total{' in text and 'arm="' in text

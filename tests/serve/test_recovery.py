@@ -1,8 +1,9 @@
 """Durability: kill the posterior under load (``ray.kill``, then SIGKILL of its process); no
 acknowledged feedback may be lost, and the service must recover by itself.
 
-The module deploys ``serve_configs/gpu.yaml``: on this CPU-only machine that also shows the
-embedder's GPU request falling back to CPU.
+The module deploys ``serve_configs/gpu.yaml`` with a synthetic arm table (no data needed) in the
+space of the packaged MiniLM encoder, so the embedder runs a real model: on a CPU-only machine its
+GPU request falls back to CPU, on a GPU machine it runs on CUDA.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.serve.conftest import TOKEN, RouterApp, delete_router, deploy_router, wait_for
+from tests.serve.conftest import TOKEN, RouterApp, delete_router, deploy_router, synthetic_arm_args, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +40,7 @@ def app(serve_cluster, tmp_path_factory) -> RouterApp:
     app = deploy_router(
         serve_cluster,
         tmp_path_factory.mktemp("recovery-state"),
+        synthetic_arm_args(tmp_path_factory.mktemp("recovery-arms"), encoder="minilm"),
         config="gpu.yaml",
         args={"state": {"snapshot_every_n": 15, "snapshot_every_s": 2}},
     )
@@ -66,14 +68,14 @@ def _client_loop(url: str, load: Load, seed: int) -> None:
                 r = c.post("/v1/route", json={"query": rng.choice(QUERIES)})
                 if r.status_code != 200:
                     load.route_errors += 1
-                    time.sleep(0.05)
+                    load.stop.wait(0.05)  # back off (and stop at once when the test is done)
                     continue
                 d = r.json()
                 outcome = rng.choice(["first", "second", "tie"])
                 f = c.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": outcome}, headers=AUTH)
             except httpx.HTTPError:
                 load.unacked += 1
-                time.sleep(0.05)
+                load.stop.wait(0.05)
                 continue
             if f.status_code == 200:
                 nonce = _nonce(d["decision_id"])
@@ -97,7 +99,7 @@ def _route_loop(url: str, load: Load) -> None:
                 load.routes_at.append(time.monotonic())
             else:
                 load.route_errors += 1
-            time.sleep(0.05)
+            load.stop.wait(0.05)  # a steady trickle of routes, not a CPU-bound loop
 
 
 def _nonce(decision_id: str) -> str:
@@ -140,9 +142,7 @@ def _kill_under_load(app: RouterApp, kill) -> dict:
             t.join(timeout=150)
     after = _status(app)["posterior"]
     assert after["pid"] != before["pid"], "the posterior was not replaced"
-    assert load.route_errors == 0
-    if recovered_s > 1.0:  # routes do not need the posterior: they went on while it was down
-        assert routes_while_down > 0
+    assert load.route_errors == 0  # routes do not need the posterior: none failed while it was down
     # every acknowledged feedback is in the log, with its outcome, exactly once
     wait_for(lambda: (s := _status(app)["posterior"])["last_applied_seq"] == s["last_seq"], what="all applied")
     records = _log_records(app)
@@ -162,9 +162,18 @@ def _kill_under_load(app: RouterApp, kill) -> dict:
             "recovered_s": round(recovered_s, 2), "routes_while_down": routes_while_down, "recovery": rec}
 
 
-def test_gpu_config_serves_on_cpu_here(app):
-    status = _status(app)
-    assert status["embedder"]["device"] == "cpu"  # the GPU request fell back (no GPU on this machine)
+def test_gpu_config_serves_on_the_device_this_machine_has(app):
+    """``gpu: auto``: a GPU replica where the cluster has a GPU, else the CPU fallback; the encoder
+    runs where ``resolve_device('auto')`` says for this machine."""
+    import ray
+
+    from ray_router.embeddings import resolve_device
+
+    device = _status(app)["embedder"]["device"]
+    expected = resolve_device("auto")  # "cuda" when torch sees a GPU here, else "cpu"
+    assert expected in ("cpu", "cuda")
+    assert device == expected or device.startswith(f"{expected}:"), (device, expected)
+    assert (expected == "cuda") == (ray.cluster_resources().get("GPU", 0) > 0)  # the builder's view agrees
     r = httpx.post(f"{app.url}/v1/route", json={"query": "hello"}, timeout=60)
     assert r.status_code == 200, r.text
 

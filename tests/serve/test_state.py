@@ -1,19 +1,25 @@
-"""The posterior's state machine without Ray, driven the way the ingress drives it: choose arms
-from a SampleView, sign the decision, verify it, record feedback. Snapshots, replay, single use."""
+"""The posterior and the route decision without Ray, on the path production takes: a
+:class:`PosteriorService` (the ``Posterior`` deployment's body: group-committed log, mutation
+thread, background refresh) and a :class:`RouteDecider` (the ingress's decision) on a view of the
+published samples. Snapshots, replay, single use, ranking."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
 import pytest
 
 from ray_router.errors import ConfigError
+from ray_router.serve.config import LimitsSpec
+from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, NotADuel
+from ray_router.serve.posterior_service import PosteriorService
 from ray_router.serve.ranking import SampleView, choose_best, choose_duel, normalised_prices, win_probability
 from ray_router.serve.state import SNAPSHOT_FILE, PosteriorState, make_scorer
-from ray_router.serve.tokens import DecisionSigner, new_nonce, quantise
-from tests.serve.helpers import ARMS, PRICES, arm_embeddings, hash_encoder, spec
+from ray_router.serve.tokens import DecisionSigner, quantise
+from tests.serve.helpers import ARMS, arm_embeddings, hash_encoder, spec
 
 KEY = "unit-test-signing-key-0123"
 
@@ -27,32 +33,77 @@ class Clock:
 
 
 class Router:
-    """The ingress's part without Ray: sample view, decision ids, verification."""
+    """The posterior service and the ingress's decision, on one event loop of their own."""
 
-    def __init__(self, st: PosteriorState, enc, clock: Clock):
-        self.st, self.enc, self.clock = st, enc, clock
-        self.view = SampleView(make_scorer(st.spec.arm_embeddings, st.spec.policy_config), PRICES)
-        self.signer = DecisionSigner(KEY, ARMS)
+    def __init__(self, tmp_path, enc, clock: Clock, **overrides):
+        self.loop = asyncio.new_event_loop()
+        self.enc, self.clock = enc, clock
+        self.svc = PosteriorService(spec(tmp_path, **overrides), refresh_min_interval_s=0.0, clock=clock)
+        self.run(self.svc.start())
+        s = self.svc.state.spec
+        view = SampleView(make_scorer(s.arm_embeddings, s.policy_config, 0, s.offline_prior), s.prices)
+        self.decider = RouteDecider(s.arm_ids, view, DecisionSigner(KEY, s.arm_ids), 600.0, LimitsSpec(), clock)
         self.sync()
 
+    @property
+    def st(self) -> PosteriorState:
+        return self.svc.state
+
+    @property
+    def view(self) -> SampleView:
+        return self.decider.view
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
     def sync(self) -> None:
-        v = self.st.view()
-        self.view.update(v["version"], v["theta"], v["theta_mean"])
+        """What the ingress's follower does: take the posterior's current samples."""
+        s = self.run(self.svc.samples())
+        self.view.update(s["version"], s["theta"], s["theta_mean"])
 
-    def route(self, text: str, offered=None, mode: str = "duel", cost_weight: float = 0.0):
-        x = quantise(self.enc.encode([text])[0])
-        first, second, _ = self.view.choose(x, offered, mode, cost_weight)
-        tok = self.signer.issue(new_nonce(), self.clock() + 600, mode, first, second, offered,
-                                x if mode == "duel" else None)
-        return tok, first, second
+    def settle(self) -> None:
+        """Wait until every acknowledged feedback is applied and refreshed (each refresh publishes
+        new samples: the ingress's long poll), then take the samples."""
+        for _ in range(100):
+            st = self.st
+            if st.last_applied_seq == st.journal.last_seq and st.pending_updates == 0:
+                break
+            self.run(self.svc.samples(self.svc.epoch, st.version, wait_s=10.0))
+        else:
+            raise AssertionError("the posterior did not apply and refresh the acknowledged feedback")
+        self.sync()
 
-    def feedback(self, tok: str, outcome: str, request_id: str = "r") -> dict:
-        return self.st.record_feedback(self.signer.verify(tok, self.clock()), outcome, request_id)
+    def route(self, text: str, offered=None, mode: str = "duel", cost_weight: float = 0.0) -> Decision:
+        return self.decider.decide(self.enc.encode([text])[0], offered, mode, cost_weight)
+
+    def feedback(self, decision_id: str, outcome: str, request_id: str = "r") -> dict:
+        return self.run(self.svc.feedback(self.decider.feedback_claims(decision_id), outcome, request_id))
+
+    def close(self) -> None:
+        tasks = asyncio.all_tasks(self.loop)
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.svc.close()
+        self.loop.close()
 
 
 @pytest.fixture
 def enc():
     return hash_encoder()
+
+
+@pytest.fixture
+def router(tmp_path, enc):
+    made: list[Router] = []
+
+    def make(clock=None, **overrides) -> Router:
+        made.append(Router(tmp_path, enc, clock or Clock(), **overrides))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 def opened(tmp_path, clock=None, **overrides) -> PosteriorState:
@@ -61,78 +112,81 @@ def opened(tmp_path, clock=None, **overrides) -> PosteriorState:
     return st
 
 
-def router(tmp_path, enc, clock=None, **overrides) -> Router:
-    clock = clock or Clock()
-    return Router(opened(tmp_path, clock, **overrides), enc, clock)
+def crash(r: Router) -> None:
+    """The posterior's process dies: no snapshot; the kernel releases its lock."""
+    r.st.lock.release()
 
 
 def teach(r: Router, n: int, winner: int = 0, loser: int = 1) -> list[dict]:
     """n duels between ``winner`` and ``loser`` on varied queries, the winner always preferred."""
     acks = []
     for i in range(n):
-        tok, first, _ = r.route(f"query {i}", [winner, loser])
-        acks.append(r.feedback(tok, "first" if first == winner else "second", f"req-{i}"))
+        d = r.route(f"query {i}", [winner, loser])
+        acks.append(r.feedback(d.decision_id, "first" if d.picked[0] == winner else "second", f"req-{i}"))
+    r.settle()
     return acks
 
 
-def test_route_then_feedback_advances_the_posterior(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_route_then_feedback_advances_the_posterior(router):
+    r = router()
     v0 = r.st.version
-    tok, first, second = r.route("hello")
-    assert first != second  # distinct_arms is the service default
-    ack = r.feedback(tok, "first", "r1")
-    assert ack == {"accepted": True, "seq": 1, "outcome": "first", "replayed": False}
-    assert r.st.policy.n_updates == 1 and r.st.pending_updates == 1
-    r.st.refresh()
-    assert r.st.version == v0 + 1 and r.st.pending_updates == 0
-    r.sync()
-    assert r.view.version == r.st.version
+    d = r.route("hello")
+    assert len(d.picked) == 2 and d.picked[0] != d.picked[1]  # distinct_arms is the service default
+    assert d.arms == tuple(ARMS[i] for i in d.picked) and d.posterior_version == v0
+    ack = r.feedback(d.decision_id, "first", "r1")
+    assert ack == {"accepted": True, "seq": 1, "outcome": "first", "replayed": False, "posterior_version": ack["posterior_version"]}
+    assert r.st.journal.last_seq == 1  # durable before the acknowledgement
+    r.settle()  # applied on the mutation thread, then one background refresh
+    assert r.st.policy.n_updates == 1 and r.st.pending_updates == 0
+    assert r.st.version == v0 + 1 and r.view.version == r.st.version
 
 
-def test_learning_changes_the_exploit_choice(tmp_path, enc):
-    r = router(tmp_path, enc)
-    _, before, _ = r.route("probe", [0, 1], "single")
+def test_learning_changes_the_exploit_choice(router):
+    r = router()
+    before = r.route("probe", [0, 1], "single").picked[0]
     winner, loser = 1 - before, before
     teach(r, 40, winner, loser)
-    for _ in range(60):
-        r.st.refresh()
+    r.run(r.svc.refresh_now(times=60))  # what POST /v1/admin/refresh does
     r.sync()
-    assert r.route("probe", [0, 1], "single")[1] == winner
+    assert r.route("probe", [0, 1], "single").picked == (winner,)
 
 
-def test_feedback_is_single_use_and_idempotent_per_request(tmp_path, enc):
-    r = router(tmp_path, enc)
-    tok, _, _ = r.route("q")
-    r.feedback(tok, "tie", "req-a")
+def test_feedback_is_single_use_and_idempotent_per_request(router):
+    r = router()
+    d = r.route("q")
+    r.feedback(d.decision_id, "tie", "req-a")
     # the same request (a retry after a crash) gets its acknowledgement back
-    again = r.feedback(tok, "tie", "req-a")
+    again = r.feedback(d.decision_id, "tie", "req-a")
     assert again["replayed"] is True and again["seq"] == 1
     with pytest.raises(DuplicateFeedback):
-        r.feedback(tok, "first", "req-b")
-    assert r.st.policy.n_updates == 1
+        r.feedback(d.decision_id, "first", "req-b")
+    r.settle()
+    assert r.st.policy.n_updates == 1 and r.st.journal.last_seq == 1
 
 
-def test_single_and_expired_decisions(tmp_path, enc):
+def test_single_and_expired_decisions(router):
     clock = Clock()
-    r = router(tmp_path, enc, clock)
-    tok, _, second = r.route("q", mode="single")
-    assert second is None and len(tok) < 100  # a single decision carries no embedding
+    r = router(clock)
+    single = r.route("q", mode="single")
+    assert len(single.picked) == 1 and len(single.decision_id) < 100  # a single decision carries no embedding
     with pytest.raises(NotADuel):
-        r.feedback(tok, "first")
-    tok, _, _ = r.route("q2")
-    claims = r.signer.verify(tok, clock())
+        r.feedback(single.decision_id, "first")
+    d = r.route("q2")
+    claims = r.decider.feedback_claims(d.decision_id)
     clock.t += 601
     with pytest.raises(ExpiredDecision):
-        r.st.record_feedback(claims, "first", "r")  # the posterior checks expiry too
-    assert r.st.policy.n_updates == 0
+        r.decider.feedback_claims(d.decision_id)  # the ingress refuses it
+    with pytest.raises(ExpiredDecision):
+        r.run(r.svc.feedback(claims, "first", "r"))  # and the posterior checks expiry too
+    assert r.st.journal.last_seq == 0 and r.st.policy.n_updates == 0
 
 
-def test_replay_after_crash_loses_nothing(tmp_path, enc):
-    """A 'crash' = the state object vanishes without a snapshot; a new one replays the log."""
-    r = router(tmp_path, enc)
+def test_replay_after_crash_loses_nothing(tmp_path, router):
+    """A 'crash' = the service vanishes without a snapshot; a new state replays the log."""
+    r = router()
     teach(r, 25)
     hist = r.st.policy.history.arrays()
-    r.st.lock.release()  # the kernel does this when the process dies
+    crash(r)
     st2 = opened(tmp_path)
     assert st2.recovery["replayed"] == 25 and not st2.recovery["restored_snapshot"]
     assert st2.policy.n_updates == 25
@@ -140,54 +194,65 @@ def test_replay_after_crash_loses_nothing(tmp_path, enc):
         np.testing.assert_array_equal(st2.policy.history.arrays()[k], v)
 
 
-def test_snapshot_plus_tail(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_snapshot_plus_tail(tmp_path, router):
+    r = router()
     teach(r, 10)
-    r.st.take_snapshot()
+    assert r.run(r.svc.snapshot_now())["seq"] == 10
     teach(r, 7)
-    r.st.lock.release()
+    crash(r)
     st2 = opened(tmp_path)
     assert st2.recovery == {**st2.recovery, "restored_snapshot": True, "snapshot_seq": 10, "replayed": 7}
     assert st2.policy.n_updates == 17 and st2.last_applied_seq == 17
     assert len(st2.used) == 17  # the used nonces survive too (from the snapshot and from the tail)
 
 
-def test_used_nonces_survive_a_restart(tmp_path, enc):
+def test_used_nonces_survive_a_restart(router):
     clock = Clock()
-    r = router(tmp_path, enc, clock)
-    tok, _, _ = r.route("q")
-    r.feedback(tok, "first", "a")
-    fresh, _, _ = r.route("issued before the restart")
-    r.st.take_snapshot()
-    r.st.lock.release()
-    r2 = Router(opened(tmp_path, clock), enc, clock)
+    r = router(clock)
+    d = r.route("q")
+    r.feedback(d.decision_id, "first", "a")
+    fresh = r.route("issued before the restart")
+    r.settle()
+    r.run(r.svc.snapshot_now())
+    crash(r)
+    r2 = router(clock)  # a restarted posterior (and ingress) on the same state directory
     with pytest.raises(DuplicateFeedback):
-        r2.feedback(tok, "first", "b")
-    assert r2.feedback(fresh, "second", "c")["seq"] == 2  # decisions live in their ids, not in memory
+        r2.feedback(d.decision_id, "first", "b")
+    assert r2.feedback(fresh.decision_id, "second", "c")["seq"] == 2  # decisions live in their ids, not in memory
 
 
-def test_torn_last_record_is_cut_and_earlier_ones_kept(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_a_graceful_stop_leaves_a_snapshot(tmp_path, router):
+    r = router()
+    teach(r, 4)
+    r.svc.close()  # what the Posterior deployment does when Serve stops it
+    st2 = opened(tmp_path)
+    assert st2.recovery["restored_snapshot"] and st2.recovery["replayed"] == 0 and st2.policy.n_updates == 4
+
+
+def test_torn_last_record_is_cut_and_earlier_ones_kept(tmp_path, router):
+    r = router()
     teach(r, 3)
     with open(r.st.journal.path, "ab") as fh:
         fh.write(b'{"seq":4,"nonce":"abc","outc')  # a write cut by SIGKILL: never acknowledged
-    r.st.lock.release()
+    crash(r)
     st2 = opened(tmp_path)
     assert st2.policy.n_updates == 3 and st2.journal.last_seq == 3
     assert st2.journal.path.read_bytes().endswith(b"\n")
 
 
 def test_a_second_writer_is_refused(tmp_path):
-    opened(tmp_path)
+    first = opened(tmp_path)
     with pytest.raises(ConfigError, match="num_replicas: 1"):
         opened(tmp_path)
+    first.close()
+    opened(tmp_path).close()  # the lock is free once its holder closes
 
 
-def test_state_of_another_arm_table_or_encoder_is_refused(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_state_of_another_arm_table_or_encoder_is_refused(tmp_path, router):
+    r = router()
     teach(r, 2)
-    r.st.take_snapshot()
-    r.st.lock.release()
+    r.run(r.svc.snapshot_now())
+    crash(r)
     with pytest.raises(ConfigError, match="another configuration"):
         opened(tmp_path, arm_ids=("a", "b", "c", "e"))
     with pytest.raises(ConfigError, match="another configuration"):
@@ -202,12 +267,12 @@ def test_state_of_another_arm_table_or_encoder_is_refused(tmp_path, enc):
         ({"arm_embeddings": arm_embeddings(seed=1)}, "arm embeddings changed"),
     ],
 )
-def test_a_changed_config_rebuilds_the_posterior_from_the_log(tmp_path, enc, change, reason):
-    r = router(tmp_path, enc)
+def test_a_changed_config_rebuilds_the_posterior_from_the_log(tmp_path, router, change, reason):
+    r = router()
     teach(r, 12)
-    r.st.take_snapshot()
+    r.run(r.svc.snapshot_now())
     teach(r, 3)
-    r.st.lock.release()
+    crash(r)
     st2 = opened(tmp_path, **change)
     assert st2.recovery["rebuilt_from_log"] == reason and not st2.recovery["restored_snapshot"]
     assert st2.recovery["replayed"] == 15 and st2.policy.n_updates == 15 and len(st2.used) == 15
@@ -215,8 +280,8 @@ def test_a_changed_config_rebuilds_the_posterior_from_the_log(tmp_path, enc, cha
         assert st2.policy.config.eta == 4.0
 
 
-def test_feedback_log_records_are_self_contained(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_feedback_log_records_are_self_contained(router):
+    r = router()
     teach(r, 2)
     recs = [json.loads(line) for line in r.st.journal.path.read_text().splitlines()]
     assert [x["seq"] for x in recs] == [1, 2]
@@ -225,20 +290,18 @@ def test_feedback_log_records_are_self_contained(tmp_path, enc):
         assert x["first_id"] == ARMS[x["first"]] and x["offered"] == [0, 1]
 
 
-def test_snapshot_is_atomic_file(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_snapshot_is_atomic_file(tmp_path, router):
+    r = router()
     teach(r, 3)
-    r.st.take_snapshot()
+    r.run(r.svc.snapshot_now())
     assert (tmp_path / SNAPSHOT_FILE).is_file()
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 # --------------------------------------------------------------------------- ranking
-def test_zero_cost_weight_ranks_like_the_policy(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_zero_cost_weight_ranks_like_the_policy(router, enc):
+    r = router()
     teach(r, 10, 2, 3)
-    r.st.refresh()
-    r.sync()
     pol = r.st.policy
     for i in range(20):
         x = quantise(enc.encode([f"probe {i}"])[0])
@@ -264,18 +327,19 @@ def test_cost_weight_moves_choices_to_cheaper_arms():
     assert choose_duel(np.stack([u, u]), mask, None, distinct=True) == (0, 1)
 
 
-def test_candidates_restrict_the_choice(tmp_path, enc):
-    r = router(tmp_path, enc)
+def test_candidates_restrict_the_choice(router):
+    r = router()
     for i in range(10):
-        _, first, second = r.route(f"q{i}", [1, 3], "duel", cost_weight=0.3)
-        assert {first, second} == {1, 3}
-        assert r.route(f"q{i}", [2], "single")[1] == 2
+        d = r.route(f"q{i}", [1, 3], "duel", cost_weight=0.3)
+        assert set(d.picked) == {1, 3}
+        assert r.route(f"q{i}", [2], "single").picked == (2,)
 
 
-def test_feedback_arms_match_the_policy_update(tmp_path, enc):
-    r = router(tmp_path, enc)
-    tok, first, second = r.route("q")
-    r.feedback(tok, "second")
+def test_feedback_arms_match_the_policy_update(router, enc):
+    r = router()
+    d = r.route("q")
+    r.feedback(d.decision_id, "second")
+    r.settle()
     h = r.st.policy.history.arrays()
-    assert (h["first"][0], h["second"][0], h["y"][0]) == (first, second, 0.0)
+    assert (h["first"][0], h["second"][0], h["y"][0]) == (*d.picked, 0.0)
     np.testing.assert_array_equal(h["X"][0], quantise(enc.encode(["q"])[0]))

@@ -89,7 +89,7 @@ def test_expired_ids_are_refused_after_the_signature_check():
 def test_ids_of_another_arm_table_are_stale():
     old = DecisionSigner(KEY, ARMS).issue(new_nonce(), NOW + 60, "duel", 0, 1, None, _x())
     with pytest.raises(StaleDecision):
-        DecisionSigner(KEY, ARMS[:-1] + ("renamed",)).verify(old, NOW)
+        DecisionSigner(KEY, (*ARMS[:-1], "renamed")).verify(old, NOW)
 
 
 def test_short_keys_are_refused():

@@ -1,0 +1,68 @@
+"""The ``Embedder`` deployment: replicas of the query encoder, requests batched by ``@serve.batch``."""
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from ray_router.embeddings.spec import EncoderSpec
+from ray_router.errors import ConfigError
+
+# a replica with nothing to finish stops at once (the posterior's differ: it writes a last snapshot)
+QUICK_SHUTDOWN: dict[str, Any] = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
+USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s")
+
+
+@serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN)
+class Embedder:
+    """One replica of the query encoder.
+
+    ``user_config`` (live): ``{"max_batch_size": int, "batch_wait_timeout_s": float}``."""
+
+    def __init__(self, encoder: EncoderSpec, expected_identity: str, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.0):
+        from ray_router.embeddings import get_encoder
+
+        opts = {} if encoder.max_seq_length is None else {"max_seq_length": encoder.max_seq_length}
+        self.encoder = get_encoder(encoder.name, cache_dir=False, device=encoder.device, **opts)
+        if self.encoder.identity != expected_identity:
+            raise ConfigError(f"embedder encoder is {self.encoder.identity!r}, the arm table was built with {expected_identity!r}")
+        self.encoder.encode(["warm-up"])  # load the model now, not on the first request
+        self._configure(max_batch_size, batch_wait_timeout_s)
+
+    def _configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.embed.set_max_batch_size(int(max_batch_size))
+        self.embed.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self.max_batch_size, self.batch_wait_timeout_s = int(max_batch_size), float(batch_wait_timeout_s)
+
+    def reconfigure(self, user_config: dict) -> None:
+        unknown = set(user_config) - set(USER_CONFIG_KEYS)
+        if unknown:
+            raise ConfigError(f"Embedder user_config: unknown key(s) {sorted(unknown)}")
+        self._configure(
+            user_config.get("max_batch_size", self.max_batch_size),
+            user_config.get("batch_wait_timeout_s", self.batch_wait_timeout_s),
+        )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+    async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float, int]]:
+        """Each text's (embedding, seconds the batch's encode took, batch size)."""
+        t0 = time.perf_counter()
+        X = await asyncio.to_thread(self.encoder.encode, texts, len(texts))
+        seconds = time.perf_counter() - t0
+        return [(x, seconds, len(texts)) for x in X]
+
+    async def info(self) -> dict:
+        import torch
+
+        return {
+            "identity": self.encoder.identity,
+            "device": str(getattr(self.encoder, "device", "cpu")),
+            "torch_threads": torch.get_num_threads(),
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,249 @@
+"""The ``Ingress`` deployment: the HTTP API (FastAPI) of the router.
+
+Each route reads and checks its body, asks the other deployments (``calls.call``: retried while
+they restart) and the pure :class:`~ray_router.serve.decision.RouteDecider` (the arms and the
+signed decision id), and answers. Errors are mapped in :mod:`ray_router.serve.http_errors`.
+Endpoint contract: ``serve_configs/README.md``.
+
+No ``from __future__ import annotations`` here: FastAPI must see real annotations (``Request``)
+on the ingress methods, which Serve rewrites.
+"""
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ray_router.serve import http_errors, upstream
+from ray_router.serve.calls import call
+from ray_router.serve.decision import Decision, RouteDecider
+from ray_router.serve.embedder import QUICK_SHUTDOWN
+from ray_router.serve.errors import InvalidRequest, ServiceUnavailable, Unauthorized
+from ray_router.serve.ranking import SampleView
+from ray_router.serve.request_body import read_body
+from ray_router.serve.schemas import AdminRefreshRequest, ChatRequest, FeedbackRequest, RouteRequest, routing_text
+from ray_router.serve.specs import IngressSpec
+from ray_router.serve.tokens import DecisionSigner, check_bearer, resolve_secret
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="ray-router", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+http_errors.install(api)
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}, **QUICK_SHUTDOWN)
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validation, auth, signed decision ids, retries while the posterior restarts."""
+
+    async def __init__(self, embedder: DeploymentHandle, posterior: DeploymentHandle, spec: IngressSpec):
+        import httpx
+
+        from ray_router.serve.metrics import IngressMetrics
+        from ray_router.serve.state import make_scorer
+
+        self.embedder, self.posterior, self.spec = embedder, posterior, spec
+        secrets_dir = Path(spec.state_dir) / "secrets"
+        self.token, self.token_source = resolve_secret(spec.auth.token_env, secrets_dir / "token")
+        key, self.key_source = resolve_secret(spec.auth.hmac_key_env, secrets_dir / "hmac_key")
+        view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
+        self.decider = RouteDecider(spec.arm_ids, view, DecisionSigner(key, spec.arm_ids), spec.auth.decision_ttl_s,
+                                    spec.limits)
+        self.view = view
+        self.metrics = IngressMetrics()
+        api.state.metrics = self.metrics
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
+        self.epoch = ""
+        self.routes = {"duel": 0, "single": 0}
+        await self._pull_samples(wait_s=0.0, retry_s=600.0)
+        self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
+
+    # ------------------------------------------------------------- the samples
+    async def _pull_samples(self, wait_s: float, retry_s: float) -> None:
+        s = await call(self.posterior, "samples", self.epoch, self.view.version, wait_s, retry_s=retry_s)
+        self.view.update(s["version"], s["theta"], s["theta_mean"])
+        self.epoch = s["epoch"]
+
+    async def _follow_posterior(self) -> None:
+        """Keep the sample view current: long-poll the posterior for each new refresh."""
+        while True:
+            try:
+                # short polls: an in-flight poll holds up the posterior's graceful shutdown (and its
+                # last snapshot) for at most this long once the ingress is gone
+                await self._pull_samples(wait_s=2.0, retry_s=3600.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep following; routes use the last samples meanwhile
+                logger.warning(f"ingress: could not fetch posterior samples: {e!r}")
+                await asyncio.sleep(0.5)
+
+    # ---------------------------------------------------------------- helpers
+    async def _posterior(self, method: str, *args: Any, retry_s: float | None = None) -> Any:
+        retry = self.spec.service.posterior_retry_s if retry_s is None else retry_s
+        return await call(self.posterior, method, *args, retry_s=retry)
+
+    async def _read(self, request: Request, model: type[BaseModel]) -> Any:
+        return await read_body(request, model, self.spec.limits.max_body_bytes)
+
+    def _require_token(self, request: Request) -> None:
+        if not check_bearer(request.headers.get("authorization"), self.token):
+            raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the service's token")
+
+    def _reads_allowed(self, request: Request) -> None:
+        if self.spec.auth.protect_reads:
+            self._require_token(request)
+
+    async def _decide(self, text: str, offered: list[int] | None, mode: str, cost_weight: float) -> tuple[Decision, str]:
+        """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
+        the ingress saw it, the encode inside it (its batch's), the choice)."""
+        t0 = time.perf_counter()
+        x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=self.spec.service.posterior_retry_s)
+        t1 = time.perf_counter()
+        dec = self.decider.decide(x, offered, mode, cost_weight)
+        for slot, arm in dec.slots:
+            self.metrics.routes.inc(1, tags={"arm": arm, "slot": slot})
+        self.routes[mode] += 1
+        timing = (f"embed;dur={(t1 - t0) * 1000:.2f}, encode;dur={encode_s * 1000:.2f};desc=\"batch of {batch}\", "
+                  f"choose;dur={(time.perf_counter() - t1) * 1000:.2f}")
+        return dec, timing
+
+    # ----------------------------------------------------------------- routes
+    @api.post("/v1/route")
+    async def route(self, request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        self._reads_allowed(request)
+        req: RouteRequest = await self._read(request, RouteRequest)
+        text = self.decider.check_query(req.query)
+        offered = self.decider.offered(req.candidates, req.mode)
+        cost_weight = self.decider.cost_weight(req.cost_weight)
+        dec, timing = await self._decide(text, offered, req.mode, cost_weight)
+        seconds = time.perf_counter() - t0
+        self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
+        return JSONResponse(
+            headers={"Server-Timing": f"{timing}, app;dur={seconds * 1000:.2f}"},
+            content={
+                "decision_id": dec.decision_id,
+                "mode": req.mode,
+                "arms": list(dec.arms),
+                "model": dec.arms[0],
+                "cost_weight": cost_weight,
+                "posterior_version": dec.posterior_version,
+                "expires_at": dec.expires_at,
+            },
+        )
+
+    @api.post("/v1/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        self._require_token(request)
+        req: FeedbackRequest = await self._read(request, FeedbackRequest)
+        claims = self.decider.feedback_claims(req.decision_id)
+        request_id = uuid.uuid4().hex  # idempotency key of this HTTP request across internal retries
+        ack = await self._posterior("feedback", claims, req.outcome, request_id)
+        return JSONResponse({**ack, "decision_id": req.decision_id})
+
+    @api.get("/v1/arms")
+    async def arms(self, request: Request) -> JSONResponse:
+        self._reads_allowed(request)
+        prices = self.spec.prices
+        top = max(prices) if prices and max(prices) > 0 else 0.0
+        return JSONResponse(
+            {
+                "arms": [
+                    {
+                        "id": a,
+                        "index": i,
+                        "price_usd": prices[i],
+                        "price_norm": (prices[i] / top) if top else 0.0,
+                        "upstream_model": None if up is None else up.model,
+                        "chat": up is not None,
+                    }
+                    for i, (a, up) in enumerate(zip(self.spec.arm_ids, self.spec.upstreams))
+                ]
+            }
+        )
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        try:
+            version = await asyncio.wait_for(self._posterior("version", retry_s=0), timeout=2.0)
+        except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any failure means "not ready"
+            # routes still work from the last samples; feedback waits for the posterior to come back
+            return http_errors.error_response(
+                ServiceUnavailable.http_status, ServiceUnavailable.code, f"posterior not reachable: {type(e).__name__}",
+                ServiceUnavailable.headers, status="degraded", routes="ok", feedback="unavailable",
+                samples_version=self.view.version,
+            )
+        return JSONResponse({"status": "ok", "posterior_version": version, "samples_version": self.view.version})
+
+    @api.get("/v1/stats")
+    async def stats(self, request: Request) -> JSONResponse:
+        self._reads_allowed(request)
+        stats = await self._posterior("stats", retry_s=5)
+        stats["ingress"] = {"routes": dict(self.routes), "samples_version": self.view.version}
+        return JSONResponse(stats)
+
+    # ----------------------------------------------------------------- admin
+    @api.post("/v1/admin/snapshot")
+    async def admin_snapshot(self, request: Request) -> JSONResponse:
+        self._require_token(request)
+        return JSONResponse(await self._posterior("snapshot_now"))
+
+    @api.post("/v1/admin/refresh")
+    async def admin_refresh(self, request: Request) -> JSONResponse:
+        self._require_token(request)
+        raw = await request.body()
+        req = AdminRefreshRequest() if not raw.strip() else await self._read(request, AdminRefreshRequest)
+        return JSONResponse(await self._posterior("refresh_now", req.steps, req.times))
+
+    @api.get("/v1/admin/status")
+    async def admin_status(self, request: Request) -> JSONResponse:
+        self._require_token(request)
+        status = await self._posterior("status", retry_s=5)
+        embedder = await call(self.embedder, "info", retry_s=5)
+        return JSONResponse(
+            {"posterior": status, "embedder": embedder, "ingress": {
+                "pid": os.getpid(), "token": self.token_source, "hmac_key": self.key_source,
+                "samples_version": self.view.version, "samples_epoch": self.epoch}}
+        )
+
+    # -------------------------------------------------------- chat completions
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._reads_allowed(request)
+        req: ChatRequest = await self._read(request, ChatRequest)
+        if req.model != "router":
+            raise InvalidRequest(f"model must be 'router' (the router picks the arm), got {req.model!r}")
+        opts = req.router
+        mode = (opts.mode if opts and opts.mode else None) or self.spec.service.chat_default_mode
+        if req.stream and mode == "duel":
+            raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false")
+        text = self.decider.check_query(routing_text(req))
+        chat_arms = [i for i, u in enumerate(self.spec.upstreams) if u is not None]
+        if not chat_arms:
+            raise InvalidRequest("no arm of this router has an upstream configured")
+        offered = self.decider.offered(opts.candidates if opts else None, mode, restrict=chat_arms)
+        cost_weight = self.decider.cost_weight(opts.cost_weight if opts else 0.0)
+        dec, _ = await self._decide(text, offered, mode, cost_weight)
+        body = req.model_dump(exclude_unset=True)  # forward what the client sent, nothing more
+        body.pop("router", None)
+        ids = list(dec.arms)
+        info = {"decision_id": dec.decision_id, "mode": mode, "arms": ids, "posterior_version": dec.posterior_version}
+        headers = {"X-Router-Decision-Id": dec.decision_id, "X-Router-Model": ids[0], "X-Router-Arms": ",".join(ids)}
+        ups = [u for i in dec.picked if (u := self.spec.upstreams[i]) is not None]  # all: offered were chat arms
+        if req.stream:
+            resp = await upstream.open_stream(self.http, ups[0], body)
+            return StreamingResponse(upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream",
+                                     headers=headers)
+        answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
+        out = upstream.merge_answers(ids, list(answers))
+        out["router"] = info
+        return JSONResponse(out, headers=headers)

@@ -1,0 +1,51 @@
+"""Reading a request body into its pydantic model, with the service's limits and 4xx errors.
+
+``parse_body`` is pure (bytes in, model or error out); ``read_body`` streams a Starlette request
+under the size limit first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ray_router.serve.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def invalid_request(e: ValidationError) -> InvalidRequest:
+    """A schema failure as a 422, with each error's location, message and type as ``details``."""
+    details = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+               for err in e.errors()]
+    text = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details)
+    return InvalidRequest(text, details=details)
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """``model`` from a JSON body: 400 when the body is empty or not JSON, 422 when it breaks the schema."""
+    if not raw.strip():
+        raise MalformedRequest("empty body: send a JSON object")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        if any(err.get("type") == "json_invalid" for err in e.errors()):
+            raise MalformedRequest(f"body is not valid JSON: {e.errors()[0].get('msg', '')}") from None
+        raise invalid_request(e) from None
+
+
+async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
+    """The request's body as ``model``; 413 beyond ``max_bytes`` (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+    return parse_body(bytes(body), model)

@@ -1,0 +1,48 @@
+"""What each deployment is built with: typed, frozen specs the builder makes from :class:`AppArgs`
+and the resolved arm table (pure values: they pickle through Ray to the replicas)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ray_router.serve.config import AuthSpec, LimitsSpec, ServiceSpec, UpstreamSpec
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """What the posterior needs (see :class:`ray_router.serve.state.PosteriorState`)."""
+
+    arm_ids: tuple[str, ...]
+    prices: tuple[float, ...]
+    arm_embeddings: np.ndarray  # (K, d) float64
+    encoder_identity: str
+    state_dir: str
+    policy_config: dict[str, Any] = field(default_factory=dict)  # FGTSConfig fields (validated by AppArgs)
+    policy_seed: int = 0
+    decision_ttl_s: float = 3600.0
+    snapshot_every_n: int = 500
+    snapshot_every_s: float = 60.0
+    fsync: bool = True
+    lock_timeout_s: float = 60.0
+    offline_prior: dict[str, Any] | None = None  # OfflinePrior.to_dict() of the arm table, or None
+
+
+@dataclass(frozen=True)
+class IngressSpec:
+    """What the HTTP ingress needs: the arm table, the scorer's inputs (the posterior's config and
+    arm embeddings, to rank on the published samples), and the app's auth, limits and service
+    settings."""
+
+    arm_ids: tuple[str, ...]
+    prices: tuple[float, ...]
+    arm_embeddings: np.ndarray
+    policy_config: dict[str, Any]
+    offline_prior: dict[str, Any] | None
+    upstreams: tuple[UpstreamSpec | None, ...]  # one per arm; None: the arm does not answer chat
+    state_dir: str
+    auth: AuthSpec = field(default_factory=AuthSpec)
+    limits: LimitsSpec = field(default_factory=LimitsSpec)
+    service: ServiceSpec = field(default_factory=ServiceSpec)
