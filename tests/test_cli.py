@@ -49,7 +49,7 @@ def test_evaluate_writes_summary_curves_and_plot(toy_csv, tmp_path):
     (["--encoder", "hash", "--policies", "fgts_cdb,nope"], "unknown policy 'nope'"),
     (["--encoder", "hash", "--set", "fgts_cdb.eta"], "POLICY.FIELD=VALUE"),
     (["--encoder", "hash", "--set", "fgts_cdb.temperature=2"], "temperature"),
-    (["--encoder", "hash", "--set", "fgts_cdb.eta=-1"], "eta must be >= 0"),
+    (["--encoder", "hash", "--set", "fgts_cdb.eta=-1"], "fgts_cdb config: eta: Input should be greater than or equal to 0"),
     (["--encoder", "hash", "--split", "holdout", "--held-out", "zzz"], "held-out category 'zzz'"),
     (["--encoder", "no-such-encoder"], "unknown encoder"),
 ])

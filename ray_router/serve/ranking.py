@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ray_router.policies.common import second_arm, sigmoid
+
 
 def normalised_prices(prices) -> np.ndarray:
     """``price / max(price)``; all zeros stay zeros."""
@@ -30,7 +32,7 @@ def win_probability(u: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """``σ(u_k − mean over offered u)`` along the last axis (offered = ``mask``)."""
     u = np.asarray(u, dtype=np.float64)
     centre = (np.where(mask, u, 0.0).sum(axis=-1, keepdims=True)) / max(int(mask.sum()), 1)
-    return 0.5 * (1.0 + np.tanh(0.5 * (u - centre)))
+    return sigmoid(u - centre)
 
 
 def _objective(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None) -> np.ndarray:
@@ -50,12 +52,7 @@ def choose_duel(
     ``first``: the first arm already chosen (``arm_selection: exploit_first``: the exploit arm)."""
     obj = _objective(S, mask, penalty)
     first = int(obj[0].argmax()) if first is None else int(first)
-    second = int(obj[1].argmax())
-    if distinct and second == first and int(mask.sum()) > 1:
-        o2 = obj[1].copy()
-        o2[first] = -np.inf
-        second = int(o2.argmax())
-    return first, second
+    return first, int(second_arm(obj[1], first, distinct, int(mask.sum())))
 
 
 def choose_best(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None) -> int:
