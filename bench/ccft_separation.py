@@ -48,10 +48,18 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict:
     texts = np.asarray([str(t) for t in table.texts], dtype=object)
     cats = np.asarray([str(c) for c in table.categories], dtype=object)
     split = stratified_split(cats, args.offline_fraction, args.seed)
-    overrides = {k: v for k, v in (
-        ("queries_per_category", args.queries_per_category), ("epochs", args.epochs), ("loss", args.loss),
-        ("max_seq_length", args.max_seq_length), ("batch_size", args.batch_size), ("lr", args.lr),
-    ) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("queries_per_category", args.queries_per_category),
+            ("epochs", args.epochs),
+            ("loss", args.loss),
+            ("max_seq_length", args.max_seq_length),
+            ("batch_size", args.batch_size),
+            ("lr", args.lr),
+        )
+        if v is not None
+    }
     config = parse(CCFTConfig, {"seed": args.seed, **overrides}, where="CCFT config")
     cache_root = Path(os.environ.get("RAY_ROUTER_CACHE_DIR", "~/.cache/ray-router")).expanduser()
     artifact_root = Path(args.artifact_dir) if args.artifact_dir else cache_root / "ccft"
@@ -68,8 +76,10 @@ def run_one(dataset: str, args: argparse.Namespace) -> dict:
     cache = args.cache_dir or None
     max_len = meta["max_seq_length"]
     base_opts = {} if max_len == 256 else {"max_seq_length": max_len}  # 256: the packaged model's own limit
-    encoders = {"base": get_encoder("minilm", cache_dir=cache, device=args.device, **base_opts),
-                "ccft": get_encoder(str(path), cache_dir=cache, device=args.device)}
+    encoders = {
+        "base": get_encoder("minilm", cache_dir=cache, device=args.device, **base_opts),
+        "ccft": get_encoder(str(path), cache_dir=cache, device=args.device),
+    }
     results, encode_seconds = {}, {}
     for name, enc in encoders.items():
         t1 = time.perf_counter()
@@ -131,8 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", nargs="+", default=["routerbench"], help="routerbench and/or routerdc")
     p.add_argument("--data-dir", default=None, help="default: $RAY_ROUTER_DATA_DIR, else ./data")
-    p.add_argument("--text-view", choices=("default", "full_prompt"), default="default",
-                   help="full_prompt: RouterBench prompts with their shared 5-shot block")
+    p.add_argument(
+        "--text-view",
+        choices=("default", "full_prompt"),
+        default="default",
+        help="full_prompt: RouterBench prompts with their shared 5-shot block",
+    )
     p.add_argument("--offline-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0, help="split seed and CCFT seed")
     p.add_argument("--centroid-per-category", type=int, default=200, help="offline queries per category (centroids)")

@@ -53,23 +53,40 @@ def main() -> None:
 
     cases = []
     os.environ["HF_HUB_OFFLINE"] = "1"
-    cases.append(("HF_HUB_OFFLINE=1", 1.0, [_seconds(lambda: download_dataset("routerbench", dest))
-                                             for _ in range(args.repeats)]))
+    cases.append(
+        (
+            "HF_HUB_OFFLINE=1",
+            1.0,
+            [_seconds(lambda: download_dataset("routerbench", dest)) for _ in range(args.repeats)],
+        )
+    )
     os.environ["HF_HUB_OFFLINE"] = "0"
     os.environ.pop("HF_ENDPOINT", None)
     try:
         socket.create_connection = refused
-        cases.append(("connection refused", 1.0, [_seconds(lambda: download_dataset("routerbench", dest, timeout=2.0))
-                                                  for _ in range(args.repeats)]))
+        cases.append(
+            (
+                "connection refused",
+                1.0,
+                [_seconds(lambda: download_dataset("routerbench", dest, timeout=2.0)) for _ in range(args.repeats)],
+            )
+        )
         socket.create_connection = hang
-        cases.append(("probe hangs, timeout 0.2 s", 2.0,
-                      [_seconds(lambda: download_dataset("routerbench", dest, timeout=0.2)) for _ in range(args.repeats)]))
+        cases.append(
+            (
+                "probe hangs, timeout 0.2 s",
+                2.0,
+                [_seconds(lambda: download_dataset("routerbench", dest, timeout=0.2)) for _ in range(args.repeats)],
+            )
+        )
     finally:
         socket.create_connection = real
         release.set()
     for name, target, seconds in cases:
         worst = max(seconds)
-        print(f"{name:28s} slowest {worst:6.3f} s of {len(seconds)}, target < {target:.1f} s: ratio {worst / target:.3f}")
+        print(
+            f"{name:28s} slowest {worst:6.3f} s of {len(seconds)}, target < {target:.1f} s: ratio {worst / target:.3f}"
+        )
 
 
 if __name__ == "__main__":

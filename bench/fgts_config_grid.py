@@ -39,8 +39,10 @@ def main() -> None:
     confs = json.loads(a.configs)
     common = dict(cost_weight=a.lam, n_seeds=a.seeds, n_rounds=a.rounds, split=a.split, k_per_category=5)
     # through parse, before any slow work: a bad override is one ConfigError naming the configuration and field
-    cfgs = [parse(EvalConfig, {"policies": ("fgts_cdb",), "policy_configs": {"fgts_cdb": ov}, **common}, where=name)
-            for name, ov in confs.items()]
+    cfgs = [
+        parse(EvalConfig, {"policies": ("fgts_cdb",), "policy_configs": {"fgts_cdb": ov}, **common}, where=name)
+        for name, ov in confs.items()
+    ]
     cfgs.append(parse(EvalConfig, {"policies": tuple(a.refs.split(",")), **common}, where="--refs"))
     table = load_dataset(a.dataset)
     X = get_encoder("minilm").encode(list(table.texts))
@@ -58,11 +60,16 @@ def main() -> None:
     for n, rr in zip(names, res):
         for r in rr.records:
             half = (r["served_regret_ci95"][1] - r["served_regret_mean"]) / a.rounds
-            line = (f"{n:<14} {r['policy']:<17} dueling {r['cum_regret_mean'] / a.rounds:.4f}  served "
-                    f"{r['served_regret_mean'] / a.rounds:.4f} ± {half:.4f}  self-duels {r['self_duel_share']:.2f}")
+            line = (
+                f"{n:<14} {r['policy']:<17} dueling {r['cum_regret_mean'] / a.rounds:.4f}  served "
+                f"{r['served_regret_mean'] / a.rounds:.4f} ± {half:.4f}  self-duels {r['self_duel_share']:.2f}"
+            )
             if n != "refs":
-                line += "".join(f" | vs {ref} " + pair(r["served_regret_per_seed"], refs[ref]["served_regret_per_seed"])
-                                for ref in ("best_fixed", "offline_static") if ref in refs)
+                line += "".join(
+                    f" | vs {ref} " + pair(r["served_regret_per_seed"], refs[ref]["served_regret_per_seed"])
+                    for ref in ("best_fixed", "offline_static")
+                    if ref in refs
+                )
                 if n != names[0]:
                     line += f" | vs {names[0]} " + pair(r["served_regret_per_seed"], first)
             print(line, flush=True)

@@ -40,12 +40,14 @@ def main() -> None:
         t0 = time.perf_counter()
         X_base = get_encoder("minilm", cache_dir=tmp / "cache").encode(list(table.texts))
         times["encode base (cold cache)"] = time.perf_counter() - t0
-        cfg = EvalConfig(policies=("fgts_cdb",), n_seeds=args.seeds, n_rounds=args.rounds, split_seed=0,
-                         cost_weight=0.2)
+        cfg = EvalConfig(
+            policies=("fgts_cdb",), n_seeds=args.seeds, n_rounds=args.rounds, split_seed=0, cost_weight=0.2
+        )
         split = make_split(table, cfg, 0)
         t0 = time.perf_counter()
-        art = fine_tune(list(table.texts[split.offline]), list(table.categories[split.offline]), CCFTConfig(),
-                        tmp / "ccft")
+        art = fine_tune(
+            list(table.texts[split.offline]), list(table.categories[split.offline]), CCFTConfig(), tmp / "ccft"
+        )
         times["CCFT fine-tuning"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         X_ccft = get_encoder(str(art), cache_dir=tmp / "cache").encode(list(table.texts))
@@ -67,15 +69,19 @@ def main() -> None:
 
     total = sum(times.values())
     runs = 2 * len(WEIGHTINGS) * args.seeds
-    print(f"paper grid on {table.name}: 2 encoders x {len(WEIGHTINGS)} weightings x {args.seeds} seeds x "
-          f"{args.rounds} rounds = {runs} FGTS.CDB runs, {args.workers} worker processes")
+    print(
+        f"paper grid on {table.name}: 2 encoders x {len(WEIGHTINGS)} weightings x {args.seeds} seeds x "
+        f"{args.rounds} rounds = {runs} FGTS.CDB runs, {args.workers} worker processes"
+    )
     for k, v in times.items():
         print(f"  {k:<28} {v:8.1f} s  {100 * v / total:5.1f} %")
     print(f"  {'total':<28} {total:8.1f} s  ({total / 60:.1f} min)")
     for enc, w, mean, (lo, hi) in results:
         print(f"  fgts_cdb {enc:<4} {w:<16} cum. regret at T = {mean:7.1f} [{lo:.1f}, {hi:.1f}]")
-    print(f"  inside the replays (CPU time summed over workers): {replay:.1f} s, of which SGLD {sgld:.1f} s "
-          f"({100 * sgld / max(replay, 1e-9):.1f} %); {1000 * replay / (runs * args.rounds):.2f} ms per round")
+    print(
+        f"  inside the replays (CPU time summed over workers): {replay:.1f} s, of which SGLD {sgld:.1f} s "
+        f"({100 * sgld / max(replay, 1e-9):.1f} %); {1000 * replay / (runs * args.rounds):.2f} ms per round"
+    )
 
 
 if __name__ == "__main__":

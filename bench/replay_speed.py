@@ -74,8 +74,10 @@ def main() -> None:
     steps = T * cfg.n_steps
     sgld_rate = steps * sgld_step_flops(cfg.batch_size, d, K) / policy.sgld_seconds
 
-    print(f"FGTS.CDB replay, d={d}, K={K}, feature_map={cfg.feature_map}, n_steps={cfg.n_steps}, "
-          f"batch_size={cfg.batch_size}, {T} rounds")
+    print(
+        f"FGTS.CDB replay, d={d}, K={K}, feature_map={cfg.feature_map}, n_steps={cfg.n_steps}, "
+        f"batch_size={cfg.batch_size}, {T} rounds"
+    )
     print(f"  overall            {T / total:8.1f} rounds/s  ({1000 * total / T:.2f} ms/round)")
     print(f"  first {exact:>4} rounds  {exact / t_exact:8.1f} rounds/s  (exact gradient, growing history)")
     if exact < T:

@@ -76,8 +76,12 @@ def encoder_floor(queries: list[str], threads: int, batch_size: int, encoder_nam
         enc.encode(queries[i : i + batch_size], batch_size)
     batched = time.perf_counter() - t0
     p50, p99 = percentiles(single)
-    return {"encoder_single_p50_ms": p50, "encoder_single_p99_ms": p99, "encoder_batched_qps": len(queries) / batched,
-            "encoder_threads": threads}
+    return {
+        "encoder_single_p50_ms": p50,
+        "encoder_single_p99_ms": p99,
+        "encoder_batched_qps": len(queries) / batched,
+        "encoder_threads": threads,
+    }
 
 
 async def _load(url: str, queries: list[str], concurrency: int, duration_s: float, max_requests: int) -> dict:
@@ -137,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-queries", type=int, default=300, help="queries for the encoder floor and the 1-client run")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of the 16-client run")
     p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--encoder-threads", type=int, default=None, help="torch threads of the floor (default: embedder.num_cpus)")
+    p.add_argument(
+        "--encoder-threads", type=int, default=None, help="torch threads of the floor (default: embedder.num_cpus)"
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None, help="also write the report here")
     p.add_argument("--smoke-test", action="store_true", help="tiny budget: checks that the benchmark runs")
@@ -169,15 +175,19 @@ def main(argv: list[str] | None = None) -> dict:
         floors = [encoder_floor(queries[:n], threads, batch, encoder_name)]  # the service up and idle
         for name, url in paths.items():
             measure_route(url, queries, 1, 60.0, 4 if args.smoke_test else 20)  # warm up (and the connection)
-            runs[name] = {"c1": measure_route(url, queries[:n], 1, 3600.0, n),
-                          "cc": measure_route(url, queries, c, duration, 10**9)}
+            runs[name] = {
+                "c1": measure_route(url, queries[:n], 1, 3600.0, n),
+                "cc": measure_route(url, queries, c, duration, 10**9),
+            }
         floors.append(encoder_floor(queries[:n], threads, batch, encoder_name))
         # the floor is measured before and after the routes; the ratios use the faster of the two
         # (the stricter floor), so machine noise cannot flatter them
-        floor = {**min(floors, key=lambda f: f["encoder_single_p50_ms"]),
-                 "encoder_batched_qps": max(f["encoder_batched_qps"] for f in floors),
-                 "encoder_single_p50_ms_runs": [f["encoder_single_p50_ms"] for f in floors],
-                 "encoder_batched_qps_runs": [f["encoder_batched_qps"] for f in floors]}
+        floor = {
+            **min(floors, key=lambda f: f["encoder_single_p50_ms"]),
+            "encoder_batched_qps": max(f["encoder_batched_qps"] for f in floors),
+            "encoder_single_p50_ms_runs": [f["encoder_single_p50_ms"] for f in floors],
+            "encoder_batched_qps_runs": [f["encoder_batched_qps"] for f in floors],
+        }
     finally:
         if started_here:
             launch.shutdown()
@@ -187,30 +197,55 @@ def main(argv: list[str] | None = None) -> dict:
         c1, cc = r["c1"], r["cc"]
         per_path[name] = {
             "url": paths[name],
-            "route_c1_p50_ms": c1["p50_ms"], "route_c1_p99_ms": c1["p99_ms"], "route_c1_qps": c1["qps"],
-            "route_c16_p50_ms": cc["p50_ms"], "route_c16_p99_ms": cc["p99_ms"], "route_c16_qps": cc["qps"],
+            "route_c1_p50_ms": c1["p50_ms"],
+            "route_c1_p99_ms": c1["p99_ms"],
+            "route_c1_qps": c1["qps"],
+            "route_c16_p50_ms": cc["p50_ms"],
+            "route_c16_p99_ms": cc["p99_ms"],
+            "route_c16_qps": cc["qps"],
             "ratio_p50_c1": c1["p50_ms"] / floor["encoder_single_p50_ms"],
             "ratio_qps_c16": cc["qps"] / floor["encoder_batched_qps"],
-            "errors": c1["errors"] + cc["errors"], "n_c1": n, "n_c16": cc["n"],
+            "errors": c1["errors"] + cc["errors"],
+            "n_c1": n,
+            "n_c16": cc["n"],
         }
     best = min(per_path, key=lambda k: per_path[k]["route_c1_p50_ms"])
-    report = {**floor, **per_path[best], "path": best, "paths": per_path, "concurrency": c,
-              "cpus": os.cpu_count(), "batch": batch}
+    report = {
+        **floor,
+        **per_path[best],
+        "path": best,
+        "paths": per_path,
+        "concurrency": c,
+        "cpus": os.cpu_count(),
+        "batch": batch,
+    }
     mean_chars = float(np.mean([len(q) for q in queries[:n]]))
-    print(f"{n} RouterBench queries (mean {mean_chars:.0f} chars) sequentially, then {duration:g}s at {c} clients, "
-          f"per path; encoder floor in this process on {threads} torch thread(s), batch {batch}; {report['cpus']} CPUs")
+    print(
+        f"{n} RouterBench queries (mean {mean_chars:.0f} chars) sequentially, then {duration:g}s at {c} clients, "
+        f"per path; encoder floor in this process on {threads} torch thread(s), batch {batch}; {report['cpus']} CPUs"
+    )
     print(f"{'':34s}{'p50 ms':>10s}{'p99 ms':>10s}{'req/s':>10s}")
-    print(f"{'bare encoder, 1 query':34s}{floor['encoder_single_p50_ms']:10.1f}{floor['encoder_single_p99_ms']:10.1f}"
-          f"{1000.0 / floor['encoder_single_p50_ms']:10.1f}")
+    print(
+        f"{'bare encoder, 1 query':34s}{floor['encoder_single_p50_ms']:10.1f}{floor['encoder_single_p99_ms']:10.1f}"
+        f"{1000.0 / floor['encoder_single_p50_ms']:10.1f}"
+    )
     print(f"{'bare encoder, batched':34s}{'':10s}{'':10s}{floor['encoder_batched_qps']:10.1f}")
-    print("  (floor measured before and after the routes: single p50 "
-          + ", ".join(f"{v:.1f}" for v in floor["encoder_single_p50_ms_runs"]) + " ms; batched "
-          + ", ".join(f"{v:.1f}" for v in floor["encoder_batched_qps_runs"]) + " q/s; the ratios use the faster)")
+    print(
+        "  (floor measured before and after the routes: single p50 "
+        + ", ".join(f"{v:.1f}" for v in floor["encoder_single_p50_ms_runs"])
+        + " ms; batched "
+        + ", ".join(f"{v:.1f}" for v in floor["encoder_batched_qps_runs"])
+        + " q/s; the ratios use the faster)"
+    )
     for name, r in per_path.items():
-        print(f"{f'/v1/route via {name}, 1 client':34s}{r['route_c1_p50_ms']:10.1f}{r['route_c1_p99_ms']:10.1f}"
-              f"{r['route_c1_qps']:10.1f}")
-        print(f"{f'/v1/route via {name}, {c} clients':34s}{r['route_c16_p50_ms']:10.1f}{r['route_c16_p99_ms']:10.1f}"
-              f"{r['route_c16_qps']:10.1f}")
+        print(
+            f"{f'/v1/route via {name}, 1 client':34s}{r['route_c1_p50_ms']:10.1f}{r['route_c1_p99_ms']:10.1f}"
+            f"{r['route_c1_qps']:10.1f}"
+        )
+        print(
+            f"{f'/v1/route via {name}, {c} clients':34s}{r['route_c16_p50_ms']:10.1f}{r['route_c16_p99_ms']:10.1f}"
+            f"{r['route_c16_qps']:10.1f}"
+        )
     for name, r in per_path.items():
         print(f"via {name} ({r['url']}):")
         print(f"  ratio p50(route, 1 client) / p50(bare encode)          = {r['ratio_p50_c1']:.2f}  (target <= 1.5)")

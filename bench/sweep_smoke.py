@@ -44,9 +44,16 @@ def main() -> None:
     if present_release("routerbench", data) is None:
         raise SystemExit(f"no RouterBench file in {data}: set RAY_ROUTER_DATA_DIR (e.g. ../shared/data)")
     work = Path(tempfile.mkdtemp(prefix="rr-sweep-bench-"))
-    env = {**os.environ, "RAY_ROUTER_DATA_DIR": str(data), "RAY_ROUTER_CACHE_DIR": str(work / "cache"),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "RAY_ROUTER_DATA_DIR": str(data),
+        "RAY_ROUTER_CACHE_DIR": str(work / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     smoke = _timed(["tune_jobs/paper_sweep.yaml", "--smoke-test", "--storage-path", str(work / "st"), *RAY], env, 0)
     big = yaml.safe_load((REPO / "tune_jobs" / "paper_sweep.yaml").read_text())
     big["name"] = "too-big"

@@ -7,6 +7,6 @@ Ray Tune live in ``ray_router.serve`` and ``ray_router.tune``.
 
 __version__ = "0.1.0"
 
-from ray_router.errors import ConfigError, DataError, RouterError  # noqa: E402
+from ray_router.errors import ConfigError, DataError, RouterError
 
-__all__ = ["__version__", "RouterError", "DataError", "ConfigError"]
+__all__ = ["ConfigError", "DataError", "RouterError", "__version__"]

@@ -53,22 +53,41 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_table_args(p: argparse.ArgumentParser) -> None:
     """Columns of a user's own Parquet/CSV table (passed to the loader only when given)."""
-    p.add_argument("--arms", type=_csv, default=None, metavar="A,B,C",
-                   help="comma-separated score columns that are the arms (default: the <stem>.summary.json "
-                        "'models' list, else every column X with an 'X|total_cost' column)")
-    p.add_argument("--text-column", default=None, metavar="NAME",
-                   help="query text column of a Parquet/CSV table "
-                        "(default: prompt, question, query, text or instruction)")
-    p.add_argument("--category-column", default=None, metavar="NAME",
-                   help="category column of a Parquet/CSV table (default: eval_name, task, category or source)")
-    p.add_argument("--id-column", default=None, metavar="NAME",
-                   help="unique query id column of a Parquet/CSV table (default: sample_id, row_id, query_id, "
-                        "id, else the row number)")
+    p.add_argument(
+        "--arms",
+        type=_csv,
+        default=None,
+        metavar="A,B,C",
+        help="comma-separated score columns that are the arms (default: the <stem>.summary.json "
+        "'models' list, else every column X with an 'X|total_cost' column)",
+    )
+    p.add_argument(
+        "--text-column",
+        default=None,
+        metavar="NAME",
+        help="query text column of a Parquet/CSV table (default: prompt, question, query, text or instruction)",
+    )
+    p.add_argument(
+        "--category-column",
+        default=None,
+        metavar="NAME",
+        help="category column of a Parquet/CSV table (default: eval_name, task, category or source)",
+    )
+    p.add_argument(
+        "--id-column",
+        default=None,
+        metavar="NAME",
+        help="unique query id column of a Parquet/CSV table (default: sample_id, row_id, query_id, "
+        "id, else the row number)",
+    )
 
 
 # --flag -> loader keyword; the column flags apply only to tables read by load_generic.
-_COLUMN_FLAGS = {"text_column": ("--text-column", "text_col"), "category_column": ("--category-column", "category_col"),
-                 "id_column": ("--id-column", "id_col")}
+_COLUMN_FLAGS = {
+    "text_column": ("--text-column", "text_col"),
+    "category_column": ("--category-column", "category_col"),
+    "id_column": ("--id-column", "id_col"),
+}
 
 
 def _table_options(args, dataset: str) -> dict[str, Any]:
@@ -90,16 +109,23 @@ def _table_options(args, dataset: str) -> dict[str, Any]:
         options[keyword] = value
         given.append(flag)
     if given and not uses_generic_loader(dataset):
-        raise ConfigError(f"{', '.join(given)}: only for a Parquet/CSV table or routerdc; {dataset!r} has fixed "
-                          "columns (--arms still selects its arms)")
+        raise ConfigError(
+            f"{', '.join(given)}: only for a Parquet/CSV table or routerdc; {dataset!r} has fixed "
+            "columns (--arms still selects its arms)"
+        )
     return options
 
 
 def _add_encoder_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--encoder", default="minilm",
-                   help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a sentence-transformers folder")
+    p.add_argument(
+        "--encoder",
+        default="minilm",
+        help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a sentence-transformers folder",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)")
+    p.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)"
+    )
 
 
 def _add_eval_args(p: argparse.ArgumentParser, *, seeds: int, rounds: int) -> None:
@@ -115,13 +141,29 @@ def _add_eval_args(p: argparse.ArgumentParser, *, seeds: int, rounds: int) -> No
     p.add_argument("--offline-fraction", type=_float, default=0.2)
     p.add_argument("--k-per-category", type=int, default=5)
     p.add_argument("--held-out", default=None, help="category held out of the offline part (--split holdout)")
-    p.add_argument("--split-seed", type=int, default=None, help="one fixed split for every seed (default: a split per seed)")
-    p.add_argument("--context", default="query", choices=("query", "constant"),
-                   help="constant: every query embedding replaced by one vector (ablation: is the router contextual?)")
-    p.add_argument("--cost-normaliser", default="shared", choices=("shared", "category_max"),
-                   help="costs in the weightings: the environment's normaliser (shared) or the old per-table max")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="POLICY.FIELD=VALUE",
-                   help="policy hyperparameter, e.g. fgts_cdb.eta=0.5 (repeatable)")
+    p.add_argument(
+        "--split-seed", type=int, default=None, help="one fixed split for every seed (default: a split per seed)"
+    )
+    p.add_argument(
+        "--context",
+        default="query",
+        choices=("query", "constant"),
+        help="constant: every query embedding replaced by one vector (ablation: is the router contextual?)",
+    )
+    p.add_argument(
+        "--cost-normaliser",
+        default="shared",
+        choices=("shared", "category_max"),
+        help="costs in the weightings: the environment's normaliser (shared) or the old per-table max",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="POLICY.FIELD=VALUE",
+        help="policy hyperparameter, e.g. fgts_cdb.eta=0.5 (repeatable)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes running seeds in parallel")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_table_args(p)
@@ -144,15 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="dataset files: download, info")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    d = dsub.add_parser("download", help="fetch the real release files from the Hugging Face Hub (needs internet; "
-                        "shows a progress bar)")
+    d = dsub.add_parser(
+        "download", help="fetch the real release files from the Hugging Face Hub (needs internet; shows a progress bar)"
+    )
     d.add_argument("name", help="routerbench or mixinstruct")
     d.add_argument("--dest", default=None, help="target folder (default: the data dir)")
-    d.add_argument("--splits", type=_csv, default=None, metavar="A,B",
-                   help="routerbench: 0shot,5shot (default both); mixinstruct: train,val,test (default test,val)")
-    d.add_argument("--if-missing", action="store_true",
-                   help="do nothing when the folder already holds a file of the dataset that `load_dataset` reads "
-                        "(`make run` uses it: it downloads RouterBench only on a machine without the data)")
+    d.add_argument(
+        "--splits",
+        type=_csv,
+        default=None,
+        metavar="A,B",
+        help="routerbench: 0shot,5shot (default both); mixinstruct: train,val,test (default test,val)",
+    )
+    d.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when the folder already holds a file of the dataset that `load_dataset` reads "
+        "(`make run` uses it: it downloads RouterBench only on a machine without the data)",
+    )
     _add_data_args(d)
     d = dsub.add_parser("info", help="load a dataset and print its summary")
     d.add_argument("name", help="routerbench, routerdc, mixinstruct or a file path")
@@ -188,28 +239,47 @@ def _add_tune_parser(sub) -> None:
     p = sub.add_parser("tune", help="Ray Tune sweep from a YAML file (tune_jobs/); resumes from its storage path")
     p.add_argument("sweep", help="sweep file, e.g. tune_jobs/paper_sweep.yaml")
     p.add_argument("--smoke-test", action="store_true", help="the file's smoke_test budget (CI: under ~2 minutes)")
-    p.add_argument("--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray")
+    p.add_argument(
+        "--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray"
+    )
     p.add_argument("--storage-path", default="runs/tune", help="results root; the sweep lives in STORAGE/<name>")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
     p.add_argument("--fresh", action="store_true", help="delete STORAGE/<name> and start over instead of resuming")
     p.add_argument("--no-report", action="store_true", help="tune only: no fresh-seed re-runs, report or Serve export")
     _add_data_args(p)
-    p.add_argument("--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)")
+    p.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)"
+    )
     p.add_argument("--device", default=None, help="encoder device (default: the sweep file's)")
-    p.add_argument("--artifacts-dir", default=None,
-                   help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)")
+    p.add_argument(
+        "--artifacts-dir",
+        default=None,
+        help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)",
+    )
 
 
 def cmd_tune(args) -> int:
     from ray_router.tune.sweep import run_sweep  # imports Ray only when the command runs
 
-    out = run_sweep(args.sweep, smoke_test=args.smoke_test, address=args.address, storage_path=args.storage_path,
-                    num_cpus=args.num_cpus, object_store_mb=args.object_store_mb, fresh=args.fresh,
-                    data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device,
-                    artifacts_dir=args.artifacts_dir, make_report=not args.no_report)
-    print(f"{out.experiment_dir}: {out.n_trials} trials ({out.n_complete} complete, {out.n_stopped} stopped early, "
-          f"{out.n_errored} errored){' after resuming' if out.resumed else ''}; {out.wall_seconds:.0f}s")
+    out = run_sweep(
+        args.sweep,
+        smoke_test=args.smoke_test,
+        address=args.address,
+        storage_path=args.storage_path,
+        num_cpus=args.num_cpus,
+        object_store_mb=args.object_store_mb,
+        fresh=args.fresh,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        artifacts_dir=args.artifacts_dir,
+        make_report=not args.no_report,
+    )
+    print(
+        f"{out.experiment_dir}: {out.n_trials} trials ({out.n_complete} complete, {out.n_stopped} stopped early, "
+        f"{out.n_errored} errored){' after resuming' if out.resumed else ''}; {out.wall_seconds:.0f}s"
+    )
     for name, path in out.paths.items():
         print(f"  {name}: {path}")
     return 1 if out.n_errored else 0
@@ -221,10 +291,15 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--config", default="serve_configs/local.yaml", help="Serve config YAML (see serve_configs/)")
     p.add_argument("--host", default=None, help="HTTP host (default: the config's)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
-    p.add_argument("--state-dir", default=None,
-                   help="posterior state (default: the config's, else $RAY_ROUTER_STATE_DIR, else ~/.local/state/ray-router/serve)")
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="posterior state (default: the config's, else $RAY_ROUTER_STATE_DIR, else ~/.local/state/ray-router/serve)",
+    )
     _add_data_args(p)
-    p.add_argument("--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray")
+    p.add_argument(
+        "--address", default=None, help="existing Ray cluster (auto, ray://host:10001); default: a local Ray"
+    )
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
     p.add_argument("--metrics-port", type=int, default=None, help="export Ray's Prometheus metrics on this port")
@@ -244,11 +319,19 @@ def _add_grafana_parser(sub) -> None:
     g = gsub.add_parser("export", help="write the dashboard JSON (the file k8s/base/grafana provisions)")
     g.add_argument("--out", default=None, help="file to write (default: stdout)")
     g = gsub.add_parser("push", help="create or replace the dashboard (POST /api/dashboards/db)")
-    g.add_argument("--url", required=True, help="Grafana's base URL, e.g. https://grafana.example.com (a sub-path is kept)")
-    g.add_argument("--token-env", default="GRAFANA_TOKEN", metavar="NAME",
-                   help="env var holding a service-account token or API key, sent as Bearer "
-                        "(default GRAFANA_TOKEN, else GRAFANA_API_KEY)")
-    g.add_argument("--basic-auth-env", default=None, metavar="NAME", help="env var holding USER:PASSWORD, instead of a token")
+    g.add_argument(
+        "--url", required=True, help="Grafana's base URL, e.g. https://grafana.example.com (a sub-path is kept)"
+    )
+    g.add_argument(
+        "--token-env",
+        default="GRAFANA_TOKEN",
+        metavar="NAME",
+        help="env var holding a service-account token or API key, sent as Bearer "
+        "(default GRAFANA_TOKEN, else GRAFANA_API_KEY)",
+    )
+    g.add_argument(
+        "--basic-auth-env", default=None, metavar="NAME", help="env var holding USER:PASSWORD, instead of a token"
+    )
     g.add_argument("--folder-uid", default=None, help="folder to put the dashboard in (default: General)")
     g.add_argument("--no-overwrite", action="store_true", help="fail if Grafana has the dashboard already")
     g.add_argument("--message", default=None, help="version-history message")
@@ -277,10 +360,20 @@ def cmd_grafana(args) -> int:
         names = [args.token_env] + (["GRAFANA_API_KEY"] if args.token_env == "GRAFANA_TOKEN" else [])
         token = next((os.environ[n] for n in names if os.environ.get(n)), None)
         if token is None:
-            raise ConfigError(f"no Grafana token: set ${names[0]} (a service-account token with the Editor role) "
-                              "or pass --basic-auth-env")
-    result = push_dashboard(args.url, build_dashboard(), token=token, basic_auth=basic, folder_uid=args.folder_uid,
-                            overwrite=not args.no_overwrite, message=args.message, timeout_s=args.timeout)
+            raise ConfigError(
+                f"no Grafana token: set ${names[0]} (a service-account token with the Editor role) "
+                "or pass --basic-auth-env"
+            )
+    result = push_dashboard(
+        args.url,
+        build_dashboard(),
+        token=token,
+        basic_auth=basic,
+        folder_uid=args.folder_uid,
+        overwrite=not args.no_overwrite,
+        message=args.message,
+        timeout_s=args.timeout,
+    )
     print(f"{result.status}: dashboard {result.uid} version {result.version}: {args.url.rstrip('/')}{result.url}")
     return 0
 
@@ -296,16 +389,33 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
     encoder = get_encoder(args.encoder, cache_dir=cache, device=args.device)
     t0 = time.perf_counter()
     X = encoder.encode(list(table.texts))
-    print(f"[ray-router] {table.name}: {table.n_queries} queries x {table.n_arms} arms, "
-          f"{len(table.category_names)} categories; embedded in {time.perf_counter() - t0:.1f}s "
-          f"({getattr(encoder, 'n_encoded', '?')} texts encoded, the rest from the cache)", file=sys.stderr)
+    print(
+        f"[ray-router] {table.name}: {table.n_queries} queries x {table.n_arms} arms, "
+        f"{len(table.category_names)} categories; embedded in {time.perf_counter() - t0:.1f}s "
+        f"({getattr(encoder, 'n_encoded', '?')} texts encoded, the rest from the cache)",
+        file=sys.stderr,
+    )
     label = args.encoder if args.encoder in ("minilm", "hash", "lookup") else "custom"
     return table, X, "base" if label == "minilm" else label
 
 
 # EvalConfig fields set by `evaluate`/`run` flags: field -> argparse dest (the field's name where not listed)
-_EVAL_FLAGS = ("policies", "n_seeds", "base_seed", "n_rounds", "cost_weight", "kappa", "split", "offline_fraction",
-               "k_per_category", "held_out", "split_seed", "weighting", "context", "cost_normaliser")
+_EVAL_FLAGS = (
+    "policies",
+    "n_seeds",
+    "base_seed",
+    "n_rounds",
+    "cost_weight",
+    "kappa",
+    "split",
+    "offline_fraction",
+    "k_per_category",
+    "held_out",
+    "split_seed",
+    "weighting",
+    "context",
+    "cost_normaliser",
+)
 _EVAL_DEST = {"n_seeds": "seeds", "n_rounds": "rounds"}
 
 
@@ -341,11 +451,21 @@ def cmd_experiment(args) -> int:
     from ray_router.config import parse
     from ray_router.evaluation.paper import PaperConfig, run_paper
 
-    overrides = {k: v for k, v in {
-        "dataset": args.dataset, "n_seeds": args.seeds, "n_rounds": args.rounds, "cost_weight": args.cost_weight,
-        "held_out": args.held_out, "baselines": args.baselines, "workers": args.workers,
-        "lambda_grid": args.lambdas or None, "subsample": args.subsample,
-    }.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "dataset": args.dataset,
+            "n_seeds": args.seeds,
+            "n_rounds": args.rounds,
+            "cost_weight": args.cost_weight,
+            "held_out": args.held_out,
+            "baselines": args.baselines,
+            "workers": args.workers,
+            "lambda_grid": args.lambdas or None,
+            "subsample": args.subsample,
+        }.items()
+        if v is not None
+    }
     cfg = PaperConfig.quick(**overrides) if args.quick else parse(PaperConfig, overrides, where="experiment paper")
     result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)
     print(result.report)
@@ -392,8 +512,14 @@ def cmd_policies(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "run": cmd_evaluate, "data": cmd_data, "policies": cmd_policies,
-            "experiment": cmd_experiment, "tune": cmd_tune}
+COMMANDS = {
+    "evaluate": cmd_evaluate,
+    "run": cmd_evaluate,
+    "data": cmd_data,
+    "policies": cmd_policies,
+    "experiment": cmd_experiment,
+    "tune": cmd_tune,
+}
 COMMANDS["serve"] = cmd_serve
 COMMANDS["grafana"] = cmd_grafana
 

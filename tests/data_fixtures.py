@@ -22,7 +22,7 @@ def shared_data_dir() -> Path | None:
     """The directory holding the real shared data files, or None. ``$RAY_ROUTER_DATA_DIR``, when set,
     is the only place looked at (as for the product); else ``../shared/data``, else ``./data``."""
     env = os.environ.get("RAY_ROUTER_DATA_DIR")
-    for cand in ([env] if env else [REPO.parent / "shared" / "data", REPO / "data"]):
+    for cand in [env] if env else [REPO.parent / "shared" / "data", REPO / "data"]:
         if (Path(cand) / SUBSET).is_file():
             return Path(cand)
     return None
@@ -94,7 +94,8 @@ def write_routerbench_pickle(path: Path, dup_order: str = "normal_first", seed: 
         best = max(finite.values()) if finite else 0
         rec["oracle_model_to_route_to"] = (
             min((m for m, s in finite.items() if s == best), key=lambda m: costs[RB_MODELS.index(m)])
-            if best > 0 else "no_model_correct"
+            if best > 0
+            else "no_model_correct"
         )
         return rec
 
@@ -124,13 +125,23 @@ def write_routerbench_pickle(path: Path, dup_order: str = "normal_first", seed: 
         row("arc-challenge.test.0", ["Question: 2+2?\nA) 4\nB) 5"], "arc-challenge", scores01(), costs()),
         *pair,
         row("mbpp.dev.1", ["Write a function that adds two numbers.", "def add(a, b):"], "mbpp", scores01(), costs()),
-        row("winogrande.dev.2", ["The trophy didn't fit in the case because _ was too big."], "winogrande",
-            scores01(), costs()),
+        row(
+            "winogrande.dev.2",
+            ["The trophy didn't fit in the case because _ was too big."],
+            "winogrande",
+            scores01(),
+            costs(),
+        ),
         row("winogrande.dev.3", ["Sam lent Max money because _ was rich."], "winogrande", nan_scores, nan_costs),
     ]
     df = pd.DataFrame(rows, columns=RB_COLUMNS, index=[36497 + i for i in range(len(rows))])
-    for col in ["sample_id", "prompt", "eval_name", "oracle_model_to_route_to",
-                *[f"{m}|model_response" for m in RB_RESPONSE_ORDER]]:
+    for col in [
+        "sample_id",
+        "prompt",
+        "eval_name",
+        "oracle_model_to_route_to",
+        *[f"{m}|model_response" for m in RB_RESPONSE_ORDER],
+    ]:
         df[col] = df[col].astype(object)
     for m in RB_MODELS:  # the release stores scores as object dtype
         df[m] = pd.Series([float(v) for v in df[m]], index=df.index, dtype=object)
@@ -192,22 +203,24 @@ def write_mixinstruct_fixture(
         cands = []
         for k, model in enumerate(models):
             bart = float(-3.6 + quality[k] + rng.normal(0, 0.5))
-            cands.append({
-                "decoding_method": "top_p_sampling",
-                "model": model,
-                "text": f"answer of {model} to record {i}",
-                "scores": {
-                    "logprobs": float(-rng.gamma(2.0, 20.0)),
-                    "rougeL": float(rng.uniform(0, 0.5)),
-                    "rouge2": float(rng.uniform(0, 0.3)),
-                    "rougeLsum": float(rng.uniform(0, 0.5)),
-                    "rouge1": float(rng.uniform(0, 0.6)),
-                    "bleu": float(rng.uniform(0, 40)),
-                    "bertscore": float(rng.uniform(0.5, 0.8)),
-                    "bleurt": float(rng.normal(-0.6, 0.3)),
-                    "bartscore": round(bart, 4),
-                },
-            })
+            cands.append(
+                {
+                    "decoding_method": "top_p_sampling",
+                    "model": model,
+                    "text": f"answer of {model} to record {i}",
+                    "scores": {
+                        "logprobs": float(-rng.gamma(2.0, 20.0)),
+                        "rougeL": float(rng.uniform(0, 0.5)),
+                        "rouge2": float(rng.uniform(0, 0.3)),
+                        "rougeLsum": float(rng.uniform(0, 0.5)),
+                        "rouge1": float(rng.uniform(0, 0.6)),
+                        "bleu": float(rng.uniform(0, 40)),
+                        "bertscore": float(rng.uniform(0.5, 0.8)),
+                        "bleurt": float(rng.normal(-0.6, 0.3)),
+                        "bartscore": round(bart, 4),
+                    },
+                }
+            )
         cmp: Any = "null"
         if rng.random() < cmp_fraction:
             verdicts = {}
@@ -221,14 +234,16 @@ def write_mixinstruct_fixture(
                         verdict = "A is better" if diff > 0 else "B is better"
                     verdicts[f"{models[a]},{models[b]}"] = verdict
             cmp = json.dumps(verdicts)
-        records.append({
-            "id": f"{source}/{10000 + i}",
-            "instruction": instruction,
-            "input": inp,
-            "output": f"reference answer {i}",
-            "candidates": cands,
-            "cmp_results": cmp,
-        })
+        records.append(
+            {
+                "id": f"{source}/{10000 + i}",
+                "instruction": instruction,
+                "input": inp,
+                "output": f"reference answer {i}",
+                "candidates": cands,
+                "cmp_results": cmp,
+            }
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as fh:
         if json_array:
@@ -252,10 +267,18 @@ def write_routerbench_subset(data_dir: Path, n: int = 600, seed: int = 0) -> Pat
     cats = np.array(SUBSET_CATEGORIES)[rng.choice(3, size=n, p=[0.46, 0.14, 0.40])]
     quality = rng.uniform(0.2, 0.9, (3, len(RB_MODELS)))
     price = rng.uniform(1e-5, 3e-3, len(RB_MODELS))
-    shots = {c: "".join(f"Solved example {k} of {c}: a question, four choices and its answer.\nAnswer:\nA\n\n"
-                        for k in range(5)) for c in ("arc-challenge", "winogrande")}
-    prompts = [f"Write a function number {i}.\ndef f{i}():" if c == "mbpp"
-               else f"{shots[c]}Question {i} about {c}: what is {i % 17} + {i % 5}?\nAnswer:" for i, c in enumerate(cats)]
+    shots = {
+        c: "".join(
+            f"Solved example {k} of {c}: a question, four choices and its answer.\nAnswer:\nA\n\n" for k in range(5)
+        )
+        for c in ("arc-challenge", "winogrande")
+    }
+    prompts = [
+        f"Write a function number {i}.\ndef f{i}():"
+        if c == "mbpp"
+        else f"{shots[c]}Question {i} about {c}: what is {i % 17} + {i % 5}?\nAnswer:"
+        for i, c in enumerate(cats)
+    ]
     ci = np.searchsorted(SUBSET_CATEGORIES, cats)
     frame: dict[str, Any] = {
         "orig_index": np.arange(n, dtype=np.int64),
@@ -270,13 +293,17 @@ def write_routerbench_subset(data_dir: Path, n: int = 600, seed: int = 0) -> Pat
         frame[m] = scores[:, k]
     for k, m in enumerate(RB_MODELS):
         frame[f"{m}|total_cost"] = price[k] * rng.uniform(0.5, 1.5, n)
-    frame.update({
-        "oracle_model_to_route_to": [RB_MODELS[int(np.argmax(s))] if s.max() > 0 else "no_model_correct" for s in scores],
-        "merged_duplicate": np.zeros(n, dtype=bool),
-        "orig_index_dup": np.full(n, np.nan),
-        "routerdc_split": np.where(rng.random(n) < 0.8, "train", "test"),
-        "routerdc_cluster_id": rng.integers(0, 8, n).astype(np.float64),
-    })
+    frame.update(
+        {
+            "oracle_model_to_route_to": [
+                RB_MODELS[int(np.argmax(s))] if s.max() > 0 else "no_model_correct" for s in scores
+            ],
+            "merged_duplicate": np.zeros(n, dtype=bool),
+            "orig_index_dup": np.full(n, np.nan),
+            "routerdc_split": np.where(rng.random(n) < 0.8, "train", "test"),
+            "routerdc_cluster_id": rng.integers(0, 8, n).astype(np.float64),
+        }
+    )
     data_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(frame).to_parquet(data_dir / SUBSET, index=False)
     return data_dir

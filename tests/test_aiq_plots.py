@@ -70,8 +70,15 @@ def _curves(n_groups: int, n_seeds: int = 3, n_rounds: int = 20) -> pd.DataFrame
             inst = rng.random(n_rounds) * (1 + g / 10)
             served = rng.random(n_rounds)
             for t in range(n_rounds):
-                rows.append({"config": f"config-{g:02d}", "seed": s, "round": t + 1,
-                             "cum_regret": inst[: t + 1].sum(), "cum_served_regret": served[: t + 1].sum()})
+                rows.append(
+                    {
+                        "config": f"config-{g:02d}",
+                        "seed": s,
+                        "round": t + 1,
+                        "cum_regret": inst[: t + 1].sum(),
+                        "cum_served_regret": served[: t + 1].sum(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -88,8 +95,9 @@ def test_plot_regret_sixteen_groups_and_other_column(tmp_path):
     curves = _curves(16)
     p = plot_regret(curves, tmp_path / "regret.png", title="16 configs", group="config")
     assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000
-    q = plot_regret(curves, tmp_path / "served.png", group="config", column="cum_served_regret",
-                    ylabel="cumulative served regret")
+    q = plot_regret(
+        curves, tmp_path / "served.png", group="config", column="cum_served_regret", ylabel="cumulative served regret"
+    )
     assert q.read_bytes()[:8] == PNG and q.stat().st_size > 1000
     with pytest.raises(KeyError):
         plot_regret(curves, tmp_path / "x.png", group="config", column="no_such_column")
@@ -102,8 +110,10 @@ def test_plot_regret_sixteen_groups_and_other_column(tmp_path):
 def test_plot_perf_cost_three_routers(tmp_path, costs):
     arms = [(f"org/model-{i}", c, 0.4 + 0.1 * i) for i, c in enumerate(costs)]
     lams = (0.0, 0.5, 1.0, 2.0)
-    routers = {f"router {k}": [(lam, costs[-1] / (1 + lam + k), 0.75 - 0.05 * lam - 0.02 * k) for lam in lams]
-               for k in range(3)}
+    routers = {
+        f"router {k}": [(lam, costs[-1] / (1 + lam + k), 0.75 - 0.05 * lam - 0.02 * k) for lam in lams]
+        for k in range(3)
+    }
     aiqs = {"single-arm hull": 0.61, "router 0": 0.70, "router 2": 0.64}
     p = plot_perf_cost(tmp_path / "pc.png", arms, routers, title="perf-cost", aiq_values=aiqs)
     assert p.read_bytes()[:8] == PNG and p.stat().st_size > 1000

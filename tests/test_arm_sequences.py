@@ -22,7 +22,9 @@ from ray_router.policies import PolicyEnv, get_entry, make_policy, policy_names
 
 GOLDEN = Path(__file__).parent / "golden" / "arm_sequences.json"
 K, D, ROUNDS = 6, 8, 60
-ROUTERS = [n for n in policy_names() if get_entry(n).reference is None]  # hindsight references are computed by the evaluator
+ROUTERS = [
+    n for n in policy_names() if get_entry(n).reference is None
+]  # hindsight references are computed by the evaluator
 
 
 def _problem():
@@ -66,7 +68,9 @@ def test_arm_sequence_is_unchanged(name):
     golden = _golden()
     assert name in golden, f"no recorded sequence for {name!r}: regenerate (see the module docstring)"
     first_diff = next((t for t, (a, b) in enumerate(zip(got, golden[name])) if a != b), None)
-    assert got == golden[name], f"{name}: round {first_diff} chose {got[first_diff]}, recorded {golden[name][first_diff]}"
+    assert got == golden[name], (
+        f"{name}: round {first_diff} chose {got[first_diff]}, recorded {golden[name][first_diff]}"
+    )
 
 
 def test_every_policy_has_a_recorded_sequence():

@@ -50,7 +50,14 @@ TINY = CCFTConfig(queries_per_category=8, epochs=1, max_seq_length=32, batch_siz
 def test_config_defaults_and_round_trip():
     c = CCFTConfig()
     assert (c.loss, c.queries_per_category, c.epochs, c.lr, c.batch_size, c.scale, c.max_seq_length, c.seed) == (
-        "masked_mnrl", 32, 4, 2e-5, 32, 20.0, None, 0
+        "masked_mnrl",
+        32,
+        4,
+        2e-5,
+        32,
+        20.0,
+        None,
+        0,
     )
     assert (c.warmup_ratio, c.weight_decay, c.max_grad_norm) == (0.1, 0.01, 1.0)
     assert parse(CCFTConfig, c.to_dict()) == c and parse(CCFTConfig, TINY.to_dict()) == TINY
@@ -106,6 +113,7 @@ def test_config_rejects_unknown_fields():
 
 # ======================================================================= loss
 
+
 def _reference_loss(a: np.ndarray, p: np.ndarray, labels: np.ndarray | None, scale: float) -> float:
     """The loss written out by hand: mean_i [-L_ii + log sum_{j in C(i)} exp(L_ij)]."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
@@ -150,6 +158,7 @@ def test_label_aware_loss_does_not_count_same_category_items_as_negatives():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     p2 = p.clone()
     p2[1] = a[0] * 3.0
+
     def rows(loss, pp):
         return torch.nn.functional.cross_entropy(loss.logits(a, pp, y), torch.arange(6), reduction="none")
 
@@ -267,8 +276,10 @@ class _FakeModel:
 
 
 def _fake_train(plan, device):
-    return CCFTResult(_FakeModel(plan.fingerprint), {"format_version": ccft.FORMAT_VERSION, "kind": "ccft",
-                                                     "fingerprint": plan.fingerprint})
+    return CCFTResult(
+        _FakeModel(plan.fingerprint),
+        {"format_version": ccft.FORMAT_VERSION, "kind": "ccft", "fingerprint": plan.fingerprint},
+    )
 
 
 def test_artifact_directory_rules(tmp_path, monkeypatch):
@@ -341,7 +352,8 @@ def test_silhouette_follows_its_definition():
     X = np.array([[1.0, 0.1], [1.0, 0.0], [0.0, 1.0], [0.1, 1.0]])
     s = 1 - (1 - 1 / np.sqrt(1.01)) / (1 - 0.05 / np.sqrt(1.01))  # row 1: a = 1 - cos(x0, x1), b = mean cross
     assert category_separation(X, list("aabb"), X, list("aabb"))["per_category"]["a"]["silhouette"] == pytest.approx(
-        _silhouette_by_definition(X, np.array(list("aabb")))[:2].mean(), abs=1e-12)
+        _silhouette_by_definition(X, np.array(list("aabb")))[:2].mean(), abs=1e-12
+    )
     assert _silhouette_by_definition(X, np.array(list("aabb")))[1] == pytest.approx(s, abs=1e-12)
 
 
@@ -367,18 +379,21 @@ def test_category_separation_rejects_bad_input(X_train, y_train, X_eval, y_eval)
 # ================================================================== schedule
 def _hand_written_schedule(lr: float, n_warmup: int, n_steps: int) -> list[float]:
     """The warm-up schedule CCFT used before it moved to transformers' scheduler."""
+
     def factor(step: int) -> float:
         if step < n_warmup:
             return (step + 1) / (n_warmup + 1)
         return max(0.0, (n_steps - step) / max(1, n_steps - n_warmup))
+
     return [lr * factor(step) for step in range(n_steps)]
 
 
 @pytest.mark.parametrize("n_steps, warmup_ratio", [(1, 0.1), (9, 0.3), (7, 0.0), (40, 0.1), (5, 0.99)])
 def test_warmup_schedule_gives_the_same_learning_rate_at_every_step(n_steps, warmup_ratio):
     param = torch.nn.Parameter(torch.zeros(3))
-    optimiser = torch.optim.AdamW([{"params": [param], "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}],
-                                  lr=2e-5)
+    optimiser = torch.optim.AdamW(
+        [{"params": [param], "weight_decay": 0.01}, {"params": [], "weight_decay": 0.0}], lr=2e-5
+    )
     n_warmup = math.ceil(warmup_ratio * n_steps)
     scheduler = warmup_linear_schedule(optimiser, n_warmup, n_steps)
     seen = []
@@ -396,10 +411,16 @@ def test_warmup_schedule_gives_the_same_learning_rate_at_every_step(n_steps, war
 # ======================================================== real encoder, real data
 SYNTHETIC_TOPICS = {
     "math": ["What is {} plus {}?", "Compute {} times {}.", "Is {} larger than {}?"],
-    "code": ["Write a Python function that returns {} + {}.", "Fix the bug on line {} of file{}.py",
-             "Sort a list of {} ints in {} ms"],
-    "story": ["Tell me a story about {} dragons and {} knights.", "Write a poem with {} lines about {} cats.",
-              "Describe a {} day at the {} sea."],
+    "code": [
+        "Write a Python function that returns {} + {}.",
+        "Fix the bug on line {} of file{}.py",
+        "Sort a list of {} ints in {} ms",
+    ],
+    "story": [
+        "Tell me a story about {} dragons and {} knights.",
+        "Write a poem with {} lines about {} cats.",
+        "Describe a {} day at the {} sea.",
+    ],
 }
 
 
@@ -413,8 +434,14 @@ def _synthetic_sample() -> dict:
     texts_a, cats_a = np.asarray(texts, dtype=object), np.asarray(cats, dtype=object)
     offline = np.flatnonzero(np.arange(len(texts)) % 20 < 12)
     online = np.flatnonzero(np.arange(len(texts)) % 20 >= 12)
-    return {"offline_texts": texts_a[offline], "offline_cats": cats_a[offline], "centroid_rows": offline,
-            "eval_rows": online, "texts": texts_a, "cats": cats_a}
+    return {
+        "offline_texts": texts_a[offline],
+        "offline_cats": cats_a[offline],
+        "centroid_rows": offline,
+        "eval_rows": online,
+        "texts": texts_a,
+        "cats": cats_a,
+    }
 
 
 def _routerbench_sample() -> dict:
@@ -432,9 +459,12 @@ def _routerbench_sample() -> dict:
         return np.sort(np.concatenate([rng.permutation(rows[cats[rows] == c])[:k] for c in sorted(set(cats))]))
 
     return {
-        "offline_texts": texts[split.offline], "offline_cats": cats[split.offline],
-        "centroid_rows": pick(split.offline, 10), "eval_rows": pick(split.online, 25),
-        "texts": texts, "cats": cats,
+        "offline_texts": texts[split.offline],
+        "offline_cats": cats[split.offline],
+        "centroid_rows": pick(split.offline, 10),
+        "eval_rows": pick(split.online, 25),
+        "texts": texts,
+        "cats": cats,
     }
 
 
@@ -490,9 +520,24 @@ def test_artifact_round_trip_identity_and_metadata(data, trained, tmp_path):
     assert reloaded.identity != base.identity and meta["fingerprint"] in reloaded.identity
     assert reloaded.identity == f"sentence-transformers:ccft-all-MiniLM-L6-v2:{meta['fingerprint']}"
     expected_keys = {
-        "format_version", "kind", "name", "fingerprint", "base_model", "config", "max_seq_length", "categories",
-        "n_train", "data_sha256", "created_at", "train_seconds", "train_cpu_seconds", "final_loss", "loss_history",
-        "n_steps", "device", "versions",
+        "format_version",
+        "kind",
+        "name",
+        "fingerprint",
+        "base_model",
+        "config",
+        "max_seq_length",
+        "categories",
+        "n_train",
+        "data_sha256",
+        "created_at",
+        "train_seconds",
+        "train_cpu_seconds",
+        "final_loss",
+        "loss_history",
+        "n_steps",
+        "device",
+        "versions",
     }
     assert expected_keys <= set(meta)
     assert meta["base_model"]["identity"] == base.identity and meta["base_model"]["fingerprint"] == base.fingerprint

@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args, env_extra=None, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ray_router.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ray_router.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,23 @@ def toy_csv(tmp_path_factory):
 
 def test_evaluate_writes_summary_curves_and_plot(toy_csv, tmp_path):
     out = tmp_path / "out"
-    res = run_cli("evaluate", "--dataset", str(toy_csv), "--policies", "fgts_cdb,uniform", "--seeds", "2",
-                  "--rounds", "40", "--encoder", "hash", "--set", "fgts_cdb.n_steps=3", "--out", str(out))
+    res = run_cli(
+        "evaluate",
+        "--dataset",
+        str(toy_csv),
+        "--policies",
+        "fgts_cdb,uniform",
+        "--seeds",
+        "2",
+        "--rounds",
+        "40",
+        "--encoder",
+        "hash",
+        "--set",
+        "fgts_cdb.n_steps=3",
+        "--out",
+        str(out),
+    )
     assert res.returncode == 0, res.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert [r["policy"] for r in summary] == ["fgts_cdb", "uniform"]
@@ -45,17 +66,24 @@ def test_evaluate_writes_summary_curves_and_plot(toy_csv, tmp_path):
     assert "dueling regret" in res.stdout and "served regret" in res.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--encoder", "hash", "--policies", "fgts_cdb,nope"], "unknown policy 'nope'"),
-    (["--encoder", "hash", "--set", "fgts_cdb.eta"], "POLICY.FIELD=VALUE"),
-    (["--encoder", "hash", "--set", "fgts_cdb.temperature=2"], "temperature"),
-    (["--encoder", "hash", "--set", "fgts_cdb.eta=-1"], "fgts_cdb config: eta: Input should be greater than or equal to 0"),
-    (["--encoder", "hash", "--split", "holdout", "--held-out", "zzz"], "held-out category 'zzz'"),
-    (["--encoder", "no-such-encoder"], "unknown encoder"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--encoder", "hash", "--policies", "fgts_cdb,nope"], "unknown policy 'nope'"),
+        (["--encoder", "hash", "--set", "fgts_cdb.eta"], "POLICY.FIELD=VALUE"),
+        (["--encoder", "hash", "--set", "fgts_cdb.temperature=2"], "temperature"),
+        (
+            ["--encoder", "hash", "--set", "fgts_cdb.eta=-1"],
+            "fgts_cdb config: eta: Input should be greater than or equal to 0",
+        ),
+        (["--encoder", "hash", "--split", "holdout", "--held-out", "zzz"], "held-out category 'zzz'"),
+        (["--encoder", "no-such-encoder"], "unknown encoder"),
+    ],
+)
 def test_bad_arguments_give_one_clear_error_line(toy_csv, tmp_path, args, message):
-    res = run_cli("evaluate", "--dataset", str(toy_csv), "--seeds", "1", "--rounds", "5",
-                  "--out", str(tmp_path / "o"), *args)
+    res = run_cli(
+        "evaluate", "--dataset", str(toy_csv), "--seeds", "1", "--rounds", "5", "--out", str(tmp_path / "o"), *args
+    )
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert message in res.stderr and "Traceback" not in res.stderr
 

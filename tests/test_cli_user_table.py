@@ -18,11 +18,13 @@ COLUMNS = ["question", "domain", "qid", *ARMS]
 def _frame(n: int = 60) -> pd.DataFrame:
     """60 queries, 3 categories, 0/1 scores per arm; column names that the loader does not guess."""
     rng = np.random.default_rng(7)
-    df = pd.DataFrame({
-        "question": [f"question {i}: something about {CATEGORIES[i % 3]}" for i in range(n)],
-        "domain": [CATEGORIES[i % 3] for i in range(n)],
-        "qid": [f"user-{i:03d}" for i in range(n)],
-    })
+    df = pd.DataFrame(
+        {
+            "question": [f"question {i}: something about {CATEGORIES[i % 3]}" for i in range(n)],
+            "domain": [CATEGORIES[i % 3] for i in range(n)],
+            "qid": [f"user-{i:03d}" for i in range(n)],
+        }
+    )
     for k, arm in enumerate(ARMS):
         df[arm] = (rng.random(n) < 0.3 + 0.25 * k).astype(float)
     return df
@@ -43,9 +45,27 @@ def csv_table(tmp_path):
 
 
 def _evaluate(dataset, out, *extra):
-    return main(["evaluate", "--dataset", str(dataset), *extra, "--policies", "uniform,best_fixed",
-                 "--seeds", "2", "--rounds", "30", "--encoder", "hash", "--cache-dir", str(out.parent / "cache"),
-                 "--out", str(out), "--no-progress"])
+    return main(
+        [
+            "evaluate",
+            "--dataset",
+            str(dataset),
+            *extra,
+            "--policies",
+            "uniform,best_fixed",
+            "--seeds",
+            "2",
+            "--rounds",
+            "30",
+            "--encoder",
+            "hash",
+            "--cache-dir",
+            str(out.parent / "cache"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
 
 
 def _assert_one_error_line(capsys, rc, *words):
@@ -61,8 +81,18 @@ def _assert_one_error_line(capsys, rc, *words):
 
 def test_evaluate_parquet_with_named_columns_and_arms(parquet_table, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _evaluate(parquet_table, out, "--arms", ",".join(ARMS), "--text-column", "question",
-                   "--category-column", "domain", "--id-column", "qid")
+    rc = _evaluate(
+        parquet_table,
+        out,
+        "--arms",
+        ",".join(ARMS),
+        "--text-column",
+        "question",
+        "--category-column",
+        "domain",
+        "--id-column",
+        "qid",
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads((out / "summary.json").read_text())
@@ -74,8 +104,16 @@ def test_evaluate_parquet_with_named_columns_and_arms(parquet_table, tmp_path, c
 
 def test_evaluate_csv_with_a_subset_of_arms(csv_table, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = _evaluate(csv_table, out, "--arms", "meta/llama-2-70b-chat,gpt-4-1106-preview",
-                   "--text-column", "question", "--category-column", "domain")
+    rc = _evaluate(
+        csv_table,
+        out,
+        "--arms",
+        "meta/llama-2-70b-chat,gpt-4-1106-preview",
+        "--text-column",
+        "question",
+        "--category-column",
+        "domain",
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads((out / "summary.json").read_text())
@@ -93,39 +131,45 @@ def test_sibling_summary_still_names_the_arms_without_flags(csv_table, tmp_path,
 
 def test_table_without_summary_or_arms_says_to_pass_arms(parquet_table, tmp_path, capsys):
     rc = _evaluate(parquet_table, tmp_path / "out", "--text-column", "question", "--category-column", "domain")
-    line = _assert_one_error_line(capsys, rc, "--arms", "cannot tell which columns are arms",
-                                  "my_logs.summary.json", "|total_cost")
+    line = _assert_one_error_line(
+        capsys, rc, "--arms", "cannot tell which columns are arms", "my_logs.summary.json", "|total_cost"
+    )
     assert all(repr(c) in line for c in COLUMNS), line
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--arms", "gpt-4-1106-preview,meta/llama-3-70b"], ["unknown arm 'meta/llama-3-70b'"]),
-    (["--arms", "gpt-4,claude-v2"], ["unknown arms ['gpt-4', 'claude-v2']"]),
-    (["--arms", ",".join(ARMS), "--text-column", "prompt_text"], ["text column 'prompt_text'"]),
-    (["--arms", ",".join(ARMS), "--category-column", "topic"], ["category column 'topic'"]),
-    (["--arms", ",".join(ARMS), "--id-column", "uuid"], ["id column 'uuid'"]),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--arms", "gpt-4-1106-preview,meta/llama-3-70b"], ["unknown arm 'meta/llama-3-70b'"]),
+        (["--arms", "gpt-4,claude-v2"], ["unknown arms ['gpt-4', 'claude-v2']"]),
+        (["--arms", ",".join(ARMS), "--text-column", "prompt_text"], ["text column 'prompt_text'"]),
+        (["--arms", ",".join(ARMS), "--category-column", "topic"], ["category column 'topic'"]),
+        (["--arms", ",".join(ARMS), "--id-column", "uuid"], ["id column 'uuid'"]),
+    ],
+)
 def test_unknown_column_names_list_the_available_columns(parquet_table, tmp_path, capsys, extra, words):
     cols = ["--text-column", "question", "--category-column", "domain"]
     named = {extra[i] for i in range(0, len(extra), 2)}
-    cols = [x for i in range(0, len(cols), 2) if cols[i] not in named for x in cols[i:i + 2]]
+    cols = [x for i in range(0, len(cols), 2) if cols[i] not in named for x in cols[i : i + 2]]
     rc = _evaluate(parquet_table, tmp_path / "out", *cols, *extra)
     line = _assert_one_error_line(capsys, rc, "my_logs.parquet", "available columns", *words)
     assert all(repr(c) in line for c in COLUMNS), line
 
 
 def test_unknown_arm_in_a_csv_lists_the_columns(csv_table, tmp_path, capsys):
-    rc = _evaluate(csv_table, tmp_path / "out", "--arms", "nope", "--text-column", "question",
-                   "--category-column", "domain")
+    rc = _evaluate(
+        csv_table, tmp_path / "out", "--arms", "nope", "--text-column", "question", "--category-column", "domain"
+    )
     line = _assert_one_error_line(capsys, rc, "my_logs.csv", "unknown arm 'nope'")
     assert all(repr(c) in line for c in COLUMNS), line
 
 
 @pytest.mark.parametrize("arms", ["", ",", " , "])
 def test_empty_arms_flag_is_an_error(parquet_table, tmp_path, capsys, arms):
-    rc = _evaluate(parquet_table, tmp_path / "out", f"--arms={arms}", "--text-column", "question",
-                   "--category-column", "domain")
+    rc = _evaluate(
+        parquet_table, tmp_path / "out", f"--arms={arms}", "--text-column", "question", "--category-column", "domain"
+    )
     _assert_one_error_line(capsys, rc, "--arms needs at least one column name")
 
 
@@ -133,24 +177,75 @@ def test_column_flags_on_a_named_benchmark_are_a_clear_error(tmp_path, capsys):
     # Checked before the data is read, so no data files are needed.
     rc = main(["data", "info", "routerbench", "--data-dir", str(tmp_path), "--text-column", "prompt"])
     _assert_one_error_line(capsys, rc, "--text-column", "'routerbench'", "Parquet/CSV")
-    rc = main(["evaluate", "--dataset", "mixinstruct", "--data-dir", str(tmp_path), "--category-column", "task",
-               "--encoder", "hash", "--out", str(tmp_path / "o"), "--no-progress"])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "mixinstruct",
+            "--data-dir",
+            str(tmp_path),
+            "--category-column",
+            "task",
+            "--encoder",
+            "hash",
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     _assert_one_error_line(capsys, rc, "--category-column", "'mixinstruct'")
 
 
 def test_run_command_takes_the_table_flags(csv_table, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["run", "--dataset", str(csv_table), "--arms", ",".join(ARMS), "--text-column", "question",
-               "--category-column", "domain", "--policies", "uniform,best_fixed", "--workers", "1", "--seeds", "1",
-               "--rounds", "20", "--encoder", "hash", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "run",
+            "--dataset",
+            str(csv_table),
+            "--arms",
+            ",".join(ARMS),
+            "--text-column",
+            "question",
+            "--category-column",
+            "domain",
+            "--policies",
+            "uniform,best_fixed",
+            "--workers",
+            "1",
+            "--seeds",
+            "1",
+            "--rounds",
+            "20",
+            "--encoder",
+            "hash",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert all(r["n_arms"] == 3 for r in json.loads((out / "summary.json").read_text()))
 
 
 def test_data_info_takes_the_table_flags(parquet_table, capsys):
-    rc = main(["data", "info", str(parquet_table), "--arms", "mistralai/mixtral-8x7b-chat,gpt-4-1106-preview",
-               "--text-column", "question", "--category-column", "domain", "--id-column", "qid"])
+    rc = main(
+        [
+            "data",
+            "info",
+            str(parquet_table),
+            "--arms",
+            "mistralai/mixtral-8x7b-chat,gpt-4-1106-preview",
+            "--text-column",
+            "question",
+            "--category-column",
+            "domain",
+            "--id-column",
+            "qid",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     info = json.loads(captured.out)

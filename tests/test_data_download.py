@@ -113,7 +113,10 @@ def test_the_probe_follows_hf_endpoint(monkeypatch):
     seen = []
     monkeypatch.setattr(socket, "create_connection", lambda address, timeout: seen.append(address) or _Closing())
     assert dl.hub_reachable(1.0) and seen == [("mirror.example", 8080)]
-    assert dl.file_url("withmartian/routerbench", "x.pkl") == "http://mirror.example:8080/datasets/withmartian/routerbench/resolve/main/x.pkl"
+    assert (
+        dl.file_url("withmartian/routerbench", "x.pkl")
+        == "http://mirror.example:8080/datasets/withmartian/routerbench/resolve/main/x.pkl"
+    )
 
 
 class _Closing:
@@ -232,8 +235,14 @@ def _make_run_download_step() -> str:
 
 
 def _run_step(step: str, data: Path, hub_endpoint: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ROUTER_DATA_DIR": str(data), "HF_ENDPOINT": hub_endpoint,
-           "HF_HOME": str(tmp_path / "hf-home"), "PYTHONPATH": str(REPO)}  # HF_HUB_OFFLINE as the Makefile exports it
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ROUTER_DATA_DIR": str(data),
+        "HF_ENDPOINT": hub_endpoint,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "PYTHONPATH": str(REPO),
+    }  # HF_HUB_OFFLINE as the Makefile exports it
     return subprocess.run(["bash", "-c", step], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -262,7 +271,8 @@ def test_make_run_does_not_download_when_the_data_dir_has_routerbench(tmp_path):
     res = _run_step(_make_run_download_step(), data, "http://127.0.0.1:9", tmp_path)  # nothing listens there
     assert res.returncode == 0, res.stderr
     assert "nothing to download" in res.stderr and sorted(p.name for p in data.iterdir()) == [
-        "routerbench_5shot_arc_mbpp_winogrande.parquet"]
+        "routerbench_5shot_arc_mbpp_winogrande.parquet"
+    ]
 
 
 def test_make_run_without_internet_says_how_to_get_the_data(tmp_path):

@@ -158,16 +158,18 @@ def test_pickle_with_foreign_globals_is_refused(tmp_path):
 # --------------------------------------------------------------------------- generic loader
 def _generic_frame(n: int = 6) -> pd.DataFrame:
     rng = np.random.default_rng(0)
-    return pd.DataFrame({
-        "qid": [f"q{i}" for i in range(n)],
-        "prompt": [f"prompt {i}" for i in range(n)],
-        "eval_name": ["a", "b"] * (n // 2),
-        "m1": rng.uniform(size=n),
-        "m2": rng.uniform(size=n),
-        "m1|total_cost": np.full(n, 0.01),
-        "m2|total_cost": np.full(n, 0.02),
-        "other_number": np.arange(n, dtype=float),
-    })
+    return pd.DataFrame(
+        {
+            "qid": [f"q{i}" for i in range(n)],
+            "prompt": [f"prompt {i}" for i in range(n)],
+            "eval_name": ["a", "b"] * (n // 2),
+            "m1": rng.uniform(size=n),
+            "m2": rng.uniform(size=n),
+            "m1|total_cost": np.full(n, 0.01),
+            "m2|total_cost": np.full(n, 0.02),
+            "other_number": np.arange(n, dtype=float),
+        }
+    )
 
 
 def test_generic_arm_detection_rules(tmp_path):
@@ -176,8 +178,9 @@ def test_generic_arm_detection_rules(tmp_path):
     by_cost = load_generic(tmp_path / "t.parquet")
     assert by_cost.arms == ("m1", "m2") and by_cost.costs[0].tolist() == [0.01, 0.02]
     assert list(by_cost.query_ids) == [str(i) for i in range(6)]  # no default id column: row numbers
-    explicit = load_generic(tmp_path / "t.parquet", arms=["m2", "other_number"], id_col="qid",
-                            prices={"other_number": 0.5})
+    explicit = load_generic(
+        tmp_path / "t.parquet", arms=["m2", "other_number"], id_col="qid", prices={"other_number": 0.5}
+    )
     assert explicit.arms == ("m2", "other_number") and explicit.query_ids[0] == "q0"
     assert explicit.costs[:, 1].tolist() == [0.5] * 6
     (tmp_path / "t.summary.json").write_text(json.dumps({"models": ["m2", "m1"]}))
@@ -216,11 +219,14 @@ def test_load_dataset_by_path_and_options(tmp_path):
     assert DATASET_NAMES == ("routerbench", "routerdc", "mixinstruct")
 
 
-@pytest.mark.parametrize("name,files", [
-    ("routerbench", ["routerbench_0shot.pkl", "routerbench_5shot.pkl", SUBSET]),
-    ("mixinstruct", ["test_data_prepared.jsonl"]),
-    ("routerdc", [ROUTERDC]),
-])
+@pytest.mark.parametrize(
+    "name,files",
+    [
+        ("routerbench", ["routerbench_0shot.pkl", "routerbench_5shot.pkl", SUBSET]),
+        ("mixinstruct", ["test_data_prepared.jsonl"]),
+        ("routerdc", [ROUTERDC]),
+    ],
+)
 def test_missing_named_dataset_says_what_was_looked_for(tmp_path, name, files):
     with pytest.raises(DataError) as err:
         load_dataset(name, data_dir=tmp_path)
@@ -279,10 +285,18 @@ def test_mixinstruct_fixture_loads(tmp_path):
 
 def _record(rid: str, scores: dict[str, float | None], cmp) -> dict:
     return {
-        "id": rid, "instruction": "Say hi.", "input": "", "output": "hi",
+        "id": rid,
+        "instruction": "Say hi.",
+        "input": "",
+        "output": "hi",
         "candidates": [
-            {"decoding_method": "top_p_sampling", "model": m, "text": "hi",
-             "scores": {"bartscore": s, "bertscore": 0.5}} for m, s in scores.items()
+            {
+                "decoding_method": "top_p_sampling",
+                "model": m,
+                "text": "hi",
+                "scores": {"bartscore": s, "bertscore": 0.5},
+            }
+            for m, s in scores.items()
         ],
         "cmp_results": cmp,
     }
@@ -328,8 +342,9 @@ def test_mixinstruct_missing_candidate_drop_option(tmp_path):
 # --------------------------------------------------------------------------- bad files
 def _write(path: Path, content) -> Path:
     if isinstance(content, pd.DataFrame):
-        {".parquet": content.to_parquet, ".csv": lambda p: content.to_csv(p, index=False),
-         ".pkl": content.to_pickle}[path.suffix](path)
+        {".parquet": content.to_parquet, ".csv": lambda p: content.to_csv(p, index=False), ".pkl": content.to_pickle}[
+            path.suffix
+        ](path)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -353,30 +368,66 @@ BAD_FILES = [
     ("no_text.parquet", _generic_frame().drop(columns=["prompt"]), load_generic, {"text_col": "prompt"}, ["'prompt'"]),
     ("str_score.csv", _generic_frame().assign(m1=["x"] * 6), load_generic, {}, ["'m1'", "numeric"]),
     ("unknown_arm.parquet", _generic_frame(), load_generic, {"arms": ["m1", "gpt-9"]}, ["unknown arm 'gpt-9'"]),
-    ("no_arms.parquet", _generic_frame().drop(columns=["m1|total_cost", "m2|total_cost"]), load_generic, {},
-     ["arms"]),
-    ("half_costs.parquet", _generic_frame().drop(columns=["m2|total_cost"]), load_generic, {"arms": ["m1", "m2"]},
-     ["m2", "|total_cost"]),
+    ("no_arms.parquet", _generic_frame().drop(columns=["m1|total_cost", "m2|total_cost"]), load_generic, {}, ["arms"]),
+    (
+        "half_costs.parquet",
+        _generic_frame().drop(columns=["m2|total_cost"]),
+        load_generic,
+        {"arms": ["m1", "m2"]},
+        ["m2", "|total_cost"],
+    ),
     ("dup_ids.csv", _generic_frame().assign(qid=["q"] * 6), load_generic, {"id_col": "qid"}, ["'qid'", "duplicate"]),
     ("int_text.parquet", _generic_frame().assign(prompt=list(range(6))), load_generic, {}, ["'prompt'", "strings"]),
     ("null_cat.parquet", _generic_frame().assign(eval_name=["a", None] * 3), load_generic, {}, ["'eval_name'"]),
     ("garbage.parquet", b"not a parquet file", load_generic, {}, ["cannot read"]),
-    ("rb_no_eval.pkl", _generic_frame().drop(columns=["eval_name"]).rename(columns={"qid": "sample_id"}),
-     load_routerbench, {}, ["'eval_name'"]),
-    ("rb_bad_score.pkl", _generic_frame().rename(columns={"qid": "sample_id"}).assign(
-        m2=pd.Series(["1.0", "wrong", None, 0.0, 1.0, 0.0], dtype=object)), load_routerbench, {}, ["'m2'"]),
+    (
+        "rb_no_eval.pkl",
+        _generic_frame().drop(columns=["eval_name"]).rename(columns={"qid": "sample_id"}),
+        load_routerbench,
+        {},
+        ["'eval_name'"],
+    ),
+    (
+        "rb_bad_score.pkl",
+        _generic_frame()
+        .rename(columns={"qid": "sample_id"})
+        .assign(m2=pd.Series(["1.0", "wrong", None, 0.0, 1.0, 0.0], dtype=object)),
+        load_routerbench,
+        {},
+        ["'m2'"],
+    ),
     ("rb_list.pkl", pickle.dumps([1, 2, 3]), load_routerbench, {}, ["DataFrame"]),
-    ("malformed.jsonl", _jsonl(_ok, _ok, '{"id": "x/1", "candidates": [}'), load_mixinstruct, {},
-     ["line 3", "malformed JSON"]),
+    (
+        "malformed.jsonl",
+        _jsonl(_ok, _ok, '{"id": "x/1", "candidates": [}'),
+        load_mixinstruct,
+        {},
+        ["line 3", "malformed JSON"],
+    ),
     ("no_candidates.jsonl", _jsonl(_ok, _no_cands), load_mixinstruct, {}, ["line 2", "'candidates'"]),
     ("no_metric.jsonl", _jsonl(_no_metric), load_mixinstruct, {}, ["line 1", "candidates[1].scores.bartscore"]),
     ("str_metric.jsonl", _jsonl(_str_score), load_mixinstruct, {}, ["candidates[0].scores.bartscore"]),
-    ("bad_verdict.jsonl", _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, json.dumps({"a,b": "A wins"}))),
-     load_mixinstruct, {}, ["'cmp_results'", "A wins"]),
-    ("bad_cmp_json.jsonl", _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, "{oops")), load_mixinstruct, {},
-     ["'cmp_results'", "malformed"]),
-    ("cmp_unknown_model.jsonl", _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, json.dumps({"a,z": "Same good"}))),
-     load_mixinstruct, {}, ["'cmp_results'", "'z'"]),
+    (
+        "bad_verdict.jsonl",
+        _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, json.dumps({"a,b": "A wins"}))),
+        load_mixinstruct,
+        {},
+        ["'cmp_results'", "A wins"],
+    ),
+    (
+        "bad_cmp_json.jsonl",
+        _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, "{oops")),
+        load_mixinstruct,
+        {},
+        ["'cmp_results'", "malformed"],
+    ),
+    (
+        "cmp_unknown_model.jsonl",
+        _jsonl(_record("x/1", {"a": 1.0, "b": 2.0}, json.dumps({"a,z": "Same good"}))),
+        load_mixinstruct,
+        {},
+        ["'cmp_results'", "'z'"],
+    ),
     ("unknown_arm.jsonl", _jsonl(_ok), load_mixinstruct, {"arms": ["a", "q"]}, ["unknown arm 'q'"]),
     ("not_object.jsonl", _jsonl([1, 2]), load_mixinstruct, {}, ["line 1", "JSON object"]),
     ("id_type.jsonl", _jsonl({**_ok, "id": 7}), load_mixinstruct, {}, ["'id'"]),

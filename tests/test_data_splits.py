@@ -99,8 +99,7 @@ def test_hold_out_category():
 
 def test_split_tables_and_validation():
     n = 10
-    table = make_table("t", [f"q{i}" for i in range(n)], ["x"] * n, ["a", "b"] * 5, ["m1", "m2"],
-                       np.zeros((n, 2)))
+    table = make_table("t", [f"q{i}" for i in range(n)], ["x"] * n, ["a", "b"] * 5, ["m1", "m2"], np.zeros((n, 2)))
     split = stratified_split(table.categories, 0.4, seed=0)
     off, on = split.tables(table)
     assert off.n_queries == 4 and on.n_queries == 6

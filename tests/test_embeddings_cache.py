@@ -39,7 +39,9 @@ class Counting:
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=ENV, capture_output=True, text=True, check=True)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=ENV, capture_output=True, text=True, check=True
+    )
 
 
 def _shards(root: Path) -> list[Path]:
@@ -134,8 +136,14 @@ def test_concurrent_writers_do_not_corrupt(tmp_path):
             enc.encode([f"t{(w * 7 + i * 3 + j) % 90}" for j in range(6)])
     """
     procs = [
-        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(w), str(root)], env=ENV,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), str(w), str(root)],
+            env=ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for w in range(4)
     ]
     try:

@@ -107,8 +107,12 @@ def test_lookup_from_categories_clusters():
 def _fake_model_dir(path: Path, weights: bytes, pooling: dict | None = None) -> Path:
     path.mkdir(parents=True)
     (path / "modules.json").write_text(
-        json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}])
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            ]
+        )
     )
     (path / "1_Pooling").mkdir()
     (path / "1_Pooling" / "config.json").write_text(
@@ -155,8 +159,10 @@ def test_bad_model_paths_raise_config_error(tmp_path, bad):
         SentenceTransformerEncoder(bad)
 
 
-@pytest.mark.parametrize("kwargs", [{"max_seq_length": 0}, {"batch_size": 0}, {"batch_size": 2.0},
-                                    {"max_seq_length": "128"}, {"batch_size": True}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_seq_length": 0}, {"batch_size": 0}, {"batch_size": 2.0}, {"max_seq_length": "128"}, {"batch_size": True}],
+)
 def test_bad_encoder_options(kwargs):
     (field,) = kwargs
     with pytest.raises(ConfigError, match=rf"^SentenceTransformerEncoder: {field}: "):
@@ -210,11 +216,13 @@ def test_minilm_shape_norm_dtype_and_cpu_fallback(minilm):
 
 @pytest.mark.integration
 def test_minilm_semantics(minilm):
-    X = minilm.encode([
-        "How do I reverse a list in Python?",
-        "What is the Python code to reverse an array?",
-        "The recipe needs two cups of flour and an egg.",
-    ])
+    X = minilm.encode(
+        [
+            "How do I reverse a list in Python?",
+            "What is the Python code to reverse an array?",
+            "The recipe needs two cups of flour and an egg.",
+        ]
+    )
     close, far = float(X[0] @ X[1]), float(X[0] @ X[2])
     assert close > far + 0.3, (close, far)
 

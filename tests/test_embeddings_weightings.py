@@ -68,8 +68,15 @@ EXPECTED = {
 
 @pytest.fixture
 def table():
-    return make_table("toy", [f"q{i}" for i in range(5)], [f"text {i}" for i in range(5)], CATS,
-                      ["a", "b", "c"], np.array(SCORES), np.array(COSTS, dtype=float))
+    return make_table(
+        "toy",
+        [f"q{i}" for i in range(5)],
+        [f"text {i}" for i in range(5)],
+        CATS,
+        ["a", "b", "c"],
+        np.array(SCORES),
+        np.array(COSTS, dtype=float),
+    )
 
 
 def test_category_stats_and_normalisation(table):

@@ -23,8 +23,15 @@ def small_table(n=240, K=4, seed=0):
     for i, c in enumerate(cats):
         scores[i, best[c]] = float(rng.random() < 0.9)
     costs = np.tile(np.linspace(0.004, 0.001, K), (n, 1))
-    table = make_table("toy", [f"q{i}" for i in range(n)], [f"question {i} about {c}" for i, c in enumerate(cats)],
-                       cats, [f"m{k}" for k in range(K)], scores, costs)
+    table = make_table(
+        "toy",
+        [f"q{i}" for i in range(n)],
+        [f"question {i} about {c}" for i, c in enumerate(cats)],
+        cats,
+        [f"m{k}" for k in range(K)],
+        scores,
+        costs,
+    )
     X = rng.normal(size=(n, 6)) + 3 * np.eye(6)[np.array([best[c] for c in cats])]
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     return table, X
@@ -103,23 +110,38 @@ def test_mean_ci95_covers_the_true_mean_95_percent_of_the_time(n):
 
 def test_evaluate_writes_the_record_schema_and_is_reproducible(tmp_path):
     table, X = small_table()
-    cfg = EvalConfig(policies=("fgts_cdb", "uniform", "best_fixed"), n_seeds=3, n_rounds=150,
-                     policy_configs={"fgts_cdb": {"n_steps": 5}})
+    cfg = EvalConfig(
+        policies=("fgts_cdb", "uniform", "best_fixed"),
+        n_seeds=3,
+        n_rounds=150,
+        policy_configs={"fgts_cdb": {"n_steps": 5}},
+    )
     result = evaluate(table, X, cfg, encoder="base")
     again = evaluate(table, X, cfg, encoder="base")
     strip = lambda recs: [{k: v for k, v in r.items() if "seconds" not in k} for r in recs]  # noqa: E731
     assert strip(result.records) == strip(again.records)
     by = {r["policy"]: r for r in result.records}
     for r in result.records:
-        for key in ("dataset", "policy", "encoder", "weighting", "n_seeds", "n_rounds", "cum_regret_mean",
-                    "cum_regret_ci95"):
+        for key in (
+            "dataset",
+            "policy",
+            "encoder",
+            "weighting",
+            "n_seeds",
+            "n_rounds",
+            "cum_regret_mean",
+            "cum_regret_ci95",
+        ):
             assert key in r
         assert r["n_seeds"] == 3 and r["n_rounds"] == 150
         for kind in ("cum_regret", "served_regret"):  # the record's interval is the t-interval of its seeds
             per_seed = r[f"{kind}_per_seed"]
             assert r[f"{kind}_mean"] == pytest.approx(np.mean(per_seed))
             half = T975_DF2 * np.std(per_seed, ddof=1) / math.sqrt(3)
-            assert r[f"{kind}_ci95"] == [pytest.approx(np.mean(per_seed) - half), pytest.approx(np.mean(per_seed) + half)]
+            assert r[f"{kind}_ci95"] == [
+                pytest.approx(np.mean(per_seed) - half),
+                pytest.approx(np.mean(per_seed) + half),
+            ]
     assert by["fgts_cdb"]["encoder"] == "base" and by["uniform"]["encoder"] == "none"
     curves = result.curves
     assert len(curves) == 3 * 3 * 150
@@ -161,18 +183,24 @@ def test_holdout_split_keeps_the_category_out_of_the_offline_part():
     assert "b" in set(table.categories[split.online])
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"policies": ("nope",)}, "policies: unknown policy"),
-    ({"policies": ()}, "policies: at least one"),
-    ({"n_seeds": 0}, "n_seeds: "),
-    ({"split": "random"}, "split: "),
-    ({"split": "holdout"}, "needs held_out"),
-    ({"offline_fraction": 1.0}, "offline_fraction: "),
-    ({"kappa": 0.0}, "kappa: "),
-    ({"cost_normaliser": "max"}, "cost_normaliser: "),
-    ({"policy_configs": {"fgts_cdb": {"temperature": 1}}}, r"policy_configs: fgts_cdb config: unknown field\(s\) \['temperature'\]"),
-    ({"policy_configs": {"fgts_cdb": {"eta": -1.0}}}, "policy_configs: fgts_cdb config: eta: "),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"policies": ("nope",)}, "policies: unknown policy"),
+        ({"policies": ()}, "policies: at least one"),
+        ({"n_seeds": 0}, "n_seeds: "),
+        ({"split": "random"}, "split: "),
+        ({"split": "holdout"}, "needs held_out"),
+        ({"offline_fraction": 1.0}, "offline_fraction: "),
+        ({"kappa": 0.0}, "kappa: "),
+        ({"cost_normaliser": "max"}, "cost_normaliser: "),
+        (
+            {"policy_configs": {"fgts_cdb": {"temperature": 1}}},
+            r"policy_configs: fgts_cdb config: unknown field\(s\) \['temperature'\]",
+        ),
+        ({"policy_configs": {"fgts_cdb": {"eta": -1.0}}}, "policy_configs: fgts_cdb config: eta: "),
+    ],
+)
 def test_invalid_eval_configs_are_rejected(kwargs, match):
     with pytest.raises(ConfigError, match=f"^EvalConfig: .*{match}"):
         parse(EvalConfig, kwargs)

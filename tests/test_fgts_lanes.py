@@ -96,8 +96,12 @@ def test_lanes_reject_bad_shapes_and_bounded_history():
 @pytest.mark.parametrize("policy_config", [{}, {"max_history": 50}])
 def test_run_seeds_with_lanes_equals_seed_by_seed(policy_config):
     table, X = small_table()
-    cfg = EvalConfig(policies=("fgts_cdb", "uniform"), n_seeds=3, n_rounds=120,
-                     policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5, **policy_config}})
+    cfg = EvalConfig(
+        policies=("fgts_cdb", "uniform"),
+        n_seeds=3,
+        n_rounds=120,
+        policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5, **policy_config}},
+    )
     together = run_seeds(table, X, cfg, cfg.seeds)
     for seed in cfg.seeds:
         alone = run_seed(table, X, cfg, seed)
@@ -109,8 +113,9 @@ def test_run_seeds_with_lanes_equals_seed_by_seed(policy_config):
 
 def test_evaluate_gives_the_same_records_with_one_or_two_workers():
     table, X = small_table()
-    cfg = EvalConfig(policies=("fgts_cdb",), n_seeds=3, n_rounds=80,
-                     policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5}})
+    cfg = EvalConfig(
+        policies=("fgts_cdb",), n_seeds=3, n_rounds=80, policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5}}
+    )
     one = evaluate(table, X, cfg, workers=1).records[0]
     two = evaluate(table, X, cfg, workers=2).records[0]
     assert one["cum_regret_per_seed"] == two["cum_regret_per_seed"]
@@ -123,8 +128,13 @@ def test_evaluate_grid_matches_separate_evaluations():
     from ray_router.evaluation.experiment import evaluate_grid
 
     table, X = small_table()
-    base = EvalConfig(policies=("fgts_cdb", "uniform"), n_seeds=2, n_rounds=100, cost_weight=0.2,
-                      policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5}})
+    base = EvalConfig(
+        policies=("fgts_cdb", "uniform"),
+        n_seeds=2,
+        n_rounds=100,
+        cost_weight=0.2,
+        policy_configs={"fgts_cdb": {"batch_size": 32, "n_steps": 5}},
+    )
     cfgs = [dataclasses.replace(base, weighting=w) for w in ("perf", "perf_cost", "excel_mask")]
     together = evaluate_grid(table, X, cfgs)
     for cfg, res in zip(cfgs, together):

@@ -46,31 +46,48 @@ def test_feature_map_ops_match_the_materialised_features(fmap):
 def test_potential_gradient_matches_finite_differences(fmap, clip):
     rng = np.random.default_rng(1)
     d, K, n = 6, 4, 25
-    policy = FGTSCDB(paper_cfg(feature_map=fmap, eta=1.7, mu=0.4, feel_good_clip=clip, prior_sigma=0.8,
-                                compute_dtype="float64", embedding_scale=1.0),
-                     rng.normal(size=(K, d)), seed=0)
+    policy = FGTSCDB(
+        paper_cfg(
+            feature_map=fmap,
+            eta=1.7,
+            mu=0.4,
+            feel_good_clip=clip,
+            prior_sigma=0.8,
+            compute_dtype="float64",
+            embedding_scale=1.0,
+        ),
+        rng.normal(size=(K, d)),
+        seed=0,
+    )
     batch = _duels(rng, n, d, K)
     theta = rng.normal(size=(2, policy.dim)) * 1.5
     grad = policy.potential_grad(theta, *batch)
     h = 1e-6
     for j in (1, 2):
-        num = np.array([
-            (policy.potential(theta[j - 1] + e, *batch, sampler=j) - policy.potential(theta[j - 1] - e, *batch, sampler=j))
-            / (2 * h)
-            for e in np.eye(policy.dim) * h
-        ])
+        num = np.array(
+            [
+                (
+                    policy.potential(theta[j - 1] + e, *batch, sampler=j)
+                    - policy.potential(theta[j - 1] - e, *batch, sampler=j)
+                )
+                / (2 * h)
+                for e in np.eye(policy.dim) * h
+            ]
+        )
         np.testing.assert_allclose(grad[j - 1], num, rtol=1e-5, atol=1e-6)
 
 
 def test_minibatch_gradient_is_rescaled_by_n_over_b():
     rng = np.random.default_rng(2)
-    policy = FGTSCDB(paper_cfg(mu=0.0, feature_map="hadamard", compute_dtype="float64"), rng.normal(size=(3, 4)),
-                     seed=0)
+    policy = FGTSCDB(
+        paper_cfg(mu=0.0, feature_map="hadamard", compute_dtype="float64"), rng.normal(size=(3, 4)), seed=0
+    )
     X, f, s, y, m = _duels(rng, 10, 4, 3)
     theta = np.zeros((2, 4))
     full = policy.potential_grad(theta, X, f, s, y, m)
-    doubled = policy.potential_grad(theta, np.concatenate([X, X]), np.r_[f, f], np.r_[s, s], np.r_[y, y],
-                                    np.concatenate([m, m]))
+    doubled = policy.potential_grad(
+        theta, np.concatenate([X, X]), np.r_[f, f], np.r_[s, s], np.r_[y, y], np.concatenate([m, m])
+    )
     half = policy.potential_grad(theta, X, f, s, y, m, scale=2.0)
     np.testing.assert_allclose(half, doubled, atol=1e-12)
     assert not np.allclose(full, doubled)
@@ -84,9 +101,19 @@ def test_sgld_without_noise_converges_to_the_map_of_a_logistic_problem(precondit
     X, f, s, y, _ = _duels(rng, n, d, K)
     D = X * (A[f] - A[s])  # φ(x, a¹) − φ(x, a²)
     lipschitz = np.linalg.eigvalsh(D.T @ D / 4).max() + 1 / 1.5**2
-    cfg = paper_cfg(eta=1.0, mu=0.0, prior_sigma=1.5, langevin_noise=0.0, step_size=1.0 / lipschitz,
-                     n_steps=5000, batch_size=1000, feature_map="hadamard", preconditioner=preconditioner,
-                     compute_dtype="float64", embedding_scale=1.0)
+    cfg = paper_cfg(
+        eta=1.0,
+        mu=0.0,
+        prior_sigma=1.5,
+        langevin_noise=0.0,
+        step_size=1.0 / lipschitz,
+        n_steps=5000,
+        batch_size=1000,
+        feature_map="hadamard",
+        preconditioner=preconditioner,
+        compute_dtype="float64",
+        embedding_scale=1.0,
+    )
     policy = FGTSCDB(cfg, A, seed=0)
     for i in range(n):
         policy.update(X[i], Duel(int(f[i]), int(s[i])), float(y[i]))
@@ -112,7 +139,8 @@ def test_float32_and_float64_sgld_gradients_agree():
     batch = _duels(rng, 40, 16, 5)
     theta = rng.normal(size=(2, 21))
     g32 = FGTSCDB(paper_cfg(compute_dtype="float32"), A, seed=0).potential_grad(
-        theta, batch[0].astype(np.float32), *batch[1:])
+        theta, batch[0].astype(np.float32), *batch[1:]
+    )
     g64 = FGTSCDB(paper_cfg(compute_dtype="float64"), A, seed=0).potential_grad(theta, *batch)
     np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-4)
 
@@ -155,12 +183,26 @@ def test_sqrt_step_decay_shrinks_with_history():
     assert policy.step_size() == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("eta", -1.0), ("mu", -0.1), ("feel_good_clip", 0.0), ("prior_sigma", 0.0), ("n_steps", 0),
-    ("batch_size", 0), ("step_size", 0.0), ("step_decay", "cosine"), ("feature_map", "mlp"),
-    ("exploit_ema", 0.0), ("max_history", -1), ("langevin_noise", -1.0), ("n_steps", 2.5),
-    ("preconditioner", "adam"), ("compute_dtype", "float16"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("eta", -1.0),
+        ("mu", -0.1),
+        ("feel_good_clip", 0.0),
+        ("prior_sigma", 0.0),
+        ("n_steps", 0),
+        ("batch_size", 0),
+        ("step_size", 0.0),
+        ("step_decay", "cosine"),
+        ("feature_map", "mlp"),
+        ("exploit_ema", 0.0),
+        ("max_history", -1),
+        ("langevin_noise", -1.0),
+        ("n_steps", 2.5),
+        ("preconditioner", "adam"),
+        ("compute_dtype", "float16"),
+    ],
+)
 def test_invalid_config_is_rejected_with_the_field_named(field, value):
     # the message names this very field ("FGTS.CDB preset 'paper': n_steps: Input should be ..."), not
     # another one that shares a word with it

@@ -60,7 +60,10 @@ def test_shrinkage_pulls_thin_cells_towards_the_pooled_mean_and_leaves_rich_ones
     rich_raw, rich = fit_offline_prior(X, U, cats, shrink=False), fit_offline_prior(X, U, cats)
     np.testing.assert_allclose(rich.utility, rich_raw.utility, atol=0.02)
     rows = np.concatenate([np.flatnonzero(cats == c)[:3] for c in ("c0", "c1", "c2")])
-    thin_raw, thin = fit_offline_prior(X[rows], U[rows], cats[rows], shrink=False), fit_offline_prior(X[rows], U[rows], cats[rows])
+    thin_raw, thin = (
+        fit_offline_prior(X[rows], U[rows], cats[rows], shrink=False),
+        fit_offline_prior(X[rows], U[rows], cats[rows]),
+    )
     pooled = U[rows].mean(axis=0)
     assert np.abs(thin.utility - pooled).sum() < np.abs(thin_raw.utility - pooled).sum()
 
@@ -82,7 +85,9 @@ def test_prior_round_trips_and_validates():
 
 
 @pytest.mark.parametrize("base", ["hadamard", "hadamard_bias", "concat"])
-@pytest.mark.parametrize("arm_bias,correction,rank", [(True, True, 2), (False, True, 0), (False, False, 3), (True, False, 0)])
+@pytest.mark.parametrize(
+    "arm_bias,correction,rank", [(True, True, 2), (False, True, 0), (False, False, 3), (True, False, 0)]
+)
 def test_augmented_map_scores_and_gradient_match_its_features(base, arm_bias, correction, rank):
     rng = np.random.default_rng(3)
     K, d, M, n = 4, 6, 3, 9
@@ -94,8 +99,9 @@ def test_augmented_map_scores_and_gradient_match_its_features(base, arm_bias, co
     W = rng.normal(size=(2, n, K))
     np.testing.assert_allclose(fmap.weighted_grad(W, Xe), np.einsum("cnk,nkp->cp", W, F), atol=1e-12)
     first, second = rng.integers(0, K, n), rng.integers(0, K, n)
-    np.testing.assert_allclose(fmap.pair_features(Xe, first, second),
-                               F[np.arange(n), first] - F[np.arange(n), second], atol=1e-12)
+    np.testing.assert_allclose(
+        fmap.pair_features(Xe, first, second), F[np.arange(n), first] - F[np.arange(n), second], atol=1e-12
+    )
     # the lanes' shapes: (G, W, C, p) parameters over (G, n, d) contexts
     A = rng.normal(size=(2, 3, K, d))
     lanes = OfflineAugmented(make_feature_map(base, A), M, rank, correction, arm_bias)
@@ -116,8 +122,11 @@ def _offline_env(seed=0, **kw):
     X, U, cats, P = _clusters(seed)
     rng = np.random.default_rng(seed)
     off = rng.permutation(len(X))[:90]
-    env = PolicyEnv(n_arms=U.shape[1], arm_embeddings=rng.normal(size=(U.shape[1], X.shape[1])) * 0.1,
-                    offline={"X": X[off], "utilities": U[off], "scores": U[off], "categories": cats[off]})
+    env = PolicyEnv(
+        n_arms=U.shape[1],
+        arm_embeddings=rng.normal(size=(U.shape[1], X.shape[1])) * 0.1,
+        offline={"X": X[off], "utilities": U[off], "scores": U[off], "categories": cats[off]},
+    )
     return env, X, U, cats, P
 
 
@@ -163,8 +172,9 @@ def test_lanes_with_offline_priors_make_the_choices_of_lone_policies():
     env, X, _U, _cats, _ = _offline_env(seed=2)
     cfg = FGTSConfig(n_steps=3, batch_size=16)
     seeds = [11, 12]
-    lanes = FGTSCDBLanes(cfg, np.stack([env.arm_embeddings] * 2), seeds,
-                         priors=[make_policy("fgts_cdb", env, config=cfg).prior] * 2)
+    lanes = FGTSCDBLanes(
+        cfg, np.stack([env.arm_embeddings] * 2), seeds, priors=[make_policy("fgts_cdb", env, config=cfg).prior] * 2
+    )
     lone = [FGTSCDB(cfg, env.arm_embeddings, seed=s, offline=env.offline) for s in seeds]
     rng = np.random.default_rng(0)
     for t in range(60):
@@ -212,14 +222,21 @@ def test_gpt4_is_unreachable_under_an_excel_weighting_at_lambda_0_on_routerbench
     dead = unreachable_arms(preset("paper", feature_map="hadamard"), A, arm_ids=table.arms)
     assert "gpt-4-1106-preview" in dead
     assert unreachable_arms(preset("paper"), A, arm_ids=table.arms) == []  # hadamard_bias
-    assert unreachable_arms(FGTSConfig(), A, fit_offline_prior(X[split.offline], table.scores[split.offline],
-                                                               table.categories[split.offline])) == []
+    assert (
+        unreachable_arms(
+            FGTSConfig(),
+            A,
+            fit_offline_prior(X[split.offline], table.scores[split.offline], table.categories[split.offline]),
+        )
+        == []
+    )
 
 
 def test_hindsight_references_on_a_hand_made_stream():
     U = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [1.0, 0.0, 0.9], [0.0, 0.2, 1.0]])
-    stream = ReplayStream(np.zeros((4, 2)), U, U, np.zeros_like(U), np.array([0, 1, 2, 3, 0]),
-                          categories=np.array(["a", "b", "a", "b"]))
+    stream = ReplayStream(
+        np.zeros((4, 2)), U, U, np.zeros_like(U), np.array([0, 1, 2, 3, 0]), categories=np.array(["a", "b", "a", "b"])
+    )
     # category a rounds: rows 0, 2, 0 -> arm 0 (mean 1.0); category b: rows 1, 3 -> arm 2 (mean 0.75)
     assert best_per_category_arms(stream).tolist() == [0, 2, 0, 2, 0]
     assert oracle_arms(stream).tolist() == [0, 1, 0, 2, 0]
@@ -235,8 +252,12 @@ def test_paired_difference_verdicts():
 
 def test_evaluate_reports_served_regret_references_pairs_and_the_constant_context_ablation():
     table, X = small_table(n=240, seed=4)
-    cfg = EvalConfig(policies=("fgts_cdb", "offline_static", "best_fixed", "best_per_category", "oracle"),
-                     n_seeds=3, n_rounds=60, policy_configs={"fgts_cdb": {"n_steps": 3}})
+    cfg = EvalConfig(
+        policies=("fgts_cdb", "offline_static", "best_fixed", "best_per_category", "oracle"),
+        n_seeds=3,
+        n_rounds=60,
+        policy_configs={"fgts_cdb": {"n_steps": 3}},
+    )
     res = evaluate(table, X, cfg)
     recs = {r["policy"]: r for r in res.records}
     for r in recs.values():

@@ -22,9 +22,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     data = write_mixinstruct_fixture(tmp_path / "test_data_prepared.jsonl", n=48, seed=3)
-    cfg = PaperConfig(dataset=str(data), n_seeds=2, n_rounds=30, lambda_grid=(0.0, 1.0), workers=1,
-                      ccft=CCFTConfig(queries_per_category=4, epochs=1, max_seq_length=32, batch_size=8),
-                      fgts={"n_steps": 3}, k_per_category=2)
+    cfg = PaperConfig(
+        dataset=str(data),
+        n_seeds=2,
+        n_rounds=30,
+        lambda_grid=(0.0, 1.0),
+        workers=1,
+        ccft=CCFTConfig(queries_per_category=4, epochs=1, max_seq_length=32, batch_size=8),
+        fgts={"n_steps": 3},
+        k_per_category=2,
+    )
     result = run_paper(cfg, tmp_path / "out", cache_dir=tmp_path / "cache")
     recs = json.loads(result.paths["summary"].read_text())
     main = [r for r in recs if r["section"] == "main"]
@@ -35,7 +42,8 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     assert len(main) == 2 * 2 * 4 + 8  # each router on each encoder x weighting, each baseline once
     lam = [r for r in recs if r["section"].startswith("lambda=")]
     assert sorted((r["section"], r["policy"]) for r in lam) == sorted(
-        (f"lambda={x}", p) for x in ("0", "1") for p in (*ROUTERS, "offline_static"))
+        (f"lambda={x}", p) for x in ("0", "1") for p in (*ROUTERS, "offline_static")
+    )
     for r in recs:
         assert r["encoder"] in ("base", "ccft", "constant") and r["weighting"] in WEIGHTINGS
         assert r["n_seeds"] == 2 and len(r["cum_regret_ci95"]) == 2 and "split" in r and "aiq" in r
@@ -56,9 +64,18 @@ def test_paper_experiment_on_a_mixinstruct_file(tmp_path):
     assert {r["encoder"] for r in unseen if r["policy"] == "fgts_cdb"} == {"base", "ccft"}
     assert any(r["real_label_share"] > 0 for r in recs)  # cmp_results judged some duels
     report = result.report
-    for heading in ("## Verdict", "## Main grid", "CCFT vs general-purpose", "Category separation", "Unseen category",
-                    "Thin offline split", "Constant-context ablation", "Reachability", "Perf–cost view",
-                    "AIQ: not applicable"):
+    for heading in (
+        "## Verdict",
+        "## Main grid",
+        "CCFT vs general-purpose",
+        "Category separation",
+        "Unseen category",
+        "Thin offline split",
+        "Constant-context ablation",
+        "Reachability",
+        "Perf–cost view",
+        "AIQ: not applicable",
+    ):
         assert heading in report
     for key in ("main_plot", "served_plot", "unseen_plot", "thin_plot", "cost_plot"):
         assert result.paths[key].stat().st_size > 5000

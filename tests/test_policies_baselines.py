@@ -281,6 +281,7 @@ def _clustered(seed, n_per=40, d=16, K=5, M=4, noise=0.15):
     centres = rng.normal(size=(M, d))
     best = rng.permutation(K)[:M]
     runner = (best + 1) % K
+
     def draw(n):
         c = rng.integers(0, M, n)
         X = centres[c] + noise * rng.normal(size=(n, d))
@@ -288,6 +289,7 @@ def _clustered(seed, n_per=40, d=16, K=5, M=4, noise=0.15):
         U[np.arange(n), best[c]] = 0.9
         U[np.arange(n), runner[c]] = 0.6
         return X, U, c
+
     return draw(n_per * M), draw(200), best, runner
 
 
@@ -333,8 +335,9 @@ def test_knn_needs_offline_data_and_picks_its_target():
         make_policy("knn", PolicyEnv(3, offline={"X": X * np.nan, "scores": S}))
     auto = make_policy("knn", PolicyEnv(3, offline={"X": X, "scores": S}), config={"k": 1})  # no utilities: scores
     assert auto.best(np.array([0.0, 1.0, 0.1])) == 1
-    scores = make_policy("knn", PolicyEnv(3, offline={"X": X, "scores": S, "utilities": S[::-1]}),
-                         config={"k": 1, "target": "scores"})
+    scores = make_policy(
+        "knn", PolicyEnv(3, offline={"X": X, "scores": S, "utilities": S[::-1]}), config={"k": 1, "target": "scores"}
+    )
     assert scores.best(np.array([0.0, 1.0, 0.1])) == 1
 
 
@@ -348,19 +351,39 @@ def test_knn_snapshot_carries_its_training_data():
 
 
 # -------------------------------------------------------------------------- config tables
-@pytest.mark.parametrize("cls,field,value", [
-    (MaxInPConfig, "reg", 0.0), (MaxInPConfig, "reg", float("inf")), (MaxInPConfig, "alpha", -1.0),
-    (MaxInPConfig, "map_steps", 0), (MaxInPConfig, "map_steps", 1.5), (MaxInPConfig, "explore_rounds", -1),
-    (MaxInPConfig, "refresh_every", 0), (MaxInPConfig, "refresh_fraction", -1.0), (MaxInPConfig, "feature_map", "mlp"),
-    (CoLSTIMConfig, "reg", -1.0), (CoLSTIMConfig, "alpha", float("nan")), (CoLSTIMConfig, "perturbation", "cauchy"),
-    (CoLSTIMConfig, "perturb_width", -0.5), (CoLSTIMConfig, "map_steps", True), (CoLSTIMConfig, "feature_map", ""),
-    (CoLSTIMConfig, "refresh_fraction", "0.1"),
-    (LaplaceTSConfig, "eta", 0.0), (LaplaceTSConfig, "prior_sigma", 0.0), (LaplaceTSConfig, "map_steps", 0),
-    (LaplaceTSConfig, "hessian", "lowrank"), (LaplaceTSConfig, "refresh_every", 0),
-    (LaplaceTSConfig, "refresh_fraction", -0.1),
-    (LaplaceTSConfig, "feature_map", "mlp"), (LaplaceTSConfig, "distinct_arms", "yes"),
-    (KNNConfig, "k", 0), (KNNConfig, "k", 2.0), (KNNConfig, "weighting", "gaussian"), (KNNConfig, "target", "costs"),
-])
+@pytest.mark.parametrize(
+    "cls,field,value",
+    [
+        (MaxInPConfig, "reg", 0.0),
+        (MaxInPConfig, "reg", float("inf")),
+        (MaxInPConfig, "alpha", -1.0),
+        (MaxInPConfig, "map_steps", 0),
+        (MaxInPConfig, "map_steps", 1.5),
+        (MaxInPConfig, "explore_rounds", -1),
+        (MaxInPConfig, "refresh_every", 0),
+        (MaxInPConfig, "refresh_fraction", -1.0),
+        (MaxInPConfig, "feature_map", "mlp"),
+        (CoLSTIMConfig, "reg", -1.0),
+        (CoLSTIMConfig, "alpha", float("nan")),
+        (CoLSTIMConfig, "perturbation", "cauchy"),
+        (CoLSTIMConfig, "perturb_width", -0.5),
+        (CoLSTIMConfig, "map_steps", True),
+        (CoLSTIMConfig, "feature_map", ""),
+        (CoLSTIMConfig, "refresh_fraction", "0.1"),
+        (LaplaceTSConfig, "eta", 0.0),
+        (LaplaceTSConfig, "prior_sigma", 0.0),
+        (LaplaceTSConfig, "map_steps", 0),
+        (LaplaceTSConfig, "hessian", "lowrank"),
+        (LaplaceTSConfig, "refresh_every", 0),
+        (LaplaceTSConfig, "refresh_fraction", -0.1),
+        (LaplaceTSConfig, "feature_map", "mlp"),
+        (LaplaceTSConfig, "distinct_arms", "yes"),
+        (KNNConfig, "k", 0),
+        (KNNConfig, "k", 2.0),
+        (KNNConfig, "weighting", "gaussian"),
+        (KNNConfig, "target", "costs"),
+    ],
+)
 def test_invalid_config_is_rejected_with_the_field_named(cls, field, value):
     with pytest.raises(ConfigError, match=rf"^{cls.__name__}: {field}: "):
         parse(cls, {field: value})

@@ -14,8 +14,13 @@ def _env(rng):
     A = rng.normal(size=(K, D))
     A /= np.linalg.norm(A, axis=1, keepdims=True)
     scores = rng.random((40, K))
-    offline = {"X": rng.normal(size=(40, D)), "scores": scores, "costs": rng.random((40, K)), "utilities": scores,
-               "categories": np.array(["a", "b", "c", "d"] * 10)}
+    offline = {
+        "X": rng.normal(size=(40, D)),
+        "scores": scores,
+        "costs": rng.random((40, K)),
+        "utilities": scores,
+        "categories": np.array(["a", "b", "c", "d"] * 10),
+    }
     return PolicyEnv(n_arms=K, arm_embeddings=A, hindsight_utility=rng.random(K), offline=offline)
 
 
@@ -33,7 +38,9 @@ def _play(policy, contexts, outcomes, arms=None):
     return duels
 
 
-@pytest.fixture(params=[n for n in policy_names() if get_entry(n).reference is None])  # routers, not hindsight references
+@pytest.fixture(
+    params=[n for n in policy_names() if get_entry(n).reference is None]
+)  # routers, not hindsight references
 def name(request):
     return request.param
 

@@ -23,9 +23,28 @@ pytestmark = [
 
 def test_fgts_cdb_beats_the_best_single_arm_and_uniform_on_real_routerbench(tmp_path, capsys):
     out = tmp_path / "rb"
-    rc = main(["evaluate", "--dataset", "routerbench", "--data-dir", str(DATA), "--policies",
-               "fgts_cdb,uniform,best_fixed", "--cost-weight", "0.2",
-               "--seeds", "5", "--rounds", "2000", "--workers", "2", "--no-progress", "--out", str(out)])
+    rc = main(
+        [
+            "evaluate",
+            "--dataset",
+            "routerbench",
+            "--data-dir",
+            str(DATA),
+            "--policies",
+            "fgts_cdb,uniform,best_fixed",
+            "--cost-weight",
+            "0.2",
+            "--seeds",
+            "5",
+            "--rounds",
+            "2000",
+            "--workers",
+            "2",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     recs = {r["policy"]: r for r in json.loads((out / "summary.json").read_text())}
     fgts, uni = recs["fgts_cdb"], recs["uniform"]

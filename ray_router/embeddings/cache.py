@@ -96,8 +96,13 @@ class _Store:
                 warnings.warn(f"embedding cache: skipping unreadable shard {path}: {e}", stacklevel=2)
                 continue
             n = len(keys)
-            if keys.shape != (n, 32) or keys.dtype != np.uint8 or vectors.shape != (n, self.dim) \
-                    or vectors.dtype != np.float32 or not np.isfinite(vectors).all():
+            if (
+                keys.shape != (n, 32)
+                or keys.dtype != np.uint8
+                or vectors.shape != (n, self.dim)
+                or vectors.dtype != np.float32
+                or not np.isfinite(vectors).all()
+            ):
                 warnings.warn(f"embedding cache: skipping malformed shard {path}", stacklevel=2)
                 continue
             names = [k.tobytes() for k in keys]

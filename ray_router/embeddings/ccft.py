@@ -432,8 +432,16 @@ def _fit(model: Any, plan: _Plan, epochs: list, optimiser: Any, scheduler: Any, 
     return history
 
 
-def _train_step(model: Any, loss_fn: Any, optimiser: Any, scheduler: Any, plan: _Plan,
-                a_idx: np.ndarray, p_idx: np.ndarray, labels: torch.Tensor) -> float:
+def _train_step(
+    model: Any,
+    loss_fn: Any,
+    optimiser: Any,
+    scheduler: Any,
+    plan: _Plan,
+    a_idx: np.ndarray,
+    p_idx: np.ndarray,
+    labels: torch.Tensor,
+) -> float:
     """One optimiser step on a batch of (anchor, positive) pairs; returns its loss."""
     import torch
 
@@ -455,8 +463,9 @@ def _embed(texts: list[str], model: Any) -> torch.Tensor:
     return model(features)["sentence_embedding"]
 
 
-def _metadata(plan: _Plan, model: Any, history: list[float], n_steps: int, dev: str, seconds: float,
-              cpu_seconds: float) -> dict[str, Any]:
+def _metadata(
+    plan: _Plan, model: Any, history: list[float], n_steps: int, dev: str, seconds: float, cpu_seconds: float
+) -> dict[str, Any]:
     """The artifact metadata of a finished run (``created_at`` is added when it is saved)."""
     return {
         "format_version": FORMAT_VERSION,

@@ -237,7 +237,6 @@ def model_embeddings(
     return arm_embeddings(centroids, weighting_scores(P, C, config), config.beta)
 
 
-
 def offline_arm_embeddings(
     table: RoutingTable,
     X_offline: np.ndarray,

@@ -147,8 +147,11 @@ class SentenceTransformerEncoder:
             raise ConfigError(
                 f"encoder model path {str(path)!r} is not a sentence-transformers directory (no modules.json)"
             )
-        options = parse(SentenceTransformerOptions, {"max_seq_length": max_seq_length, "batch_size": batch_size},
-                        where="SentenceTransformerEncoder")
+        options = parse(
+            SentenceTransformerOptions,
+            {"max_seq_length": max_seq_length, "batch_size": batch_size},
+            where="SentenceTransformerEncoder",
+        )
         self.model_path = path
         self.requested_device = device
         self.max_seq_length = options.max_seq_length

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -14,6 +12,8 @@ class EncoderSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("minilm", min_length=1, description="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a model folder")
+    name: str = Field(
+        "minilm", min_length=1, description="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a model folder"
+    )
     device: str = Field("auto", description="auto: CUDA when the process sees a GPU, else CPU")
-    max_seq_length: Optional[int] = Field(None, ge=1)
+    max_seq_length: int | None = Field(None, ge=1)

@@ -131,8 +131,11 @@ def arm_embeddings_for(table: RoutingTable, X: np.ndarray, offline: np.ndarray, 
     from ray_router.embeddings.model_embeddings import WeightingConfig, offline_arm_embeddings
 
     lam = cfg.cost_weight if cfg.weighting_cost_weight is None else cfg.weighting_cost_weight
-    wcfg = parse(WeightingConfig, {"name": cfg.weighting, "cost_weight": lam, "top_tau": cfg.weighting_tau,
-                                   "beta": cfg.weighting_beta}, where="EvalConfig weighting")
+    wcfg = parse(
+        WeightingConfig,
+        {"name": cfg.weighting, "cost_weight": lam, "top_tau": cfg.weighting_tau, "beta": cfg.weighting_beta},
+        where="EvalConfig weighting",
+    )
     return offline_arm_embeddings(table, X[offline], offline, wcfg, cost_normaliser=cfg.cost_normaliser)
 
 
@@ -212,8 +215,14 @@ def run_seed(
         policy = make_policy(name, env, seed=policy_seed, config=cfg.policy_config(name))
         hook = None if on_progress is None else (lambda t, r, _name=name: on_progress(_name, t, r))
         out[name] = run_replay(
-            policy, stream, cfg.kappa, np.random.default_rng(judge_ss), progress=progress, desc=f"{name} seed {seed}",
-            on_progress=hook, progress_every=progress_every,
+            policy,
+            stream,
+            cfg.kappa,
+            np.random.default_rng(judge_ss),
+            progress=progress,
+            desc=f"{name} seed {seed}",
+            on_progress=hook,
+            progress_every=progress_every,
         )
     return out
 
@@ -259,8 +268,11 @@ def run_grid(
             lanes = entry.lanes(pcfg, [prepared[p][0] for p in pairs], [seeded[s][0] for _, s in pairs], W)
         if lanes is not None:
             results = run_replay_lanes(
-                lanes, [prepared[p][1] for p in pairs], [cfgs[i].kappa for i, _ in pairs],
-                [np.random.default_rng(seeded[s][1]) for _, s in pairs], progress=progress,
+                lanes,
+                [prepared[p][1] for p in pairs],
+                [cfgs[i].kappa for i, _ in pairs],
+                [np.random.default_rng(seeded[s][1]) for _, s in pairs],
+                progress=progress,
                 desc=f"{name} x {len(pairs)} lanes",
             )
             for (i, seed), res in zip(pairs, results):
@@ -269,8 +281,14 @@ def run_grid(
         for i, seed in pairs:
             env, stream = prepared[(i, seed)]
             policy = make_policy(name, env, seed=seeded[seed][0], config=pcfg)
-            outs[i][(name, seed)] = run_replay(policy, stream, cfgs[i].kappa, np.random.default_rng(seeded[seed][1]),
-                                               progress=progress, desc=f"{name} seed {seed}")
+            outs[i][(name, seed)] = run_replay(
+                policy,
+                stream,
+                cfgs[i].kappa,
+                np.random.default_rng(seeded[seed][1]),
+                progress=progress,
+                desc=f"{name} seed {seed}",
+            )
     return outs
 
 
@@ -342,8 +360,9 @@ def _evaluate_grid(table, X, cfgs, encoder, progress, workers, on_seed) -> list[
 
         # one contiguous block of seeds per worker; each block runs as lanes where it can
         blocks = [[int(s) for s in b] for b in np.array_split(seeds, min(workers, len(seeds)))]
-        with ProcessPoolExecutor(max_workers=len(blocks), mp_context=mp.get_context("spawn"),
-                                 initializer=_limit_threads) as pool:
+        with ProcessPoolExecutor(
+            max_workers=len(blocks), mp_context=mp.get_context("spawn"), initializer=_limit_threads
+        ) as pool:
             futures = [pool.submit(run_grid, table, X, cfgs, block, False) for block in blocks]
             for block, fut in zip(blocks, futures):
                 for out, part in zip(outs, fut.result()):
@@ -387,33 +406,35 @@ def summarise(
         smean, slo, shi = mean_ci95(served_final)
         pcfg = cfg.policy_config(name)
         entry = get_entry(name)
-        records.append({
-            "dataset": table.name,
-            "policy": name,
-            "encoder": encoder if entry.needs_embeddings else "none",
-            "weighting": cfg.weighting if entry.needs_embeddings else "none",
-            "split": cfg.split if cfg.split != "holdout" else f"holdout:{cfg.held_out}",
-            "n_seeds": len(results),
-            "n_rounds": cfg.n_rounds,
-            "cum_regret_mean": float(mean),
-            "cum_regret_ci95": [float(lo), float(hi)],
-            "cum_regret_per_seed": [float(v) for v in final],
-            "mean_regret_per_round": float(mean / cfg.n_rounds),
-            "served_regret_mean": float(smean),
-            "served_regret_ci95": [float(slo), float(shi)],
-            "served_regret_per_seed": [float(v) for v in served_final],
-            "served_regret_per_round": float(smean / cfg.n_rounds),
-            "self_duel_share": float(np.mean([r.self_duel_share for r in results])),
-            "context": cfg.context,
-            "served_score_mean": float(np.mean([r.served_score.mean() for r in results])),
-            "served_cost_mean_usd": float(np.mean([r.served_cost.mean() for r in results])),
-            "cost_weight": cfg.cost_weight,
-            "kappa": cfg.kappa if math.isfinite(cfg.kappa) else "inf",
-            "n_arms": table.n_arms,
-            "real_label_share": float(np.mean([r.n_real_labels / len(r.regret) for r in results])),
-            "replay_seconds": float(sum(r.seconds for r in results)),
-            "policy_config": _jsonable(dataclasses.asdict(pcfg)),
-        })
+        records.append(
+            {
+                "dataset": table.name,
+                "policy": name,
+                "encoder": encoder if entry.needs_embeddings else "none",
+                "weighting": cfg.weighting if entry.needs_embeddings else "none",
+                "split": cfg.split if cfg.split != "holdout" else f"holdout:{cfg.held_out}",
+                "n_seeds": len(results),
+                "n_rounds": cfg.n_rounds,
+                "cum_regret_mean": float(mean),
+                "cum_regret_ci95": [float(lo), float(hi)],
+                "cum_regret_per_seed": [float(v) for v in final],
+                "mean_regret_per_round": float(mean / cfg.n_rounds),
+                "served_regret_mean": float(smean),
+                "served_regret_ci95": [float(slo), float(shi)],
+                "served_regret_per_seed": [float(v) for v in served_final],
+                "served_regret_per_round": float(smean / cfg.n_rounds),
+                "self_duel_share": float(np.mean([r.self_duel_share for r in results])),
+                "context": cfg.context,
+                "served_score_mean": float(np.mean([r.served_score.mean() for r in results])),
+                "served_cost_mean_usd": float(np.mean([r.served_cost.mean() for r in results])),
+                "cost_weight": cfg.cost_weight,
+                "kappa": cfg.kappa if math.isfinite(cfg.kappa) else "inf",
+                "n_arms": table.n_arms,
+                "real_label_share": float(np.mean([r.n_real_labels / len(r.regret) for r in results])),
+                "replay_seconds": float(sum(r.seconds for r in results)),
+                "policy_config": _jsonable(dataclasses.asdict(pcfg)),
+            }
+        )
     add_paired(records)
     return records
 
@@ -452,30 +473,36 @@ def curves_frame(runs: Mapping[tuple[str, int], ReplayResult]):
     frames = []
     for (name, seed), r in runs.items():
         T = len(r.regret)
-        frames.append(pd.DataFrame({
-            "policy": np.full(T, name, dtype=object),
-            "seed": np.full(T, seed, dtype=np.int64),
-            "round": np.arange(1, T + 1, dtype=np.int64),
-            "row": r.rows,
-            "first": r.first,
-            "second": r.second,
-            "outcome": r.outcome,
-            "regret": r.regret,
-            "cum_regret": r.cum_regret,
-            "served": r.served,
-            "served_regret": r.served_regret,
-            "cum_served_regret": r.cum_served_regret,
-            "served_score": r.served_score,
-            "served_cost": r.served_cost,
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "policy": np.full(T, name, dtype=object),
+                    "seed": np.full(T, seed, dtype=np.int64),
+                    "round": np.arange(1, T + 1, dtype=np.int64),
+                    "row": r.rows,
+                    "first": r.first,
+                    "second": r.second,
+                    "outcome": r.outcome,
+                    "regret": r.regret,
+                    "cum_regret": r.cum_regret,
+                    "served": r.served,
+                    "served_regret": r.served_regret,
+                    "cum_served_regret": r.cum_served_regret,
+                    "served_score": r.served_score,
+                    "served_cost": r.served_cost,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 # ---------------------------------------------------------------------------- outputs
 def format_table(records: Sequence[dict]) -> str:
     """Plain-text table: one line per record; dueling and served cumulative regret, mean [95% CI]."""
-    head = f"{'dataset':<12} {'policy':<17} {'encoder':<8} {'weighting':<16} {'seeds':>5} {'T':>6}  " \
-           f"{'dueling regret [95% CI]':<26} {'served regret [95% CI]':<26} {'served score':>12}"
+    head = (
+        f"{'dataset':<12} {'policy':<17} {'encoder':<8} {'weighting':<16} {'seeds':>5} {'T':>6}  "
+        f"{'dueling regret [95% CI]':<26} {'served regret [95% CI]':<26} {'served score':>12}"
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         lo, hi = r["cum_regret_ci95"]
@@ -486,8 +513,12 @@ def format_table(records: Sequence[dict]) -> str:
             f"{r['dataset']:<12} {r['policy']:<17} {r['encoder']:<8} {r['weighting']:<16} {r['n_seeds']:>5} "
             f"{r['n_rounds']:>6}  {ci:<26} {sci:<26} {r['served_score_mean']:>12.3f}"
         )
-    paired = [(r, ref, v) for r in records for ref, v in r.get("paired", {}).items()
-              if ref in ("best_fixed", "offline_static") and r["policy"] not in PAIRED_REFERENCES]
+    paired = [
+        (r, ref, v)
+        for r in records
+        for ref, v in r.get("paired", {}).items()
+        if ref in ("best_fixed", "offline_static") and r["policy"] not in PAIRED_REFERENCES
+    ]
     if paired:
         lines += ["", "paired per-seed differences of served regret (policy − reference), mean [95% CI]:"]
         for r, ref, v in paired:
@@ -501,11 +532,20 @@ def write_outputs(result: EvalResult, out_dir: str | Path, title: str = "") -> d
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "curves": out / "curves.parquet", "plot": out / "regret.png",
-             "served_plot": out / "served_regret.png"}
+    paths = {
+        "summary": out / "summary.json",
+        "curves": out / "curves.parquet",
+        "plot": out / "regret.png",
+        "served_plot": out / "served_regret.png",
+    }
     paths["summary"].write_text(json.dumps(result.records, indent=2) + "\n")
     result.curves.to_parquet(paths["curves"], index=False)
     plot_regret(result.curves, paths["plot"], title=title)
-    plot_regret(result.curves, paths["served_plot"], title=(title or "") + " (served arm)", column="cum_served_regret",
-                ylabel="cumulative served regret")
+    plot_regret(
+        result.curves,
+        paths["served_plot"],
+        title=(title or "") + " (served arm)",
+        column="cum_served_regret",
+        ylabel="cumulative served regret",
+    )
     return paths

@@ -66,8 +66,13 @@ class PaperConfig:
     def quick(cls, **kw) -> PaperConfig:
         from ray_router.embeddings.ccft import CCFTConfig
 
-        base = dict(n_seeds=5, n_rounds=400, lambda_grid=(0.0, 0.25, 1.0, 20.0), subsample=900,
-                    ccft=CCFTConfig(queries_per_category=16, epochs=1, max_seq_length=128))
+        base = dict(
+            n_seeds=5,
+            n_rounds=400,
+            lambda_grid=(0.0, 0.25, 1.0, 20.0),
+            subsample=900,
+            ccft=CCFTConfig(queries_per_category=16, epochs=1, max_seq_length=128),
+        )
         return parse(cls, {**base, **kw}, where="experiment paper --quick")
 
 
@@ -107,8 +112,10 @@ def _ccft_encoder(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, ar
 def _encode(encoder, table: RoutingTable, label: str) -> np.ndarray:
     t0 = time.perf_counter()
     X = encoder.encode(list(table.texts))
-    _log(f"{label}: {table.n_queries} texts embedded in {time.perf_counter() - t0:.0f}s "
-         f"({getattr(encoder, 'n_encoded', '?')} newly encoded)")
+    _log(
+        f"{label}: {table.n_queries} texts embedded in {time.perf_counter() - t0:.0f}s "
+        f"({getattr(encoder, 'n_encoded', '?')} newly encoded)"
+    )
     return X
 
 
@@ -119,8 +126,14 @@ def _separation(X: np.ndarray, table: RoutingTable, split) -> dict:
     return category_separation(X[split.offline], cats[split.offline], X[split.online], cats[split.online])
 
 
-def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=None, device: str = "auto",
-              progress: Callable[[str], None] = _log) -> PaperResult:
+def run_paper(
+    cfg: PaperConfig,
+    out_dir: str | Path,
+    data_dir=None,
+    cache_dir=None,
+    device: str = "auto",
+    progress: Callable[[str], None] = _log,
+) -> PaperResult:
     """The four parts of the module docstring on one dataset; the report and its files in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,8 +151,20 @@ def run_paper(cfg: PaperConfig, out_dir: str | Path, data_dir=None, cache_dir=No
     reach = _reachability(table, encoders["base"], main_cfg, cfg.weightings)
     perf_cost, arm_points, router_aiq = _perf_cost(runs, encoders["ccft"], main_cfg, split, cfg)
     _pair_sections(runs.records)
-    paths = _write(out, cfg, table, runs.records, _concat(runs.curves), separation, perf_cost, arm_points, router_aiq,
-                   held_out, time.perf_counter() - t_start, reach)
+    paths = _write(
+        out,
+        cfg,
+        table,
+        runs.records,
+        _concat(runs.curves),
+        separation,
+        perf_cost,
+        arm_points,
+        router_aiq,
+        held_out,
+        time.perf_counter() - t_start,
+        reach,
+    )
     return PaperResult(records=runs.records, report=paths["report"].read_text(), paths=paths)
 
 
@@ -160,10 +185,16 @@ def _load_table(cfg: PaperConfig, data_dir, progress: Callable[[str], None]) -> 
 
 def _main_config(cfg: PaperConfig) -> EvalConfig:
     """The main grid's EvalConfig; the other parts replace some of its fields."""
-    return EvalConfig(cost_weight=cfg.cost_weight, n_seeds=cfg.n_seeds, n_rounds=cfg.n_rounds, kappa=cfg.kappa,
-                      offline_fraction=cfg.offline_fraction, split_seed=cfg.split_seed,
-                      policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {},
-                      k_per_category=cfg.k_per_category)
+    return EvalConfig(
+        cost_weight=cfg.cost_weight,
+        n_seeds=cfg.n_seeds,
+        n_rounds=cfg.n_rounds,
+        kappa=cfg.kappa,
+        offline_fraction=cfg.offline_fraction,
+        split_seed=cfg.split_seed,
+        policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {},
+        k_per_category=cfg.k_per_category,
+    )
 
 
 def _embed(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device) -> dict:
@@ -189,12 +220,16 @@ class _Runs:
         res = evaluate(self.table, X, ecfg, encoder=encoder, workers=self.workers)
         return self._record(res, encoder, weighting, split_label, tag, time.perf_counter() - t0)
 
-    def run_grid(self, X, ecfgs: list[EvalConfig], encoder: str, weightings, split_label: str, tags) -> list[list[dict]]:
+    def run_grid(
+        self, X, ecfgs: list[EvalConfig], encoder: str, weightings, split_label: str, tags
+    ) -> list[list[dict]]:
         """Several configurations over one stream at once (FGTS.CDB's runs share array programs)."""
         t0 = time.perf_counter()
         results = evaluate_grid(self.table, X, ecfgs, encoder=encoder, workers=self.workers)
         seconds = (time.perf_counter() - t0) / len(ecfgs)
-        return [self._record(res, encoder, w, split_label, tag, seconds) for res, w, tag in zip(results, weightings, tags)]
+        return [
+            self._record(res, encoder, w, split_label, tag, seconds) for res, w, tag in zip(results, weightings, tags)
+        ]
 
     def _record(self, res, encoder: str, weighting: str, split_label: str, tag: str, seconds: float) -> list[dict]:
         for r in res.records:
@@ -202,10 +237,25 @@ class _Runs:
         c = res.curves
         c["config"] = [f"{p}/{encoder}/{weighting}" for p in c["policy"]]
         c["section"] = tag
-        self.curves.append(c[["section", "config", "policy", "seed", "round", "cum_regret", "cum_served_regret",
-                              "served_score", "served_cost"]])
-        self.progress(f"{tag}: {[r['policy'] for r in res.records]} {encoder}/{weighting} "
-                      f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({seconds:.0f}s)")
+        self.curves.append(
+            c[
+                [
+                    "section",
+                    "config",
+                    "policy",
+                    "seed",
+                    "round",
+                    "cum_regret",
+                    "cum_served_regret",
+                    "served_score",
+                    "served_cost",
+                ]
+            ]
+        )
+        self.progress(
+            f"{tag}: {[r['policy'] for r in res.records]} {encoder}/{weighting} "
+            f"cum regret {[round(r['cum_regret_mean'], 1) for r in res.records]} ({seconds:.0f}s)"
+        )
         self.records.extend(res.records)
         return res.records
 
@@ -213,23 +263,45 @@ class _Runs:
 def _main_grid(runs: _Runs, encoders: dict, main_cfg: EvalConfig, cfg: PaperConfig) -> None:
     """Part 1: both routers on each encoder x weighting, and every baseline on the base encoder."""
     for enc, X in encoders.items():
-        runs.run_grid(X, [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=w) for w in cfg.weightings],
-                      enc, cfg.weightings, "stratified", ["main"] * len(cfg.weightings))
+        runs.run_grid(
+            X,
+            [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=w) for w in cfg.weightings],
+            enc,
+            cfg.weightings,
+            "stratified",
+            ["main"] * len(cfg.weightings),
+        )
     if cfg.baselines:
-        runs.run(encoders["base"], dataclasses.replace(main_cfg, policies=tuple(cfg.baselines), weighting="perf"),
-                 "base", "perf", "stratified", "main")
+        runs.run(
+            encoders["base"],
+            dataclasses.replace(main_cfg, policies=tuple(cfg.baselines), weighting="perf"),
+            "base",
+            "perf",
+            "stratified",
+            "main",
+        )
 
 
-def _unseen(runs: _Runs, X_base, main_cfg: EvalConfig, held_out: str, cfg: PaperConfig, art_dir: Path, cache_dir,
-            device) -> None:
+def _unseen(
+    runs: _Runs, X_base, main_cfg: EvalConfig, held_out: str, cfg: PaperConfig, art_dir: Path, cache_dir, device
+) -> None:
     """Part 2: ``held_out`` never seen offline, nor by the CCFT encoder (fine-tuned on this split)."""
     hold_cfg = dataclasses.replace(main_cfg, split="holdout", held_out=held_out, weighting="perf")
     hsplit = make_split(runs.table, hold_cfg, cfg.split_seed)
-    X_ccft_h = _encode(_ccft_encoder(runs.table, hsplit.offline, cfg, art_dir, cache_dir, device),
-                       runs.table, "CCFT encoder (held-out split)")
+    X_ccft_h = _encode(
+        _ccft_encoder(runs.table, hsplit.offline, cfg, art_dir, cache_dir, device),
+        runs.table,
+        "CCFT encoder (held-out split)",
+    )
     label = f"holdout:{held_out}"
-    runs.run(X_base, dataclasses.replace(hold_cfg, policies=(*ROUTERS, "offline_static", "best_fixed", "uniform")),
-             "base", "perf", label, "unseen")
+    runs.run(
+        X_base,
+        dataclasses.replace(hold_cfg, policies=(*ROUTERS, "offline_static", "best_fixed", "uniform")),
+        "base",
+        "perf",
+        label,
+        "unseen",
+    )
     runs.run(X_ccft_h, dataclasses.replace(hold_cfg, policies=ROUTERS), "ccft", "perf", label, "unseen")
 
 
@@ -237,8 +309,14 @@ def _thin_and_ablation(runs: _Runs, X_base, main_cfg: EvalConfig, cfg: PaperConf
     """Part 2b: the thin offline regime (k per category) and the constant-context ablation, base encoder."""
     thin_cfg = dataclasses.replace(main_cfg, split="k_per_category", weighting="perf", policies=THIN_POLICIES)
     runs.run(X_base, thin_cfg, "base", "perf", f"k_per_category:{cfg.k_per_category}", "thin")
-    runs.run(X_base, dataclasses.replace(main_cfg, policies=("fgts_cdb", "offline_static"), weighting="perf",
-                                         context="constant"), "constant", "perf", "stratified", "ablation")
+    runs.run(
+        X_base,
+        dataclasses.replace(main_cfg, policies=("fgts_cdb", "offline_static"), weighting="perf", context="constant"),
+        "constant",
+        "perf",
+        "stratified",
+        "ablation",
+    )
 
 
 def _perf_cost(runs: _Runs, X_ccft, main_cfg: EvalConfig, split, cfg: PaperConfig):
@@ -246,17 +324,28 @@ def _perf_cost(runs: _Runs, X_ccft, main_cfg: EvalConfig, split, cfg: PaperConfi
     the data has costs (recorded on the λ runs). Returns (router points, arm points, router AIQ or None)."""
     policies = (*ROUTERS, "offline_static")
     lam_recs = runs.run_grid(
-        X_ccft, [dataclasses.replace(main_cfg, policies=policies, weighting="perf_cost", cost_weight=lam)
-                 for lam in cfg.lambda_grid],
-        "ccft", ["perf_cost"] * len(cfg.lambda_grid), "stratified", [f"lambda={lam:g}" for lam in cfg.lambda_grid])
+        X_ccft,
+        [
+            dataclasses.replace(main_cfg, policies=policies, weighting="perf_cost", cost_weight=lam)
+            for lam in cfg.lambda_grid
+        ],
+        "ccft",
+        ["perf_cost"] * len(cfg.lambda_grid),
+        "stratified",
+        [f"lambda={lam:g}" for lam in cfg.lambda_grid],
+    )
     perf_cost = {}
     for name in policies:
         recs = [next(r for r in recs if r["policy"] == name) for recs in lam_recs]
-        perf_cost[name] = [(lam, r["served_cost_mean_usd"], r["served_score_mean"]) for lam, r in zip(cfg.lambda_grid, recs)]
+        perf_cost[name] = [
+            (lam, r["served_cost_mean_usd"], r["served_score_mean"]) for lam, r in zip(cfg.lambda_grid, recs)
+        ]
     table = runs.table
     online = table.subset(split.online)
-    arm_points = [(a, float(online.costs[:, k].mean()) if online.costs is not None else 0.0,
-                   float(online.scores[:, k].mean())) for k, a in enumerate(table.arms)]
+    arm_points = [
+        (a, float(online.costs[:, k].mean()) if online.costs is not None else 0.0, float(online.scores[:, k].mean()))
+        for k, a in enumerate(table.arms)
+    ]
     if not table.has_costs:
         return perf_cost, arm_points, None
     # like for like: every curve over the same cost range (RouterBench's own convention)
@@ -296,14 +385,18 @@ def _paired(r: dict, ref: str) -> str:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| policy | encoder | weighting | split | dueling regret (mean ± 95% CI) | served regret | "
-             "served − best single arm (paired) | served − static offline router (paired) | self-duels | "
-             "served score | served cost (USD) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| policy | encoder | weighting | split | dueling regret (mean ± 95% CI) | served regret | "
+        "served − best single arm (paired) | served − static offline router (paired) | self-duels | "
+        "served score | served cost (USD) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: r["served_regret_mean"]):
-        lines.append(f"| {r['policy']} | {r['encoder']} | {r['weighting']} | {r['split']} | {_ci(r)} | "
-                     f"{_ci(r, 'served_regret')} | {_paired(r, 'best_fixed')} | {_paired(r, 'offline_static')} | "
-                     f"{r['self_duel_share']:.2f} | {r['served_score_mean']:.3f} | {r['served_cost_mean_usd']:.5f} |")
+        lines.append(
+            f"| {r['policy']} | {r['encoder']} | {r['weighting']} | {r['split']} | {_ci(r)} | "
+            f"{_ci(r, 'served_regret')} | {_paired(r, 'best_fixed')} | {_paired(r, 'offline_static')} | "
+            f"{r['self_duel_share']:.2f} | {r['served_score_mean']:.3f} | {r['served_cost_mean_usd']:.5f} |"
+        )
     return "\n".join(lines)
 
 
@@ -335,38 +428,85 @@ def _verdicts(records: list[dict]) -> list[str]:
                 if v is None:
                     continue
                 d = v["served"]
-                word = {"below": "AHEAD of", "above": "BEHIND", "no significant difference": "not distinguishable from"}[d["verdict"]]
-                lines.append(f"- {label}: {r['policy']} ({r['encoder']}/{r['weighting']}) is {word} {name} "
-                             f"(served regret difference {d['mean']:+.1f}, 95% CI [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]).")
+                word = {
+                    "below": "AHEAD of",
+                    "above": "BEHIND",
+                    "no significant difference": "not distinguishable from",
+                }[d["verdict"]]
+                lines.append(
+                    f"- {label}: {r['policy']} ({r['encoder']}/{r['weighting']}) is {word} {name} "
+                    f"(served regret difference {d['mean']:+.1f}, 95% CI [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}])."
+                )
     return lines
 
 
-def _write(out: Path, cfg: PaperConfig, table: RoutingTable, records, curves, separation, perf_cost, arm_points,
-           router_aiq, held_out, seconds, reach) -> dict[str, Path]:
+def _write(
+    out: Path,
+    cfg: PaperConfig,
+    table: RoutingTable,
+    records,
+    curves,
+    separation,
+    perf_cost,
+    arm_points,
+    router_aiq,
+    held_out,
+    seconds,
+    reach,
+) -> dict[str, Path]:
     from ray_router.evaluation.plots import plot_perf_cost, plot_regret
 
-    paths = {"summary": out / "summary.json", "report": out / "report.md", "curves": out / "curves.parquet",
-             "main_plot": out / "regret_main.png", "served_plot": out / "served_regret_main.png",
-             "unseen_plot": out / "regret_unseen.png", "thin_plot": out / "served_regret_thin.png",
-             "cost_plot": out / "perf_cost.png"}
+    paths = {
+        "summary": out / "summary.json",
+        "report": out / "report.md",
+        "curves": out / "curves.parquet",
+        "main_plot": out / "regret_main.png",
+        "served_plot": out / "served_regret_main.png",
+        "unseen_plot": out / "regret_unseen.png",
+        "thin_plot": out / "served_regret_thin.png",
+        "cost_plot": out / "perf_cost.png",
+    }
     clean = [{k: v for k, v in r.items() if k != "section"} | {"section": r["section"]} for r in records]
     paths["summary"].write_text(json.dumps(clean, indent=2) + "\n")
     curves.to_parquet(paths["curves"], index=False)
     main = curves[curves["section"] == "main"]
     plot_regret(main, paths["main_plot"], title=f"{table.name}: main grid (dueling regret)", group="config")
-    plot_regret(main, paths["served_plot"], title=f"{table.name}: main grid (served regret)", group="config",
-                column="cum_served_regret", ylabel="cumulative served regret")
-    plot_regret(curves[curves["section"] == "unseen"], paths["unseen_plot"],
-                title=f"{table.name}: '{held_out}' held out of the offline part", group="config")
-    plot_regret(curves[curves["section"] == "thin"], paths["thin_plot"],
-                title=f"{table.name}: {cfg.k_per_category} offline queries per category (served regret)",
-                group="config", column="cum_served_regret", ylabel="cumulative served regret")
-    label = {"fgts_cdb": "FGTS.CDB (default)", "fgts_cdb_paper": "FGTS.CDB (paper)", "offline_static": "static offline router"}
-    plot_perf_cost(paths["cost_plot"], arm_points, {label[k]: v for k, v in perf_cost.items()},
-                   title=f"{table.name}: served quality vs cost",
-                   aiq_values=None if router_aiq is None else {
-                       **{label[k]: v[0] for k, v in router_aiq.items()},
-                       "single-arm hull": next(iter(router_aiq.values()))[1]})
+    plot_regret(
+        main,
+        paths["served_plot"],
+        title=f"{table.name}: main grid (served regret)",
+        group="config",
+        column="cum_served_regret",
+        ylabel="cumulative served regret",
+    )
+    plot_regret(
+        curves[curves["section"] == "unseen"],
+        paths["unseen_plot"],
+        title=f"{table.name}: '{held_out}' held out of the offline part",
+        group="config",
+    )
+    plot_regret(
+        curves[curves["section"] == "thin"],
+        paths["thin_plot"],
+        title=f"{table.name}: {cfg.k_per_category} offline queries per category (served regret)",
+        group="config",
+        column="cum_served_regret",
+        ylabel="cumulative served regret",
+    )
+    label = {
+        "fgts_cdb": "FGTS.CDB (default)",
+        "fgts_cdb_paper": "FGTS.CDB (paper)",
+        "offline_static": "static offline router",
+    }
+    plot_perf_cost(
+        paths["cost_plot"],
+        arm_points,
+        {label[k]: v for k, v in perf_cost.items()},
+        title=f"{table.name}: served quality vs cost",
+        aiq_values=None
+        if router_aiq is None
+        else {**{label[k]: v[0] for k, v in router_aiq.items()}, "single-arm hull": next(iter(router_aiq.values()))[1]},
+    )
 
     main_recs = [r for r in records if r["section"] == "main"]
     fg = {(r["policy"], r["encoder"], r["weighting"]): r for r in main_recs if r["policy"] in ROUTERS}
@@ -403,35 +543,82 @@ def _write(out: Path, cfg: PaperConfig, table: RoutingTable, records, curves, se
             b, c = fg.get((pol, "base", w)), fg.get((pol, "ccft", w))
             if b and c:  # the same split, seeds and streams: a paired per-seed difference
                 d = paired_difference(c["served_regret_per_seed"], b["served_regret_per_seed"])
-                verdict = {"below": "CCFT better", "above": "base better"}.get(d["verdict"], "no significant difference")
-                comp.append(f"| {pol} | {w} | {_ci(b, 'served_regret')} | {_ci(c, 'served_regret')} | "
-                            f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | {verdict} |")
+                verdict = {"below": "CCFT better", "above": "base better"}.get(
+                    d["verdict"], "no significant difference"
+                )
+                comp.append(
+                    f"| {pol} | {w} | {_ci(b, 'served_regret')} | {_ci(c, 'served_regret')} | "
+                    f"{d['mean']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}] | {verdict} |"
+                )
     if comp:
-        lines += ["### CCFT vs general-purpose encoder (served regret)", "",
-                  "| router | weighting | base | CCFT | CCFT − base (paired) | verdict |", "|---|---|---:|---:|---:|---|",
-                  *comp, ""]
-    lines += ["## Category separation of online queries (centroids from the offline part)", "",
-              "| encoder | nearest-centroid accuracy | silhouette (cosine) |", "|---|---:|---:|"]
+        lines += [
+            "### CCFT vs general-purpose encoder (served regret)",
+            "",
+            "| router | weighting | base | CCFT | CCFT − base (paired) | verdict |",
+            "|---|---|---:|---:|---:|---|",
+            *comp,
+            "",
+        ]
+    lines += [
+        "## Category separation of online queries (centroids from the offline part)",
+        "",
+        "| encoder | nearest-centroid accuracy | silhouette (cosine) |",
+        "|---|---:|---:|",
+    ]
     for name, s_ in separation.items():
-        lines.append(f"| {name} | {s_.get('nearest_centroid_accuracy', float('nan')):.3f} | {s_.get('silhouette', float('nan')):.3f} |")
+        lines.append(
+            f"| {name} | {s_.get('nearest_centroid_accuracy', float('nan')):.3f} | {s_.get('silhouette', float('nan')):.3f} |"
+        )
     unseen = [r for r in records if r["section"] == "unseen"]
     thin = [r for r in records if r["section"] == "thin"]
     ablation = [r for r in records if r["section"] == "ablation"]
-    lines += ["", f"## Unseen category: '{held_out}' held out of the offline part", "", _table(unseen), "",
-              "![unseen](regret_unseen.png)", "",
-              f"## Thin offline split: {cfg.k_per_category} queries per category", "",
-              "Where learning from duels must show: the offline estimate rests on a handful of rows.", "",
-              _table(thin), "", "![thin](served_regret_thin.png)", "",
-              "## Constant-context ablation (every query replaced by one vector)", "",
-              "If the router does as well with a constant context, it is not contextual.", "",
-              _table(ablation + [r for r in main_recs if r["policy"] in ("fgts_cdb", "offline_static")
-                                 and r["encoder"] in ("base", "none") and r["weighting"] in ("perf", "none")]), "",
-              "## Reachability (paper's prior: maps without a per-arm term)", "",
-              "| λ | weighting | feature map | arms it can never choose |", "|---:|---|---|---|"]
+    lines += [
+        "",
+        f"## Unseen category: '{held_out}' held out of the offline part",
+        "",
+        _table(unseen),
+        "",
+        "![unseen](regret_unseen.png)",
+        "",
+        f"## Thin offline split: {cfg.k_per_category} queries per category",
+        "",
+        "Where learning from duels must show: the offline estimate rests on a handful of rows.",
+        "",
+        _table(thin),
+        "",
+        "![thin](served_regret_thin.png)",
+        "",
+        "## Constant-context ablation (every query replaced by one vector)",
+        "",
+        "If the router does as well with a constant context, it is not contextual.",
+        "",
+        _table(
+            ablation
+            + [
+                r
+                for r in main_recs
+                if r["policy"] in ("fgts_cdb", "offline_static")
+                and r["encoder"] in ("base", "none")
+                and r["weighting"] in ("perf", "none")
+            ]
+        ),
+        "",
+        "## Reachability (paper's prior: maps without a per-arm term)",
+        "",
+        "| λ | weighting | feature map | arms it can never choose |",
+        "|---:|---|---|---|",
+    ]
     for r in reach:
-        lines.append(f"| {r['lambda']:g} | {r['weighting']} | {r['feature_map']} | {', '.join(r['unreachable']) or 'none'} |")
-    lines += ["", "## Perf–cost view (CCFT encoder, perf_cost weighting, λ grid)", "",
-              "| router | λ | served score | served cost (USD) |", "|---|---:|---:|---:|"]
+        lines.append(
+            f"| {r['lambda']:g} | {r['weighting']} | {r['feature_map']} | {', '.join(r['unreachable']) or 'none'} |"
+        )
+    lines += [
+        "",
+        "## Perf–cost view (CCFT encoder, perf_cost weighting, λ grid)",
+        "",
+        "| router | λ | served score | served cost (USD) |",
+        "|---|---:|---:|---:|",
+    ]
     for name, pts in perf_cost.items():
         for lam, cost, score in pts:
             lines.append(f"| {name} | {lam:g} | {score:.3f} | {cost:.5f} |")
@@ -439,13 +626,18 @@ def _write(out: Path, cfg: PaperConfig, table: RoutingTable, records, curves, se
     for a_, cost, score in sorted(arm_points, key=lambda p: p[1]):
         lines.append(f"| {a_} | {score:.3f} | {cost:.5f} |")
     if router_aiq is not None:
-        lines += ["", "AIQ (RouterBench; area under the non-decreasing convex hull), like for like: every curve over the "
-                  "same cost range (the cheapest to the dearest point of any router or arm), each hull extended flat "
-                  "to the right and counted 0 left of its cheapest point."]
+        lines += [
+            "",
+            "AIQ (RouterBench; area under the non-decreasing convex hull), like for like: every curve over the "
+            "same cost range (the cheapest to the dearest point of any router or arm), each hull extended flat "
+            "to the right and counted 0 left of its cheapest point.",
+        ]
         for name, (r_aiq, arm_aiq, (lo, hi)) in router_aiq.items():
             verdict = "above" if r_aiq > arm_aiq else "not above"
-            lines.append(f"- {name}: AIQ **{r_aiq:.3f}** vs the single-arm hull {arm_aiq:.3f} over "
-                         f"[{lo:.5f}, {hi:.5f}] USD: {verdict} the hull.")
+            lines.append(
+                f"- {name}: AIQ **{r_aiq:.3f}** vs the single-arm hull {arm_aiq:.3f} over "
+                f"[{lo:.5f}, {hi:.5f}] USD: {verdict} the hull."
+            )
     else:
         lines += ["", "AIQ: not applicable (the dataset has no costs)."]
     lines += ["", "![perf-cost](perf_cost.png)", ""]

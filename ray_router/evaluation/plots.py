@@ -38,12 +38,25 @@ def _style(k: int, n_colors: int) -> str:
 
 
 def _legend_right(ax, n: int) -> None:
-    ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0,
-              fontsize=8 if n <= 12 else 7, ncol=1 if n <= 24 else 2, frameon=False)
+    ax.legend(
+        bbox_to_anchor=(1.02, 1),
+        loc="upper left",
+        borderaxespad=0.0,
+        fontsize=8 if n <= 12 else 7,
+        ncol=1 if n <= 24 else 2,
+        frameon=False,
+    )
 
 
-def plot_regret(curves, path: str | Path, title: str = "", group: str = "policy", *,
-                column: str = "cum_regret", ylabel: str | None = None) -> Path:
+def plot_regret(
+    curves,
+    path: str | Path,
+    title: str = "",
+    group: str = "policy",
+    *,
+    column: str = "cum_regret",
+    ylabel: str | None = None,
+) -> Path:
     """Mean of ``column`` (default cumulative regret) per ``group`` value over rounds, with the 95%
     interval over seeds. Distinct colours and cycling line styles keep 15+ lines apart; the legend
     sits outside, right of the axes."""
@@ -56,8 +69,14 @@ def plot_regret(curves, path: str | Path, title: str = "", group: str = "policy"
         mean, lo, hi = mean_ci95(wide.to_numpy(), axis=1)
         rounds = wide.index.to_numpy()
         color = colors[k % len(colors)]
-        ax.plot(rounds, mean, color=color, linestyle=_style(k, len(groups)), linewidth=1.5,
-                label=f"{name} (n={wide.shape[1]})")
+        ax.plot(
+            rounds,
+            mean,
+            color=color,
+            linestyle=_style(k, len(groups)),
+            linewidth=1.5,
+            label=f"{name} (n={wide.shape[1]})",
+        )
         ax.fill_between(rounds, lo, hi, color=color, alpha=0.15 if len(groups) <= 10 else 0.07, linewidth=0)
     nice = column.replace("_", " ").replace("cum ", "cumulative ")
     ax.set_xlabel("round")
@@ -72,8 +91,9 @@ def plot_regret(curves, path: str | Path, title: str = "", group: str = "policy"
     return path
 
 
-def plot_perf_cost(path: str | Path, arm_points, router_curves, title: str = "",
-                   aiq_values: dict[str, float] | None = None) -> Path:
+def plot_perf_cost(
+    path: str | Path, arm_points, router_curves, title: str = "", aiq_values: dict[str, float] | None = None
+) -> Path:
     """Quality vs cost: single arms, their non-decreasing hull, and each router over λ.
 
     ``arm_points``: ``[(arm_name, cost, score), ...]`` — one labelled marker each, plus their
@@ -99,8 +119,14 @@ def plot_perf_cost(path: str | Path, arm_points, router_curves, title: str = "",
         aq = [float(p[2]) for p in arm_points]
         ax.scatter(ac, aq, marker="x", color="dimgrey", s=30, zorder=3, label="single arms")
         for name, c, s in arm_points:
-            ax.annotate(str(name).split("/")[-1][:22], (c, s), fontsize=6, alpha=0.75,
-                        xytext=(3, -8), textcoords="offset points")
+            ax.annotate(
+                str(name).split("/")[-1][:22],
+                (c, s),
+                fontsize=6,
+                alpha=0.75,
+                xytext=(3, -8),
+                textcoords="offset points",
+            )
         hc, hq = nondecreasing_hull(ac, aq)
         if all_costs and max(all_costs) > hc[-1]:
             hc, hq = np.append(hc, max(all_costs)), np.append(hq, hq[-1])
@@ -117,8 +143,17 @@ def plot_perf_cost(path: str | Path, arm_points, router_curves, title: str = "",
         ys = [float(p[2]) for p in pts]
         label = str(name) + (f", AIQ {aiq_values[name]:.3f}" if name in aiq_values else "")
         color = colors[k % len(colors)]
-        ax.plot(xs, ys, color=color, linestyle=_style(k, len(router_curves)),
-                marker=_MARKERS[k % len(_MARKERS)], markersize=5, linewidth=1.5, zorder=4, label=label)
+        ax.plot(
+            xs,
+            ys,
+            color=color,
+            linestyle=_style(k, len(router_curves)),
+            marker=_MARKERS[k % len(_MARKERS)],
+            markersize=5,
+            linewidth=1.5,
+            zorder=4,
+            label=label,
+        )
         for lam, c, s in pts:
             ax.annotate(f"λ={lam:g}", (c, s), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
 

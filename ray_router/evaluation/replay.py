@@ -72,9 +72,19 @@ def reference_result(arms: np.ndarray, stream: ReplayStream) -> ReplayResult:
     rows = stream.order.astype(np.int64)
     arms = np.asarray(arms, dtype=np.int64)
     regret = _served_regret(stream.utilities, rows, arms)
-    return ReplayResult(rows=rows, first=arms, second=arms, outcome=np.full(len(rows), 0.5), regret=regret,
-                        served_score=stream.scores[rows, arms], served_cost=stream.costs[rows, arms],
-                        n_real_labels=0, seconds=0.0, served=arms, served_regret=regret.copy())
+    return ReplayResult(
+        rows=rows,
+        first=arms,
+        second=arms,
+        outcome=np.full(len(rows), 0.5),
+        regret=regret,
+        served_score=stream.scores[rows, arms],
+        served_cost=stream.costs[rows, arms],
+        n_real_labels=0,
+        seconds=0.0,
+        served=arms,
+        served_regret=regret.copy(),
+    )
 
 
 def run_replay(

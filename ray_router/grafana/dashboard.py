@@ -86,8 +86,10 @@ def _q(expr: str, legend: str = "", instant: bool = False) -> Query:
 def _quantiles(series: str, by: str = "", legend_suffix: str = "", qs=(0.5, 0.99)) -> tuple[Query, ...]:
     by_clause = f"le, {by}" if by else "le"
     return tuple(
-        _q(f"histogram_quantile({q}, sum by ({by_clause}) (rate({series}[{RATE}])))",
-           f"p{round(q * 100)}{legend_suffix}")
+        _q(
+            f"histogram_quantile({q}, sum by ({by_clause}) (rate({series}[{RATE}])))",
+            f"p{round(q * 100)}{legend_suffix}",
+        )
         for q in qs
     )
 
@@ -95,80 +97,229 @@ def _quantiles(series: str, by: str = "", legend_suffix: str = "", qs=(0.5, 0.99
 def panels() -> tuple[Row, ...]:
     """The dashboard's rows and panels, top to bottom."""
     return (
-        Row("Overview", (
-            Panel("Routes (range)", "Arms served by /v1/route and chat completions in the dashboard's time range.",
-                  (_q(f"sum(increase({ROUTES}[{RANGE}]))", instant=True),), kind="stat", width=4, height=4),
-            Panel("Feedback (range)", "Feedback durably recorded in the dashboard's time range.",
-                  (_q(f"sum(increase({FEEDBACK}[{RANGE}]))", instant=True),), kind="stat", width=4, height=4),
-            Panel("First-slot win rate (range)",
-                  "Share of duels whose first arm (the one served as `model`) won; ties count half.",
-                  (_q(f'(sum(increase({FEEDBACK}{{outcome="first"}}[{RANGE}])) '
-                      f'+ 0.5 * sum(increase({FEEDBACK}{{outcome="tie"}}[{RANGE}]))) '
-                      f"/ sum(increase({FEEDBACK}[{RANGE}]))", instant=True),),
-                  kind="stat", unit="percentunit", width=4, height=4, max=1),
-            Panel("Posterior version", "Number of posterior refreshes since the state was created.",
-                  (_q(f"max({POSTERIOR_VERSION})", instant=True),), kind="stat", width=4, height=4),
-            Panel("Feedback log", "Size of the append-only feedback log (the source of truth of the posterior).",
-                  (_q(f"max({LOG_BYTES})", instant=True),), kind="stat", unit="bytes", width=4, height=4),
-            Panel("Healthy replicas", "Serve replicas passing their health check, all deployments of the app.",
-                  (_q(f"sum({SERVE_HEALTHY}{{{APP}}})", instant=True),), kind="stat", width=4, height=4),
-        )),
-        Row("Routing", (
-            Panel("Routes per arm", "Rate at which each arm is served (both slots of a duel, and single routes).",
-                  (_q(f"sum by (arm) (rate({ROUTES}[{RATE}]))", "{{arm}}"),), unit="reqps", stack=True),
-            Panel("Route share per arm (range)", "Each arm's share of the routes in the dashboard's time range.",
-                  (_q(f"sum by (arm) (increase({ROUTES}[{RANGE}])) "
-                      f"/ ignoring(arm) group_left sum(increase({ROUTES}[{RANGE}]))", "{{arm}}", instant=True),),
-                  kind="bargauge", unit="percentunit", max=1),
-            Panel("Route latency p50 / p99", "Ingress time of a /v1/route request (embed + choose), by mode.",
-                  _quantiles(f"{ROUTE_LATENCY}_bucket", by="mode", legend_suffix=" {{mode}}"), unit="s"),
-            Panel("Route requests by mode", "/v1/route requests per second: duels (learning) and single routes.",
-                  (_q(f"sum by (mode) (rate({ROUTE_LATENCY}_count[{RATE}]))", "{{mode}}"),),
-                  unit="reqps"),
-            Panel("Errors per second", "4xx/5xx answers of the app, by status and error code.",
-                  (_q(f"sum by (status, error) (rate({HTTP_ERRORS}[{RATE}]))", "{{status}} {{error}}"),),
-                  unit="reqps", width=24),
-        )),
-        Row("Feedback and learning", (
-            Panel("Feedback per outcome", "Feedback recorded per second, by outcome of the duel.",
-                  (_q(f"sum by (outcome) (rate({FEEDBACK}[{RATE}]))", "{{outcome}}"),), unit="reqps", stack=True),
-            Panel("Win rates", "Share of each duel outcome over the rate window: `first` is the win rate of the "
-                  "served (exploit) arm; `second` that of the exploring arm.",
-                  (_q(f"sum by (outcome) (rate({FEEDBACK}[{RATE}])) "
-                      f"/ ignoring(outcome) group_left sum(rate({FEEDBACK}[{RATE}]))", "{{outcome}}"),),
-                  unit="percentunit", max=1),
-            Panel("Feedback per duel", "Feedback received per duel served (duels are counted by their first slot).",
-                  (_q(f"sum(rate({FEEDBACK}[{RATE}])) / sum(rate({ROUTES}{{slot=\"first\"}}[{RATE}]))",
-                      "feedback / duel"),), unit="percentunit"),
-            Panel("Posterior refresh time p50 / p99", "Time of one background SGLD refresh of the posterior.",
-                  _quantiles(f"{REFRESH}_bucket"), unit="s"),
-            Panel("Posterior refreshes per second", "Background refreshes completed per second.",
-                  (_q(f"sum(rate({REFRESH}_count[{RATE}]))", "refreshes"),), unit="ops"),
-            Panel("Posterior version over time", "Refreshes since the state was created: flat while feedback arrives means "
-                  "the refresher is stuck.", (_q(f"max({POSTERIOR_VERSION})", "version"),)),
-        )),
-        Row("Durability", (
-            Panel("Feedback-log size", "Size of the append-only feedback log on the state volume.",
-                  (_q(f"max({LOG_BYTES})", "bytes"),), unit="bytes"),
-            Panel("Feedback-log growth", "Growth rate of the feedback log: plan the state volume with it.",
-                  (_q(f"max(deriv({LOG_BYTES}[{RATE}]))", "bytes/s"),), unit="Bps"),
-        )),
-        Row("Serve replica health", (
-            Panel("Healthy replicas per deployment", "Replicas passing Serve's health check.",
-                  (_q(f"sum by (deployment) ({SERVE_HEALTHY}{{{APP}}})", "{{deployment}}"),)),
-            Panel("Replica starts (range)", "Replica (re)starts in the range: more than one each means crashes.",
-                  (_q(f"sum by (deployment) (increase({SERVE_STARTS}{{{APP}}}[{RANGE}]))", "{{deployment}}",
-                      instant=True),), kind="bargauge"),
-            Panel("Requests per deployment", "Requests handled by each deployment's replicas.",
-                  (_q(f"sum by (deployment) (rate({SERVE_REQUESTS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
-                  unit="reqps"),
-            Panel("Replica errors per deployment", "Requests that raised inside a replica.",
-                  (_q(f"sum by (deployment) (rate({SERVE_ERRORS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
-                  unit="reqps"),
-            Panel("Replica processing latency p99", "Time a replica spends on one request, by deployment.",
-                  _quantiles(f"{SERVE_LATENCY}{{{APP}}}", by="deployment", legend_suffix=" {{deployment}}",
-                             qs=(0.99,)), unit="ms", width=24),
-        )),
+        Row(
+            "Overview",
+            (
+                Panel(
+                    "Routes (range)",
+                    "Arms served by /v1/route and chat completions in the dashboard's time range.",
+                    (_q(f"sum(increase({ROUTES}[{RANGE}]))", instant=True),),
+                    kind="stat",
+                    width=4,
+                    height=4,
+                ),
+                Panel(
+                    "Feedback (range)",
+                    "Feedback durably recorded in the dashboard's time range.",
+                    (_q(f"sum(increase({FEEDBACK}[{RANGE}]))", instant=True),),
+                    kind="stat",
+                    width=4,
+                    height=4,
+                ),
+                Panel(
+                    "First-slot win rate (range)",
+                    "Share of duels whose first arm (the one served as `model`) won; ties count half.",
+                    (
+                        _q(
+                            f'(sum(increase({FEEDBACK}{{outcome="first"}}[{RANGE}])) '
+                            f'+ 0.5 * sum(increase({FEEDBACK}{{outcome="tie"}}[{RANGE}]))) '
+                            f"/ sum(increase({FEEDBACK}[{RANGE}]))",
+                            instant=True,
+                        ),
+                    ),
+                    kind="stat",
+                    unit="percentunit",
+                    width=4,
+                    height=4,
+                    max=1,
+                ),
+                Panel(
+                    "Posterior version",
+                    "Number of posterior refreshes since the state was created.",
+                    (_q(f"max({POSTERIOR_VERSION})", instant=True),),
+                    kind="stat",
+                    width=4,
+                    height=4,
+                ),
+                Panel(
+                    "Feedback log",
+                    "Size of the append-only feedback log (the source of truth of the posterior).",
+                    (_q(f"max({LOG_BYTES})", instant=True),),
+                    kind="stat",
+                    unit="bytes",
+                    width=4,
+                    height=4,
+                ),
+                Panel(
+                    "Healthy replicas",
+                    "Serve replicas passing their health check, all deployments of the app.",
+                    (_q(f"sum({SERVE_HEALTHY}{{{APP}}})", instant=True),),
+                    kind="stat",
+                    width=4,
+                    height=4,
+                ),
+            ),
+        ),
+        Row(
+            "Routing",
+            (
+                Panel(
+                    "Routes per arm",
+                    "Rate at which each arm is served (both slots of a duel, and single routes).",
+                    (_q(f"sum by (arm) (rate({ROUTES}[{RATE}]))", "{{arm}}"),),
+                    unit="reqps",
+                    stack=True,
+                ),
+                Panel(
+                    "Route share per arm (range)",
+                    "Each arm's share of the routes in the dashboard's time range.",
+                    (
+                        _q(
+                            f"sum by (arm) (increase({ROUTES}[{RANGE}])) "
+                            f"/ ignoring(arm) group_left sum(increase({ROUTES}[{RANGE}]))",
+                            "{{arm}}",
+                            instant=True,
+                        ),
+                    ),
+                    kind="bargauge",
+                    unit="percentunit",
+                    max=1,
+                ),
+                Panel(
+                    "Route latency p50 / p99",
+                    "Ingress time of a /v1/route request (embed + choose), by mode.",
+                    _quantiles(f"{ROUTE_LATENCY}_bucket", by="mode", legend_suffix=" {{mode}}"),
+                    unit="s",
+                ),
+                Panel(
+                    "Route requests by mode",
+                    "/v1/route requests per second: duels (learning) and single routes.",
+                    (_q(f"sum by (mode) (rate({ROUTE_LATENCY}_count[{RATE}]))", "{{mode}}"),),
+                    unit="reqps",
+                ),
+                Panel(
+                    "Errors per second",
+                    "4xx/5xx answers of the app, by status and error code.",
+                    (_q(f"sum by (status, error) (rate({HTTP_ERRORS}[{RATE}]))", "{{status}} {{error}}"),),
+                    unit="reqps",
+                    width=24,
+                ),
+            ),
+        ),
+        Row(
+            "Feedback and learning",
+            (
+                Panel(
+                    "Feedback per outcome",
+                    "Feedback recorded per second, by outcome of the duel.",
+                    (_q(f"sum by (outcome) (rate({FEEDBACK}[{RATE}]))", "{{outcome}}"),),
+                    unit="reqps",
+                    stack=True,
+                ),
+                Panel(
+                    "Win rates",
+                    "Share of each duel outcome over the rate window: `first` is the win rate of the "
+                    "served (exploit) arm; `second` that of the exploring arm.",
+                    (
+                        _q(
+                            f"sum by (outcome) (rate({FEEDBACK}[{RATE}])) "
+                            f"/ ignoring(outcome) group_left sum(rate({FEEDBACK}[{RATE}]))",
+                            "{{outcome}}",
+                        ),
+                    ),
+                    unit="percentunit",
+                    max=1,
+                ),
+                Panel(
+                    "Feedback per duel",
+                    "Feedback received per duel served (duels are counted by their first slot).",
+                    (
+                        _q(
+                            f'sum(rate({FEEDBACK}[{RATE}])) / sum(rate({ROUTES}{{slot="first"}}[{RATE}]))',
+                            "feedback / duel",
+                        ),
+                    ),
+                    unit="percentunit",
+                ),
+                Panel(
+                    "Posterior refresh time p50 / p99",
+                    "Time of one background SGLD refresh of the posterior.",
+                    _quantiles(f"{REFRESH}_bucket"),
+                    unit="s",
+                ),
+                Panel(
+                    "Posterior refreshes per second",
+                    "Background refreshes completed per second.",
+                    (_q(f"sum(rate({REFRESH}_count[{RATE}]))", "refreshes"),),
+                    unit="ops",
+                ),
+                Panel(
+                    "Posterior version over time",
+                    "Refreshes since the state was created: flat while feedback arrives means the refresher is stuck.",
+                    (_q(f"max({POSTERIOR_VERSION})", "version"),),
+                ),
+            ),
+        ),
+        Row(
+            "Durability",
+            (
+                Panel(
+                    "Feedback-log size",
+                    "Size of the append-only feedback log on the state volume.",
+                    (_q(f"max({LOG_BYTES})", "bytes"),),
+                    unit="bytes",
+                ),
+                Panel(
+                    "Feedback-log growth",
+                    "Growth rate of the feedback log: plan the state volume with it.",
+                    (_q(f"max(deriv({LOG_BYTES}[{RATE}]))", "bytes/s"),),
+                    unit="Bps",
+                ),
+            ),
+        ),
+        Row(
+            "Serve replica health",
+            (
+                Panel(
+                    "Healthy replicas per deployment",
+                    "Replicas passing Serve's health check.",
+                    (_q(f"sum by (deployment) ({SERVE_HEALTHY}{{{APP}}})", "{{deployment}}"),),
+                ),
+                Panel(
+                    "Replica starts (range)",
+                    "Replica (re)starts in the range: more than one each means crashes.",
+                    (
+                        _q(
+                            f"sum by (deployment) (increase({SERVE_STARTS}{{{APP}}}[{RANGE}]))",
+                            "{{deployment}}",
+                            instant=True,
+                        ),
+                    ),
+                    kind="bargauge",
+                ),
+                Panel(
+                    "Requests per deployment",
+                    "Requests handled by each deployment's replicas.",
+                    (_q(f"sum by (deployment) (rate({SERVE_REQUESTS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
+                    unit="reqps",
+                ),
+                Panel(
+                    "Replica errors per deployment",
+                    "Requests that raised inside a replica.",
+                    (_q(f"sum by (deployment) (rate({SERVE_ERRORS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
+                    unit="reqps",
+                ),
+                Panel(
+                    "Replica processing latency p99",
+                    "Time a replica spends on one request, by deployment.",
+                    _quantiles(
+                        f"{SERVE_LATENCY}{{{APP}}}", by="deployment", legend_suffix=" {{deployment}}", qs=(0.99,)
+                    ),
+                    unit="ms",
+                    width=24,
+                ),
+            ),
+        ),
     )
 
 
@@ -197,13 +348,22 @@ def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
         "fieldConfig": {"defaults": defaults, "overrides": []},
     }
     if p.kind == "timeseries":
-        defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 10, "showPoints": "never",
-                              "stacking": {"mode": "normal" if p.stack else "none", "group": "A"}}
-        out["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                          "tooltip": {"mode": "multi", "sort": "desc"}}
+        defaults["custom"] = {
+            "drawStyle": "line",
+            "lineWidth": 1,
+            "fillOpacity": 10,
+            "showPoints": "never",
+            "stacking": {"mode": "normal" if p.stack else "none", "group": "A"},
+        }
+        out["options"] = {
+            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
     else:
-        out["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                          "orientation": "horizontal" if p.kind == "bargauge" else "auto"}
+        out["options"] = {
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "orientation": "horizontal" if p.kind == "bargauge" else "auto",
+        }
         if p.kind == "stat":
             out["options"].update(colorMode="value", graphMode="none", textMode="auto")
     return out
@@ -211,15 +371,37 @@ def _panel(p: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
 
 def _templating() -> dict[str, Any]:
     app_query = f"label_values({SERVE_HEALTHY}, application)"
-    return {"list": [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-         "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []},
-        {"name": "application", "label": "Serve application", "type": "query", "datasource": DATASOURCE,
-         "query": {"query": app_query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
-         "definition": app_query, "refresh": 2, "sort": 1, "includeAll": False, "multi": False,
-         "current": {"selected": True, "text": "ray-router", "value": "ray-router"}, "hide": 0, "options": [],
-         "regex": ""},
-    ]}
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Prometheus",
+                "type": "datasource",
+                "query": "prometheus",
+                "current": {},
+                "hide": 0,
+                "refresh": 1,
+                "regex": "",
+                "options": [],
+            },
+            {
+                "name": "application",
+                "label": "Serve application",
+                "type": "query",
+                "datasource": DATASOURCE,
+                "query": {"query": app_query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
+                "definition": app_query,
+                "refresh": 2,
+                "sort": 1,
+                "includeAll": False,
+                "multi": False,
+                "current": {"selected": True, "text": "ray-router", "value": "ray-router"},
+                "hide": 0,
+                "options": [],
+                "regex": "",
+            },
+        ]
+    }
 
 
 def build_dashboard() -> dict[str, Any]:
@@ -227,8 +409,16 @@ def build_dashboard() -> dict[str, Any]:
     out: list[dict[str, Any]] = []
     pid, y = 1, 0
     for row in panels():
-        out.append({"id": pid, "type": "row", "title": row.title, "collapsed": False,
-                    "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        out.append(
+            {
+                "id": pid,
+                "type": "row",
+                "title": row.title,
+                "collapsed": False,
+                "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+                "panels": [],
+            }
+        )
         pid, y = pid + 1, y + 1
         x, row_h = 0, 0
         for p in row.panels:
@@ -241,7 +431,7 @@ def build_dashboard() -> dict[str, Any]:
         "uid": DASHBOARD_UID,
         "title": TITLE,
         "description": "ray-router on Ray Serve: routes per arm, feedback and win rates, route latency, "
-                       "posterior refresh, feedback-log growth, Serve replica health.",
+        "posterior refresh, feedback-log growth, Serve replica health.",
         "tags": ["ray-router", "ray-serve"],
         "timezone": "browser",
         "editable": True,

@@ -90,8 +90,10 @@ def push_dashboard(
     except httpx.HTTPError as e:
         raise GrafanaError(f"cannot reach Grafana at {endpoint}: {e}") from None
     if resp.status_code in (401, 403):
-        raise GrafanaError(f"Grafana refused the credentials ({resp.status_code}): {_error_text(resp)}; "
-                           "the token needs the dashboards:write permission (Editor role)")
+        raise GrafanaError(
+            f"Grafana refused the credentials ({resp.status_code}): {_error_text(resp)}; "
+            "the token needs the dashboards:write permission (Editor role)"
+        )
     if resp.status_code == 412:
         raise GrafanaError(f"Grafana kept its copy (412): {_error_text(resp)}; push with overwrite to replace it")
     if resp.status_code != 200:
@@ -102,5 +104,10 @@ def push_dashboard(
         raise GrafanaError(f"Grafana answered 200 but not JSON: {resp.text[:200]!r}") from None
     if not isinstance(data, dict) or data.get("status") != "success":
         raise GrafanaError(f"unexpected answer from Grafana: {str(data)[:300]}")
-    return PushResult(uid=str(data.get("uid", "")), url=str(data.get("url", "")), version=int(data.get("version", 0)),
-                      status=str(data["status"]), raw=data)
+    return PushResult(
+        uid=str(data.get("uid", "")),
+        url=str(data.get("url", "")),
+        version=int(data.get("version", 0)),
+        status=str(data["status"]),
+        raw=data,
+    )

@@ -64,9 +64,7 @@ class Policy(Protocol):
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None) -> Duel: ...
 
-    def update(
-        self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None
-    ) -> None: ...
+    def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None: ...
 
     def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int: ...
 
@@ -102,15 +100,23 @@ class PolicyEntry:
 _REGISTRY: dict[str, PolicyEntry] = {}
 
 
-def register_policy(name: str, config_cls: type, *, description: str = "", needs_embeddings: bool = True,
-                    defaults: Mapping[str, Any] | None = None, reference: Callable[[Any], np.ndarray] | None = None):
+def register_policy(
+    name: str,
+    config_cls: type,
+    *,
+    description: str = "",
+    needs_embeddings: bool = True,
+    defaults: Mapping[str, Any] | None = None,
+    reference: Callable[[Any], np.ndarray] | None = None,
+):
     """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``; ``defaults``
     override the config class's field defaults for this name (a preset); ``reference(stream)``
     marks a hindsight reference that the evaluator computes instead of replaying."""
 
     def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
-        _REGISTRY[name] = PolicyEntry(name, config_cls, factory, description, needs_embeddings,
-                                      defaults=dict(defaults or {}), reference=reference)
+        _REGISTRY[name] = PolicyEntry(
+            name, config_cls, factory, description, needs_embeddings, defaults=dict(defaults or {}), reference=reference
+        )
         return factory
 
     return deco

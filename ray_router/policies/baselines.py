@@ -55,8 +55,13 @@ class UniformPolicy:
         return int(self.rng.choice(np.flatnonzero(offered_mask(self.n_arms, arms))))
 
     def snapshot(self) -> UniformSnapshot:
-        return {"policy": self.name, "n_arms": self.n_arms, "distinct_arms": self.config.distinct_arms,
-                "n_updates": self.n_updates, "rng": rng_state(self.rng)}
+        return {
+            "policy": self.name,
+            "n_arms": self.n_arms,
+            "distinct_arms": self.config.distinct_arms,
+            "n_updates": self.n_updates,
+            "rng": rng_state(self.rng),
+        }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         check_header(snapshot, self.name)
@@ -113,8 +118,9 @@ def _make_uniform(config: UniformConfig, env: PolicyEnv, seed: int) -> UniformPo
     return UniformPolicy(config, env.n_arms, seed)
 
 
-@register_policy("best_fixed", HindsightConfig, description="best single arm in hindsight (oracle reference)",
-                 needs_embeddings=False)
+@register_policy(
+    "best_fixed", HindsightConfig, description="best single arm in hindsight (oracle reference)", needs_embeddings=False
+)
 def _make_best_fixed(config: HindsightConfig, env: PolicyEnv, seed: int) -> BestFixedArm:
     if env.hindsight_utility is None:
         raise ConfigError("best_fixed needs the stream's mean utility per arm (hindsight_utility)")

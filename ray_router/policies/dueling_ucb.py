@@ -60,7 +60,9 @@ class MaxInPConfig:
     alpha: NonNegativeFinite = 1.0  # confidence width: arm i survives if θ̂ᵀ(φ_i − φ_j) + α||φ_i − φ_j||_{V⁻¹} >= 0 ∀j
     explore_rounds: NonNegativeInt = 0  # the paper's initial phase of uniformly random pairs (0: the ridge suffices)
     refresh_every: PositiveInt = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
-    refresh_fraction: RefreshFraction = 0.1  # ...and once the history grew by this fraction since (online steps between)
+    refresh_fraction: RefreshFraction = (
+        0.1  # ...and once the history grew by this fraction since (online steps between)
+    )
     map_steps: PositiveInt = 5  # full-history Newton-type steps at each refit (warm-started)
     feature_map: FeatureMapName = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
 
@@ -75,11 +77,15 @@ class CoLSTIMConfig:
 
     reg: PositiveFinite = 1.0  # λ: ridge of the MLE and of V = λI + Σ ΔΔᵀ (**our choice**)
     alpha: NonNegativeFinite = 1.0  # width of the second arm's bonus α·||φ_j − φ_first||_{V⁻¹}
-    perturbation: Perturbation = "gumbel"  # noise of the first arm: gumbel (BTL/logistic link), normal (Thurstone), none
+    perturbation: Perturbation = (
+        "gumbel"  # noise of the first arm: gumbel (BTL/logistic link), normal (Thurstone), none
+    )
     perturb_width: NonNegativeFinite = 1.0  # c in the first arm's noise scale min(1, c·||φ_i − φ̄||_{V⁻¹})
     explore_rounds: NonNegativeInt = 0  # the paper's initial phase τ of uniformly random pairs (0: the ridge suffices)
     refresh_every: PositiveInt = 100  # exact MLE refit (and V⁻¹) at least this many duels apart...
-    refresh_fraction: RefreshFraction = 0.1  # ...and once the history grew by this fraction since (online steps between)
+    refresh_fraction: RefreshFraction = (
+        0.1  # ...and once the history grew by this fraction since (online steps between)
+    )
     map_steps: PositiveInt = 5  # full-history Newton-type steps at each refit (warm-started)
     feature_map: FeatureMapName = FGTSConfig.feature_map  # one of FEATURE_MAPS; default = FGTS.CDB's
 
@@ -93,9 +99,15 @@ class _LinearLogisticDueling(LaplaceBacked):
 
     def _laplace(self) -> LogisticLaplace:
         c = self.config
-        return LogisticLaplace(self.fmap, eta=1.0, prior_precision=c.reg, hessian="full",
-                               refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
-                               map_steps=c.map_steps)
+        return LogisticLaplace(
+            self.fmap,
+            eta=1.0,
+            prior_precision=c.reg,
+            hessian="full",
+            refresh_every=c.refresh_every,
+            refresh_fraction=c.refresh_fraction,
+            map_steps=c.map_steps,
+        )
 
     def _build(self, A: np.ndarray) -> None:
         super()._build(A)
@@ -233,13 +245,19 @@ class CoLSTIM(_LinearLogisticDueling):
         return Duel(first, second)
 
 
-@register_policy("maxinp", MaxInPConfig,
-                 description="MaxInP (Saha 2021): most informative pair among non-eliminated arms, ridge logistic MLE")
+@register_policy(
+    "maxinp",
+    MaxInPConfig,
+    description="MaxInP (Saha 2021): most informative pair among non-eliminated arms, ridge logistic MLE",
+)
 def _make_maxinp(config: MaxInPConfig, env: PolicyEnv, seed: int) -> MaxInP:
     return MaxInP(config, env.arm_embeddings, seed=seed)
 
 
-@register_policy("colstim", CoLSTIMConfig,
-                 description="CoLSTIM (Bengs, Saha, Hüllermeier 2022): perturbed-utility leader, optimistic challenger")
+@register_policy(
+    "colstim",
+    CoLSTIMConfig,
+    description="CoLSTIM (Bengs, Saha, Hüllermeier 2022): perturbed-utility leader, optimistic challenger",
+)
 def _make_colstim(config: CoLSTIMConfig, env: PolicyEnv, seed: int) -> CoLSTIM:
     return CoLSTIM(config, env.arm_embeddings, seed=seed)

@@ -40,7 +40,9 @@ class FeatureMap:
     def __init__(self, arm_embeddings: np.ndarray, dtype: str | np.dtype = np.float64):
         A = np.asarray(arm_embeddings, dtype=dtype)
         if A.ndim not in (2, 3, 4) or A.shape[-2] < 1:
-            raise ConfigError(f"arm embeddings must be (K, d), or lanes' (G, K, d) or (G, W, K, d), got shape {A.shape}")
+            raise ConfigError(
+                f"arm embeddings must be (K, d), or lanes' (G, K, d) or (G, W, K, d), got shape {A.shape}"
+            )
         if not np.isfinite(A).all():
             raise ConfigError("arm embeddings contain NaN or inf")
         self.A = A
@@ -103,7 +105,8 @@ class Hadamard(FeatureMap):
             n = X.shape[1]
             by_row = np.moveaxis(weights, -2, 1)  # (G, n, [W,] C, K)
             per_arm = (by_row.reshape(len(X), n, -1).transpose(0, 2, 1) @ X).reshape(
-                by_row.shape[:1] + by_row.shape[2:] + (-1,))
+                by_row.shape[:1] + by_row.shape[2:] + (-1,)
+            )
         else:
             per_arm = np.swapaxes(weights, -1, -2) @ X
         return (per_arm * self._A_chains).sum(axis=-2)
@@ -160,7 +163,8 @@ class Concat(Hadamard):
 
     def pair_features(self, X, first, second):
         return np.concatenate(
-            [super().pair_features(X, first, second), self.arm_rows(first) - self.arm_rows(second)], axis=-1)
+            [super().pair_features(X, first, second), self.arm_rows(first) - self.arm_rows(second)], axis=-1
+        )
 
 
 _MAPS = {cls.name: cls for cls in (Hadamard, HadamardBias, Concat)}
@@ -192,8 +196,9 @@ class OfflineAugmented(FeatureMap):
 
     name = "offline_augmented"
 
-    def __init__(self, base: FeatureMap, n_categories: int, rank: int = 0, correction: bool = True,
-                 arm_bias: bool = False):
+    def __init__(
+        self, base: FeatureMap, n_categories: int, rank: int = 0, correction: bool = True, arm_bias: bool = False
+    ):
         self.base = base
         self.A = base.A
         self.n_arms, self.x_dim = base.n_arms, base.context_dim

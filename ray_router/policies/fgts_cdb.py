@@ -99,14 +99,20 @@ class FGTSConfig:
     compute_dtype: ComputeDtype = "float32"  # dtype of the SGLD matrix products; θ itself is always float64
     embedding_scale: PositiveFinite | None = 1.0  # a_k is multiplied by this in φ; None = sqrt(d) (see notes)
     # --- offline-informed extension (ALGORITHM.md s.5, **our extension**; "none" = the paper's prior)
-    offline_prior: OfflinePriorKind = "category"  # "none": N(0, σ0² I); "category": prior feature û_k(x) and correction block
+    offline_prior: OfflinePriorKind = (
+        "category"  # "none": N(0, σ0² I); "category": prior feature û_k(x) and correction block
+    )
     prior_weight: Finite | None = None  # prior mean w0 of û's coefficient (logit scale); None = fitted slope
     prior_weight_sigma: PositiveFinite = 1.0  # prior sd of û's coefficient
-    pi_temperature: PositiveFinite | None = None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
+    pi_temperature: PositiveFinite | None = (
+        None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
+    )
     correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
     arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
     correction_scale: PositiveFinite = 1.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
-    query_rank: Annotated[int, Field(ge=0, le=256)] = 0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
+    query_rank: Annotated[int, Field(ge=0, le=256)] = (
+        0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
+    )
     query_prior_sigma: PositiveFinite = 0.1  # prior sd of that block
     feel_good_schedule: FeelGoodSchedule = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
     arm_selection: ArmSelection = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
@@ -117,8 +123,14 @@ class FGTSConfig:
 # the per-arm term of ``hadamard_bias`` (plain ``hadamard`` cannot express that one arm is better,
 # docs/ALGORITHM_NOTES.md): zero-mean prior, no offline feature, both arms Thompson draws, μ per duel.
 PRESETS: dict[str, dict[str, Any]] = {
-    "paper": dict(offline_prior="none", arm_selection="thompson", feel_good_schedule="constant",
-                  feature_map="hadamard_bias", distinct_arms=False, query_rank=0),
+    "paper": dict(
+        offline_prior="none",
+        arm_selection="thompson",
+        feel_good_schedule="constant",
+        feature_map="hadamard_bias",
+        distinct_arms=False,
+        query_rank=0,
+    ),
 }
 
 
@@ -130,8 +142,16 @@ def preset(name: str, **overrides: Any) -> FGTSConfig:
 
 
 def lanes_potential_grad(
-    fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray,
-    y: np.ndarray, mask: np.ndarray | None, scale: float = 1.0, prior: Prior | None = None,
+    fmap: FeatureMap,
+    c: FGTSConfig,
+    theta: np.ndarray,
+    X: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    y: np.ndarray,
+    mask: np.ndarray | None,
+    scale: float = 1.0,
+    prior: Prior | None = None,
     mu: float | None = None,
 ) -> np.ndarray:
     """∇U_j for independent lanes, each over its own batch of duels.
@@ -182,8 +202,16 @@ def feel_good_weight(c: FGTSConfig, n: int) -> float:
 
 
 def sgld_lanes(
-    fmap: FeatureMap, c: FGTSConfig, theta: np.ndarray, history: tuple[np.ndarray, ...], n: int, delta: float,
-    precond: np.ndarray, rngs: Sequence[np.random.Generator], n_steps: int, prior: Prior | None = None,
+    fmap: FeatureMap,
+    c: FGTSConfig,
+    theta: np.ndarray,
+    history: tuple[np.ndarray, ...],
+    n: int,
+    delta: float,
+    precond: np.ndarray,
+    rngs: Sequence[np.random.Generator],
+    n_steps: int,
+    prior: Prior | None = None,
 ) -> np.ndarray:
     """Advance every lane's chains ``n_steps`` SGLD steps; returns the new θ, shaped like ``theta``.
 
@@ -220,8 +248,24 @@ def sgld_lanes(
         xi = np.stack([r.standard_normal((n_steps, C, p)) for r in rngs]).reshape((n_groups, *members, n_steps, C, p))
     start = theta
     with np.errstate(over="ignore", invalid="ignore"):  # a diverging chain is handled below
-        theta = _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi,
-                            Xf if minibatch else None, flat if minibatch else None, prior)
+        theta = _sgld_steps(
+            fmap,
+            c,
+            theta,
+            X,
+            first,
+            second,
+            y,
+            mask,
+            n,
+            n_steps,
+            step,
+            noise_sd,
+            xi,
+            Xf if minibatch else None,
+            flat if minibatch else None,
+            prior,
+        )
     bad = ~np.isfinite(theta).all(axis=-1, keepdims=True)
     if bad.any():
         # A chain that diverged (step size too large for this history) keeps its previous sample:
@@ -240,12 +284,33 @@ def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noi
         if n == 0:
             grad = prior_grad(c, theta, prior)
         elif Xf is None:
-            grad = lanes_potential_grad(fmap, c, theta, X[:, :n], first[..., :n], second[..., :n], y[..., :n],
-                                        None if mask is None else mask[..., :n, :], prior=prior, mu=mu)
+            grad = lanes_potential_grad(
+                fmap,
+                c,
+                theta,
+                X[:, :n],
+                first[..., :n],
+                second[..., :n],
+                y[..., :n],
+                None if mask is None else mask[..., :n, :],
+                prior=prior,
+                mu=mu,
+            )
         else:
             b = slice(t * B, (t + 1) * B)
-            grad = lanes_potential_grad(fmap, c, theta, np.take(Xf, flat[:, t], axis=0), first[..., b], second[..., b],
-                                        y[..., b], None if mask is None else mask[..., b, :], n / B, prior=prior, mu=mu)
+            grad = lanes_potential_grad(
+                fmap,
+                c,
+                theta,
+                np.take(Xf, flat[:, t], axis=0),
+                first[..., b],
+                second[..., b],
+                y[..., b],
+                None if mask is None else mask[..., b, :],
+                n / B,
+                prior=prior,
+                mu=mu,
+            )
         theta = theta - step * grad
         if xi is not None:
             theta = theta + noise_sd * xi[..., t, :, :]
@@ -323,10 +388,17 @@ def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tupl
         return prior, f"offline prior: given ({prior.n_categories} categories)"
     if not all(k in offline for k in ("X", "utilities", "categories")):
         return None, "offline prior: OFF, no offline rows or profile were given (the paper's prior is used)"
-    prior = fit_offline_prior(offline["X"], offline["utilities"], offline["categories"],
-                              temperature=config.pi_temperature, rank=config.query_rank)
-    return prior, (f"offline prior: fitted on {len(offline['X'])} offline rows, {prior.n_categories} categories, "
-                   f"τ = {prior.temperature:.3g}, slope w0 = {prior.slope:.3g}")
+    prior = fit_offline_prior(
+        offline["X"],
+        offline["utilities"],
+        offline["categories"],
+        temperature=config.pi_temperature,
+        rank=config.query_rank,
+    )
+    return prior, (
+        f"offline prior: fitted on {len(offline['X'])} offline rows, {prior.n_categories} categories, "
+        f"τ = {prior.temperature:.3g}, slope w0 = {prior.slope:.3g}"
+    )
 
 
 def build_feature_map(config: FGTSConfig, A: np.ndarray, n_categories: int | None = None, rank: int = 0) -> FeatureMap:
@@ -396,8 +468,9 @@ class FGTSCDB:
 
     name = "fgts_cdb"
 
-    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0,
-                 offline: Mapping[str, Any] | None = None):
+    def __init__(
+        self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0, offline: Mapping[str, Any] | None = None
+    ):
         self.config = config
         self.arm_embeddings = np.array(arm_embeddings, dtype=np.float64)
         self.prior, self.prior_note = resolve_prior(config, offline)
@@ -424,8 +497,9 @@ class FGTSCDB:
         pr = self.prior
         if pr is not None and (pr.n_arms != A.shape[0] or pr.dim != A.shape[1]):
             raise ConfigError(f"offline prior is over {pr.n_arms} arms in dim {pr.dim}; arm embeddings are {A.shape}")
-        self.fmap: FeatureMap = build_feature_map(self.config, A, None if pr is None else pr.n_categories,
-                                                  0 if pr is None else pr.rank)
+        self.fmap: FeatureMap = build_feature_map(
+            self.config, A, None if pr is None else pr.n_categories, 0 if pr is None else pr.rank
+        )
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.x_dim = int(A.shape[1])
         self.moments = prior_moments(self.config, self.fmap, pr)
@@ -453,8 +527,14 @@ class FGTSCDB:
         return (self.fmap.pair_features(X, first, second) ** 2).sum(axis=0)
 
     def potential_grad(
-        self, theta: np.ndarray, X: np.ndarray, first: np.ndarray, second: np.ndarray, y: np.ndarray,
-        mask: np.ndarray, scale: float = 1.0,
+        self,
+        theta: np.ndarray,
+        X: np.ndarray,
+        first: np.ndarray,
+        second: np.ndarray,
+        y: np.ndarray,
+        mask: np.ndarray,
+        scale: float = 1.0,
     ) -> np.ndarray:
         """∇U_j for a stack of chains over one batch of duels.
 
@@ -462,9 +542,19 @@ class FGTSCDB:
         chains. Chain c is sampler ``j = 1 + (c % 2)``: even chains compare the best offered arm with
         the *second* played arm, odd chains with the first. ``scale`` = n / B rescales a minibatch.
         """
-        return lanes_potential_grad(self.fmap, self.config, theta[None], X[None], first[None], second[None],
-                                    y[None], mask[None], scale, prior=self._prior_lanes(),
-                                    mu=feel_good_weight(self.config, self.history.n))[0]
+        return lanes_potential_grad(
+            self.fmap,
+            self.config,
+            theta[None],
+            X[None],
+            first[None],
+            second[None],
+            y[None],
+            mask[None],
+            scale,
+            prior=self._prior_lanes(),
+            mu=feel_good_weight(self.config, self.history.n),
+        )[0]
 
     def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int) -> float:
         """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis. For tests."""
@@ -492,8 +582,15 @@ class FGTSCDB:
         c, h = self.config, self.history
         n = h.n
         theta = sgld_lanes(
-            self.fmap, c, self.theta[None], (h.X[None], h.first[None], h.second[None], h.y[None], h.mask[None]),
-            n, self.step_size(), self.preconditioner()[None], [self.rng], c.n_steps if n_steps is None else n_steps,
+            self.fmap,
+            c,
+            self.theta[None],
+            (h.X[None], h.first[None], h.second[None], h.y[None], h.mask[None]),
+            n,
+            self.step_size(),
+            self.preconditioner()[None],
+            [self.rng],
+            c.n_steps if n_steps is None else n_steps,
             self._prior_lanes(),
         )[0]
         self.theta = theta
@@ -579,8 +676,9 @@ class FGTSCDB:
         self.prior = None if prior is None else OfflinePrior.from_dict(prior)
         self.prior_note = str(snapshot.get("prior_note", ""))
         self._setup()
-        self.history = DuelHistory(self.fmap.context_dim, self.n_arms, self.config.max_history,
-                                   dtype=self.config.compute_dtype)
+        self.history = DuelHistory(
+            self.fmap.context_dim, self.n_arms, self.config.max_history, dtype=self.config.compute_dtype
+        )
         self.history.load(snapshot["history"])
         self._recount()
         self.theta = np.array(snapshot["theta"], dtype=np.float64)
@@ -592,14 +690,22 @@ class FGTSCDB:
         self.rng = rng_from_state(snapshot["rng"])
 
 
-@register_policy("fgts_cdb", FGTSConfig, description="FGTS.CDB with an SGLD posterior sampler, offline-informed "
-                 "(ALGORITHM.md s.5; fgts_cdb_paper is the paper's exact configuration)")
+@register_policy(
+    "fgts_cdb",
+    FGTSConfig,
+    description="FGTS.CDB with an SGLD posterior sampler, offline-informed "
+    "(ALGORITHM.md s.5; fgts_cdb_paper is the paper's exact configuration)",
+)
 def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
     return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
 
 
-@register_policy("fgts_cdb_paper", FGTSConfig, defaults=PRESETS["paper"],
-                 description="FGTS.CDB exactly as the paper (preset 'paper': zero-mean prior, both arms Thompson draws)")
+@register_policy(
+    "fgts_cdb_paper",
+    FGTSConfig,
+    defaults=PRESETS["paper"],
+    description="FGTS.CDB exactly as the paper (preset 'paper': zero-mean prior, both arms Thompson draws)",
+)
 def _make_fgts_paper(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
     return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
 
@@ -623,8 +729,14 @@ class FGTSCDBLanes:
 
     name = "fgts_cdb"
 
-    def __init__(self, config: FGTSConfig, arm_embeddings: np.ndarray, seeds: Sequence[int], group_size: int = 1,
-                 priors: Sequence[OfflinePrior | None] | None = None):
+    def __init__(
+        self,
+        config: FGTSConfig,
+        arm_embeddings: np.ndarray,
+        seeds: Sequence[int],
+        group_size: int = 1,
+        priors: Sequence[OfflinePrior | None] | None = None,
+    ):
         A = np.asarray(arm_embeddings, dtype=np.float64)
         L, W = len(seeds), int(group_size)
         if A.ndim != 3 or A.shape[0] != L or L < 1:
@@ -651,8 +763,11 @@ class FGTSCDBLanes:
         self.n_lanes, self.group_size, self.n_groups = L, W, L // W
         self.priors = priors
         self.fmap: FeatureMap = build_feature_map(
-            config, A.reshape((self.n_groups, W, *A.shape[1:])),
-            None if pr0 is None else pr0.n_categories, 0 if pr0 is None else pr0.rank)
+            config,
+            A.reshape((self.n_groups, W, *A.shape[1:])),
+            None if pr0 is None else pr0.n_categories,
+            0 if pr0 is None else pr0.rank,
+        )
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.x_dim = int(A.shape[2])
         self.rngs = [np.random.default_rng(int(g[0])) for g in groups]  # one per group
@@ -664,8 +779,9 @@ class FGTSCDBLanes:
             moments = [prior_moments(config, self.fmap, priors[g * W]) for g in range(self.n_groups)]
             mean0 = np.stack([m[0] for m in moments])
             prec = np.stack([m[1] for m in moments])
-            theta0 = np.stack([m + r.standard_normal((2, self.dim)) / np.sqrt(q)[None]
-                               for r, m, q in zip(self.rngs, mean0, prec)])
+            theta0 = np.stack(
+                [m + r.standard_normal((2, self.dim)) / np.sqrt(q)[None] for r, m, q in zip(self.rngs, mean0, prec)]
+            )
             # (mean, precision) per lane, shaped (G, W, 1, p) to broadcast over the chains
             self.prior = (np.repeat(mean0[:, None, None], W, axis=1), np.repeat(prec[:, None, None], W, axis=1))
         self.theta = np.repeat(theta0[:, None], W, axis=1)  # (G, W, 2, p)
@@ -697,8 +813,18 @@ class FGTSCDBLanes:
     def refresh(self) -> None:
         t0 = time.perf_counter()
         c, h = self.config, self._duels
-        self.theta = sgld_lanes(self.fmap, c, self.theta, (self._X, h["first"], h["second"], h["y"], None),
-                                self.n, self.step_size(), self.preconditioner(), self.rngs, c.n_steps, self.prior)
+        self.theta = sgld_lanes(
+            self.fmap,
+            c,
+            self.theta,
+            (self._X, h["first"], h["second"], h["y"], None),
+            self.n,
+            self.step_size(),
+            self.preconditioner(),
+            self.rngs,
+            c.n_steps,
+            self.prior,
+        )
         rho = c.exploit_ema
         self.theta_mean = (1 - rho) * self.theta_mean + rho * self.theta.mean(axis=2)
         self.sgld_seconds += time.perf_counter() - t0
@@ -774,16 +900,19 @@ def _grown(arr: np.ndarray, n: int, axis: int) -> np.ndarray:
 
 @register_lanes("fgts_cdb_paper")
 @register_lanes("fgts_cdb")
-def _make_fgts_lanes(config: FGTSConfig, envs: Sequence[PolicyEnv], seeds: Sequence[int],
-                     group_size: int = 1) -> FGTSCDBLanes | None:
+def _make_fgts_lanes(
+    config: FGTSConfig, envs: Sequence[PolicyEnv], seeds: Sequence[int], group_size: int = 1
+) -> FGTSCDBLanes | None:
     if config.max_history:
         return None  # lanes keep every duel
     resolved = [resolve_prior(config, e.offline)[0] for e in envs]
     if any(p is None for p in resolved) and any(p is not None for p in resolved):
         return None
     W = int(group_size)
-    if resolved[0] is not None and W > 1 and not all(
-            resolved[g].same_as(resolved[g + w]) for g in range(0, len(resolved), W) for w in range(1, W)):
+    if (
+        resolved[0] is not None
+        and W > 1
+        and not all(resolved[g].same_as(resolved[g + w]) for g in range(0, len(resolved), W) for w in range(1, W))
+    ):
         W = 1  # members of a seed differ in their offline prior (e.g. a λ grid): ungrouped lanes
-    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], W,
-                        priors=resolved)
+    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], W, priors=resolved)

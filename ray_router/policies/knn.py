@@ -115,8 +115,13 @@ class KNNRouter:
         self.n_updates += 1
 
     def snapshot(self) -> KNNSnapshot:
-        return {"policy": self.name, "config": dataclasses.asdict(self.config),
-                "X": self.X.copy(), "utilities": self.U.copy(), "n_updates": self.n_updates}
+        return {
+            "policy": self.name,
+            "config": dataclasses.asdict(self.config),
+            "X": self.X.copy(),
+            "utilities": self.U.copy(),
+            "n_updates": self.n_updates,
+        }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         check_header(snapshot, self.name)
@@ -137,8 +142,12 @@ def offline_targets(offline: Mapping[str, Any] | None, target: str) -> tuple[np.
     return offline["X"], offline[key]
 
 
-@register_policy("knn", KNNConfig, needs_embeddings=False,
-                 description="supervised kNN router on the offline split (RouterBench style; no online learning)")
+@register_policy(
+    "knn",
+    KNNConfig,
+    needs_embeddings=False,
+    description="supervised kNN router on the offline split (RouterBench style; no online learning)",
+)
 def _make_knn(config: KNNConfig, env: PolicyEnv, seed: int) -> KNNRouter:
     X, U = offline_targets(env.offline, config.target)
     policy = KNNRouter(config, X, U)

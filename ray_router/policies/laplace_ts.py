@@ -218,8 +218,17 @@ class LogisticLaplace:
     the MAP (for MaxInP/CoLSTIM: the ridge MLE, η = 1). Not a policy: the policies below own one.
     """
 
-    def __init__(self, fmap: FeatureMap, *, eta: float, prior_precision: float, hessian: Hessian = "full",
-                 refresh_every: int = 100, refresh_fraction: float = 0.1, map_steps: int = 5):
+    def __init__(
+        self,
+        fmap: FeatureMap,
+        *,
+        eta: float,
+        prior_precision: float,
+        hessian: Hessian = "full",
+        refresh_every: int = 100,
+        refresh_fraction: float = 0.1,
+        map_steps: int = 5,
+    ):
         self.fmap, self.dim = fmap, fmap.dim
         self.eta, self.lam, self.hessian = float(eta), float(prior_precision), hessian
         self.refresh_every, self.refresh_fraction, self.map_steps = refresh_every, refresh_fraction, map_steps
@@ -265,8 +274,14 @@ class LogisticLaplace:
         """Refit the MAP on the whole history (warm start; ``map_steps`` steps unless given)."""
         h = self.history
         self.theta, _ = newton_steps(
-            h.Dn, h.yn, self.theta, eta=self.eta, lam=self.lam, solve=self.solve,
-            n_steps=self.map_steps if n_steps is None else n_steps, tol=MAP_TOL if tol is None else tol,
+            h.Dn,
+            h.yn,
+            self.theta,
+            eta=self.eta,
+            lam=self.lam,
+            solve=self.solve,
+            n_steps=self.map_steps if n_steps is None else n_steps,
+            tol=MAP_TOL if tol is None else tol,
         )
         return self.theta
 
@@ -316,8 +331,11 @@ class LogisticLaplace:
             "theta": self.theta.copy(),
             "hessian": self.H_inv.copy() if full else self.h.copy(),  # H⁻¹ (full) or diag(H)
             "chol": self.chol.copy() if full else np.zeros(0),
-            "counters": {"n_updates": self.n_updates, "refreshed_at": self.refreshed_at,
-                         "rebuilt_rows": self.rebuilt_rows},
+            "counters": {
+                "n_updates": self.n_updates,
+                "refreshed_at": self.refreshed_at,
+                "rebuilt_rows": self.rebuilt_rows,
+            },
         }
 
     def load(self, state: Mapping[str, Any]) -> None:
@@ -427,9 +445,17 @@ class LaplaceBacked:
         pass
 
     def snapshot(self) -> LaplaceSnapshot:
-        return cast(LaplaceSnapshot, {
-            "policy": self.name, "config": dataclasses.asdict(self.config), "arm_embeddings": self.fmap.A.copy(),
-            self._state_key: self.post.state(), **self._extra_state(), "rng": rng_state(self.rng)})
+        return cast(
+            LaplaceSnapshot,
+            {
+                "policy": self.name,
+                "config": dataclasses.asdict(self.config),
+                "arm_embeddings": self.fmap.A.copy(),
+                self._state_key: self.post.state(),
+                **self._extra_state(),
+                "rng": rng_state(self.rng),
+            },
+        )
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         check_header(snapshot, self.name)
@@ -448,9 +474,15 @@ class LaplaceTS(LaplaceBacked):
 
     def _laplace(self) -> LogisticLaplace:
         c = self.config
-        return LogisticLaplace(self.fmap, eta=c.eta, prior_precision=1.0 / c.prior_sigma**2, hessian=c.hessian,
-                               refresh_every=c.refresh_every, refresh_fraction=c.refresh_fraction,
-                               map_steps=c.map_steps)
+        return LogisticLaplace(
+            self.fmap,
+            eta=c.eta,
+            prior_precision=1.0 / c.prior_sigma**2,
+            hessian=c.hessian,
+            refresh_every=c.refresh_every,
+            refresh_fraction=c.refresh_fraction,
+            map_steps=c.map_steps,
+        )
 
     def rebuild(self) -> None:
         self.post.rebuild()
@@ -474,8 +506,11 @@ class LaplaceTS(LaplaceBacked):
         self._absorb(context, duel, outcome, arms)
 
 
-@register_policy("laplace_ts", LaplaceTSConfig,
-                 description="Thompson sampling from a Laplace approximation of FGTS.CDB's posterior "
-                             "(mu = 0; a cheaper sampler than SGLD)")
+@register_policy(
+    "laplace_ts",
+    LaplaceTSConfig,
+    description="Thompson sampling from a Laplace approximation of FGTS.CDB's posterior "
+    "(mu = 0; a cheaper sampler than SGLD)",
+)
 def _make_laplace_ts(config: LaplaceTSConfig, env: PolicyEnv, seed: int) -> LaplaceTS:
     return LaplaceTS(config, env.arm_embeddings, seed=seed)

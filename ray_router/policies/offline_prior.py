@@ -113,9 +113,13 @@ class OfflinePrior:
     # ------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
         d = {
-            "centroids": self.centroids.copy(), "utility": self.utility.copy(), "stderr": self.stderr.copy(),
-            "counts": np.asarray(self.counts, dtype=np.float64).copy(), "category_names": list(self.category_names),
-            "temperature": float(self.temperature), "slope": float(self.slope),
+            "centroids": self.centroids.copy(),
+            "utility": self.utility.copy(),
+            "stderr": self.stderr.copy(),
+            "counts": np.asarray(self.counts, dtype=np.float64).copy(),
+            "category_names": list(self.category_names),
+            "temperature": float(self.temperature),
+            "slope": float(self.slope),
         }
         if self.basis is not None:
             d["basis"], d["center"] = self.basis.copy(), self.center.copy()
@@ -147,13 +151,19 @@ class OfflinePrior:
             return False
         a, b = self.to_dict(), other.to_dict()
         return a.keys() == b.keys() and all(
-            (a[k] == b[k]) if not isinstance(a[k], np.ndarray) else np.array_equal(a[k], b[k]) for k in a)
+            (a[k] == b[k]) if not isinstance(a[k], np.ndarray) else np.array_equal(a[k], b[k]) for k in a
+        )
 
     # ------------------------------------------------------------------- builders
     @classmethod
     def from_profile(
-        cls, centroids: np.ndarray, utility: np.ndarray, counts: Sequence[float] | np.ndarray,
-        category_names: Sequence[str], temperature: float = 20.0, slope: float = 2.5,
+        cls,
+        centroids: np.ndarray,
+        utility: np.ndarray,
+        counts: Sequence[float] | np.ndarray,
+        category_names: Sequence[str],
+        temperature: float = 20.0,
+        slope: float = 2.5,
     ) -> OfflinePrior:
         """An operator's prior: category centroids (M, d) of a few example queries, a per-category
         utility (score) per arm (M, K), and how many rows each category's scores rest on (M,)."""
@@ -164,14 +174,28 @@ class OfflinePrior:
         var = np.full(U.shape, _PRIOR_VAR)
         se = np.maximum(np.sqrt(var / n[:, None]), _MIN_STDERR)
         arm_se = np.maximum(np.sqrt(_PRIOR_VAR / n.sum()), _MIN_STDERR) * np.ones(U.shape[1])
-        return cls(np.asarray(centroids, dtype=np.float64), U, se, n, tuple(map(str, category_names)),
-                   float(temperature), float(slope), arm_stderr=arm_se)
+        return cls(
+            np.asarray(centroids, dtype=np.float64),
+            U,
+            se,
+            n,
+            tuple(map(str, category_names)),
+            float(temperature),
+            float(slope),
+            arm_stderr=arm_se,
+        )
 
 
 def fit_offline_prior(
-    X: np.ndarray, utilities: np.ndarray, categories: Sequence[str] | np.ndarray,
-    temperature: float | None = None, slope: float | None = None, rank: int = 0,
-    max_pseudo_duels: int = 200_000, seed: int = 0, shrink: bool = True,
+    X: np.ndarray,
+    utilities: np.ndarray,
+    categories: Sequence[str] | np.ndarray,
+    temperature: float | None = None,
+    slope: float | None = None,
+    rank: int = 0,
+    max_pseudo_duels: int = 200_000,
+    seed: int = 0,
+    shrink: bool = True,
 ) -> OfflinePrior:
     """Fit an :class:`OfflinePrior` from offline rows. ``temperature``/``slope`` None = fitted.
 
@@ -182,8 +206,9 @@ def fit_offline_prior(
     U = np.asarray(utilities, dtype=np.float64)
     cats = np.asarray([str(c) for c in categories], dtype=object)
     if X.ndim != 2 or U.ndim != 2 or len(X) != len(U) or len(cats) != len(X) or len(X) == 0:
-        raise ConfigError(f"offline prior: X (n, d), utilities (n, K) and n categories needed; got "
-                          f"{X.shape}, {U.shape}, {len(cats)}")
+        raise ConfigError(
+            f"offline prior: X (n, d), utilities (n, K) and n categories needed; got {X.shape}, {U.shape}, {len(cats)}"
+        )
     if not (np.isfinite(X).all() and np.isfinite(U).all()):
         raise ConfigError("offline prior: offline data contain NaN or inf")
     names = tuple(dict.fromkeys(cats.tolist()))

@@ -58,8 +58,12 @@ class OfflineStaticRouter:
         self.n_updates += 1
 
     def snapshot(self) -> OfflineStaticSnapshot:
-        return {"policy": self.name, "prior": self.prior.to_dict(), "n_updates": self.n_updates,
-                "config": dataclasses.asdict(self.config)}
+        return {
+            "policy": self.name,
+            "prior": self.prior.to_dict(),
+            "n_updates": self.n_updates,
+            "config": dataclasses.asdict(self.config),
+        }
 
     def restore(self, snapshot: Mapping[str, Any]) -> None:
         check_header(snapshot, self.name)
@@ -69,15 +73,20 @@ class OfflineStaticRouter:
         self.n_updates = int(snapshot["n_updates"])
 
 
-@register_policy("offline_static", OfflineStaticConfig, needs_embeddings=False,
-                 description="static offline router: serves argmax of the offline estimate, duels its top two, never learns")
+@register_policy(
+    "offline_static",
+    OfflineStaticConfig,
+    needs_embeddings=False,
+    description="static offline router: serves argmax of the offline estimate, duels its top two, never learns",
+)
 def _make_offline_static(config: OfflineStaticConfig, env: PolicyEnv, seed: int) -> OfflineStaticRouter:
     off = env.offline or {}
     if off.get("prior") is not None:
         prior = off["prior"] if isinstance(off["prior"], OfflinePrior) else OfflinePrior.from_dict(off["prior"])
     elif all(k in off for k in ("X", "utilities", "categories")):
-        prior = fit_offline_prior(off["X"], off["utilities"], off["categories"], temperature=config.pi_temperature,
-                                  slope=1.0)
+        prior = fit_offline_prior(
+            off["X"], off["utilities"], off["categories"], temperature=config.pi_temperature, slope=1.0
+        )
     else:
         raise ConfigError("offline_static needs offline rows (PolicyEnv.offline: X, utilities, categories) or a prior")
     if prior.n_arms != env.n_arms:

@@ -46,8 +46,9 @@ def separable(points: np.ndarray, k: int, tol: float = 1e-9) -> bool:
     return bool(res.status == 0 and -res.fun > tol)
 
 
-def unreachable_arms(config: Any, arm_embeddings: np.ndarray, prior: Any = None,
-                     arm_ids: Sequence[str] | None = None) -> list:
+def unreachable_arms(
+    config: Any, arm_embeddings: np.ndarray, prior: Any = None, arm_ids: Sequence[str] | None = None
+) -> list:
     """Arms (indices, or ids when ``arm_ids`` is given) that ``config`` (an FGTSConfig) can never choose.
 
     ``prior``: the :class:`~ray_router.policies.offline_prior.OfflinePrior` in use, or None."""
@@ -56,8 +57,11 @@ def unreachable_arms(config: Any, arm_embeddings: np.ndarray, prior: Any = None,
     has_prior = prior is not None and getattr(config, "offline_prior", "none") != "none"
     if config.feature_map in PER_ARM_TERM_MAPS:
         return []
-    if has_prior and (getattr(config, "correction", False) or getattr(config, "arm_bias", False)
-                      or getattr(config, "query_rank", 0) > 0):
+    if has_prior and (
+        getattr(config, "correction", False)
+        or getattr(config, "arm_bias", False)
+        or getattr(config, "query_rank", 0) > 0
+    ):
         return []
     points = A
     if has_prior:

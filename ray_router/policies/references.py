@@ -41,16 +41,20 @@ def oracle_arms(stream) -> np.ndarray:
 
 
 REFERENCES = {"best_per_category": best_per_category_arms, "oracle": oracle_arms}
-_DESCRIPTIONS = {"best_per_category": "hindsight reference: the best arm of each category over the stream",
-                 "oracle": "hindsight reference: the per-query best arm (regret 0)"}
+_DESCRIPTIONS = {
+    "best_per_category": "hindsight reference: the best arm of each category over the stream",
+    "oracle": "hindsight reference: the per-query best arm (regret 0)",
+}
 
 
 def _not_a_router(name: str):
     def factory(config, env: PolicyEnv, seed: int):
         raise ConfigError(f"{name!r} is a hindsight reference computed by the evaluator, not a router")
+
     return factory
 
 
 for _name, _fn in REFERENCES.items():
-    register_policy(_name, ReferenceConfig, needs_embeddings=False, description=_DESCRIPTIONS[_name],
-                    reference=_fn)(_not_a_router(_name))
+    register_policy(_name, ReferenceConfig, needs_embeddings=False, description=_DESCRIPTIONS[_name], reference=_fn)(
+        _not_a_router(_name)
+    )

@@ -77,7 +77,9 @@ def _prior_from_npz(z, path: Path, ids: list[str], file_ids: list[str] | None) -
         raise DataError(f"{path}: prior_utility must be (categories, {n_cols} arms), got shape {U.shape}")
     if file_ids is not None:
         U = U[:, [file_ids.index(a) for a in ids]]
-    prior = OfflinePrior.from_profile(z["prior_centroids"], U, z["prior_counts"], [str(c) for c in z["prior_categories"]])
+    prior = OfflinePrior.from_profile(
+        z["prior_centroids"], U, z["prior_counts"], [str(c) for c in z["prior_categories"]]
+    )
     return prior.to_dict()
 
 
@@ -175,8 +177,9 @@ def resolve_arm_table(args: AppArgs) -> ArmTable:
     )
 
 
-def save_arm_embeddings(path: str | Path, arm_ids, embeddings: np.ndarray, encoder_identity: str | None = None,
-                        profile: dict | None = None) -> Path:
+def save_arm_embeddings(
+    path: str | Path, arm_ids, embeddings: np.ndarray, encoder_identity: str | None = None, profile: dict | None = None
+) -> Path:
     """Write an ``.npz`` that ``arm_embeddings.file`` reads (ids and identity are checked on load).
 
     ``profile``: an operator's per-category prior for a pool no benchmark covers, ``{"centroids":

@@ -49,8 +49,13 @@ class RouteDecider:
     ``view`` (which the ingress keeps current)."""
 
     def __init__(
-        self, arm_ids: Sequence[str], view: SampleView, signer: DecisionSigner, ttl_s: float,
-        limits: LimitsSpec, clock: Callable[[], float] = time.time,
+        self,
+        arm_ids: Sequence[str],
+        view: SampleView,
+        signer: DecisionSigner,
+        ttl_s: float,
+        limits: LimitsSpec,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.arm_ids = tuple(arm_ids)
         self.arm_index = {a: i for i, a in enumerate(self.arm_ids)}
@@ -68,8 +73,9 @@ class RouteDecider:
             raise PayloadTooLarge(f"query has {len(text)} characters; the limit is {self.limits.max_query_chars}")
         return text
 
-    def offered(self, candidates: Sequence[str] | None, mode: str,
-                restrict: Sequence[int] | None = None) -> list[int] | None:
+    def offered(
+        self, candidates: Sequence[str] | None, mode: str, restrict: Sequence[int] | None = None
+    ) -> list[int] | None:
         """Indices of the arms the request offers (None: every arm), within ``restrict`` when given
         (e.g. the arms that answer chat completions)."""
         if mode not in MODES:
@@ -106,11 +112,18 @@ class RouteDecider:
         x = quantise(x)  # the decision id carries float16; rank on exactly that
         first, second, version = self.view.choose(x, offered, mode, cost_weight)
         expires = int(self.clock() + self.ttl_s)
-        decision_id = self.signer.issue(new_nonce(), expires, mode, first, second, offered,
-                                        x if mode == "duel" else None)
+        decision_id = self.signer.issue(
+            new_nonce(), expires, mode, first, second, offered, x if mode == "duel" else None
+        )
         picked = (first,) if mode == "single" else (first, int(second))  # type: ignore[arg-type]
-        return Decision(decision_id=decision_id, mode=mode, picked=picked,
-                        arms=tuple(self.arm_ids[i] for i in picked), posterior_version=version, expires_at=expires)
+        return Decision(
+            decision_id=decision_id,
+            mode=mode,
+            picked=picked,
+            arms=tuple(self.arm_ids[i] for i in picked),
+            posterior_version=version,
+            expires_at=expires,
+        )
 
     def feedback_claims(self, decision_id: str) -> DecisionClaims:
         """The claims of a genuine, live duel decision of this arm table (the 4xx errors otherwise)."""

@@ -22,14 +22,17 @@ class Embedder:
 
     ``user_config`` (live): ``{"max_batch_size": int, "batch_wait_timeout_s": float}``."""
 
-    def __init__(self, encoder: EncoderSpec, expected_identity: str, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.0):
+    def __init__(
+        self, encoder: EncoderSpec, expected_identity: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.0
+    ):
         from ray_router.embeddings import get_encoder
 
         opts = {} if encoder.max_seq_length is None else {"max_seq_length": encoder.max_seq_length}
         self.encoder = get_encoder(encoder.name, cache_dir=False, device=encoder.device, **opts)
         if self.encoder.identity != expected_identity:
-            raise ConfigError(f"embedder encoder is {self.encoder.identity!r}, the arm table was built with {expected_identity!r}")
+            raise ConfigError(
+                f"embedder encoder is {self.encoder.identity!r}, the arm table was built with {expected_identity!r}"
+            )
         self.encoder.encode(["warm-up"])  # load the model now, not on the first request
         self._configure(max_batch_size, batch_wait_timeout_s)
 

@@ -16,8 +16,9 @@ from ray_router.errors import RouterError
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
 
-def error_response(http_status: int, code: str, message: str, headers: dict[str, str] | None = None, /,
-                   **extra: Any) -> JSONResponse:
+def error_response(
+    http_status: int, code: str, message: str, headers: dict[str, str] | None = None, /, **extra: Any
+) -> JSONResponse:
     """``{"error": code, "message": message, **extra}``; ``extra`` may hold any name (``status`` too)."""
     return JSONResponse({"error": code, "message": message, **extra}, status_code=http_status, headers=headers)
 
@@ -31,8 +32,9 @@ def _count(request: Request, status: int, code: str) -> None:
 async def router_error(request: Request, exc: RouterError) -> JSONResponse:
     _count(request, exc.http_status, exc.code)
     details = getattr(exc, "details", None)
-    return error_response(exc.http_status, exc.code, str(exc), getattr(exc, "headers", None),
-                          **({"details": details} if details else {}))
+    return error_response(
+        exc.http_status, exc.code, str(exc), getattr(exc, "headers", None), **({"details": details} if details else {})
+    )
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

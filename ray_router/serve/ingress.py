@@ -56,8 +56,9 @@ class Ingress:
         self.token, self.token_source = resolve_secret(spec.auth.token_env, secrets_dir / "token")
         key, self.key_source = resolve_secret(spec.auth.hmac_key_env, secrets_dir / "hmac_key")
         view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
-        self.decider = RouteDecider(spec.arm_ids, view, DecisionSigner(key, spec.arm_ids), spec.auth.decision_ttl_s,
-                                    spec.limits)
+        self.decider = RouteDecider(
+            spec.arm_ids, view, DecisionSigner(key, spec.arm_ids), spec.auth.decision_ttl_s, spec.limits
+        )
         self.view = view
         self.metrics = IngressMetrics()
         api.state.metrics = self.metrics
@@ -102,7 +103,9 @@ class Ingress:
         if self.spec.auth.protect_reads:
             self._require_token(request)
 
-    async def _decide(self, text: str, offered: list[int] | None, mode: str, cost_weight: float) -> tuple[Decision, str]:
+    async def _decide(
+        self, text: str, offered: list[int] | None, mode: str, cost_weight: float
+    ) -> tuple[Decision, str]:
         """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
         the ingress saw it, the encode inside it (its batch's), the choice)."""
         t0 = time.perf_counter()
@@ -112,8 +115,10 @@ class Ingress:
         for slot, arm in dec.slots:
             self.metrics.routes.inc(1, tags={"arm": arm, "slot": slot})
         self.routes[mode] += 1
-        timing = (f"embed;dur={(t1 - t0) * 1000:.2f}, encode;dur={encode_s * 1000:.2f};desc=\"batch of {batch}\", "
-                  f"choose;dur={(time.perf_counter() - t1) * 1000:.2f}")
+        timing = (
+            f'embed;dur={(t1 - t0) * 1000:.2f}, encode;dur={encode_s * 1000:.2f};desc="batch of {batch}", '
+            f"choose;dur={(time.perf_counter() - t1) * 1000:.2f}"
+        )
         return dec, timing
 
     # ----------------------------------------------------------------- routes
@@ -178,8 +183,13 @@ class Ingress:
         except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any failure means "not ready"
             # routes still work from the last samples; feedback waits for the posterior to come back
             return http_errors.error_response(
-                ServiceUnavailable.http_status, ServiceUnavailable.code, f"posterior not reachable: {type(e).__name__}",
-                ServiceUnavailable.headers, status="degraded", routes="ok", feedback="unavailable",
+                ServiceUnavailable.http_status,
+                ServiceUnavailable.code,
+                f"posterior not reachable: {type(e).__name__}",
+                ServiceUnavailable.headers,
+                status="degraded",
+                routes="ok",
+                feedback="unavailable",
                 samples_version=self.view.version,
             )
         return JSONResponse({"status": "ok", "posterior_version": version, "samples_version": self.view.version})
@@ -210,9 +220,17 @@ class Ingress:
         status = await self._posterior("status", retry_s=5)
         embedder = await call(self.embedder, "info", retry_s=5)
         return JSONResponse(
-            {"posterior": status, "embedder": embedder, "ingress": {
-                "pid": os.getpid(), "token": self.token_source, "hmac_key": self.key_source,
-                "samples_version": self.view.version, "samples_epoch": self.epoch}}
+            {
+                "posterior": status,
+                "embedder": embedder,
+                "ingress": {
+                    "pid": os.getpid(),
+                    "token": self.token_source,
+                    "hmac_key": self.key_source,
+                    "samples_version": self.view.version,
+                    "samples_epoch": self.epoch,
+                },
+            }
         )
 
     # -------------------------------------------------------- chat completions
@@ -241,8 +259,9 @@ class Ingress:
         ups = [u for i in dec.picked if (u := self.spec.upstreams[i]) is not None]  # all: offered were chat arms
         if req.stream:
             resp = await upstream.open_stream(self.http, ups[0], body)
-            return StreamingResponse(upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream",
-                                     headers=headers)
+            return StreamingResponse(
+                upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream", headers=headers
+            )
         answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
         out = upstream.merge_answers(ids, list(answers))
         out["router"] = info

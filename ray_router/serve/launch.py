@@ -113,8 +113,14 @@ def init_ray(
 ) -> None:
     """Start (or connect to) Ray in Serve's namespace. A local start is capped: ``num_cpus``, a small
     object store, no dashboard."""
-    raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, namespace="serve",
-                       metrics_export_port=metrics_export_port, env={**SERVE_ENV_DEFAULTS, **(env or {})})
+    raycompat.init_ray(
+        address=address,
+        num_cpus=num_cpus,
+        object_store_mb=object_store_mb,
+        namespace="serve",
+        metrics_export_port=metrics_export_port,
+        env={**SERVE_ENV_DEFAULTS, **(env or {})},
+    )
 
 
 def start_serve(cfg: Mapping[str, Any]):
@@ -160,7 +166,10 @@ def direct_urls(app_name: str = "ray-router", timeout_s: float = 10.0) -> list[s
             for t in g.get("targets") or []
             if str(t.get("name", "")).startswith("SERVE_REPLICA")
         ]
-        on = "1" in (os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"), os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS"))
+        on = "1" in (
+            os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
+            os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS"),
+        )
         if urls or not on or time.monotonic() > deadline:
             return urls
         time.sleep(0.2)
@@ -247,8 +256,10 @@ def policy_banner(url: str, token_env: str) -> str:
     line = f"\n  policy: {post.get('offline_prior', '')}; arm selection {post.get('arm_selection', '')}"
     dead = post.get("unreachable_arms") or []
     if dead:
-        line += (f"\n  WARNING: this config can never choose {dead}: add a per-arm term "
-                 "(feature_map: hadamard_bias, or the offline prior's correction block)")
+        line += (
+            f"\n  WARNING: this config can never choose {dead}: add a per-arm term "
+            "(feature_map: hadamard_bias, or the offline prior's correction block)"
+        )
     return line
 
 
@@ -281,10 +292,16 @@ def serve_main(args) -> int:
     from ray_router.serve.config import AppArgs
 
     app_args = AppArgs.model_validate(our_apps(cfg)[0].get("args") or {})
-    print(f"[ray-router] starting Ray and deploying {args.config} (the first start encodes the offline split)",
-          file=sys.stderr)
-    init_ray(num_cpus=args.num_cpus, object_store_mb=args.object_store_mb,
-             metrics_export_port=args.metrics_port, address=args.address)
+    print(
+        f"[ray-router] starting Ray and deploying {args.config} (the first start encodes the offline split)",
+        file=sys.stderr,
+    )
+    init_ray(
+        num_cpus=args.num_cpus,
+        object_store_mb=args.object_store_mb,
+        metrics_export_port=args.metrics_port,
+        address=args.address,
+    )
     stop = {"flag": False}
 
     def _stop(signum, frame):
@@ -298,16 +315,21 @@ def serve_main(args) -> int:
         state_dir = app_args.state_dir().expanduser().resolve()
         token_env = app_args.auth.token_env
         where = f"${token_env}" if os.environ.get(token_env) else str(state_dir / "secrets" / "token")
-        print(f"ray-router is serving on {url}\n"
-              + "".join(f"  the same API without the proxy hop (lower latency; changes if the replica restarts): {d}\n"
-                        for d in direct)
-              + f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
-              f"  GET  {url}/v1/arms    GET  {url}/v1/stats      GET  {url}/healthz\n"
-              f"  write token (Authorization: Bearer ...): {where}\n"
-              f"  posterior state: {state_dir}"
-              + (f"\n  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
-              + policy_banner(url, token_env)
-              + "\nCtrl-C (or SIGTERM) stops it.", flush=True)
+        print(
+            f"ray-router is serving on {url}\n"
+            + "".join(
+                f"  the same API without the proxy hop (lower latency; changes if the replica restarts): {d}\n"
+                for d in direct
+            )
+            + f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
+            f"  GET  {url}/v1/arms    GET  {url}/v1/stats      GET  {url}/healthz\n"
+            f"  write token (Authorization: Bearer ...): {where}\n"
+            f"  posterior state: {state_dir}"
+            + (f"\n  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
+            + policy_banner(url, token_env)
+            + "\nCtrl-C (or SIGTERM) stops it.",
+            flush=True,
+        )
         while not stop["flag"]:
             time.sleep(0.5)
     finally:

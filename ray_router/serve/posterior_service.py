@@ -47,8 +47,13 @@ class _NoMetrics:
 
 
 class PosteriorService:
-    def __init__(self, spec: PosteriorSpec, refresh_min_interval_s: float = 0.02, metrics: Any = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        spec: PosteriorSpec,
+        refresh_min_interval_s: float = 0.02,
+        metrics: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state = PosteriorState(spec, clock=clock)
         self.refresh_min_interval_s = refresh_min_interval_s
         self.metrics = metrics if metrics is not None else _NoMetrics()

@@ -44,7 +44,10 @@ def _objective(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None) -> n
 
 
 def choose_duel(
-    S: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None, distinct: bool = True,
+    S: np.ndarray,
+    mask: np.ndarray,
+    penalty: np.ndarray | None = None,
+    distinct: bool = True,
     first: int | None = None,
 ) -> tuple[int, int]:
     """Arms of the two samplers: ``S`` (2, K) utilities of θ¹, θ²; ``penalty`` (K,) = λ·price_norm
@@ -85,9 +88,7 @@ class SampleView:
     def update(self, version: int, theta: np.ndarray, theta_mean: np.ndarray) -> None:
         self.theta, self.theta_mean, self.version = np.asarray(theta), np.asarray(theta_mean), int(version)
 
-    def choose(
-        self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0
-    ) -> tuple[int, int | None, int]:
+    def choose(self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0) -> tuple[int, int | None, int]:
         """``(first, second or None, version)`` for context ``x`` among ``offered`` (None = all)."""
         theta, theta_mean, version = self.theta, self.theta_mean, self.version  # one consistent read
         mask = np.zeros(self.n_arms, dtype=bool)

@@ -20,8 +20,9 @@ M = TypeVar("M", bound=BaseModel)
 
 def invalid_request(e: ValidationError) -> InvalidRequest:
     """A schema failure as a 422, with each error's location, message and type as ``details``."""
-    details = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-               for err in e.errors()]
+    details = [
+        {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")} for err in e.errors()
+    ]
     text = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details)
     return InvalidRequest(text, details=details)
 

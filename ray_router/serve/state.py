@@ -88,8 +88,9 @@ class PosteriorState:
         from ray_router.policies.reachability import unreachable_arms
 
         # arms this config can never choose (no per-arm term and inside the others' hull): said at start-up
-        self.unreachable_arms = unreachable_arms(self.policy.config, spec.arm_embeddings, self.policy.prior,
-                                                 arm_ids=list(spec.arm_ids))
+        self.unreachable_arms = unreachable_arms(
+            self.policy.config, spec.arm_embeddings, self.policy.prior, arm_ids=list(spec.arm_ids)
+        )
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
         self.journal = FeedbackJournal(self.dir / FEEDBACK_LOG, fsync=spec.fsync)
@@ -150,7 +151,12 @@ class PosteriorState:
                 continue
             rec["_end"] = end
             batch.append(rec)
-            self.used[rec["nonce"]] = {"r": rec["request_id"], "s": rec["seq"], "y": rec["outcome"], "e": rec["expires_at"]}
+            self.used[rec["nonce"]] = {
+                "r": rec["request_id"],
+                "s": rec["seq"],
+                "y": rec["outcome"],
+                "e": rec["expires_at"],
+            }
             if len(batch) >= 1024:
                 replayed += self.apply(batch)
                 batch = []
@@ -201,7 +207,8 @@ class PosteriorState:
 
         old_prior, new_prior = snap_policy.get("offline_prior"), getattr(self.policy, "prior", None)
         if (old_prior is None) != (new_prior is None) or (
-                new_prior is not None and not new_prior.same_as(OfflinePrior.from_dict(old_prior))):
+            new_prior is not None and not new_prior.same_as(OfflinePrior.from_dict(old_prior))
+        ):
             return "offline prior changed"
         return None
 
@@ -271,7 +278,12 @@ class PosteriorState:
         self.inflight.pop(nonce, None)
         if record is None:
             return None
-        self.used[nonce] = {"r": record["request_id"], "s": record["seq"], "y": record["outcome"], "e": record["expires_at"]}
+        self.used[nonce] = {
+            "r": record["request_id"],
+            "s": record["seq"],
+            "y": record["outcome"],
+            "e": record["expires_at"],
+        }
         self.counts["feedback"][record["outcome"]] += 1
         return self._ack(nonce, record["seq"], record["outcome"], replayed=False)
 

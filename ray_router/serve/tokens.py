@@ -78,8 +78,13 @@ class DecisionClaims:
 
     def to_dict(self) -> dict:
         return {
-            "nonce": self.nonce, "expires_at": self.expires_at, "mode": self.mode, "first": self.first,
-            "second": self.second, "offered": None if self.offered is None else list(self.offered), "x": self.x,
+            "nonce": self.nonce,
+            "expires_at": self.expires_at,
+            "mode": self.mode,
+            "first": self.first,
+            "second": self.second,
+            "offered": None if self.offered is None else list(self.offered),
+            "x": self.x,
         }
 
 
@@ -98,8 +103,14 @@ class DecisionSigner:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())
 
     def issue(
-        self, nonce: str, expires_at: float, mode: str, first: int, second: int | None = None,
-        offered: Sequence[int] | None = None, x: np.ndarray | None = None,
+        self,
+        nonce: str,
+        expires_at: float,
+        mode: str,
+        first: int,
+        second: int | None = None,
+        offered: Sequence[int] | None = None,
+        x: np.ndarray | None = None,
     ) -> str:
         K = self.n_arms
         mask = bytearray((K + 7) // 8)
@@ -108,8 +119,15 @@ class DecisionSigner:
         xb = b"" if x is None else np.asarray(x, dtype="<f2").tobytes()
         dim = 0 if x is None else int(np.asarray(x).shape[0])
         head = _HEAD.pack(
-            _VERSION, _MODES[mode], bytes.fromhex(nonce), int(expires_at), int(first),
-            _NONE if second is None else int(second), K, self.arm_fp, dim,
+            _VERSION,
+            _MODES[mode],
+            bytes.fromhex(nonce),
+            int(expires_at),
+            int(first),
+            _NONE if second is None else int(second),
+            K,
+            self.arm_fp,
+            dim,
         )
         body = f"{PREFIX}.{_b64(head + bytes(mask) + xb)}"
         return f"{body}.{self._sig(body)}"
@@ -142,9 +160,13 @@ class DecisionSigner:
         if dim:
             x = np.frombuffer(raw[_HEAD.size + n_mask :], dtype="<f2").astype(np.float32)
         return DecisionClaims(
-            nonce=nonce.hex(), expires_at=int(expires), mode=_MODE_NAMES[mode], first=int(first),
+            nonce=nonce.hex(),
+            expires_at=int(expires),
+            mode=_MODE_NAMES[mode],
+            first=int(first),
             second=None if second == _NONE else int(second),
-            offered=None if len(offered) == K else offered, x=x,
+            offered=None if len(offered) == K else offered,
+            x=x,
         )
 
 

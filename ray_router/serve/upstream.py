@@ -121,6 +121,8 @@ def merge_answers(arm_ids: list[str], answers: list[dict[str, Any]]) -> dict[str
         out["choices"] = choices
         usage = [a.get("usage") for a in answers if isinstance(a.get("usage"), dict)]
         if usage:
-            out["usage"] = {k: sum(u.get(k, 0) for u in usage if isinstance(u.get(k, 0), (int, float)))
-                            for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            out["usage"] = {
+                k: sum(u.get(k, 0) for u in usage if isinstance(u.get(k, 0), (int, float)))
+                for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+            }
     return out

@@ -70,9 +70,19 @@ class _Counter:
         before_enc, before_hit = getattr(encoder, "n_encoded", None), getattr(encoder, "n_hits", None)
         t0 = time.perf_counter()
         X = np.asarray(encoder.encode(texts), dtype=np.float32)
-        row = self.rows.setdefault(encoder.identity, {
-            "encoder": encoder.identity, "used_for": [], "texts_requested": 0, "unique_texts": 0,
-            "texts_encoded": 0, "cache_hits": 0, "seconds": 0.0, "cached": before_enc is not None})
+        row = self.rows.setdefault(
+            encoder.identity,
+            {
+                "encoder": encoder.identity,
+                "used_for": [],
+                "texts_requested": 0,
+                "unique_texts": 0,
+                "texts_encoded": 0,
+                "cache_hits": 0,
+                "seconds": 0.0,
+                "cached": before_enc is not None,
+            },
+        )
         seen = self.texts.setdefault(encoder.identity, set())
         seen.update(texts)
         row["used_for"].append(label)
@@ -108,8 +118,13 @@ def resolve_held_out(table: RoutingTable, held_out: str) -> str:
 
 def split_kwargs(spec: SweepSpec, table: RoutingTable, split_label: str, split_seed: int, dataset: str = "") -> dict:
     s = spec.split(split_label)
-    out = {"split": s.split, "offline_fraction": s.offline_fraction, "k_per_category": s.k_per_category,
-           "held_out": None, "split_seed": int(split_seed)}
+    out = {
+        "split": s.split,
+        "offline_fraction": s.offline_fraction,
+        "k_per_category": s.k_per_category,
+        "held_out": None,
+        "split_seed": int(split_seed),
+    }
     if s.split == "holdout":
         out["held_out"] = resolve_held_out(table, s.held_out_for(dataset))
     return out
@@ -136,8 +151,10 @@ def prepare(
     opts = {} if spec.encoder.max_seq_length is None else {"max_seq_length": spec.encoder.max_seq_length}
     base = get_encoder(spec.encoder.name, cache_dir=cache_dir, device=device, **opts)
     if needs_ccft and spec.encoder.name in ("hash", "lookup"):
-        raise ConfigError("the space uses the ccft encoder, which fine-tunes a sentence-transformers model; "
-                          f"encoder.name = {spec.encoder.name!r} is a stand-in (use minilm or a model folder)")
+        raise ConfigError(
+            "the space uses the ccft encoder, which fine-tunes a sentence-transformers model; "
+            f"encoder.name = {spec.encoder.name!r} is a stand-in (use minilm or a model folder)"
+        )
     artifacts = Path(artifacts_dir)
     for d in spec.datasets:
         try:
@@ -153,17 +170,39 @@ def prepare(
         texts = [str(t) for t in table.texts]
         base_key = f"{d.key}/base"
         out.arrays[base_key] = counter.encode(base, texts, f"{d.key} (base)")
-        log(f"{d.key}: {table.n_queries} queries x {table.n_arms} arms, categories "
-            f"{list(table.category_names)}; base embeddings ready")
+        log(
+            f"{d.key}: {table.n_queries} queries x {table.n_arms} arms, categories "
+            f"{list(table.category_names)}; base embeddings ready"
+        )
         for s in spec.splits:
             for seed in spec.split_seeds:
                 kw = split_kwargs(spec, table, s.key, seed, d.key)
                 split = make_split(table, EvalConfig(policies=("uniform",), **kw), int(seed))
-                group = Group(d.key, s.key, int(seed), kw, {"base": base_key},
-                              n_offline=len(split.offline), n_online=len(split.online))
+                group = Group(
+                    d.key,
+                    s.key,
+                    int(seed),
+                    kw,
+                    {"base": base_key},
+                    n_offline=len(split.offline),
+                    n_online=len(split.online),
+                )
                 if needs_ccft:
-                    group.ccft_path, key = _ccft(spec, table, split, d.key, s.key, int(seed), base, artifacts,
-                                                 cache_dir, device, counter, out, log)
+                    group.ccft_path, key = _ccft(
+                        spec,
+                        table,
+                        split,
+                        d.key,
+                        s.key,
+                        int(seed),
+                        base,
+                        artifacts,
+                        cache_dir,
+                        device,
+                        counter,
+                        out,
+                        log,
+                    )
                     group.arrays["ccft"] = key
                 out.groups[group.key] = group
     if not out.tables:
@@ -173,8 +212,9 @@ def prepare(
     return out
 
 
-def _ccft(spec, table, split, ds, sp, seed, base, artifacts: Path, cache_dir, device, counter: _Counter,
-          out: Prepared, log) -> tuple[str, str]:
+def _ccft(
+    spec, table, split, ds, sp, seed, base, artifacts: Path, cache_dir, device, counter: _Counter, out: Prepared, log
+) -> tuple[str, str]:
     from ray_router.embeddings import get_encoder
     from ray_router.embeddings.ccft import ccft_fingerprint, fine_tune
 
@@ -187,8 +227,18 @@ def _ccft(spec, table, split, ds, sp, seed, base, artifacts: Path, cache_dir, de
     t0 = time.perf_counter()
     path = fine_tune(texts, cats, cfg, path, base_model=base, device=device)
     seconds = time.perf_counter() - t0
-    out.ccft.append({"dataset": ds, "split": sp, "split_seed": seed, "path": str(path), "fingerprint": fp,
-                     "reused": reused, "seconds": round(seconds, 1), "n_offline": len(texts)})
+    out.ccft.append(
+        {
+            "dataset": ds,
+            "split": sp,
+            "split_seed": seed,
+            "path": str(path),
+            "fingerprint": fp,
+            "reused": reused,
+            "seconds": round(seconds, 1),
+            "n_offline": len(texts),
+        }
+    )
     log(f"{ds}/{sp}/seed {seed}: CCFT artifact {'reused' if reused else 'trained'} in {seconds:.0f}s ({path.name})")
     enc = get_encoder(str(path), cache_dir=cache_dir, device=device)
     key = f"{ds}/{sp}/{seed}/ccft"

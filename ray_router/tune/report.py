@@ -26,10 +26,27 @@ from ray_router.tune.spec import SweepSpec, section_values, slug
 from ray_router.tune.trial import config_group, encoder_of
 
 REPO = Path(__file__).resolve().parents[2]
-TRIAL_METRICS = ("rounds_played", "mean_regret", "cum_regret_mean", "cum_regret_ci_low", "cum_regret_ci_high",
-                 "seeds_done", "time_total_s", "encoder_imported", "training_iteration")
-PROGRESS_METRICS = ("training_iteration", "rounds_played", "seed", "seed_index", "round", "cum_regret",
-                    "mean_regret", "time_total_s")
+TRIAL_METRICS = (
+    "rounds_played",
+    "mean_regret",
+    "cum_regret_mean",
+    "cum_regret_ci_low",
+    "cum_regret_ci_high",
+    "seeds_done",
+    "time_total_s",
+    "encoder_imported",
+    "training_iteration",
+)
+PROGRESS_METRICS = (
+    "training_iteration",
+    "rounds_played",
+    "seed",
+    "seed_index",
+    "round",
+    "cum_regret",
+    "mean_regret",
+    "time_total_s",
+)
 
 
 # ------------------------------------------------------------------------------ frames
@@ -56,8 +73,15 @@ def result_frames(grid, spec: SweepSpec):
         trial_id = m.get("trial_id") or (Path(str(r.path)).name if r.path else "?")
         complete = bool(m.get("complete")) and int(m.get("rounds_played") or 0) >= max_t
         status = "error" if r.error is not None else ("complete" if complete else "stopped")
-        row = {"trial_id": str(trial_id), "status": status, "group": config_group(c), "dataset": c.get("dataset"),
-               "split": c.get("split"), "split_seed": int(c.get("split_seed", 0)), "encoder": encoder_of(spec, c)}
+        row = {
+            "trial_id": str(trial_id),
+            "status": status,
+            "group": config_group(c),
+            "dataset": c.get("dataset"),
+            "split": c.get("split"),
+            "split_seed": int(c.get("split_seed", 0)),
+            "encoder": encoder_of(spec, c),
+        }
         row.update(_flat_config(spec, c))
         row.update({k: m.get(k) for k in TRIAL_METRICS})
         row["error"] = None if r.error is None else str(r.error)[:2000]
@@ -102,8 +126,9 @@ def _eta2(labels: Sequence[Any], y: np.ndarray) -> float:
     total = float(((y - y.mean()) ** 2).sum())
     if total == 0 or len(set(labels.tolist())) < 2:
         return float("nan")
-    between = sum(float((labels == g).sum()) * (float(y[labels == g].mean()) - float(y.mean())) ** 2
-                  for g in set(labels.tolist()))
+    between = sum(
+        float((labels == g).sum()) * (float(y[labels == g].mean()) - float(y.mean())) ** 2 for g in set(labels.tolist())
+    )
     return between / total
 
 
@@ -156,8 +181,14 @@ def importance(trials, keys: Sequence[str], progress=None):
                 out[k].append(_spearman2(x.astype(float), y))
             else:
                 out[k].append(_eta2(x, y))
-    rows = [{"param": k, "importance": float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else float("nan"),
-             "n_groups": int(np.sum(~np.isnan(v))) if v else 0} for k, v in out.items()]
+    rows = [
+        {
+            "param": k,
+            "importance": float(np.nanmean(v)) if v and not np.all(np.isnan(v)) else float("nan"),
+            "n_groups": int(np.sum(~np.isnan(v))) if v else 0,
+        }
+        for k, v in out.items()
+    ]
     df = pd.DataFrame(rows)
     return df.sort_values("importance", ascending=False, na_position="last").reset_index(drop=True)
 
@@ -177,8 +208,9 @@ def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, p
     ok = comparable(trials, progress if progress is not None else pd.DataFrame())
     for ds, dft in ok.groupby("dataset", sort=False):
         groups = list(dict.fromkeys(dft["group"]))
-        fig, axes = plt.subplots(len(groups), len(params), figsize=(3.4 * len(params), 2.9 * len(groups)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            len(groups), len(params), figsize=(3.4 * len(params), 2.9 * len(groups)), squeeze=False
+        )
         for i, gk in enumerate(groups):
             g = dft[dft["group"] == gk]
             R = g["common_rounds"].iloc[0]
@@ -214,8 +246,11 @@ def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, p
                 ax.tick_params(labelsize=7)
                 if i == 0 and j == 0:
                     ax.legend(fontsize=7)
-        fig.suptitle(f"{ds}: mean regret per round over the rounds every trial of the group played "
-                     "(o complete, x stopped by ASHA)", fontsize=9)
+        fig.suptitle(
+            f"{ds}: mean regret per round over the rounds every trial of the group played "
+            "(o complete, x stopped by ASHA)",
+            fontsize=9,
+        )
         fig.tight_layout()
         path = out_dir / f"params_{slug(ds)}.png"
         fig.savefig(path, dpi=100)
@@ -225,8 +260,15 @@ def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, p
 
 
 # -------------------------------------------------------------------------- Serve export
-def serve_config(spec: SweepSpec, prepared, group, config: Mapping[str, Any], template: str | Path,
-                 trial_id: str | None = None, fresh: str = "") -> tuple[dict, str]:
+def serve_config(
+    spec: SweepSpec,
+    prepared,
+    group,
+    config: Mapping[str, Any],
+    template: str | Path,
+    trial_id: str | None = None,
+    fresh: str = "",
+) -> tuple[dict, str]:
     """A Serve config that deploys ``config`` (the measured FGTS.CDB config, weighting, encoder) for
     the group's dataset, built from ``template`` (``serve_configs/local.yaml``). Returns (config, header)."""
     from ray_router.policies.fgts_cdb import FGTSConfig
@@ -249,10 +291,18 @@ def serve_config(spec: SweepSpec, prepared, group, config: Mapping[str, Any], te
     args["arms"] = [{"id": a, "price_usd": float(f"{p:.3g}")} for a, p in zip(table.arms, prices)]
     lam = ecfg.cost_weight if ecfg.weighting_cost_weight is None else ecfg.weighting_cost_weight
     from_dataset = {
-        "name": ds.name, "data_dir": None, "split": ecfg.split, "offline_fraction": ecfg.offline_fraction,
-        "k_per_category": ecfg.k_per_category, "seed": int(group.split_seed),
-        "weighting": {"name": ecfg.weighting, "cost_weight": float(lam), "top_tau": int(ecfg.weighting_tau),
-                      "beta": float(ecfg.weighting_beta)},
+        "name": ds.name,
+        "data_dir": None,
+        "split": ecfg.split,
+        "offline_fraction": ecfg.offline_fraction,
+        "k_per_category": ecfg.k_per_category,
+        "seed": int(group.split_seed),
+        "weighting": {
+            "name": ecfg.weighting,
+            "cost_weight": float(lam),
+            "top_tau": int(ecfg.weighting_tau),
+            "beta": float(ecfg.weighting_beta),
+        },
     }
     if ds.options:
         from_dataset["options"] = dict(ds.options)
@@ -270,20 +320,26 @@ def serve_config(spec: SweepSpec, prepared, group, config: Mapping[str, Any], te
     policy.update({"name": "fgts_cdb", "config": measured})
     args["policy"] = policy
     launch.validate_config(cfg)  # Serve's ServeDeploySchema and our AppArgs
-    header = "\n".join([
-        f"# ray-router Serve config exported by the sweep {spec.name!r} (ray-router tune).",
-        f"# Best configuration for {group.dataset} / split {group.split} / split seed {group.split_seed}"
-        + (f" (trial {trial_id})" if trial_id else "") + ".",
-        f"# {fresh}" if fresh else "#",
-        "# policy.config is the FGTSConfig the trials measured (every field), except max_history, a",
-        "# serving-only memory bound taken from the template; arm_embeddings.from_dataset rebuilds the",
-        "# measured weighting from the same split and seed; encoder.name is the packaged base encoder or",
-        "# the CCFT artifact the trials used (an absolute path in the CCFT artifact cache; keep it).",
-        (f"# The sweep used a stratified subsample of {ds.subsample} queries; Serve reads the whole dataset,"
-         if ds.subsample else "#"),
-        ("# so its offline rows differ from the sweep's (same split rule and seed)." if ds.subsample else "#"),
-        f"# Template: {tpath.relative_to(REPO) if tpath.is_relative_to(REPO) else tpath}. Run: ray-router serve --config <this file>",
-    ])
+    header = "\n".join(
+        [
+            f"# ray-router Serve config exported by the sweep {spec.name!r} (ray-router tune).",
+            f"# Best configuration for {group.dataset} / split {group.split} / split seed {group.split_seed}"
+            + (f" (trial {trial_id})" if trial_id else "")
+            + ".",
+            f"# {fresh}" if fresh else "#",
+            "# policy.config is the FGTSConfig the trials measured (every field), except max_history, a",
+            "# serving-only memory bound taken from the template; arm_embeddings.from_dataset rebuilds the",
+            "# measured weighting from the same split and seed; encoder.name is the packaged base encoder or",
+            "# the CCFT artifact the trials used (an absolute path in the CCFT artifact cache; keep it).",
+            (
+                f"# The sweep used a stratified subsample of {ds.subsample} queries; Serve reads the whole dataset,"
+                if ds.subsample
+                else "#"
+            ),
+            ("# so its offline rows differ from the sweep's (same split rule and seed)." if ds.subsample else "#"),
+            f"# Template: {tpath.relative_to(REPO) if tpath.is_relative_to(REPO) else tpath}. Run: ray-router serve --config <this file>",
+        ]
+    )
     return cfg, header
 
 
@@ -317,13 +373,26 @@ def _verdict(best: Mapping, default: Mapping) -> str:
     return "no significant difference (95% CIs overlap)"
 
 
-def write_report(exp_dir: Path, spec: SweepSpec, prepared, trials, progress, reruns: list[dict], runs: list[dict],
-                 data_dir=None, log: Callable[[str], None] = print, wall_seconds: float = 0.0) -> dict[str, Path]:
+def write_report(
+    exp_dir: Path,
+    spec: SweepSpec,
+    prepared,
+    trials,
+    progress,
+    reruns: list[dict],
+    runs: list[dict],
+    data_dir=None,
+    log: Callable[[str], None] = print,
+    wall_seconds: float = 0.0,
+) -> dict[str, Path]:
     """The files of ``<exp_dir>/report`` (module docstring); returns their paths by name."""
     out = exp_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {"report": out / "report.md", "summary": out / "summary.json",
-                              "rerun": out / "rerun.parquet"}
+    paths: dict[str, Path] = {
+        "report": out / "report.md",
+        "summary": out / "summary.json",
+        "rerun": out / "rerun.parquet",
+    }
     _write_reruns(paths["rerun"], spec, reruns)
     imp, param_plots = _importance_plots(spec, trials, progress, out)
     groups, sections = [], []
@@ -352,11 +421,24 @@ def _write_reruns(path: Path, spec: SweepSpec, reruns: list[dict]) -> None:
     rows = []
     for r in reruns:
         rec = r["record"]
-        for seed, v in zip(range(spec.report.base_seed, spec.report.base_seed + rec["n_seeds"]), rec["cum_regret_per_seed"]):
-            rows.append({"group": r["group"], "dataset": r["dataset"], "split": r["split"], "split_seed": r["split_seed"],
-                         "role": r["role"], "trial_id": r["trial_id"], "encoder": r["encoder"], "seed": seed,
-                         "cum_regret": float(v), "n_rounds": rec["n_rounds"],
-                         "config": json.dumps(r["config"], sort_keys=True, default=str)})
+        for seed, v in zip(
+            range(spec.report.base_seed, spec.report.base_seed + rec["n_seeds"]), rec["cum_regret_per_seed"]
+        ):
+            rows.append(
+                {
+                    "group": r["group"],
+                    "dataset": r["dataset"],
+                    "split": r["split"],
+                    "split_seed": r["split_seed"],
+                    "role": r["role"],
+                    "trial_id": r["trial_id"],
+                    "encoder": r["encoder"],
+                    "seed": seed,
+                    "cum_regret": float(v),
+                    "n_rounds": rec["n_rounds"],
+                    "config": json.dumps(r["config"], sort_keys=True, default=str),
+                }
+            )
     pd.DataFrame(rows).to_parquet(path, index=False)
 
 
@@ -365,14 +447,18 @@ def _importance_plots(spec: SweepSpec, trials, progress, out: Path):
     import pandas as pd
 
     keys = [f"{sec}.{k}" for sec, k in spec.swept_keys()]
-    imp = (importance(trials, keys, progress) if keys and len(trials)
-           else pd.DataFrame(columns=["param", "importance", "n_groups"]))
+    imp = (
+        importance(trials, keys, progress)
+        if keys and len(trials)
+        else pd.DataFrame(columns=["param", "importance", "n_groups"])
+    )
     top = [p for p in imp["param"].tolist() if p in trials.columns][: spec.report.top_params]
     return imp, (plot_params(trials, top, spec, out, progress) if top else [])
 
 
-def _group_report(spec: SweepSpec, prepared, g, trials, reruns: list[dict], out: Path,
-                  log: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+def _group_report(
+    spec: SweepSpec, prepared, g, trials, reruns: list[dict], out: Path, log: Callable[[str], None]
+) -> tuple[dict[str, Any], str]:
     """One group's summary entry and report section: its trials, its fresh-seed re-runs (plotted),
     the best configuration with its Serve config."""
     from ray_router.tune.spec import default_config
@@ -381,16 +467,28 @@ def _group_report(spec: SweepSpec, prepared, g, trials, reruns: list[dict], out:
     gt = trials[trials["group"] == g.key]
     plot_path = _plot_reruns(g, rs, out)
     entry: dict[str, Any] = {
-        "group": g.key, "dataset": g.dataset, "split": g.split, "split_seed": g.split_seed,
-        "held_out": g.split_kwargs.get("held_out"), "n_offline": g.n_offline, "n_online": g.n_online,
-        "trials": len(gt), "complete": int((gt["status"] == "complete").sum()),
-        "stopped": int((gt["status"] == "stopped").sum()), "errored": int((gt["status"] == "error").sum()),
+        "group": g.key,
+        "dataset": g.dataset,
+        "split": g.split,
+        "split_seed": g.split_seed,
+        "held_out": g.split_kwargs.get("held_out"),
+        "n_offline": g.n_offline,
+        "n_online": g.n_online,
+        "trials": len(gt),
+        "complete": int((gt["status"] == "complete").sum()),
+        "stopped": int((gt["status"] == "stopped").sum()),
+        "errored": int((gt["status"] == "error").sum()),
     }
     for role, r in rs.items():
         rec = r["record"]
-        entry[role] = {"cum_regret_mean": rec["cum_regret_mean"], "cum_regret_ci95": rec["cum_regret_ci95"],
-                       "per_seed": rec["cum_regret_per_seed"], "served_score_mean": rec["served_score_mean"],
-                       "encoder": r["encoder"], "trial_id": r["trial_id"]}
+        entry[role] = {
+            "cum_regret_mean": rec["cum_regret_mean"],
+            "cum_regret_ci95": rec["cum_regret_ci95"],
+            "per_seed": rec["cum_regret_per_seed"],
+            "served_score_mean": rec["served_score_mean"],
+            "encoder": r["encoder"],
+            "trial_id": r["trial_id"],
+        }
     if "best" in rs:
         _add_best(spec, prepared, g, entry, rs, gt, out, log)
     return entry, _group_section(spec, g, entry, rs, default_config(spec), plot_path, out, _n_rounds(spec))
@@ -410,29 +508,41 @@ def _plot_reruns(g, rs: Mapping[str, dict], out: Path) -> Path | None:
     if not curves:
         return None
     plot_path = out / f"rerun_{slug(g.dataset)}_{slug(g.split)}_seed{g.split_seed}.png"
-    plot_regret(pd.concat(curves, ignore_index=True), plot_path, group="config",
-                title=f"{g.dataset} / {g.split} / split seed {g.split_seed}: fresh seeds")
+    plot_regret(
+        pd.concat(curves, ignore_index=True),
+        plot_path,
+        group="config",
+        title=f"{g.dataset} / {g.split} / split seed {g.split_seed}: fresh seeds",
+    )
     return plot_path
 
 
-def _add_best(spec: SweepSpec, prepared, g, entry: dict, rs: Mapping[str, dict], gt, out: Path,
-              log: Callable[[str], None]) -> None:
+def _add_best(
+    spec: SweepSpec, prepared, g, entry: dict, rs: Mapping[str, dict], gt, out: Path, log: Callable[[str], None]
+) -> None:
     """The best trial's own estimate and configuration, the verdict against the default, its Serve config."""
     best = rs["best"]
     bt = gt[gt["trial_id"] == best["trial_id"]].iloc[0]
-    entry["best"]["trial_estimate"] = {"cum_regret_mean": float(bt["cum_regret_mean"]),
-                                       "ci95": [float(bt["cum_regret_ci_low"]), float(bt["cum_regret_ci_high"])],
-                                       "seeds": int(spec.eval.get("n_seeds", 5))}
+    entry["best"]["trial_estimate"] = {
+        "cum_regret_mean": float(bt["cum_regret_mean"]),
+        "ci95": [float(bt["cum_regret_ci_low"]), float(bt["cum_regret_ci_high"])],
+        "seeds": int(spec.eval.get("n_seeds", 5)),
+    }
     entry["best"]["config"] = {k: bt[k] for k in _flat_config(spec, best["config"])}
     if "default" in rs:
         entry["verdict"] = _verdict(best["record"], rs["default"]["record"])
     if not spec.report.export_serve or g.split_kwargs["split"] == "holdout":
         return
     try:
-        fresh = (f"Fresh-seed cumulative regret at T={_n_rounds(spec)}: {_ci(best['record'])} "
-                 f"(default {_ci(rs['default']['record'])})" if "default" in rs else "")
-        cfg, header = serve_config(spec, prepared, g, best["config"], spec.report.serve_template,
-                                   trial_id=best["trial_id"], fresh=fresh)
+        fresh = (
+            f"Fresh-seed cumulative regret at T={_n_rounds(spec)}: {_ci(best['record'])} "
+            f"(default {_ci(rs['default']['record'])})"
+            if "default" in rs
+            else ""
+        )
+        cfg, header = serve_config(
+            spec, prepared, g, best["config"], spec.report.serve_template, trial_id=best["trial_id"], fresh=fresh
+        )
         sp = _write_yaml(out / "serve" / f"{slug(g.dataset)}-{slug(g.split)}-seed{g.split_seed}.yaml", cfg, header)
         entry["serve_config"] = str(sp)
     except Exception as e:  # noqa: BLE001 - the report still lists the config
@@ -446,18 +556,26 @@ def _summary(spec: SweepSpec, prepared, trials, runs: list[dict], imp, groups: l
     fresh_runs = [r for r in runs if not r.get("resumed")]
     base_seed, n_seeds = int(spec.eval.get("base_seed", 0)), int(spec.eval.get("n_seeds", 5))
     return {
-        "sweep": spec.name, "description": spec.description,
-        "trials": len(trials), "complete": int((trials["status"] == "complete").sum()),
-        "stopped_early": int((trials["status"] == "stopped").sum()), "errored": int((trials["status"] == "error").sum()),
-        "driver_runs": len(runs), "resumes": len(runs) - len(fresh_runs), "runs": runs,
+        "sweep": spec.name,
+        "description": spec.description,
+        "trials": len(trials),
+        "complete": int((trials["status"] == "complete").sum()),
+        "stopped_early": int((trials["status"] == "stopped").sum()),
+        "errored": int((trials["status"] == "error").sum()),
+        "driver_runs": len(runs),
+        "resumes": len(runs) - len(fresh_runs),
+        "runs": runs,
         "interrupted_runs": sum(1 for r in runs if r.get("interrupted")),
         "fit_seconds_total": round(sum(r.get("fit_seconds", 0) for r in runs), 1),
         "prepare_seconds_total": round(sum(r.get("prepare_seconds", 0) for r in runs), 1),
         "wall_seconds_this_run": round(wall_seconds, 1),
         "cpus": runs[-1].get("cpus") if runs else None,
         "trial_cpu_seconds": round(float(trials["time_total_s"].fillna(0).sum()), 1) if len(trials) else 0.0,
-        "encoding_this_run": prepared.encoding_totals(), "encoding_by_identity": prepared.encoding,
-        "encoding_per_run": [{k: r.get(k) for k in ("texts_encoded", "unique_texts", "cache_hits", "resumed")} for r in runs],
+        "encoding_this_run": prepared.encoding_totals(),
+        "encoding_by_identity": prepared.encoding,
+        "encoding_per_run": [
+            {k: r.get(k) for k in ("texts_encoded", "unique_texts", "cache_hits", "resumed")} for r in runs
+        ],
         "trials_that_imported_an_encoder": n_imported,
         "ccft_artifacts": prepared.ccft,
         "importance": imp.to_dict(orient="records"),
@@ -479,44 +597,67 @@ def _json_default(v: Any) -> Any:
 
 
 def _group_section(spec, g, entry, rs, defaults, plot_path, out: Path, n_rounds: int) -> str:
-    title = f"## {g.dataset} / {g.split}" + (f" (held out: {entry['held_out']})" if entry.get("held_out") else "") \
+    title = (
+        f"## {g.dataset} / {g.split}"
+        + (f" (held out: {entry['held_out']})" if entry.get("held_out") else "")
         + f" / split seed {g.split_seed}"
-    lines = [title, "",
-             f"{g.n_offline} offline / {g.n_online} online queries. Trials: {entry['trials']} "
-             f"({entry['complete']} complete, {entry['stopped']} stopped early, {entry['errored']} errored).", ""]
+    )
+    lines = [
+        title,
+        "",
+        f"{g.n_offline} offline / {g.n_online} online queries. Trials: {entry['trials']} "
+        f"({entry['complete']} complete, {entry['stopped']} stopped early, {entry['errored']} errored).",
+        "",
+    ]
     if rs:
-        lines += [f"Cumulative regret at T = {n_rounds} on {spec.report.seeds} fresh seeds "
-                  f"({spec.report.base_seed}..{spec.report.base_seed + spec.report.seeds - 1}; the trials used "
-                  f"{int(spec.eval.get('n_seeds', 5))} other seeds), mean ± 95% CI:", "",
-                  "| configuration | encoder | cum. regret | served score |", "|---|---|---:|---:|"]
+        lines += [
+            f"Cumulative regret at T = {n_rounds} on {spec.report.seeds} fresh seeds "
+            f"({spec.report.base_seed}..{spec.report.base_seed + spec.report.seeds - 1}; the trials used "
+            f"{int(spec.eval.get('n_seeds', 5))} other seeds), mean ± 95% CI:",
+            "",
+            "| configuration | encoder | cum. regret | served score |",
+            "|---|---|---:|---:|",
+        ]
         for role in ("best", "default", "uniform"):
             r = rs.get(role)
             if r is not None:
                 rec = r["record"]
                 name = f"best (trial {r['trial_id']})" if role == "best" else role
-                lines.append(f"| {name} | {r['encoder'] if role != 'uniform' else '-'} | {_ci(rec)} | "
-                             f"{rec['served_score_mean']:.3f} |")
+                lines.append(
+                    f"| {name} | {r['encoder'] if role != 'uniform' else '-'} | {_ci(rec)} | "
+                    f"{rec['served_score_mean']:.3f} |"
+                )
         lines.append("")
     if entry.get("verdict"):
         lines += [f"Verdict: **{entry['verdict']}**.", ""]
     best = entry.get("best", {})
     if "config" in best:
         est = best["trial_estimate"]
-        lines += [f"In the sweep this configuration scored {est['cum_regret_mean']:.1f} "
-                  f"[{est['ci95'][0]:.1f}, {est['ci95'][1]:.1f}] on the trial seeds (optimistic: it was picked "
-                  "as the lowest of many).", "",
-                  "| field | best | default |", "|---|---|---|"]
+        lines += [
+            f"In the sweep this configuration scored {est['cum_regret_mean']:.1f} "
+            f"[{est['ci95'][0]:.1f}, {est['ci95'][1]:.1f}] on the trial seeds (optimistic: it was picked "
+            "as the lowest of many).",
+            "",
+            "| field | best | default |",
+            "|---|---|---|",
+        ]
         for k, v in best["config"].items():
             sec, f = k.split(".", 1)
             d = defaults.get(sec, {}).get(f, spec.fixed.get(sec, {}).get(f, "(dataclass default)"))
             lines.append(f"| {k} | {_fmt(v)} | {_fmt(d)} |")
         lines.append("")
     if entry.get("serve_config"):
-        lines += [f"Serve config: [`{Path(entry['serve_config']).relative_to(out)}`]"
-                  f"({Path(entry['serve_config']).relative_to(out)})", ""]
+        lines += [
+            f"Serve config: [`{Path(entry['serve_config']).relative_to(out)}`]"
+            f"({Path(entry['serve_config']).relative_to(out)})",
+            "",
+        ]
     elif g.split_kwargs["split"] == "holdout":
-        lines += ["No Serve config: a held-out split is a robustness test (Serve builds arm embeddings from a "
-                  "stratified or k-per-category split).", ""]
+        lines += [
+            "No Serve config: a held-out split is a robustness test (Serve builds arm embeddings from a "
+            "stratified or k-per-category split).",
+            "",
+        ]
     elif entry.get("serve_config_error"):
         lines += [f"Serve config not exported: {entry['serve_config_error']}", ""]
     if plot_path is not None:
@@ -554,27 +695,42 @@ def _report_md(spec: SweepSpec, s: dict, imp, param_plots: list[Path], sections:
         f"{tot['cache_hits']} from the on-disk cache). Trials that imported an encoder library: "
         f"**{s['trials_that_imported_an_encoder']} of {s['trials']}** (trials read embeddings from Ray's object store).",
         "",
-        "| encoder identity | used for | requested | unique | encoded | cache hits |", "|---|---|---:|---:|---:|---:|",
+        "| encoder identity | used for | requested | unique | encoded | cache hits |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in s["encoding_by_identity"]:
-        lines.append(f"| `{r['encoder'][:70]}` | {', '.join(r['used_for'])[:80]} | {r['texts_requested']} | "
-                     f"{r['unique_texts']} | {r['texts_encoded']} | {r['cache_hits']} |")
+        lines.append(
+            f"| `{r['encoder'][:70]}` | {', '.join(r['used_for'])[:80]} | {r['texts_requested']} | "
+            f"{r['unique_texts']} | {r['texts_encoded']} | {r['cache_hits']} |"
+        )
     if s["encoding_per_run"] and len(s["encoding_per_run"]) > 1:
-        lines += ["", "Per driver run (a resume re-reads the cache): " + "; ".join(
-            f"run {i + 1}{' (resume)' if r.get('resumed') else ''}: {r['texts_encoded']} encoded / {r['unique_texts']} unique"
-            for i, r in enumerate(s["encoding_per_run"]))]
+        lines += [
+            "",
+            "Per driver run (a resume re-reads the cache): "
+            + "; ".join(
+                f"run {i + 1}{' (resume)' if r.get('resumed') else ''}: {r['texts_encoded']} encoded / {r['unique_texts']} unique"
+                for i, r in enumerate(s["encoding_per_run"])
+            ),
+        ]
     if s["ccft_artifacts"]:
         lines += ["", "| CCFT artifact | offline queries | trained / reused | seconds |", "|---|---:|---|---:|"]
         for a in s["ccft_artifacts"]:
-            lines.append(f"| {a['dataset']}/{a['split']}/seed{a['split_seed']} `{Path(a['path']).name}` | "
-                         f"{a['n_offline']} | {'reused' if a['reused'] else 'trained'} | {a['seconds']} |")
+            lines.append(
+                f"| {a['dataset']}/{a['split']}/seed{a['split_seed']} `{Path(a['path']).name}` | "
+                f"{a['n_offline']} | {'reused' if a['reused'] else 'trained'} | {a['seconds']} |"
+            )
     lines += ["", *sections]
-    lines += ["## Hyperparameter importance", "",
-              "Marginal screening over the random-search trials, averaged over groups: Spearman ρ² for numeric "
-              "fields with ≥ 3 values, else the correlation ratio η² (variance of the regret explained). The regret "
-              "of a trial is its mean regret per round over the rounds every trial of its group played (ASHA's "
-              "first rung), so stopped trials count on equal terms.", "",
-              "| field | importance | groups |", "|---|---:|---:|"]
+    lines += [
+        "## Hyperparameter importance",
+        "",
+        "Marginal screening over the random-search trials, averaged over groups: Spearman ρ² for numeric "
+        "fields with ≥ 3 values, else the correlation ratio η² (variance of the regret explained). The regret "
+        "of a trial is its mean regret per round over the rounds every trial of its group played (ASHA's "
+        "first rung), so stopped trials count on equal terms.",
+        "",
+        "| field | importance | groups |",
+        "|---|---:|---:|",
+    ]
     for _, r in imp.iterrows():
         v = r["importance"]
         lines.append(f"| {r['param']} | {'n/a' if not np.isfinite(v) else f'{v:.2f}'} | {r['n_groups']} |")

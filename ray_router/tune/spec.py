@@ -53,12 +53,17 @@ def section_classes() -> dict[str, type]:
 # the ``weighting`` section (weighting fields) or the trial itself (policies, policy_configs).
 EVAL_FIELDS = ("n_rounds", "n_seeds", "base_seed", "cost_weight", "kappa", "use_pairwise_labels")
 _EVAL_ELSEWHERE = {
-    "split": "the `splits` grid axis", "offline_fraction": "the `splits` grid axis",
-    "k_per_category": "the `splits` grid axis", "held_out": "the `splits` grid axis",
-    "split_seed": "the `split_seeds` grid axis", "weighting": "space/fixed `weighting.name`",
-    "weighting_beta": "space/fixed `weighting.beta`", "weighting_tau": "space/fixed `weighting.top_tau`",
+    "split": "the `splits` grid axis",
+    "offline_fraction": "the `splits` grid axis",
+    "k_per_category": "the `splits` grid axis",
+    "held_out": "the `splits` grid axis",
+    "split_seed": "the `split_seeds` grid axis",
+    "weighting": "space/fixed `weighting.name`",
+    "weighting_beta": "space/fixed `weighting.beta`",
+    "weighting_tau": "space/fixed `weighting.top_tau`",
     "weighting_cost_weight": "space/fixed `weighting.cost_weight`",
-    "policies": "the sweep (it tunes fgts_cdb)", "policy_configs": "space/fixed `fgts_cdb`",
+    "policies": "the sweep (it tunes fgts_cdb)",
+    "policy_configs": "space/fixed `fgts_cdb`",
 }
 
 
@@ -104,12 +109,14 @@ class SplitSpec(StrictModel):
     offline_fraction: float = Field(0.2, gt=0, lt=1)
     k_per_category: int = Field(5, ge=1)
     held_out: str | dict[str, str] = Field(
-        "smallest", description="holdout: a category or 'smallest' (of each dataset), or {dataset label: one of those}")
+        "smallest", description="holdout: a category or 'smallest' (of each dataset), or {dataset label: one of those}"
+    )
 
     def held_out_for(self, dataset: str) -> str:
         if isinstance(self.held_out, str):
             return self.held_out
         return self.held_out.get(dataset, "smallest")
+
     label: str | None = None
 
     @property
@@ -147,8 +154,10 @@ class ReportSpec(StrictModel):
     seeds: int = Field(5, ge=2, description="fresh seeds for the re-run of the best and the default config")
     base_seed: int = Field(1000, ge=0, description="first fresh seed (must not overlap the trials' seeds)")
     defaults: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="the 'default' configuration (sections as in space); "
-        "unset fields take the dataclass defaults, the sweep's fixed values apply")
+        default_factory=dict,
+        description="the 'default' configuration (sections as in space); "
+        "unset fields take the dataclass defaults, the sweep's fixed values apply",
+    )
     top_params: int = Field(4, ge=1, description="hyperparameters plotted (the most important ones)")
     export_serve: bool = True
     serve_template: str = Field("serve_configs/local.yaml", description="relative to the repository root or absolute")
@@ -242,8 +251,11 @@ class SweepSpec(StrictModel):
 
     @model_validator(mode="after")
     def _unique(self) -> SweepSpec:
-        for what, keys in (("dataset", [d.key for d in self.datasets]), ("split", [s.key for s in self.splits]),
-                           ("split seed", [str(s) for s in self.split_seeds])):
+        for what, keys in (
+            ("dataset", [d.key for d in self.datasets]),
+            ("split", [s.key for s in self.splits]),
+            ("split seed", [str(s) for s in self.split_seeds]),
+        ):
             dup = sorted({k for k in keys if keys.count(k) > 1})
             if dup:
                 raise ValueError(f"duplicate {what} labels {dup}: give each a distinct `label`")
@@ -278,15 +290,20 @@ class SweepSpec(StrictModel):
 
     def space_constants(self) -> dict[str, dict[str, Any]]:
         classes = section_classes()
-        return {sec: typed_values(classes[sec], {k: v for k, v in fields.items() if _as_dist(v) is None}, f"space.{sec}")
-                for sec, fields in self.space.items()}
+        return {
+            sec: typed_values(classes[sec], {k: v for k, v in fields.items() if _as_dist(v) is None}, f"space.{sec}")
+            for sec, fields in self.space.items()
+        }
 
     def encoders_needed(self) -> set[str]:
         """The encoders (base / ccft) some trial or the report's default configuration can use. The
         base embeddings are always computed: the uniform reference of the report replays on them."""
         out = {"base"}
-        for source in (self.space.get("embedding", {}), self.fixed.get("embedding", {}),
-                       self.report.defaults.get("embedding", {})):
+        for source in (
+            self.space.get("embedding", {}),
+            self.fixed.get("embedding", {}),
+            self.report.defaults.get("embedding", {}),
+        ):
             v = source.get("encoder")
             d = _as_dist(v, "embedding.encoder")
             out.update(d.candidates() if d is not None else ([v] if v is not None else []))
@@ -331,7 +348,9 @@ def eval_config(values: Mapping[str, Any], where: str = "eval") -> Any:
         if key in _EVAL_ELSEWHERE:
             raise ConfigError(f"{where}.{key}: not set here; it comes from {_EVAL_ELSEWHERE[key]}")
         if key not in EVAL_FIELDS:
-            raise ConfigError(f"{where}.{key}: not a field of EvalConfig that a sweep fixes; use one of {list(EVAL_FIELDS)}")
+            raise ConfigError(
+                f"{where}.{key}: not a field of EvalConfig that a sweep fixes; use one of {list(EVAL_FIELDS)}"
+            )
     with _located(where):
         return parse(EvalConfig, values, where=where)
 
@@ -345,7 +364,7 @@ def _check_entry(cls: type, where: str, key: str, value: Any, allow_dists: bool)
     if dist is not None and not allow_dists:
         raise ConfigError(f"{where}: fixed values must be plain values, not {dist.kind}")
     hint = f" (a {dist.kind} range end)" if dist is not None and dist.is_numeric_range() else ""
-    for candidate in (dist.candidates() if dist is not None else [value]):
+    for candidate in dist.candidates() if dist is not None else [value]:
         typed_values(cls, {key: candidate}, f"{where} = {candidate!r}{hint}")
 
 
@@ -379,7 +398,9 @@ def _check_labels(spec: SweepSpec) -> None:
         if isinstance(sp.held_out, dict):
             unknown = sorted(set(sp.held_out) - labels)
             if unknown:
-                raise ConfigError(f"splits.{i}.held_out.{unknown[0]}: not a dataset of this sweep; datasets: {sorted(labels)}")
+                raise ConfigError(
+                    f"splits.{i}.held_out.{unknown[0]}: not a dataset of this sweep; datasets: {sorted(labels)}"
+                )
 
 
 def _check_budget(spec: SweepSpec) -> None:
@@ -388,13 +409,19 @@ def _check_budget(spec: SweepSpec) -> None:
     trial_seeds = set(ev.seeds)
     fresh = set(range(spec.report.base_seed, spec.report.base_seed + spec.report.seeds))
     if trial_seeds & fresh:
-        raise ConfigError(f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
-                          f"{sorted(trial_seeds)}; the re-run must use fresh seeds")
+        raise ConfigError(
+            f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
+            f"{sorted(trial_seeds)}; the re-run must use fresh seeds"
+        )
     if spec.search.report_every > spec.max_rounds:
-        raise ConfigError(f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})")
+        raise ConfigError(
+            f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})"
+        )
     if spec.search.scheduler.type == "asha" and spec.search.scheduler.grace_period >= spec.max_rounds:
-        raise ConfigError(f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
-                          f"rounds of a trial ({spec.max_rounds})")
+        raise ConfigError(
+            f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
+            f"rounds of a trial ({spec.max_rounds})"
+        )
 
 
 def validate(spec: SweepSpec) -> SweepSpec:

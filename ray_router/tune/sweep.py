@@ -45,8 +45,7 @@ def ray_env() -> None:
     raycompat.apply_env_defaults({"TUNE_GLOBAL_CHECKPOINT_S": "5", "RAY_AIR_NEW_OUTPUT": "0"})
     if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
         # With it, Tune writes no result files and ResultGrid.get_dataframe() comes back empty.
-        print("[tune] ignoring TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1: the results need Tune's loggers",
-              file=sys.stderr)
+        print("[tune] ignoring TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1: the results need Tune's loggers", file=sys.stderr)
         del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
 
 
@@ -55,15 +54,21 @@ def check_resources(request: ResourcesSpec, total: Mapping[str, float], availabl
     cpu_total, gpu_total = float(total.get("CPU", 0)), float(total.get("GPU", 0))
     cpu_free, gpu_free = float(available.get("CPU", 0)), float(available.get("GPU", 0))
     if request.cpu > cpu_total:
-        raise ConfigError(f"a trial asks for {request.cpu:g} CPUs but the Ray cluster has {cpu_total:g} CPUs in all: "
-                          "lower search.resources_per_trial.cpu (or start Ray with more CPUs / add nodes)")
+        raise ConfigError(
+            f"a trial asks for {request.cpu:g} CPUs but the Ray cluster has {cpu_total:g} CPUs in all: "
+            "lower search.resources_per_trial.cpu (or start Ray with more CPUs / add nodes)"
+        )
     if request.gpu > gpu_total:
-        raise ConfigError(f"a trial asks for {request.gpu:g} GPUs but the Ray cluster has {gpu_total:g}: "
-                          "set search.resources_per_trial.gpu to 0 or use a cluster with GPUs")
+        raise ConfigError(
+            f"a trial asks for {request.gpu:g} GPUs but the Ray cluster has {gpu_total:g}: "
+            "set search.resources_per_trial.gpu to 0 or use a cluster with GPUs"
+        )
     if request.cpu > cpu_free or request.gpu > gpu_free:
-        raise ConfigError(f"a trial asks for {request.cpu:g} CPUs / {request.gpu:g} GPUs but only {cpu_free:g} CPUs / "
-                          f"{gpu_free:g} GPUs of the cluster are free (Serve replicas or other jobs hold the rest): "
-                          "it would wait forever; free them or lower search.resources_per_trial")
+        raise ConfigError(
+            f"a trial asks for {request.cpu:g} CPUs / {request.gpu:g} GPUs but only {cpu_free:g} CPUs / "
+            f"{gpu_free:g} GPUs of the cluster are free (Serve replicas or other jobs hold the rest): "
+            "it would wait forever; free them or lower search.resources_per_trial"
+        )
     n = int(cpu_free // request.cpu)
     if request.gpu > 0:
         n = min(n, int(gpu_free // request.gpu))
@@ -111,9 +116,12 @@ def ray_router_trial(config: dict, data: dict, spec: SweepSpec) -> None:
             f.write(f"{tune.get_context().get_trial_id()} {'resume' if state else 'start'} {os.getpid()}\n")
 
     def report(metrics: dict, checkpoint: dict | None) -> None:
-        metrics = {**metrics, "encoder": encoder,
-                   # proof that trials never encode text: no encoder library is even imported here
-                   "encoder_imported": "sentence_transformers" in sys.modules}
+        metrics = {
+            **metrics,
+            "encoder": encoder,
+            # proof that trials never encode text: no encoder library is even imported here
+            "encoder_imported": "sentence_transformers" in sys.modules,
+        }
         if checkpoint is None:
             tune.report(metrics)
             return
@@ -175,8 +183,13 @@ def _scheduler(spec: SweepSpec):
         return FIFOScheduler()
     from ray_router.tune.scheduler import GroupedASHA
 
-    return GroupedASHA(time_attr=TIME_ATTR, max_t=spec.max_rounds, grace_period=s.grace_period,
-                       reduction_factor=s.reduction_factor, brackets=s.brackets)
+    return GroupedASHA(
+        time_attr=TIME_ATTR,
+        max_t=spec.max_rounds,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+        brackets=s.brackets,
+    )
 
 
 def _progress_callback(spec: SweepSpec, log: Callable[[str], None]):
@@ -193,12 +206,19 @@ def _progress_callback(spec: SweepSpec, log: Callable[[str], None]):
             r = trial.last_result or {}
             c = trial.config
             rounds = r.get(TIME_ATTR, 0)
-            status = what if what == "error" else ("complete" if rounds >= max_t else f"stopped at {rounds}/{max_t} rounds")
+            status = (
+                what if what == "error" else ("complete" if rounds >= max_t else f"stopped at {rounds}/{max_t} rounds")
+            )
             regret = r.get("cum_regret_mean") if rounds >= max_t else None
-            detail = (f"cum regret {regret:.1f}" if regret is not None
-                      else f"mean regret {r.get(METRIC, float('nan')):.4f}/round")
-            log(f"trial {trial.trial_id} {c.get('dataset')}/{c.get('split')}/seed{c.get('split_seed')}: {status}, "
-                f"{detail} ({self.done} ended in this run)")
+            detail = (
+                f"cum regret {regret:.1f}"
+                if regret is not None
+                else f"mean regret {r.get(METRIC, float('nan')):.4f}/round"
+            )
+            log(
+                f"trial {trial.trial_id} {c.get('dataset')}/{c.get('split')}/seed{c.get('split_seed')}: {status}, "
+                f"{detail} ({self.done} ended in this run)"
+            )
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._line(trials, trial, "complete")
@@ -286,7 +306,9 @@ def run_sweep(
     exp_dir = Path(storage_path or "runs/tune").expanduser().resolve() / spec.name
     resumable = _check_storage(spec, exp_dir, fresh, log)
     t_start = time.time()
-    started = raycompat.init_ray(address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir)
+    started = raycompat.init_ray(
+        address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir
+    )
     try:
         max_parallel = _max_parallel(spec, exp_dir, resumable, log)
         prepared, data = _prepare_data(spec, exp_dir, artifacts_dir, data_dir, cache_dir, device, log)
@@ -319,8 +341,10 @@ def _check_storage(spec: SweepSpec, exp_dir: Path, fresh: bool, log: Callable[[s
         raise ConfigError(f"{exp_dir} exists and is not a ray-router sweep; choose another --storage-path")
     stored = exp_dir / SPEC_FILE
     if resumable and stored.exists() and json.loads(stored.read_text()) != _spec_fingerprint(spec):
-        raise ConfigError(f"{exp_dir} holds a different sweep (the file changed since it started): resume with "
-                          "the same file, pass --fresh to start over, or use another --storage-path")
+        raise ConfigError(
+            f"{exp_dir} holds a different sweep (the file changed since it started): resume with "
+            "the same file, pass --fresh to start over, or use another --storage-path"
+        )
     return resumable
 
 
@@ -331,14 +355,17 @@ def _max_parallel(spec: SweepSpec, exp_dir: Path, resumable: bool, log: Callable
     max_parallel = check_resources(spec.search.resources_per_trial, ray.cluster_resources(), ray.available_resources())
     if spec.search.max_concurrent_trials:
         max_parallel = min(max_parallel, spec.search.max_concurrent_trials)
-    log(f"{'resuming' if resumable else 'starting'} sweep {spec.name!r} in {exp_dir}: "
+    log(
+        f"{'resuming' if resumable else 'starting'} sweep {spec.name!r} in {exp_dir}: "
         f"{len(spec.groups)} groups x {spec.search.num_samples} samples, up to {max_parallel} trials at once "
-        f"({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+        f"({ray.cluster_resources().get('CPU', 0):g} CPUs)"
+    )
     return max_parallel
 
 
-def _prepare_data(spec: SweepSpec, exp_dir: Path, artifacts_dir, data_dir, cache_dir, device,
-                  log: Callable[[str], None]) -> tuple[Any, dict]:
+def _prepare_data(
+    spec: SweepSpec, exp_dir: Path, artifacts_dir, data_dir, cache_dir, device, log: Callable[[str], None]
+) -> tuple[Any, dict]:
     """Load, fine-tune and embed in the driver; every array and table goes to the object store once.
     Returns (prepared, data): ``data["groups"][group key]`` holds the refs a trial of that group reads."""
     import ray
@@ -349,17 +376,28 @@ def _prepare_data(spec: SweepSpec, exp_dir: Path, artifacts_dir, data_dir, cache
     artifacts = Path(artifacts_dir).expanduser().resolve() if artifacts_dir else default_artifacts_dir()
     prepared = prepare(spec, artifacts, data_dir=data_dir, cache_dir=cache_dir, device=device, log=log)
     tot = prepared.encoding_totals()
-    log(f"data ready in {prepared.seconds:.0f}s: {tot['texts_encoded']} texts encoded, "
-        f"{tot['unique_texts']} unique (encoder, text) pairs, {tot['cache_hits']} cache hits")
+    log(
+        f"data ready in {prepared.seconds:.0f}s: {tot['texts_encoded']} texts encoded, "
+        f"{tot['unique_texts']} unique (encoder, text) pairs, {tot['cache_hits']} cache hits"
+    )
     refs = {k: ray.put(v) for k, v in prepared.arrays.items()}
     table_refs = {k: ray.put(v) for k, v in prepared.tables.items()}
-    data = {"groups": {g.key: {"table": table_refs[g.dataset], "X": {e: refs[a] for e, a in g.arrays.items()},
-                               "split_kwargs": g.split_kwargs} for g in prepared.groups.values()}}
+    data = {
+        "groups": {
+            g.key: {
+                "table": table_refs[g.dataset],
+                "X": {e: refs[a] for e, a in g.arrays.items()},
+                "split_kwargs": g.split_kwargs,
+            }
+            for g in prepared.groups.values()
+        }
+    }
     return prepared, data
 
 
-def _make_tuner(spec: SweepSpec, exp_dir: Path, data: dict, prepared, resumable: bool, max_parallel: int,
-                log: Callable[[str], None]):
+def _make_tuner(
+    spec: SweepSpec, exp_dir: Path, data: dict, prepared, resumable: bool, max_parallel: int, log: Callable[[str], None]
+):
     """``Tuner.restore`` of the stored sweep, or a new Tuner (which records the sweep's fingerprint)."""
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -375,14 +413,21 @@ def _make_tuner(spec: SweepSpec, exp_dir: Path, data: dict, prepared, resumable:
         trainable,
         param_space=param_space(spec, datasets=list(prepared.tables)),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode=MODE, scheduler=_scheduler(spec), num_samples=spec.search.num_samples,
+            metric=METRIC,
+            mode=MODE,
+            scheduler=_scheduler(spec),
+            num_samples=spec.search.num_samples,
             # the same sampled configuration runs on every (dataset, split, split seed) group
-            search_alg=BasicVariantGenerator(random_state=spec.search.seed, constant_grid_search=True,
-                                             max_concurrent=max_parallel),
-            reuse_actors=False, trial_dirname_creator=trial_dirname,
+            search_alg=BasicVariantGenerator(
+                random_state=spec.search.seed, constant_grid_search=True, max_concurrent=max_parallel
+            ),
+            reuse_actors=False,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(exp_dir.parent), verbose=0,
+            name=spec.name,
+            storage_path=str(exp_dir.parent),
+            verbose=0,
             # keep every (tiny) per-seed checkpoint: num_to_keep forces an experiment-state sync
             # each time a trial reaches it
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
@@ -396,9 +441,14 @@ def _start_run(exp_dir: Path, t_start: float, resumable: bool, prepared) -> dict
     """Record this driver run's start in the runs file; returns its entry."""
     import ray
 
-    run = {"run": f"{t_start:.3f}", "started": t_start, "resumed": resumable,
-           "prepare_seconds": round(prepared.seconds, 1), "cpus": ray.cluster_resources().get("CPU", 0),
-           **prepared.encoding_totals()}
+    run = {
+        "run": f"{t_start:.3f}",
+        "started": t_start,
+        "resumed": resumable,
+        "prepare_seconds": round(prepared.seconds, 1),
+        "cpus": ray.cluster_resources().get("CPU", 0),
+        **prepared.encoding_totals(),
+    }
     _append_run(exp_dir, {**run, "event": "start"})
     return run
 
@@ -409,8 +459,16 @@ def _fit(tuner) -> tuple[Any, float]:
     return grid, time.time() - t_fit
 
 
-def _collect(grid, spec: SweepSpec, exp_dir: Path, run: dict, fit_seconds: float, resumed: bool, n_datasets: int,
-             log: Callable[[str], None]) -> SweepOutcome:
+def _collect(
+    grid,
+    spec: SweepSpec,
+    exp_dir: Path,
+    run: dict,
+    fit_seconds: float,
+    resumed: bool,
+    n_datasets: int,
+    log: Callable[[str], None],
+) -> SweepOutcome:
     """Write the result frames and count the trials; KeyboardInterrupt when some are unfinished (Ctrl-C),
     a ConfigError when every trial failed."""
     from ray_router.tune import report as rep
@@ -418,21 +476,37 @@ def _collect(grid, spec: SweepSpec, exp_dir: Path, run: dict, fit_seconds: float
     trials, progress = rep.result_frames(grid, spec)
     paths = rep.write_frames(exp_dir, trials, progress)
     unfinished = _unfinished(spec, exp_dir, n_datasets)
-    _append_run(exp_dir, {"run": run["run"], "event": "end", "fit_seconds": round(fit_seconds, 1),
-                          "interrupted": bool(unfinished)})
+    _append_run(
+        exp_dir,
+        {"run": run["run"], "event": "end", "fit_seconds": round(fit_seconds, 1), "interrupted": bool(unfinished)},
+    )
     if unfinished:  # Ctrl-C: Tune saved its state and returned early
-        log(f"interrupted with {unfinished} trial(s) unfinished; run the same command again to resume "
-            f"from {exp_dir} (finished trials are kept)")
+        log(
+            f"interrupted with {unfinished} trial(s) unfinished; run the same command again to resume "
+            f"from {exp_dir} (finished trials are kept)"
+        )
         raise KeyboardInterrupt
 
     def count(status: str) -> int:
         return int((trials["status"] == status).sum()) if len(trials) else 0
 
-    outcome = SweepOutcome(spec=spec, experiment_dir=exp_dir, resumed=resumed, wall_seconds=0.0, n_trials=len(trials),
-                           n_complete=count("complete"), n_stopped=count("stopped"), n_errored=count("error"),
-                           paths=paths, trials=trials, progress=progress)
-    log(f"tuning done in {fit_seconds:.0f}s: {outcome.n_trials} trials, {outcome.n_complete} complete, "
-        f"{outcome.n_stopped} stopped early, {outcome.n_errored} errored")
+    outcome = SweepOutcome(
+        spec=spec,
+        experiment_dir=exp_dir,
+        resumed=resumed,
+        wall_seconds=0.0,
+        n_trials=len(trials),
+        n_complete=count("complete"),
+        n_stopped=count("stopped"),
+        n_errored=count("error"),
+        paths=paths,
+        trials=trials,
+        progress=progress,
+    )
+    log(
+        f"tuning done in {fit_seconds:.0f}s: {outcome.n_trials} trials, {outcome.n_complete} complete, "
+        f"{outcome.n_stopped} stopped early, {outcome.n_errored} errored"
+    )
     if outcome.n_errored == outcome.n_trials:
         first = next((r.error for r in grid if r.error is not None), None)
         raise ConfigError(f"every trial failed; first error: {first}")
@@ -445,15 +519,28 @@ def _report(outcome: SweepOutcome, prepared, data: dict, data_dir, t_start: floa
 
     spec, exp_dir = outcome.spec, outcome.experiment_dir
     reruns = rerun_best(spec, prepared, data, outcome.trials, log, cache_dir=exp_dir / "report" / "reruns")
-    outcome.paths.update(rep.write_report(
-        exp_dir, spec, prepared, outcome.trials, outcome.progress, reruns, driver_runs(exp_dir), data_dir=data_dir,
-        log=log, wall_seconds=time.time() - t_start))
+    outcome.paths.update(
+        rep.write_report(
+            exp_dir,
+            spec,
+            prepared,
+            outcome.trials,
+            outcome.progress,
+            reruns,
+            driver_runs(exp_dir),
+            data_dir=data_dir,
+            log=log,
+            wall_seconds=time.time() - t_start,
+        )
+    )
     outcome.summary = json.loads(outcome.paths["summary"].read_text())
 
 
 def _finish_run(outcome: SweepOutcome, run: dict, t_start: float) -> None:
     outcome.wall_seconds = time.time() - t_start
-    _append_run(outcome.experiment_dir, {"run": run["run"], "event": "done", "wall_seconds": round(outcome.wall_seconds, 1)})
+    _append_run(
+        outcome.experiment_dir, {"run": run["run"], "event": "done", "wall_seconds": round(outcome.wall_seconds, 1)}
+    )
 
 
 # ------------------------------------------------------------------------------ report
@@ -474,15 +561,23 @@ def _rerun_key(spec: SweepSpec, group, enc: str, cfg) -> str:
     import dataclasses
     import hashlib
 
-    blob = json.dumps({"dataset": spec.dataset(group.dataset).model_dump(mode="json"),
-                       "encoder": spec.encoder.model_dump(mode="json"), "embedding": enc,
-                       "ccft": group.ccft_path if enc == "ccft" else None, "cfg": dataclasses.asdict(cfg)},
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "dataset": spec.dataset(group.dataset).model_dump(mode="json"),
+            "encoder": spec.encoder.model_dump(mode="json"),
+            "embedding": enc,
+            "ccft": group.ccft_path if enc == "ccft" else None,
+            "cfg": dataclasses.asdict(cfg),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def rerun_best(spec: SweepSpec, prepared, data: dict, trials, log: Callable[[str], None],
-               cache_dir: Path | None = None) -> list[dict]:
+def rerun_best(
+    spec: SweepSpec, prepared, data: dict, trials, log: Callable[[str], None], cache_dir: Path | None = None
+) -> list[dict]:
     """Per group: the best complete trial's configuration and the default configuration (and the
     uniform reference) replayed on ``report.seeds`` fresh seeds, as Ray tasks. One entry per run.
     Results are kept in ``cache_dir`` by (group, encoder, EvalConfig), so rebuilding the report (e.g.
@@ -517,13 +612,29 @@ def rerun_best(spec: SweepSpec, prepared, data: dict, trials, log: Callable[[str
             else:
                 ref = task.remote(gd["table"], gd["X"][enc], cfg, enc, spec.search.blas_threads)
             trial_id = str(best["trial_id"]) if role == "best" else None
-            jobs.append(({"group": g.key, "dataset": g.dataset, "split": g.split, "split_seed": g.split_seed,
-                          "role": role, "encoder": enc, "config": config, "trial_id": trial_id}, ref, cached))
+            jobs.append(
+                (
+                    {
+                        "group": g.key,
+                        "dataset": g.dataset,
+                        "split": g.split,
+                        "split_seed": g.split_seed,
+                        "role": role,
+                        "encoder": enc,
+                        "config": config,
+                        "trial_id": trial_id,
+                    },
+                    ref,
+                    cached,
+                )
+            )
     t0 = time.time()
     n_new = sum(1 for _, ref, _ in jobs if ref is not None)
-    log(f"re-running {n_new} configurations on {spec.report.seeds} fresh seeds "
+    log(
+        f"re-running {n_new} configurations on {spec.report.seeds} fresh seeds "
         f"({spec.report.base_seed}..{spec.report.base_seed + spec.report.seeds - 1})"
-        + (f"; {len(jobs) - n_new} from earlier re-runs" if n_new < len(jobs) else ""))
+        + (f"; {len(jobs) - n_new} from earlier re-runs" if n_new < len(jobs) else "")
+    )
     out = []
     for meta, ref, cached in jobs:
         if ref is None:

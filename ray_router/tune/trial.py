@@ -31,8 +31,12 @@ from ray_router.evaluation.stats import mean_ci95
 from ray_router.tune.spec import SweepSpec, section_values
 
 # WeightingConfig field -> EvalConfig field
-WEIGHTING_TO_EVAL = {"name": "weighting", "beta": "weighting_beta", "top_tau": "weighting_tau",
-                     "cost_weight": "weighting_cost_weight"}
+WEIGHTING_TO_EVAL = {
+    "name": "weighting",
+    "beta": "weighting_beta",
+    "top_tau": "weighting_tau",
+    "cost_weight": "weighting_cost_weight",
+}
 
 Report = Callable[[dict, "dict | None"], None]
 
@@ -50,7 +54,10 @@ def encoder_of(spec: SweepSpec, config: Mapping[str, Any]) -> str:
 
 
 def trial_eval_config(
-    spec: SweepSpec, config: Mapping[str, Any], split_kwargs: Mapping[str, Any], policies: tuple[str, ...] = ("fgts_cdb",),
+    spec: SweepSpec,
+    config: Mapping[str, Any],
+    split_kwargs: Mapping[str, Any],
+    policies: tuple[str, ...] = ("fgts_cdb",),
     **overrides: Any,
 ) -> EvalConfig:
     """The EvalConfig of one trial configuration on one group (``split_kwargs``: the group's split
@@ -87,8 +94,9 @@ def run_trial(
         base_sum, base_played = float(state["regret_sum"]), int(state["rounds_played"])
         t0 = time.perf_counter()
 
-        def hook(policy: str, t: int, regret: np.ndarray, i=i, seed=seed, base_sum=base_sum,
-                 base_played=base_played, t0=t0) -> None:
+        def hook(
+            policy: str, t: int, regret: np.ndarray, i=i, seed=seed, base_sum=base_sum, base_played=base_played, t0=t0
+        ) -> None:
             nonlocal last
             if policy != name:
                 return
@@ -116,8 +124,12 @@ def run_trial(
                 metrics["seeds_done"] = len(state["finals"])
                 if len(state["finals"]) == len(seeds):
                     mean, lo, hi = mean_ci95(np.asarray(state["finals"]))
-                    metrics.update(complete=True, cum_regret_mean=float(mean), cum_regret_ci_low=float(lo),
-                                   cum_regret_ci_high=float(hi))
+                    metrics.update(
+                        complete=True,
+                        cum_regret_mean=float(mean),
+                        cum_regret_ci_low=float(lo),
+                        cum_regret_ci_high=float(hi),
+                    )
                 checkpoint = {k: (list(v) if isinstance(v, list) else v) for k, v in state.items()}
             last = metrics
             report(metrics, checkpoint)
@@ -125,10 +137,18 @@ def run_trial(
         run_seed(table, X, cfg, seed, on_progress=hook, progress_every=report_every)
     if not last and len(state["finals"]) == len(seeds):  # resumed after its last seed: report the result again
         mean, lo, hi = mean_ci95(np.asarray(state["finals"], dtype=np.float64))
-        last = {"rounds_played": int(state["rounds_played"]), "seed": int(seeds[-1]), "seed_index": len(seeds) - 1,
-                "round": T, "cum_regret": float(state["finals"][-1]),
-                "mean_regret": float(state["regret_sum"]) / max(1, int(state["rounds_played"])),
-                "seeds_done": len(seeds), "complete": True, "cum_regret_mean": float(mean),
-                "cum_regret_ci_low": float(lo), "cum_regret_ci_high": float(hi)}
+        last = {
+            "rounds_played": int(state["rounds_played"]),
+            "seed": int(seeds[-1]),
+            "seed_index": len(seeds) - 1,
+            "round": T,
+            "cum_regret": float(state["finals"][-1]),
+            "mean_regret": float(state["regret_sum"]) / max(1, int(state["rounds_played"])),
+            "seeds_done": len(seeds),
+            "complete": True,
+            "cum_regret_mean": float(mean),
+            "cum_regret_ci_low": float(lo),
+            "cum_regret_ci_high": float(hi),
+        }
         report(last, None)
     return last

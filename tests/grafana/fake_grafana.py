@@ -90,8 +90,13 @@ class FakeGrafana:
             self.violations.append(f"POST to {req['path']}")
             return 404, {"message": "Not found"}
         if not self._authorized(req["headers"]):
-            return 401, {"extra": None, "message": "Invalid API key", "messageId": "api-key.invalid",
-                         "statusCode": 401, "traceID": ""}
+            return 401, {
+                "extra": None,
+                "message": "Invalid API key",
+                "messageId": "api-key.invalid",
+                "statusCode": 401,
+                "traceID": "",
+            }
         if not req["headers"].get("content-type", "").startswith("application/json"):
             self.violations.append(f"content-type {req['headers'].get('content-type')!r}")
             return 400, {"message": "bad request data", "status": "bad-request"}
@@ -128,5 +133,12 @@ class FakeGrafana:
         ident = existing["id"] if existing else len(self.stored) + 1
         slug = re.sub(r"[^a-z0-9]+", "-", d["title"].lower()).strip("-")
         self.stored[uid] = {"id": ident, "version": version, "dashboard": d, "folderUid": body.get("folderUid", "")}
-        return 200, {"id": ident, "uid": uid, "url": f"/d/{uid}/{slug}", "status": "success", "version": version,
-                     "slug": slug, "folderUid": body.get("folderUid", "")}
+        return 200, {
+            "id": ident,
+            "uid": uid,
+            "url": f"/d/{uid}/{slug}",
+            "status": "success",
+            "version": version,
+            "slug": slug,
+            "folderUid": body.get("folderUid", ""),
+        }

@@ -108,8 +108,13 @@ class Prometheus:
                 self.proc.wait(timeout=5)
 
 
-def start_prometheus(workdir: Path, targets: list[str] | None = None, interval_s: int = 1, timeout_s: float = 30.0,
-                     config: str | None = None) -> Prometheus:
+def start_prometheus(
+    workdir: Path,
+    targets: list[str] | None = None,
+    interval_s: int = 1,
+    timeout_s: float = 30.0,
+    config: str | None = None,
+) -> Prometheus:
     """Start Prometheus with ``config`` (text), or a plain static scrape of ``targets``."""
     binary = prometheus_binary()
     if binary is None:
@@ -121,9 +126,18 @@ def start_prometheus(workdir: Path, targets: list[str] | None = None, interval_s
     log_path = workdir / "prometheus.log"
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(
-            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                binary,
+                f"--config.file={cfg}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--storage.tsdb.retention.time=1h",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
             env={**os.environ, "GOMAXPROCS": "1"},
         )
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log_path)

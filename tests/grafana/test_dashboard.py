@@ -57,7 +57,7 @@ def test_every_app_series_in_the_dashboard_is_one_the_app_exports_and_every_metr
     used = {n for q in queries() for n in re.findall(r"\b(ray_router_[a-z0-9_]+)", q.expr)}
     assert used, "no app metric in the dashboard"
     assert used <= _exported_series(), used - _exported_series()
-    shown = {re.sub(r"_(total|bucket|sum|count)$", "", n)[len("ray_"):] for n in used}
+    shown = {re.sub(r"_(total|bucket|sum|count)$", "", n)[len("ray_") :] for n in used}
     assert shown == set(METRICS), f"app metrics without a panel: {set(METRICS) - shown}"
 
 
@@ -70,7 +70,7 @@ def test_rays_serve_series_exist_in_the_installed_ray():
     used = {n for q in queries() for n in re.findall(r"\b(ray_serve_[a-z0-9_]+)", q.expr)}
     assert used
     for series in used:
-        base = re.sub(r"_(total|bucket|sum|count)$", "", series)[len("ray_"):]
+        base = re.sub(r"_(total|bucket|sum|count)$", "", series)[len("ray_") :]
         assert f'"{base}"' in source, f"{series}: Ray {base!r} not found in ray/serve/_private"
 
 
@@ -128,7 +128,8 @@ def _provisioned_dashboard_file() -> Path:
 def test_the_provisioned_dashboard_is_the_generated_one():
     committed = _provisioned_dashboard_file().read_text()
     assert json.loads(committed) == build_dashboard(), (
-        "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`")
+        "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`"
+    )
     assert committed == dashboard_json(), "same content, other formatting: re-export it"
 
 
@@ -136,8 +137,14 @@ def test_the_json_does_not_depend_on_the_process():
     """Another interpreter (another hash seed) writes the same bytes: no set or dict order leaks in."""
     code = "import sys; from ray_router.grafana import dashboard_json; sys.stdout.write(dashboard_json())"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
-                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
         for seed in ("1", "2")
     }
     assert outs == {dashboard_json()}
@@ -156,10 +163,13 @@ def test_grafana_is_a_leaf_package():
     assert res.returncode == 0, res.stderr
 
 
-@pytest.mark.parametrize("expr, own", [
-    ("sum(rate(ray_router_routes_total[1m]))", True),
-    ("sum(ray_serve_deployment_replica_healthy)", False),
-    ("sum(rate(ray_router_feedback_total[1m])) / sum(ray_serve_deployment_replica_healthy)", False),
-])
+@pytest.mark.parametrize(
+    "expr, own",
+    [
+        ("sum(rate(ray_router_routes_total[1m]))", True),
+        ("sum(ray_serve_deployment_replica_healthy)", False),
+        ("sum(rate(ray_router_feedback_total[1m])) / sum(ray_serve_deployment_replica_healthy)", False),
+    ],
+)
 def test_own_means_only_the_apps_series(expr, own):
     assert dash.PanelQuery("p", "A", expr).own is own

@@ -47,8 +47,10 @@ def _traffic(client: httpx.Client, wave: int, n_duels: int = 9) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     outcomes = ("first", "second", "tie")
     for i in range(n_duels):
-        r = client.post("/v1/route", json={"query": f"wave {wave}: explain binary search, variant {i}",
-                                           "candidates": PAIR if i % 2 else None})
+        r = client.post(
+            "/v1/route",
+            json={"query": f"wave {wave}: explain binary search, variant {i}", "candidates": PAIR if i % 2 else None},
+        )
         assert r.status_code == 200, r.text
         fb = {"decision_id": r.json()["decision_id"], "outcome": outcomes[i % 3]}
         r = client.post("/v1/feedback", json=fb, headers=auth)
@@ -67,8 +69,14 @@ def _has(prom, expr: str) -> bool:
 
 
 # The app's series that both waves move (counters, histogram counts, the log size).
-GROWING = ("ray_router_routes_total", "ray_router_feedback_total", "ray_router_route_latency_seconds_count",
-           "ray_router_http_errors_total", "ray_router_posterior_refresh_seconds_count", "ray_router_feedback_log_bytes")
+GROWING = (
+    "ray_router_routes_total",
+    "ray_router_feedback_total",
+    "ray_router_route_latency_seconds_count",
+    "ray_router_http_errors_total",
+    "ray_router_posterior_refresh_seconds_count",
+    "ray_router_feedback_log_bytes",
+)
 
 
 def _sums(prom) -> dict[str, float]:
@@ -119,29 +127,52 @@ def stack(tmp_path_factory):
     try:
         base = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
         (app,) = launch.our_apps(base)
-        cfg = launch.with_overrides(base, port=http_port,
-                                    args={**_arm_table_args(tmp, app["args"]), "state": {"dir": str(tmp / "state")}})
+        cfg = launch.with_overrides(
+            base, port=http_port, args={**_arm_table_args(tmp, app["args"]), "state": {"dir": str(tmp / "state")}}
+        )
         # the scrape config shipped in k8s/, its pod discovery swapped for this node (promstack.py)
         k8s_cfg = (REPO / "k8s" / "base" / "prometheus" / "prometheus.yml").read_text()
-        prom = start_prometheus(tmp / "prometheus", config=k8s_config_with_static_targets(
-            k8s_cfg, [f"127.0.0.1:{metrics_port}"], interval_s=1))
+        prom = start_prometheus(
+            tmp / "prometheus",
+            config=k8s_config_with_static_targets(k8s_cfg, [f"127.0.0.1:{metrics_port}"], interval_s=1),
+        )
         url = launch.deploy(cfg, timeout_s=240)
         with httpx.Client(base_url=url, timeout=60) as client:
             _traffic(client, wave=1)
             # wave 2 once Prometheus holds a first sample of every own series, so rates see an increase
-            _wait(lambda: all(_has(prom, s) for s in (
-                "ray_router_routes_total", "ray_router_feedback_total", "ray_router_route_latency_seconds_bucket",
-                "ray_router_posterior_refresh_seconds_bucket", "ray_router_feedback_log_bytes",
-                "ray_router_http_errors_total", SERVE_HEALTHY)), 90, "the app's series in Prometheus")
+            _wait(
+                lambda: all(
+                    _has(prom, s)
+                    for s in (
+                        "ray_router_routes_total",
+                        "ray_router_feedback_total",
+                        "ray_router_route_latency_seconds_bucket",
+                        "ray_router_posterior_refresh_seconds_bucket",
+                        "ray_router_feedback_log_bytes",
+                        "ray_router_http_errors_total",
+                        SERVE_HEALTHY,
+                    )
+                ),
+                90,
+                "the app's series in Prometheus",
+            )
             first = _sums(prom)
             _traffic(client, wave=2)
             n_fb = client.get("/v1/stats").json()["posterior"]["n_updates"]
-            _wait(lambda: client.get("/v1/stats").json()["posterior"]["refreshed_at_update"] >= n_fb, 60,
-                  "a posterior refresh after the last feedback")
-            _wait(lambda: _has(prom, f"sum(ray_router_feedback_total) >= {n_fb}"), 30, "the last feedback in Prometheus")
+            _wait(
+                lambda: client.get("/v1/stats").json()["posterior"]["refreshed_at_update"] >= n_fb,
+                60,
+                "a posterior refresh after the last feedback",
+            )
+            _wait(
+                lambda: _has(prom, f"sum(ray_router_feedback_total) >= {n_fb}"), 30, "the last feedback in Prometheus"
+            )
             # every growing series has a sample above its first one: each rate and increase has two points
-            _wait(lambda: all(v > first[k] for k, v in _sums(prom).items()), 60,
-                  f"a second sample of {list(GROWING)} in Prometheus, above {first}")
+            _wait(
+                lambda: all(v > first[k] for k, v in _sums(prom).items()),
+                60,
+                f"a second sample of {list(GROWING)} in Prometheus, above {first}",
+            )
         yield prom, metrics_port
     finally:
         if prom is not None:
@@ -193,9 +224,11 @@ def test_every_dashboard_query_runs_and_the_apps_own_return_data(stack):
     total = len(rows) + len(errors)
     with_data = sum(1 for r in rows if r[4] > 0)
     own = [r for r in rows if r[2]]
-    print(f"\nPromQL check: {total} expressions in {len({r[0] for r in rows})} panels/variables; "
-          f"{len(errors)} errors; {with_data} returned finite data "
-          f"(own ray_router_* expressions: {sum(1 for r in own if r[4] > 0)}/{len(own)})")
+    print(
+        f"\nPromQL check: {total} expressions in {len({r[0] for r in rows})} panels/variables; "
+        f"{len(errors)} errors; {with_data} returned finite data "
+        f"(own ray_router_* expressions: {sum(1 for r in own if r[4] > 0)}/{len(own)})"
+    )
     for panel, ref, is_own, n, fin in rows:
         print(f"  {'own ' if is_own else 'ray '} {fin:>2}/{n:<2} finite/series  {panel} [{ref}]")
     assert not errors, "PromQL errors:\n" + "\n".join(errors)

@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 CRDS = K8S / "crds"  # vendored KubeRay CRDs (k8s/crds/README.md: source commit and licence)
 BUILDS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
-CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
 KUBERAY_GROUP = "ray.io"
 
 
@@ -102,8 +106,10 @@ def crd_errors(doc: dict[str, Any]) -> list[str]:
     group, _, version = doc["apiVersion"].partition("/")
     assert group == KUBERAY_GROUP, doc["apiVersion"]
     validator = jsonschema.Draft4Validator(crd_schema(doc["kind"], version))
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def k8s_errors(doc: dict[str, Any], version: str) -> list[str]:

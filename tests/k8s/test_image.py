@@ -38,7 +38,7 @@ def test_base_image_and_constraint_pin_the_projects_ray():
     froms = [c.value for c in commands() if c.cmd == "FROM"]
     assert froms == [("scratch", "AS", "data"), ("${RAY_IMAGE}",)]
     runs = " ".join(" ".join(c.value) for c in commands() if c.cmd == "RUN")
-    assert 'ray==${RAY_VERSION}' in runs and "ray.__version__ == '${RAY_VERSION}'" in runs
+    assert "ray==${RAY_VERSION}" in runs and "ray.__version__ == '${RAY_VERSION}'" in runs
     (pin,) = re.findall(r"^TORCH_PIN \?= (\S+)$", (REPO / "Makefile").read_text(), flags=re.M)
     assert a["TORCH_SPEC"] == pin, "the image and `make install` must install the same torch"
 
@@ -58,8 +58,9 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_copied_sources_exist_and_are_in_the_build_context():
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     copied = []
     for c in commands():
         if c.cmd == "COPY" and not any(f.startswith("--from=") for f in c.flags):

@@ -115,16 +115,38 @@ def test_the_crd_schemas_are_vendored_with_their_source_and_licence():
         assert f"`{name}`" in readme
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d["spec"]["rayClusterConfig"].update(rayVersionn="2.60.0"), "rayVersionn"),
-    (lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(replicas="one"), "'one' is not of type"),
-    (lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("minReplicas"), "'minReplicas' is a required"),
-    (lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-     .update(imagePullPolic="Always"), "imagePullPolic"),
-    (lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
-     ["limits"].update(cpu=["2"]), "is not valid under any of the given schemas"),
-    (lambda d: d["spec"].update(serveConfigV2={"applications": []}), "is not of type 'string'"),
-], ids=["unknown-field", "wrong-type", "missing-required", "typo-in-pod-template", "bad-quantity", "config-not-string"])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["spec"]["rayClusterConfig"].update(rayVersionn="2.60.0"), "rayVersionn"),
+        (lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(replicas="one"), "'one' is not of type"),
+        (
+            lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].pop("minReplicas"),
+            "'minReplicas' is a required",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+                imagePullPolic="Always"
+            ),
+            "imagePullPolic",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+                "limits"
+            ].update(cpu=["2"]),
+            "is not valid under any of the given schemas",
+        ),
+        (lambda d: d["spec"].update(serveConfigV2={"applications": []}), "is not of type 'string'"),
+    ],
+    ids=[
+        "unknown-field",
+        "wrong-type",
+        "missing-required",
+        "typo-in-pod-template",
+        "bad-quantity",
+        "config-not-string",
+    ],
+)
 def test_the_crd_check_catches_mistakes(mutate, expected):
     bad = copy.deepcopy(one("base", "RayService"))
     mutate(bad)
@@ -134,7 +156,9 @@ def test_the_crd_check_catches_mistakes(mutate, expected):
 
 def test_the_crd_check_accepts_integer_quantities():
     ok = copy.deepcopy(one("base", "RayService"))
-    ok["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = 2
+    ok["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "cpu"
+    ] = 2
     assert kube.crd_errors(ok) == []
 
 
@@ -167,7 +191,8 @@ def test_embedded_serve_config_is_serve_configs_with_only_the_cluster_changes(bu
         _set(expected, path, value)
     embedded = embedded_serve_config(build)
     assert embedded == expected, (
-        f"k8s serve config of {build} drifted from serve_configs/{EMBEDS[build]}: run `python k8s/sync_serve_configs.py`")
+        f"k8s serve config of {build} drifted from serve_configs/{EMBEDS[build]}: run `python k8s/sync_serve_configs.py`"
+    )
 
 
 @pytest.mark.parametrize("build", BUILDS)
@@ -229,8 +254,10 @@ def test_ports_match_the_serve_config_and_the_scrape_config(build):
         for where, _, container in ray_containers(one(build, kind)):
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports["metrics"] == 8080, (kind, where)  # KubeRay's metrics-export-port default
-    head_ports = {p["name"]: p["containerPort"] for p in service["spec"]["rayClusterConfig"]["headGroupSpec"]
-                  ["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     assert head_ports["serve"] == cfg["http_options"]["port"] == 8000
     assert cfg["http_options"]["host"] == "0.0.0.0"
 
@@ -268,7 +295,7 @@ def test_rayjob_runs_a_valid_sweep_from_tune_jobs(build):
     entry = job["spec"]["entrypoint"]
     words = shlex.split(entry)
     assert words[:2] == ["cd", "/home/ray/app"], "the image's working directory (Dockerfile WORKDIR)"
-    cmd = words[words.index("&&") + 1:]
+    cmd = words[words.index("&&") + 1 :]
     assert cmd[:2] == ["ray-router", "tune"]
     sweep = cmd[2]
     assert sweep.startswith("tune_jobs/") and (kube.REPO / sweep).is_file(), sweep
@@ -283,7 +310,9 @@ def test_rayjob_runs_a_valid_sweep_from_tune_jobs(build):
     spec = load_sweep(kube.REPO / sweep)
     per_trial = spec.search.resources_per_trial.cpu
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    assert max(float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers) >= per_trial
+    assert (
+        max(float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers) >= per_trial
+    )
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
@@ -293,8 +322,21 @@ def _configmap(build: str, name: str) -> dict:
 
 
 # Prometheus' pod discovery (kubernetes_sd_configs): the keys and roles of its documented schema.
-K8S_SD_KEYS = {"role", "namespaces", "selectors", "api_server", "kubeconfig_file", "attach_metadata",
-               "basic_auth", "authorization", "oauth2", "tls_config", "proxy_url", "follow_redirects", "enable_http2"}
+K8S_SD_KEYS = {
+    "role",
+    "namespaces",
+    "selectors",
+    "api_server",
+    "kubeconfig_file",
+    "attach_metadata",
+    "basic_auth",
+    "authorization",
+    "oauth2",
+    "tls_config",
+    "proxy_url",
+    "follow_redirects",
+    "enable_http2",
+}
 K8S_SD_ROLES = {"node", "service", "pod", "endpoints", "endpointslice", "ingress"}
 
 
@@ -331,11 +373,15 @@ def test_grafana_configmap_holds_the_generated_dashboard(build):
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["data"]["ray-router.json"] == dashboard_json(), (
         "k8s/base/grafana/ray-router-dashboard.json is stale: "
-        "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`")
+        "run `ray-router grafana export --out k8s/base/grafana/ray-router-dashboard.json`"
+    )
 
 
 def test_committed_serve_config_files_are_the_embedded_ones():
-    for build, path in (("base", kube.K8S / "base" / "serve-config.yaml"), ("cpu", kube.K8S / "overlays" / "cpu" / "serve-config.yaml")):
+    for build, path in (
+        ("base", kube.K8S / "base" / "serve-config.yaml"),
+        ("cpu", kube.K8S / "overlays" / "cpu" / "serve-config.yaml"),
+    ):
         assert one(build, "RayService")["spec"]["serveConfigV2"] == Path(path).read_text()
 
 
@@ -346,4 +392,6 @@ def test_sync_script_reproduces_the_committed_serve_configs():
     sync = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sync)
     for name, (target, _) in sync.TARGETS.items():
-        assert (kube.REPO / target).read_text() == sync.render(name), f"run `python k8s/sync_serve_configs.py` ({target})"
+        assert (kube.REPO / target).read_text() == sync.render(name), (
+            f"run `python k8s/sync_serve_configs.py` ({target})"
+        )

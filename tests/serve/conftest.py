@@ -68,17 +68,26 @@ class _Upstream(BaseHTTPRequestHandler):
             self.send_header("content-type", "text/event-stream")
             self.end_headers()
             for i, piece in enumerate(text.split(" ")):
-                chunk = {"id": "c1", "object": "chat.completion.chunk", "model": model,
-                         "choices": [{"index": 0, "delta": {"content": (" " if i else "") + piece}}]}
+                chunk = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"content": (" " if i else "") + piece}}],
+                }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
             self.wfile.write(b"data: [DONE]\n\n")
             return
-        self._json(200, {
-            "id": "c1", "object": "chat.completion", "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
-        })
+        self._json(
+            200,
+            {
+                "id": "c1",
+                "object": "chat.completion",
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+            },
+        )
 
     def _json(self, status: int, obj: dict):
         data = json.dumps(obj).encode()
@@ -114,8 +123,7 @@ def serve_cluster():
     from ray_router.serve import launch
 
     if ray.is_initialized():  # left over by an earlier test module: ours needs its own capped cluster
-        warnings.warn("tests/serve: a Ray instance was left running in this process; shutting it down",
-                      stacklevel=2)
+        warnings.warn("tests/serve: a Ray instance was left running in this process; shutting it down", stacklevel=2)
         ray.shutdown()
 
     with pytest.MonkeyPatch.context() as env:  # restores the environment afterwards
@@ -123,8 +131,9 @@ def serve_cluster():
             env.setenv(k, v)  # Ray workers inherit the driver's environment
         cluster = Cluster(free_port(), free_port())
         launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=cluster.metrics_port)
-        cfg = launch.with_overrides(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"),
-                                    port=cluster.http_port)
+        cfg = launch.with_overrides(
+            launch.load_serve_config(REPO / "serve_configs" / "local.yaml"), port=cluster.http_port
+        )
         launch.start_serve(cfg)
         try:
             yield cluster
@@ -166,10 +175,15 @@ def synthetic_arm_args(directory: Path, encoder: str = "hash", seed: int = 0) ->
         A = rng.normal(size=(n, enc.dim))
         return A / np.linalg.norm(A, axis=1, keepdims=True)
 
-    profile = {"centroids": unit(3), "utility": rng.uniform(0.2, 0.8, size=(3, len(ids))),
-               "counts": np.full(3, 20.0), "categories": ["code", "math", "chat"]}
-    path = save_arm_embeddings(Path(directory) / f"arms-{encoder}.npz", ids, unit(len(ids)), enc.identity,
-                               profile=profile)
+    profile = {
+        "centroids": unit(3),
+        "utility": rng.uniform(0.2, 0.8, size=(3, len(ids))),
+        "counts": np.full(3, 20.0),
+        "categories": ["code", "math", "chat"],
+    }
+    path = save_arm_embeddings(
+        Path(directory) / f"arms-{encoder}.npz", ids, unit(len(ids)), enc.identity, profile=profile
+    )
     return {"arm_embeddings": {"file": str(path)}, "encoder": {"name": encoder, "device": "auto"}}
 
 
@@ -182,12 +196,20 @@ def real_arm_args() -> dict[str, Any]:
     if data is None:
         pytest.skip("needs the real RouterBench rows (RAY_ROUTER_DATA_DIR)")
     base = config_args()
-    return {"arm_embeddings": {"from_dataset": {**base["arm_embeddings"]["from_dataset"], "data_dir": str(data)}},
-            "encoder": base["encoder"]}
+    return {
+        "arm_embeddings": {"from_dataset": {**base["arm_embeddings"]["from_dataset"], "data_dir": str(data)}},
+        "encoder": base["encoder"],
+    }
 
 
-def deploy_router(cluster: Cluster, state_dir: Path, arm_table: dict[str, Any], config: str = "local.yaml",
-                  args: dict | None = None, deployments: dict | None = None) -> RouterApp:
+def deploy_router(
+    cluster: Cluster,
+    state_dir: Path,
+    arm_table: dict[str, Any],
+    config: str = "local.yaml",
+    args: dict | None = None,
+    deployments: dict | None = None,
+) -> RouterApp:
     """Deploy ``config`` with ``arm_table`` (its ``arm_embeddings`` and ``encoder`` replace the
     config's), the state in ``state_dir``, and ``args`` merged over the rest."""
     from ray_router.serve import launch

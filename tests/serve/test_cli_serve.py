@@ -29,15 +29,27 @@ def _env(**extra) -> dict:
 
 @pytest.mark.parametrize("config", ["local.yaml", "gpu.yaml"])
 def test_check_validates_each_config(config):
-    res = subprocess.run([*CLI, "serve", "--config", f"serve_configs/{config}", "--check"], cwd=REPO,
-                         capture_output=True, text=True, env=_env(), timeout=120)
+    res = subprocess.run(
+        [*CLI, "serve", "--config", f"serve_configs/{config}", "--check"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "valid" in res.stdout
 
 
 def test_missing_data_dir_fails_before_starting_ray(tmp_path):
-    res = subprocess.run([*CLI, "serve", "--data-dir", str(tmp_path / "nope"), "--state-dir", str(tmp_path / "s")],
-                         cwd=REPO, capture_output=True, text=True, env=_env(), timeout=120)
+    res = subprocess.run(
+        [*CLI, "serve", "--data-dir", str(tmp_path / "nope"), "--state-dir", str(tmp_path / "s")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
     assert res.returncode == 2
     assert re.search(r"error: arm_embeddings.from_dataset: data directory .*nope.* does not exist", res.stderr)
     assert "Traceback" not in res.stderr
@@ -67,7 +79,11 @@ def test_serve_end_to_end_then_sigterm(tmp_path, table):
     port, state = free_port(), tmp_path / "state"
     proc = subprocess.Popen(
         [*CLI, "serve", *config, "--port", str(port), "--state-dir", str(state), "--num-cpus", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
     )
     lines: list[str] = []
     try:
@@ -95,8 +111,12 @@ def test_serve_end_to_end_then_sigterm(tmp_path, table):
         assert len(d["arms"]) == 2
         token = token_file.read_text().strip()
         assert (os.stat(token_file).st_mode & 0o777) == 0o600
-        fb = httpx.post(f"{url}/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "tie"},
-                        headers={"Authorization": f"Bearer {token}"}, timeout=60)
+        fb = httpx.post(
+            f"{url}/v1/feedback",
+            json={"decision_id": d["decision_id"], "outcome": "tie"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
         assert fb.status_code == 200, fb.text
         assert (state / "feedback.jsonl").read_text().count("\n") == 1
     finally:

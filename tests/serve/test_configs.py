@@ -112,8 +112,15 @@ def _args(**over):
         ({"policy": {"config": {"eta": "1"}}}, r"policy\.config[\s\S]*eta"),  # strict: text is not a number
         ({"arms": [{"id": "a", "price_usd": "0.1"}, {"id": "b", "price_usd": 2}]}, "valid number"),
         ({"typo": 1}, "Extra inputs"),
-        ({"arms": [{"id": "a", "price_usd": 1, "upstream": {"base_url": "ftp://x", "model": "m"}},
-                   {"id": "b", "price_usd": 2}]}, "http"),
+        (
+            {
+                "arms": [
+                    {"id": "a", "price_usd": 1, "upstream": {"base_url": "ftp://x", "model": "m"}},
+                    {"id": "b", "price_usd": 2},
+                ]
+            },
+            "http",
+        ),
     ],
 )
 def test_bad_app_args_are_refused_by_name(over, match):
@@ -129,7 +136,9 @@ def test_missing_data_dir_fails_with_a_clear_message(tmp_path):
         resolve_arm_table(args)
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = AppArgs.model_validate(_args(arm_embeddings={"from_dataset": {"name": "routerbench", "data_dir": str(empty)}}))
+    args = AppArgs.model_validate(
+        _args(arm_embeddings={"from_dataset": {"name": "routerbench", "data_dir": str(empty)}})
+    )
     with pytest.raises(DataError, match="routerbench: none of"):
         resolve_arm_table(args)
 
@@ -169,7 +178,9 @@ def test_arm_embeddings_from_the_real_dataset_with_the_stand_in_encoder():
 
 def test_overrides_merge_into_app_args_and_deployments():
     cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
-    out = launch.with_overrides(cfg, port=9999, args={"state": {"dir": "/x"}}, deployments={"Posterior": {"health_check_period_s": 1}})
+    out = launch.with_overrides(
+        cfg, port=9999, args={"state": {"dir": "/x"}}, deployments={"Posterior": {"health_check_period_s": 1}}
+    )
     app = launch.our_apps(out)[0]
     assert out["http_options"]["port"] == 9999 and app["args"]["state"]["dir"] == "/x"
     assert app["args"]["state"]["snapshot_every_n"] == 500  # siblings kept

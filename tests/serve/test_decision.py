@@ -27,8 +27,14 @@ def decider() -> RouteDecider:
     rng = np.random.default_rng(0)
     theta = rng.normal(size=(2, scorer.theta_mean.shape[-1]))
     view.update(7, theta, theta[0] * 0.5)
-    return RouteDecider(ARMS, view, DecisionSigner(KEY, ARMS), 600.0,
-                        LimitsSpec(max_query_chars=50, max_cost_weight=10.0), clock=lambda: NOW)
+    return RouteDecider(
+        ARMS,
+        view,
+        DecisionSigner(KEY, ARMS),
+        600.0,
+        LimitsSpec(max_query_chars=50, max_cost_weight=10.0),
+        clock=lambda: NOW,
+    )
 
 
 def x_of(text: str) -> np.ndarray:
@@ -105,8 +111,9 @@ def test_a_huge_cost_weight_picks_the_free_arm(decider):
 
 def test_feedback_claims_refuse_forged_and_expired_ids(decider):
     d = decider.decide(x_of("q"), None, "duel", 0.0)
-    other = RouteDecider(ARMS, decider.view, DecisionSigner("another-key-0123456789", ARMS), 600.0, decider.limits,
-                         clock=lambda: NOW)
+    other = RouteDecider(
+        ARMS, decider.view, DecisionSigner("another-key-0123456789", ARMS), 600.0, decider.limits, clock=lambda: NOW
+    )
     with pytest.raises(ForgedDecision):
         other.feedback_claims(d.decision_id)
     later = RouteDecider(ARMS, decider.view, decider.signer, 600.0, decider.limits, clock=lambda: NOW + 601)

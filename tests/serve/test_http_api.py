@@ -150,15 +150,18 @@ def test_direct_ingress_serves_the_same_api_without_the_proxy(client, direct_cli
     timing = dict(part.split(";", 1) for part in r.headers["server-timing"].split(", "))
     assert set(timing) == {"embed", "encode", "choose", "app"}
     n0 = stats(client)["posterior"]["n_updates"]
-    ack = direct.post("/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "tie"},
-                      headers=app.auth)
+    ack = direct.post("/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "tie"}, headers=app.auth)
     assert ack.status_code == 200, ack.text
     # the proxy's path sees the feedback given on the direct path: one posterior
     wait_for(lambda: stats(client)["posterior"]["n_updates"] == n0 + 1, what="the direct path's feedback")
     bad = direct.post("/v1/route", content=b"{not json", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "error" in bad.json()
-    assert direct.post("/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "first"},
-                       headers=app.auth).status_code == 409  # taken once, on either path
+    assert (
+        direct.post(
+            "/v1/feedback", json={"decision_id": r.json()["decision_id"], "outcome": "first"}, headers=app.auth
+        ).status_code
+        == 409
+    )  # taken once, on either path
 
 
 # --------------------------------------------------------------- auth, forgery, replay
@@ -196,12 +199,16 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
         r = client.post("/v1/feedback", json=body(f), headers=app.auth)
         assert r.status_code == 403 and r.json()["error"] == "invalid_signature", r.text
     signer = DecisionSigner(HMAC_KEY, arm_ids)
-    r = client.post("/v1/feedback", json=body(signer.issue(new_nonce(), time.time() - 1, "duel", 0, 1, None, x)),
-                    headers=app.auth)
+    r = client.post(
+        "/v1/feedback", json=body(signer.issue(new_nonce(), time.time() - 1, "duel", 0, 1, None, x)), headers=app.auth
+    )
     assert r.status_code == 410 and r.json()["error"] == "expired_decision"
     other_table = DecisionSigner(HMAC_KEY, [*arm_ids[:-1], "renamed"])
-    r = client.post("/v1/feedback", json=body(other_table.issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x)),
-                    headers=app.auth)
+    r = client.post(
+        "/v1/feedback",
+        json=body(other_table.issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x)),
+        headers=app.auth,
+    )
     assert r.status_code == 410 and r.json()["error"] == "stale_decision"
     assert client.post("/v1/feedback", json=body(tok), headers=app.auth).status_code == 200
     r = client.post("/v1/feedback", json={"decision_id": tok, "outcome": "second"}, headers=app.auth)
@@ -211,8 +218,10 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
     r = client.post("/v1/feedback", json=body(single["decision_id"]), headers=app.auth)
     assert r.status_code == 409 and r.json()["error"] == "not_a_duel"
     # every record is in the log before its answer: once the log is applied, nothing else can come
-    s1 = wait_for(lambda: (s := stats(client))["durability"]["last_applied_seq"] == s["durability"]["last_seq"] and s,
-                  what="the log applied")
+    s1 = wait_for(
+        lambda: (s := stats(client))["durability"]["last_applied_seq"] == s["durability"]["last_seq"] and s,
+        what="the log applied",
+    )
     assert s1["durability"]["last_seq"] == seq0 + 1 and s1["posterior"]["n_updates"] == n0 + 1
 
 
@@ -289,8 +298,11 @@ def test_unknown_paths_and_methods_are_json(client):
 
 # ------------------------------------------------------------------- chat completions
 def _chat(client, **extra):
-    body = {"model": "router", "messages": [{"role": "system", "content": "be brief"},
-                                            {"role": "user", "content": "What is 2 + 2?"}], **extra}
+    body = {
+        "model": "router",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2 + 2?"}],
+        **extra,
+    }
     return client.post("/v1/chat/completions", json=body)
 
 
@@ -311,8 +323,12 @@ def test_chat_completion_single(client, fake_upstream):
 
 
 def test_chat_completion_stream(client):
-    body = {"model": "router", "stream": True, "messages": [{"role": "user", "content": "Tell me a joke."}],
-            "router": {"candidates": [GPT4, CLAUDE2]}}
+    body = {
+        "model": "router",
+        "stream": True,
+        "messages": [{"role": "user", "content": "Tell me a joke."}],
+        "router": {"candidates": [GPT4, CLAUDE2]},
+    }
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         arm = r.headers["x-router-model"]
@@ -331,8 +347,9 @@ def test_chat_completion_duel_returns_both_answers_and_takes_feedback(client, ap
     out = r.json()
     assert [c["index"] for c in out["choices"]] == [0, 1]
     assert {c["model"] for c in out["choices"]} == {GPT4, CLAUDE2} and out["usage"]["total_tokens"] == 12
-    fb = client.post("/v1/feedback", json={"decision_id": out["router"]["decision_id"], "outcome": "second"},
-                     headers=app.auth)
+    fb = client.post(
+        "/v1/feedback", json={"decision_id": out["router"]["decision_id"], "outcome": "second"}, headers=app.auth
+    )
     assert fb.status_code == 200, fb.text
 
 
@@ -366,7 +383,7 @@ def test_custom_metrics_reach_the_prometheus_endpoint(client, app):
         return ((not missing) and text) or None
 
     text = wait_for(scraped, timeout_s=60, interval_s=1, what="ray_router_* series")
-    assert 'ray_router_routes_total{' in text and 'arm="' in text
+    assert "ray_router_routes_total{" in text and 'arm="' in text
 
 
 def test_benchmark_smoke(app):

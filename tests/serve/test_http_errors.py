@@ -113,8 +113,15 @@ def test_starlette_errors_are_json_too(client):
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
 
 
-@pytest.mark.parametrize("raw, cls", [(b"", "MalformedRequest"), (b"  ", "MalformedRequest"),
-                                      (b'{"query": ', "MalformedRequest"), (b"[1]", "InvalidRequest")])
+@pytest.mark.parametrize(
+    "raw, cls",
+    [
+        (b"", "MalformedRequest"),
+        (b"  ", "MalformedRequest"),
+        (b'{"query": ', "MalformedRequest"),
+        (b"[1]", "InvalidRequest"),
+    ],
+)
 def test_parse_body_errors(raw, cls):
     with pytest.raises(_error_classes()[cls]):
         parse_body(raw, RouteRequest)
@@ -124,8 +131,13 @@ def test_an_error_answer_may_carry_a_status_field():
     """/healthz's degraded answer: ``{"error": "unavailable", "status": "degraded", ...}``."""
     import json
 
-    r = http_errors.error_response(503, "unavailable", "posterior not reachable", {"Retry-After": "1"},
-                                   status="degraded", routes="ok")
+    r = http_errors.error_response(
+        503, "unavailable", "posterior not reachable", {"Retry-After": "1"}, status="degraded", routes="ok"
+    )
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert json.loads(r.body) == {"error": "unavailable", "message": "posterior not reachable", "status": "degraded",
-                                  "routes": "ok"}
+    assert json.loads(r.body) == {
+        "error": "unavailable",
+        "message": "posterior not reachable",
+        "status": "degraded",
+        "routes": "ok",
+    }

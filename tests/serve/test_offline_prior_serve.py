@@ -38,8 +38,9 @@ def test_a_profile_travels_in_the_npz_and_reorders_with_the_arm_table(tmp_path):
 
 
 def test_the_posterior_starts_from_the_profile_and_serves_its_best_arm(tmp_path):
-    prior = OfflinePrior.from_profile(**{k: v for k, v in _profile().items() if k != "categories"},
-                                      category_names=_profile()["categories"]).to_dict()
+    prior = OfflinePrior.from_profile(
+        **{k: v for k, v in _profile().items() if k != "categories"}, category_names=_profile()["categories"]
+    ).to_dict()
     st = PosteriorState(spec(tmp_path, policy_config={"n_steps": 5}, offline_prior=prior))
     st.open()
     try:
@@ -65,8 +66,11 @@ def test_the_posterior_starts_from_the_profile_and_serves_its_best_arm(tmp_path)
 def test_stats_name_arms_a_config_can_never_choose(tmp_path):
     A = arm_embeddings()
     A[3] = A[:3].mean(axis=0)  # delta inside the hull of the others
-    st = PosteriorState(spec(tmp_path, arm_embeddings=A, policy_config={"feature_map": "hadamard",
-                                                                        "offline_prior": "none", "n_steps": 2}))
+    st = PosteriorState(
+        spec(
+            tmp_path, arm_embeddings=A, policy_config={"feature_map": "hadamard", "offline_prior": "none", "n_steps": 2}
+        )
+    )
     st.open()
     try:
         assert st.stats()["posterior"]["unreachable_arms"] == ["delta"]

@@ -158,8 +158,15 @@ def _kill_under_load(app: RouterApp, kill) -> dict:
     rec = stats["durability"]["recovery"]
     assert rec["restored_snapshot"] or rec["replayed"] > 0
     assert httpx.get(f"{app.url}/healthz", timeout=30).json()["status"] == "ok"
-    return {"acked": len(load.acked), "logged": len(records), "unacked": load.unacked, "replayed": load.replayed,
-            "recovered_s": round(recovered_s, 2), "routes_while_down": routes_while_down, "recovery": rec}
+    return {
+        "acked": len(load.acked),
+        "logged": len(records),
+        "unacked": load.unacked,
+        "replayed": load.replayed,
+        "recovered_s": round(recovered_s, 2),
+        "routes_while_down": routes_while_down,
+        "recovery": rec,
+    }
 
 
 def test_gpu_config_serves_on_the_device_this_machine_has(app):

@@ -134,7 +134,13 @@ def test_route_then_feedback_advances_the_posterior(router):
     assert len(d.picked) == 2 and d.picked[0] != d.picked[1]  # distinct_arms is the service default
     assert d.arms == tuple(ARMS[i] for i in d.picked) and d.posterior_version == v0
     ack = r.feedback(d.decision_id, "first", "r1")
-    assert ack == {"accepted": True, "seq": 1, "outcome": "first", "replayed": False, "posterior_version": ack["posterior_version"]}
+    assert ack == {
+        "accepted": True,
+        "seq": 1,
+        "outcome": "first",
+        "replayed": False,
+        "posterior_version": ack["posterior_version"],
+    }
     assert r.st.journal.last_seq == 1  # durable before the acknowledgement
     r.settle()  # applied on the mutation thread, then one background refresh
     assert r.st.policy.n_updates == 1 and r.st.pending_updates == 0

@@ -28,7 +28,14 @@ def test_duel_ids_carry_the_whole_decision():
     nonce, x = new_nonce(), _x()
     tok = s.issue(nonce, NOW + 60, "duel", 3, 7, [3, 7, 10], x)
     c = s.verify(tok, NOW)
-    assert (c.nonce, c.expires_at, c.mode, c.first, c.second, c.offered) == (nonce, int(NOW + 60), "duel", 3, 7, (3, 7, 10))
+    assert (c.nonce, c.expires_at, c.mode, c.first, c.second, c.offered) == (
+        nonce,
+        int(NOW + 60),
+        "duel",
+        3,
+        7,
+        (3, 7, 10),
+    )
     np.testing.assert_array_equal(c.x, x)  # exact: the id carries the float16 the ranking used
     assert 1000 < len(tok) < 1200
     everything = s.verify(s.issue(nonce, NOW + 60, "duel", 0, 1, None, x), NOW)
@@ -62,7 +69,10 @@ def _payload_edit(tok: str, edit) -> str:
         (lambda t: _payload_edit(t, lambda r: r.__setitem__(20, r[20] ^ 1)), ForgedDecision),  # expiry extended
         (lambda t: _payload_edit(t, lambda r: r.__setitem__(23, r[23] ^ 1)), ForgedDecision),  # first arm changed
         (lambda t: _payload_edit(t, lambda r: r.__setitem__(len(r) - 1, r[-1] ^ 1)), ForgedDecision),  # embedding
-        (lambda t: DecisionSigner("x" * 32, ARMS).issue(new_nonce(), NOW + 60, "duel", 0, 1, None, _x()), ForgedDecision),
+        (
+            lambda t: DecisionSigner("x" * 32, ARMS).issue(new_nonce(), NOW + 60, "duel", 0, 1, None, _x()),
+            ForgedDecision,
+        ),
         (lambda t: "not-a-token", MalformedRequest),
         (lambda t: "", MalformedRequest),
         (lambda t: t + ".extra", MalformedRequest),
@@ -99,8 +109,15 @@ def test_short_keys_are_refused():
 
 @pytest.mark.parametrize(
     "header, ok",
-    [("Bearer " + KEY, True), ("bearer " + KEY, True), ("Bearer " + KEY + "x", False), ("Basic " + KEY, False),
-     (KEY, False), ("", False), (None, False)],
+    [
+        ("Bearer " + KEY, True),
+        ("bearer " + KEY, True),
+        ("Bearer " + KEY + "x", False),
+        ("Basic " + KEY, False),
+        (KEY, False),
+        ("", False),
+        (None, False),
+    ],
 )
 def test_bearer(header, ok):
     assert check_bearer(header, KEY) is ok

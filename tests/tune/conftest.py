@@ -39,9 +39,11 @@ def write_synthetic_table(path: Path, n: int = 240, n_arms: int = 5, seed: int =
     quality = rng.uniform(0.2, 0.9, (3, n_arms))
     quality[0, 0] = quality[1, 1] = quality[2, 2 % n_arms] = 0.97
     ci = np.searchsorted(["alpha", "beta", "gamma"], cats)
-    data: dict[str, Any] = {"sample_id": [f"q{i}" for i in range(n)],
-                            "prompt": [f"{c} question {i}: what is {i} * {i % 7}?" for i, c in enumerate(cats)],
-                            "eval_name": cats}
+    data: dict[str, Any] = {
+        "sample_id": [f"q{i}" for i in range(n)],
+        "prompt": [f"{c} question {i}: what is {i} * {i % 7}?" for i, c in enumerate(cats)],
+        "eval_name": cats,
+    }
     for k in range(n_arms):
         data[f"arm{k}"] = (rng.random(n) < quality[ci, k]).astype(float)
         data[f"arm{k}|total_cost"] = np.full(n, 1e-4 * (k + 1))
@@ -59,8 +61,11 @@ def sweep_dict(data_path: Path, **overrides: Any) -> dict:
         "eval": {"n_rounds": 150, "n_seeds": 2, "cost_weight": 0.0},
         "space": {
             "weighting": {"name": {"choice": ["perf", "excel_mask"]}, "beta": {"loguniform": [1.0, 20.0]}},
-            "fgts_cdb": {"eta": {"choice": [0.25, 1.0, 4.0]}, "step_size": {"loguniform": [0.02, 0.5]},
-                         "n_steps": {"choice": [5, 10]}},
+            "fgts_cdb": {
+                "eta": {"choice": [0.25, 1.0, 4.0]},
+                "step_size": {"loguniform": [0.02, 0.5]},
+                "n_steps": {"choice": [5, 10]},
+            },
         },
         "fixed": {"fgts_cdb": {"distinct_arms": True}},
         "search": {"num_samples": 2, "report_every": 50, "scheduler": {"type": "fifo"}},
@@ -84,11 +89,18 @@ def synth_table(tmp_path) -> Path:
 def tune_env(tmp_path) -> dict:
     """Environment of a CLI subprocess: local Ray settings (RAY_NOTES.md), a private cache."""
     env = dict(os.environ)
-    env.update({
-        "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        "RAY_ROUTER_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "RAY_AUTH_MODE": "disabled",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_ROUTER_CACHE_DIR": str(tmp_path / "cache"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
     return env
 
@@ -99,8 +111,9 @@ class Driver:
     def __init__(self, args: list[str], env: dict, log: Path):
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - open while the driver runs; closed in kill_group
-        self.proc = subprocess.Popen(CLI + args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            CLI + args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.pgid = self.proc.pid  # the session leader's pid is the group id
 
     def wait(self, timeout: float) -> int:
@@ -174,7 +187,10 @@ class DirWatch:
     def __init__(self, path: Path):
         libc = ctypes.CDLL(None, use_errno=True)
         self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0 or libc.inotify_add_watch(self.fd, os.fsencode(path), self._IN_CLOSE_WRITE | self._IN_MOVED_TO) < 0:
+        if (
+            self.fd < 0
+            or libc.inotify_add_watch(self.fd, os.fsencode(path), self._IN_CLOSE_WRITE | self._IN_MOVED_TO) < 0
+        ):
             raise OSError(ctypes.get_errno(), f"inotify on {path}")
 
     def wait_until(self, condition: Callable[[], bool], timeout: float, while_alive: subprocess.Popen) -> bool:

@@ -22,11 +22,25 @@ def _frames():
             stopped = i % 2 == 1
             reach = 400 if stopped else 1600
             level = (0.5 if g[0] == "b" else 0.2) + 0.1 * (fmap == "concat")  # feature_map matters, eta not
-            trials.append({"trial_id": tid, "group": g, "dataset": g[0], "status": "stopped" if stopped else "complete",
-                           "fgts_cdb.eta": eta, "fgts_cdb.feature_map": fmap})
+            trials.append(
+                {
+                    "trial_id": tid,
+                    "group": g,
+                    "dataset": g[0],
+                    "status": "stopped" if stopped else "complete",
+                    "fgts_cdb.eta": eta,
+                    "fgts_cdb.feature_map": fmap,
+                }
+            )
             for r in range(100, reach + 1, 100):
-                progress.append({"trial_id": tid, "group": g, "rounds_played": r,
-                                 "mean_regret": level + 0.3 / np.sqrt(r) + 0.001 * rng.standard_normal()})
+                progress.append(
+                    {
+                        "trial_id": tid,
+                        "group": g,
+                        "rounds_played": r,
+                        "mean_regret": level + 0.3 / np.sqrt(r) + 0.001 * rng.standard_normal(),
+                    }
+                )
     return pd.DataFrame(trials), pd.DataFrame(progress)
 
 
@@ -50,10 +64,12 @@ def test_importance_ranks_the_field_that_explains_the_regret_first():
 def test_driver_runs_merges_the_events_of_each_run(tmp_path):
     from ray_router.tune.sweep import RUNS_FILE, driver_runs
 
-    events = [{"run": "1", "event": "start", "resumed": False, "texts_encoded": 5},
-              {"run": "2", "event": "start", "resumed": True, "texts_encoded": 0},
-              {"run": "2", "event": "end", "fit_seconds": 3.0, "interrupted": False},
-              {"run": "2", "event": "done", "wall_seconds": 9.0}]
+    events = [
+        {"run": "1", "event": "start", "resumed": False, "texts_encoded": 5},
+        {"run": "2", "event": "start", "resumed": True, "texts_encoded": 0},
+        {"run": "2", "event": "end", "fit_seconds": 3.0, "interrupted": False},
+        {"run": "2", "event": "done", "wall_seconds": 9.0},
+    ]
     (tmp_path / RUNS_FILE).write_text("".join(json.dumps(e) + "\n" for e in events))
     runs = driver_runs(tmp_path)
     assert [r["interrupted"] for r in runs] == [True, False]  # run 1 was killed before fit() returned

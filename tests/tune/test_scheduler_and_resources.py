@@ -29,8 +29,10 @@ def test_grouped_asha_compares_trials_only_within_their_group():
     # the easy group's trials all have far lower regret than any trial of the hard group
     for k, t in enumerate(easy):
         s.on_trial_result(None, t, {"rounds_played": 100, "mean_regret": 0.01 * (k + 1)})
-    decisions = {t.trial_id: s.on_trial_result(None, t, {"rounds_played": 100, "mean_regret": 0.5 + 0.01 * k})
-                 for k, t in enumerate(hard)}
+    decisions = {
+        t.trial_id: s.on_trial_result(None, t, {"rounds_played": 100, "mean_regret": 0.5 + 0.01 * k})
+        for k, t in enumerate(hard)
+    }
     # within the hard group the first trial sets the bar: a single ASHA over both groups would stop all four
     assert decisions["t10"] == TrialScheduler.CONTINUE
     assert TrialScheduler.STOP in decisions.values()

@@ -40,7 +40,9 @@ def test_every_space_key_is_a_field_of_its_config_class(path, smoke):
             assert section in classes, f"{path.name}: {part}.{section} is not a config section"
             names = {f.name for f in dataclasses.fields(classes[section])}
             for key in fields:
-                assert key in names, f"{path.name}: {part}.{section}.{key} is not a field of {classes[section].__name__}"
+                assert key in names, (
+                    f"{path.name}: {part}.{section}.{key} is not a field of {classes[section].__name__}"
+                )
                 keys += 1
     assert keys >= 5
     assert spec.swept_keys()
@@ -49,10 +51,20 @@ def test_every_space_key_is_a_field_of_its_config_class(path, smoke):
 def test_paper_sweep_covers_the_issue_axes():
     spec = load_sweep(REPO / "tune_jobs" / "paper_sweep.yaml")
     swept = set(spec.swept_keys())
-    for key in [("weighting", "name"), ("weighting", "beta"), ("fgts_cdb", "eta"), ("fgts_cdb", "mu"),
-                ("fgts_cdb", "step_size"), ("fgts_cdb", "feature_map"), ("fgts_cdb", "correction_scale"),
-                ("fgts_cdb", "arm_bias"), ("fgts_cdb", "query_rank"), ("fgts_cdb", "feel_good_schedule"),
-                ("fgts_cdb", "distinct_arms"), ("embedding", "encoder")]:
+    for key in [
+        ("weighting", "name"),
+        ("weighting", "beta"),
+        ("fgts_cdb", "eta"),
+        ("fgts_cdb", "mu"),
+        ("fgts_cdb", "step_size"),
+        ("fgts_cdb", "feature_map"),
+        ("fgts_cdb", "correction_scale"),
+        ("fgts_cdb", "arm_bias"),
+        ("fgts_cdb", "query_rank"),
+        ("fgts_cdb", "feel_good_schedule"),
+        ("fgts_cdb", "distinct_arms"),
+        ("embedding", "encoder"),
+    ]:
         assert key in swept, key
     # issue 10: no swept map lacks a per-arm term (the offline blocks or hadamard_bias carry one)
     assert spec.fixed["fgts_cdb"]["offline_prior"] == "category"
@@ -184,8 +196,10 @@ def test_cli_tune_reports_a_bad_sweep_in_one_line_before_starting_ray(tmp_path, 
     was_imported = "ray" in sys.modules
     assert main(["tune", str(path), "--storage-path", str(tmp_path / "st")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {path}: space.fgts_cdb.etaa: not a field of FGTSConfig; fields: "
-                   f"{[f.name for f in dataclasses.fields(_classes()['fgts_cdb'])]}"]
+    assert err == [
+        f"error: {path}: space.fgts_cdb.etaa: not a field of FGTSConfig; fields: "
+        f"{[f.name for f in dataclasses.fields(_classes()['fgts_cdb'])]}"
+    ]
     assert main(["tune", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "st").exists()

@@ -49,8 +49,11 @@ def test_smoke_test_runs_the_paper_sweep(tmp_path, tune_env, drivers):
     export; on the real RouterBench subset where it is, else on a synthetic file in the same format."""
     data = shared_data_dir() or write_routerbench_subset(tmp_path / "data")
     env = {**tune_env, "RAY_ROUTER_DATA_DIR": str(data)}
-    d = drivers(["tune", "tune_jobs/paper_sweep.yaml", "--smoke-test", "--storage-path", str(tmp_path / "st"), *COMMON],
-                env, tmp_path / "smoke.log")
+    d = drivers(
+        ["tune", "tune_jobs/paper_sweep.yaml", "--smoke-test", "--storage-path", str(tmp_path / "st"), *COMMON],
+        env,
+        tmp_path / "smoke.log",
+    )
     rc = d.wait(timeout=900)  # a bound against hanging, not a speed target (bench/sweep_smoke.py)
     out = d.output()
     assert rc == 0, out[-4000:]
@@ -59,7 +62,9 @@ def test_smoke_test_runs_the_paper_sweep(tmp_path, tune_env, drivers):
     spec = yaml.safe_load((REPO / "tune_jobs" / "paper_sweep.yaml").read_text())["smoke_test"]
     assert len(trials) == spec["search"]["num_samples"]
     assert (trials["status"] != "error").all()
-    assert {"fgts_cdb.eta", "weighting.name", "embedding.encoder", "mean_regret", "cum_regret_mean"} <= set(trials.columns)
+    assert {"fgts_cdb.eta", "weighting.name", "embedding.encoder", "mean_regret", "cum_regret_mean"} <= set(
+        trials.columns
+    )
     progress = pd.read_parquet(exp / "progress.parquet")
     per_trial = progress.groupby("trial_id")["rounds_played"].apply(list)
     assert all(v == sorted(v) and v[0] == spec["search"]["report_every"] for v in per_trial)  # every N rounds
@@ -89,9 +94,12 @@ def test_smoke_test_runs_the_paper_sweep(tmp_path, tune_env, drivers):
 
 @pytest.mark.parametrize("how", ["sigkill", "sigint"])
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, tune_env, synth_table, drivers, how):
-    d = sweep_dict(synth_table, eval={"n_rounds": 300, "n_seeds": 3, "cost_weight": 0.0},
-                   search={"num_samples": 4, "report_every": 100, "scheduler": {"type": "fifo"}},
-                   report={"seeds": 2, "base_seed": 1000})
+    d = sweep_dict(
+        synth_table,
+        eval={"n_rounds": 300, "n_seeds": 3, "cost_weight": 0.0},
+        search={"num_samples": 4, "report_every": 100, "scheduler": {"type": "fifo"}},
+        report={"seeds": 2, "base_seed": 1000},
+    )
     sweep = write_sweep(tmp_path / "resume.yaml", d)
     log = tmp_path / "trials.log"
     env = {**tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
@@ -103,8 +111,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
 
     def some_finished_some_running() -> bool:  # as Tune last saved its experiment state
         states = _states(exp)
-        return (sum(s == "TERMINATED" for s in states.values()) >= 2
-                and any(s == "RUNNING" for s in states.values()))
+        return sum(s == "TERMINATED" for s in states.values()) >= 2 and any(s == "RUNNING" for s in states.values())
 
     ready = watch.wait_until(some_finished_some_running, timeout=300, while_alive=first.proc)
     watch.close()
@@ -128,7 +135,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     out = second.output()
     assert rc == 0, out[-4000:]
     assert "resuming sweep" in out
-    starts_after = _starts(log)[len(starts_before):]
+    starts_after = _starts(log)[len(starts_before) :]
     rerun = sorted({t for t, _ in starts_after} & finished)
     assert not rerun, f"finished trials ran again: {rerun}"
     trials = pd.read_parquet(exp / "results.parquet")
@@ -151,8 +158,11 @@ def test_a_trial_that_asks_for_more_cpus_than_exist_fails_fast(tmp_path, tune_en
     d = sweep_dict(synth_table, search={"num_samples": 1, "report_every": 50, "resources_per_trial": {"cpu": 3}})
     sweep = write_sweep(tmp_path / "big.yaml", d)
     log = tmp_path / "trials.log"
-    drv = drivers(["tune", str(sweep), "--storage-path", str(tmp_path / "st"), *COMMON],
-                  {**tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log)}, tmp_path / "big.log")
+    drv = drivers(
+        ["tune", str(sweep), "--storage-path", str(tmp_path / "st"), *COMMON],
+        {**tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log)},
+        tmp_path / "big.log",
+    )
     rc = drv.wait(timeout=120)
     out = drv.output()
     assert rc == 2, out[-3000:]

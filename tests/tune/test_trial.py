@@ -25,8 +25,14 @@ def table_X(synth_table):
 
 
 def _cfg(**kw) -> EvalConfig:
-    base = dict(policies=("fgts_cdb",), n_seeds=2, n_rounds=120, split_seed=0, cost_weight=0.1,
-                policy_configs={"fgts_cdb": {"n_steps": 5, "distinct_arms": True}})
+    base = dict(
+        policies=("fgts_cdb",),
+        n_seeds=2,
+        n_rounds=120,
+        split_seed=0,
+        cost_weight=0.1,
+        policy_configs={"fgts_cdb": {"n_steps": 5, "distinct_arms": True}},
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -34,8 +40,14 @@ def _cfg(**kw) -> EvalConfig:
 def test_run_replay_callback_sees_the_regret_so_far(table_X):
     table, X = table_X
     calls = []
-    res = run_seed(table, X, _cfg(), 0, on_progress=lambda p, t, r: calls.append((p, t, r.copy(), r.flags.writeable)),
-                   progress_every=50)
+    res = run_seed(
+        table,
+        X,
+        _cfg(),
+        0,
+        on_progress=lambda p, t, r: calls.append((p, t, r.copy(), r.flags.writeable)),
+        progress_every=50,
+    )
     final = res["fgts_cdb"].regret
     assert [c[1] for c in calls] == [50, 100, 120]
     assert all(c[0] == "fgts_cdb" and not c[3] for c in calls)  # read-only views
@@ -71,10 +83,12 @@ def test_run_trial_resumes_after_the_last_finished_seed(table_X):
     full = run_trial(table, X, cfg, lambda m, ck: None, report_every=60)
     first: list = []
     with pytest.raises(KeyboardInterrupt):  # interrupted during seed 2
+
         def report(m, ck):
             first.append((m, ck))
             if m["seed_index"] == 1 and m["round"] == 60:
                 raise KeyboardInterrupt
+
         run_trial(table, X, cfg, report, report_every=60)
     state = [ck for _, ck in first if ck is not None][-1]
     assert len(state["finals"]) == 1
@@ -95,12 +109,21 @@ def test_trial_eval_config_maps_the_sections_onto_eval_config(tmp_path):
     d["space"]["weighting"]["top_tau"] = {"randint": [1, 4]}
     d["space"]["weighting"]["cost_weight"] = {"choice": [0.0, 0.5]}
     spec = parse_sweep(d)
-    config = {"dataset": "synth", "split": "holdout", "split_seed": 3,
-              "weighting": {"name": "excel_mask", "beta": 2.5, "top_tau": 2, "cost_weight": 0.5},
-              "fgts_cdb": {"eta": 4, "step_size": 0.1, "n_steps": 5}}
+    config = {
+        "dataset": "synth",
+        "split": "holdout",
+        "split_seed": 3,
+        "weighting": {"name": "excel_mask", "beta": 2.5, "top_tau": 2, "cost_weight": 0.5},
+        "fgts_cdb": {"eta": 4, "step_size": 0.1, "n_steps": 5},
+    }
     split = {"split": "holdout", "offline_fraction": 0.2, "k_per_category": 5, "held_out": "beta", "split_seed": 3}
     cfg = trial_eval_config(spec, config, split)
-    assert (cfg.weighting, cfg.weighting_beta, cfg.weighting_tau, cfg.weighting_cost_weight) == ("excel_mask", 2.5, 2, 0.5)
+    assert (cfg.weighting, cfg.weighting_beta, cfg.weighting_tau, cfg.weighting_cost_weight) == (
+        "excel_mask",
+        2.5,
+        2,
+        0.5,
+    )
     assert (cfg.split, cfg.held_out, cfg.split_seed, cfg.n_rounds, cfg.n_seeds) == ("holdout", "beta", 3, 150, 2)
     fg = cfg.policy_config("fgts_cdb")
     assert fg.eta == 4.0 and fg.distinct_arms is True and fg.n_steps == 5
@@ -126,8 +149,10 @@ def test_prepare_embeds_each_text_once_and_the_second_time_from_the_cache(tmp_pa
     assert hold.split_kwargs["held_out"] in ("alpha", "beta", "gamma") and hold.arrays == {"base": "synth/base"}
     again = prepare(spec, tmp_path / "art", cache_dir=cache, log=lambda m: None).encoding_totals()
     assert again["texts_encoded"] == 0 and again["cache_hits"] == n
-    np.testing.assert_array_equal(first.arrays["synth/base"], prepare(spec, tmp_path / "art", cache_dir=cache,
-                                                                       log=lambda m: None).arrays["synth/base"])
+    np.testing.assert_array_equal(
+        first.arrays["synth/base"],
+        prepare(spec, tmp_path / "art", cache_dir=cache, log=lambda m: None).arrays["synth/base"],
+    )
 
 
 def test_prepare_refuses_ccft_on_the_stand_in_encoder(tmp_path, synth_table):
@@ -156,16 +181,26 @@ def test_subsample_is_stratified(synth_table):
 def test_prepare_resolves_every_split_kind(tmp_path, synth_table):
     from ray_router.tune.prepare import prepare
 
-    d = sweep_dict(synth_table, splits=[{"split": "k_per_category", "k_per_category": 4},
-                                        {"split": "holdout", "held_out": {"synth": "beta"}, "label": "no-beta"}],
-                   split_seeds=[0, 1])
+    d = sweep_dict(
+        synth_table,
+        splits=[
+            {"split": "k_per_category", "k_per_category": 4},
+            {"split": "holdout", "held_out": {"synth": "beta"}, "label": "no-beta"},
+        ],
+        split_seeds=[0, 1],
+    )
     spec = parse_sweep(d)
     prep = prepare(spec, tmp_path / "art", log=lambda m: None)
     assert set(prep.groups) == {f"synth|{s}|{k}" for s in ("k_per_category", "no-beta") for k in (0, 1)}
     k4 = prep.groups["synth|k_per_category|0"]
     assert k4.n_offline == 3 * 4 and k4.split_kwargs["k_per_category"] == 4
-    assert prep.groups["synth|no-beta|1"].split_kwargs == {"split": "holdout", "offline_fraction": 0.2,
-                                                          "k_per_category": 5, "held_out": "beta", "split_seed": 1}
+    assert prep.groups["synth|no-beta|1"].split_kwargs == {
+        "split": "holdout",
+        "offline_fraction": 0.2,
+        "k_per_category": 5,
+        "held_out": "beta",
+        "split_seed": 1,
+    }
     from ray_router.errors import ConfigError
 
     d["splits"][1]["held_out"] = {"other": "beta"}
