@@ -259,23 +259,26 @@ def _add_tune_parser(sub) -> None:
     )
 
 
+# run_sweep's arguments that `ray-router tune` takes as flags of the same name
+SWEEP_OPTIONS = (
+    "smoke_test",
+    "address",
+    "storage_path",
+    "num_cpus",
+    "object_store_mb",
+    "fresh",
+    "data_dir",
+    "cache_dir",
+    "device",
+    "artifacts_dir",
+)
+
+
 def cmd_tune(args) -> int:
     from ray_router.tune.sweep import run_sweep  # imports Ray only when the command runs
 
-    out = run_sweep(
-        args.sweep,
-        smoke_test=args.smoke_test,
-        address=args.address,
-        storage_path=args.storage_path,
-        num_cpus=args.num_cpus,
-        object_store_mb=args.object_store_mb,
-        fresh=args.fresh,
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        artifacts_dir=args.artifacts_dir,
-        make_report=not args.no_report,
-    )
+    options = {k: getattr(args, k) for k in SWEEP_OPTIONS}
+    out = run_sweep(args.sweep, make_report=not args.no_report, **options)
     print(
         f"{out.experiment_dir}: {out.n_trials} trials ({out.n_complete} complete, {out.n_stopped} stopped early, "
         f"{out.n_errored} errored){' after resuming' if out.resumed else ''}; {out.wall_seconds:.0f}s"

@@ -183,18 +183,14 @@ def _load_table(cfg: PaperConfig, data_dir, progress: Callable[[str], None]) -> 
     return table, held_out
 
 
+# PaperConfig fields that the main grid's EvalConfig takes as they are
+_SHARED_WITH_EVAL = ("cost_weight", "n_seeds", "n_rounds", "kappa", "offline_fraction", "split_seed", "k_per_category")
+
+
 def _main_config(cfg: PaperConfig) -> EvalConfig:
     """The main grid's EvalConfig; the other parts replace some of its fields."""
-    return EvalConfig(
-        cost_weight=cfg.cost_weight,
-        n_seeds=cfg.n_seeds,
-        n_rounds=cfg.n_rounds,
-        kappa=cfg.kappa,
-        offline_fraction=cfg.offline_fraction,
-        split_seed=cfg.split_seed,
-        policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {},
-        k_per_category=cfg.k_per_category,
-    )
+    shared = {k: getattr(cfg, k) for k in _SHARED_WITH_EVAL}
+    return EvalConfig(**shared, policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {})
 
 
 def _embed(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,11 @@ def _colors(plt, n: int) -> list:
     """``n`` distinct colours: tab10 up to 10, tab20 beyond (then cycling)."""
     cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def _line(k: int, colors: list, n: int) -> dict[str, Any]:
+    """Colour, line style and width of the k-th of n lines (distinct colours, cycling styles)."""
+    return {"color": colors[k % len(colors)], "linestyle": _style(k, n), "linewidth": 1.5}
 
 
 def _style(k: int, n_colors: int) -> str:
@@ -68,16 +74,9 @@ def plot_regret(
         wide = df.pivot(index="round", columns="seed", values=column).sort_index()
         mean, lo, hi = mean_ci95(wide.to_numpy(), axis=1)
         rounds = wide.index.to_numpy()
-        color = colors[k % len(colors)]
-        ax.plot(
-            rounds,
-            mean,
-            color=color,
-            linestyle=_style(k, len(groups)),
-            linewidth=1.5,
-            label=f"{name} (n={wide.shape[1]})",
-        )
-        ax.fill_between(rounds, lo, hi, color=color, alpha=0.15 if len(groups) <= 10 else 0.07, linewidth=0)
+        style = _line(k, colors, len(groups))
+        ax.plot(rounds, mean, label=f"{name} (n={wide.shape[1]})", **style)
+        ax.fill_between(rounds, lo, hi, color=style["color"], alpha=0.15 if len(groups) <= 10 else 0.07, linewidth=0)
     nice = column.replace("_", " ").replace("cum ", "cumulative ")
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel or nice)
@@ -142,20 +141,12 @@ def plot_perf_cost(
         xs = [float(p[1]) for p in pts]
         ys = [float(p[2]) for p in pts]
         label = str(name) + (f", AIQ {aiq_values[name]:.3f}" if name in aiq_values else "")
-        color = colors[k % len(colors)]
-        ax.plot(
-            xs,
-            ys,
-            color=color,
-            linestyle=_style(k, len(router_curves)),
-            marker=_MARKERS[k % len(_MARKERS)],
-            markersize=5,
-            linewidth=1.5,
-            zorder=4,
-            label=label,
-        )
+        style = _line(k, colors, len(router_curves))
+        ax.plot(xs, ys, marker=_MARKERS[k % len(_MARKERS)], markersize=5, zorder=4, label=label, **style)
         for lam, c, s in pts:
-            ax.annotate(f"λ={lam:g}", (c, s), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                f"λ={lam:g}", (c, s), fontsize=6, color=style["color"], xytext=(3, 3), textcoords="offset points"
+            )
 
     if log_x:
         ax.set_xscale("log")

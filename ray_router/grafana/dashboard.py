@@ -94,69 +94,51 @@ def _quantiles(series: str, by: str = "", legend_suffix: str = "", qs=(0.5, 0.99
     )
 
 
+def _stat(title: str, description: str, expr: str, **options: Any) -> Panel:
+    """A small single-value panel of the overview row."""
+    return Panel(title, description, (_q(expr, instant=True),), kind="stat", width=4, height=4, **options)
+
+
 def panels() -> tuple[Row, ...]:
     """The dashboard's rows and panels, top to bottom."""
     return (
         Row(
             "Overview",
             (
-                Panel(
+                _stat(
                     "Routes (range)",
                     "Arms served by /v1/route and chat completions in the dashboard's time range.",
-                    (_q(f"sum(increase({ROUTES}[{RANGE}]))", instant=True),),
-                    kind="stat",
-                    width=4,
-                    height=4,
+                    f"sum(increase({ROUTES}[{RANGE}]))",
                 ),
-                Panel(
+                _stat(
                     "Feedback (range)",
                     "Feedback durably recorded in the dashboard's time range.",
-                    (_q(f"sum(increase({FEEDBACK}[{RANGE}]))", instant=True),),
-                    kind="stat",
-                    width=4,
-                    height=4,
+                    f"sum(increase({FEEDBACK}[{RANGE}]))",
                 ),
-                Panel(
+                _stat(
                     "First-slot win rate (range)",
                     "Share of duels whose first arm (the one served as `model`) won; ties count half.",
-                    (
-                        _q(
-                            f'(sum(increase({FEEDBACK}{{outcome="first"}}[{RANGE}])) '
-                            f'+ 0.5 * sum(increase({FEEDBACK}{{outcome="tie"}}[{RANGE}]))) '
-                            f"/ sum(increase({FEEDBACK}[{RANGE}]))",
-                            instant=True,
-                        ),
-                    ),
-                    kind="stat",
+                    f'(sum(increase({FEEDBACK}{{outcome="first"}}[{RANGE}])) '
+                    f'+ 0.5 * sum(increase({FEEDBACK}{{outcome="tie"}}[{RANGE}]))) '
+                    f"/ sum(increase({FEEDBACK}[{RANGE}]))",
                     unit="percentunit",
-                    width=4,
-                    height=4,
                     max=1,
                 ),
-                Panel(
+                _stat(
                     "Posterior version",
                     "Number of posterior refreshes since the state was created.",
-                    (_q(f"max({POSTERIOR_VERSION})", instant=True),),
-                    kind="stat",
-                    width=4,
-                    height=4,
+                    f"max({POSTERIOR_VERSION})",
                 ),
-                Panel(
+                _stat(
                     "Feedback log",
                     "Size of the append-only feedback log (the source of truth of the posterior).",
-                    (_q(f"max({LOG_BYTES})", instant=True),),
-                    kind="stat",
+                    f"max({LOG_BYTES})",
                     unit="bytes",
-                    width=4,
-                    height=4,
                 ),
-                Panel(
+                _stat(
                     "Healthy replicas",
                     "Serve replicas passing their health check, all deployments of the app.",
-                    (_q(f"sum({SERVE_HEALTHY}{{{APP}}})", instant=True),),
-                    kind="stat",
-                    width=4,
-                    height=4,
+                    f"sum({SERVE_HEALTHY}{{{APP}}})",
                 ),
             ),
         ),

@@ -12,79 +12,54 @@ from typing import Any, ClassVar
 from ray_router.errors import RouterError
 
 
-class MalformedRequest(RouterError):
+class MalformedRequest(RouterError, http_status=400, code="malformed_request"):
     """The body is not JSON, or a decision id is not of our format."""
 
-    http_status = 400
-    code = "malformed_request"
 
-
-class InvalidRequest(RouterError):
+class InvalidRequest(RouterError, http_status=422, code="invalid_request"):
     """Well-formed JSON that breaks the request schema or a limit of the config. ``details``: the
     schema errors (``loc``, ``msg``, ``type``), sent in the body's ``details`` field."""
-
-    http_status = 422
-    code = "invalid_request"
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None):
         super().__init__(message)
         self.details = details
 
 
-class Unauthorized(RouterError):
-    http_status = 401
-    code = "unauthorized"
+class Unauthorized(RouterError, http_status=401, code="unauthorized"):
+    """A write without a valid bearer token."""
+
     headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
 
-class ForgedDecision(RouterError):
+class ForgedDecision(RouterError, http_status=403, code="invalid_signature"):
     """A decision id whose signature does not verify."""
 
-    http_status = 403
-    code = "invalid_signature"
 
-
-class DuplicateFeedback(RouterError):
+class DuplicateFeedback(RouterError, http_status=409, code="duplicate_feedback"):
     """Feedback for a decision that already took its one feedback."""
 
-    http_status = 409
-    code = "duplicate_feedback"
 
-
-class NotADuel(RouterError):
+class NotADuel(RouterError, http_status=409, code="not_a_duel"):
     """Feedback for a ``single`` decision: there is no pair to compare."""
 
-    http_status = 409
-    code = "not_a_duel"
+
+class ExpiredDecision(RouterError, http_status=410, code="expired_decision"):
+    """A genuine decision id past its time to live."""
 
 
-class ExpiredDecision(RouterError):
-    http_status = 410
-    code = "expired_decision"
-
-
-class StaleDecision(RouterError):
+class StaleDecision(RouterError, http_status=410, code="stale_decision"):
     """A genuine decision id issued for another arm table (the router was reconfigured)."""
 
-    http_status = 410
-    code = "stale_decision"
+
+class PayloadTooLarge(RouterError, http_status=413, code="too_large"):
+    """A body over the configured size limit."""
 
 
-class PayloadTooLarge(RouterError):
-    http_status = 413
-    code = "too_large"
-
-
-class UpstreamError(RouterError):
+class UpstreamError(RouterError, http_status=502, code="upstream_error"):
     """The chosen arm's upstream failed or answered with an error."""
 
-    http_status = 502
-    code = "upstream_error"
 
-
-class ServiceUnavailable(RouterError):
+class ServiceUnavailable(RouterError, http_status=503, code="unavailable"):
     """The posterior could not be reached in time (it restarts by itself; retry)."""
 
-    http_status = 503
-    code = "unavailable"
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
