@@ -7,8 +7,8 @@ series for replica health. Queries use two Grafana built-ins, ``$__rate_interval
 and two dashboard variables: ``$datasource`` (the Prometheus data source) and ``$application``
 (the Serve application, a label that only Serve's own series carry).
 
-Rows, panels and queries are strict frozen dataclasses (a wrong panel kind or width fails when the
-dashboard is built); the output is plain dicts, as Grafana's JSON is the stable interface (the same
+The rows, panels and PromQL live in ``panels.yaml`` (data, reviewed like code); they are loaded
+into strict frozen dataclasses (a wrong panel kind or width fails when the dashboard is built); the output is plain dicts, as Grafana's JSON is the stable interface (the same
 file is provisioned by the ConfigMap in ``k8s/base/grafana`` and uploaded by
 ``ray-router grafana push``). ``tests/grafana`` checks every expression with ``promtool`` and runs
 each one against a real Prometheus scraping the real app.
@@ -20,11 +20,12 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from ray_router.config import config_dataclass
+from ray_router.config import config_dataclass, parse
 
 DASHBOARD_UID = "ray-router"
 TITLE = "ray-router: routing, feedback, posterior, Serve health"
@@ -79,230 +80,23 @@ class Row:
     panels: tuple[Panel, ...] = ()
 
 
-def _q(expr: str, legend: str = "", instant: bool = False) -> Query:
-    return Query(" ".join(expr.split()), legend, instant)
-
-
-def _quantiles(series: str, by: str = "", legend_suffix: str = "", qs=(0.5, 0.99)) -> tuple[Query, ...]:
-    by_clause = f"le, {by}" if by else "le"
-    return tuple(
-        _q(
-            f"histogram_quantile({q}, sum by ({by_clause}) (rate({series}[{RATE}])))",
-            f"p{round(q * 100)}{legend_suffix}",
-        )
-        for q in qs
-    )
-
-
-def _stat(title: str, description: str, expr: str, **options: Any) -> Panel:
-    """A small single-value panel of the overview row."""
-    return Panel(title, description, (_q(expr, instant=True),), kind="stat", width=4, height=4, **options)
+PANELS_FILE = Path(__file__).with_name("panels.yaml")
 
 
 def panels() -> tuple[Row, ...]:
-    """The dashboard's rows and panels, top to bottom."""
-    return (
-        Row(
-            "Overview",
-            (
-                _stat(
-                    "Routes (range)",
-                    "Arms served by /v1/route and chat completions in the dashboard's time range.",
-                    f"sum(increase({ROUTES}[{RANGE}]))",
-                ),
-                _stat(
-                    "Feedback (range)",
-                    "Feedback durably recorded in the dashboard's time range.",
-                    f"sum(increase({FEEDBACK}[{RANGE}]))",
-                ),
-                _stat(
-                    "First-slot win rate (range)",
-                    "Share of duels whose first arm (the one served as `model`) won; ties count half.",
-                    f'(sum(increase({FEEDBACK}{{outcome="first"}}[{RANGE}])) '
-                    f'+ 0.5 * sum(increase({FEEDBACK}{{outcome="tie"}}[{RANGE}]))) '
-                    f"/ sum(increase({FEEDBACK}[{RANGE}]))",
-                    unit="percentunit",
-                    max=1,
-                ),
-                _stat(
-                    "Posterior version",
-                    "Number of posterior refreshes since the state was created.",
-                    f"max({POSTERIOR_VERSION})",
-                ),
-                _stat(
-                    "Feedback log",
-                    "Size of the append-only feedback log (the source of truth of the posterior).",
-                    f"max({LOG_BYTES})",
-                    unit="bytes",
-                ),
-                _stat(
-                    "Healthy replicas",
-                    "Serve replicas passing their health check, all deployments of the app.",
-                    f"sum({SERVE_HEALTHY}{{{APP}}})",
-                ),
-            ),
-        ),
-        Row(
-            "Routing",
-            (
-                Panel(
-                    "Routes per arm",
-                    "Rate at which each arm is served (both slots of a duel, and single routes).",
-                    (_q(f"sum by (arm) (rate({ROUTES}[{RATE}]))", "{{arm}}"),),
-                    unit="reqps",
-                    stack=True,
-                ),
-                Panel(
-                    "Route share per arm (range)",
-                    "Each arm's share of the routes in the dashboard's time range.",
-                    (
-                        _q(
-                            f"sum by (arm) (increase({ROUTES}[{RANGE}])) "
-                            f"/ ignoring(arm) group_left sum(increase({ROUTES}[{RANGE}]))",
-                            "{{arm}}",
-                            instant=True,
-                        ),
-                    ),
-                    kind="bargauge",
-                    unit="percentunit",
-                    max=1,
-                ),
-                Panel(
-                    "Route latency p50 / p99",
-                    "Ingress time of a /v1/route request (embed + choose), by mode.",
-                    _quantiles(f"{ROUTE_LATENCY}_bucket", by="mode", legend_suffix=" {{mode}}"),
-                    unit="s",
-                ),
-                Panel(
-                    "Route requests by mode",
-                    "/v1/route requests per second: duels (learning) and single routes.",
-                    (_q(f"sum by (mode) (rate({ROUTE_LATENCY}_count[{RATE}]))", "{{mode}}"),),
-                    unit="reqps",
-                ),
-                Panel(
-                    "Errors per second",
-                    "4xx/5xx answers of the app, by status and error code.",
-                    (_q(f"sum by (status, error) (rate({HTTP_ERRORS}[{RATE}]))", "{{status}} {{error}}"),),
-                    unit="reqps",
-                    width=24,
-                ),
-            ),
-        ),
-        Row(
-            "Feedback and learning",
-            (
-                Panel(
-                    "Feedback per outcome",
-                    "Feedback recorded per second, by outcome of the duel.",
-                    (_q(f"sum by (outcome) (rate({FEEDBACK}[{RATE}]))", "{{outcome}}"),),
-                    unit="reqps",
-                    stack=True,
-                ),
-                Panel(
-                    "Win rates",
-                    "Share of each duel outcome over the rate window: `first` is the win rate of the "
-                    "served (exploit) arm; `second` that of the exploring arm.",
-                    (
-                        _q(
-                            f"sum by (outcome) (rate({FEEDBACK}[{RATE}])) "
-                            f"/ ignoring(outcome) group_left sum(rate({FEEDBACK}[{RATE}]))",
-                            "{{outcome}}",
-                        ),
-                    ),
-                    unit="percentunit",
-                    max=1,
-                ),
-                Panel(
-                    "Feedback per duel",
-                    "Feedback received per duel served (duels are counted by their first slot).",
-                    (
-                        _q(
-                            f'sum(rate({FEEDBACK}[{RATE}])) / sum(rate({ROUTES}{{slot="first"}}[{RATE}]))',
-                            "feedback / duel",
-                        ),
-                    ),
-                    unit="percentunit",
-                ),
-                Panel(
-                    "Posterior refresh time p50 / p99",
-                    "Time of one background SGLD refresh of the posterior.",
-                    _quantiles(f"{REFRESH}_bucket"),
-                    unit="s",
-                ),
-                Panel(
-                    "Posterior refreshes per second",
-                    "Background refreshes completed per second.",
-                    (_q(f"sum(rate({REFRESH}_count[{RATE}]))", "refreshes"),),
-                    unit="ops",
-                ),
-                Panel(
-                    "Posterior version over time",
-                    "Refreshes since the state was created: flat while feedback arrives means the refresher is stuck.",
-                    (_q(f"max({POSTERIOR_VERSION})", "version"),),
-                ),
-            ),
-        ),
-        Row(
-            "Durability",
-            (
-                Panel(
-                    "Feedback-log size",
-                    "Size of the append-only feedback log on the state volume.",
-                    (_q(f"max({LOG_BYTES})", "bytes"),),
-                    unit="bytes",
-                ),
-                Panel(
-                    "Feedback-log growth",
-                    "Growth rate of the feedback log: plan the state volume with it.",
-                    (_q(f"max(deriv({LOG_BYTES}[{RATE}]))", "bytes/s"),),
-                    unit="Bps",
-                ),
-            ),
-        ),
-        Row(
-            "Serve replica health",
-            (
-                Panel(
-                    "Healthy replicas per deployment",
-                    "Replicas passing Serve's health check.",
-                    (_q(f"sum by (deployment) ({SERVE_HEALTHY}{{{APP}}})", "{{deployment}}"),),
-                ),
-                Panel(
-                    "Replica starts (range)",
-                    "Replica (re)starts in the range: more than one each means crashes.",
-                    (
-                        _q(
-                            f"sum by (deployment) (increase({SERVE_STARTS}{{{APP}}}[{RANGE}]))",
-                            "{{deployment}}",
-                            instant=True,
-                        ),
-                    ),
-                    kind="bargauge",
-                ),
-                Panel(
-                    "Requests per deployment",
-                    "Requests handled by each deployment's replicas.",
-                    (_q(f"sum by (deployment) (rate({SERVE_REQUESTS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
-                    unit="reqps",
-                ),
-                Panel(
-                    "Replica errors per deployment",
-                    "Requests that raised inside a replica.",
-                    (_q(f"sum by (deployment) (rate({SERVE_ERRORS}{{{APP}}}[{RATE}]))", "{{deployment}}"),),
-                    unit="reqps",
-                ),
-                Panel(
-                    "Replica processing latency p99",
-                    "Time a replica spends on one request, by deployment.",
-                    _quantiles(
-                        f"{SERVE_LATENCY}{{{APP}}}", by="deployment", legend_suffix=" {{deployment}}", qs=(0.99,)
-                    ),
-                    unit="ms",
-                    width=24,
-                ),
-            ),
-        ),
+    """The dashboard's rows and panels, top to bottom: ``panels.yaml``, validated field by field."""
+    import yaml
+
+    raw = yaml.safe_load(PANELS_FILE.read_text(encoding="utf-8"))
+    return tuple(
+        parse(Row, {"title": row["title"], "panels": tuple(_panel_spec(p) for p in row["panels"])}, where="panels.yaml")
+        for row in raw["rows"]
     )
+
+
+def _panel_spec(raw: dict[str, Any]) -> Panel:
+    queries = tuple(parse(Query, q, where=f"panels.yaml: {raw.get('title')}") for q in raw.get("queries", ()))
+    return parse(Panel, {**raw, "queries": queries}, where=f"panels.yaml: {raw.get('title')}")
 
 
 # ----------------------------------------------------------------------------- JSON model
