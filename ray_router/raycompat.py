@@ -101,7 +101,10 @@ def serve_instance_details(timeout_s: float) -> dict[str, Any]:
     import ray
     from ray.serve.context import _get_global_client
 
-    controller = _get_global_client()._controller
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("no Serve controller is running")
+    controller = client._controller
     return dict(ray.get(controller.get_serve_instance_details.remote(), timeout=timeout_s))
 
 

@@ -110,7 +110,7 @@ def _progress_bar() -> type:
     from huggingface_hub.utils import are_progress_bars_disabled
     from tqdm.auto import tqdm
 
-    class DownloadBar(tqdm):  # type: ignore[misc]
+    class DownloadBar(tqdm):
         def __init__(self, *args, **kwargs):
             kwargs.pop("name", None)
             kwargs["disable"] = are_progress_bars_disabled()

@@ -28,7 +28,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -194,6 +194,12 @@ def available_columns(df: pd.DataFrame) -> str:
     return f"columns: {cols}"
 
 
+@overload
+def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
+                required: Literal[True] = True) -> str: ...
+@overload
+def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
+                required: bool) -> str | None: ...
 def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
                 required: bool = True) -> str | None:
     """An explicitly named column (must exist) or the first default present."""

@@ -75,6 +75,7 @@ def category_stats(
     and every one must have rows. Costs: ``prices`` (per arm, a sequence or ``{arm: price}`` for a
     table) give ``C[k, m] = price_k``; else the data's costs; else zeros.
     """
+    categories: Sequence[str] | np.ndarray  # given as either; an object array from here on
     if isinstance(data, RoutingTable):
         scores, costs, categories, arms = data.scores, data.costs, data.categories, data.arms
     else:

@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from ray_router.config import config_dataclass, parse
 from ray_router.data.table import RoutingTable
-from ray_router.embeddings.model_embeddings import WEIGHTINGS
+from ray_router.embeddings.model_embeddings import WEIGHTINGS, WeightingName
 from ray_router.errors import ConfigError
 from ray_router.evaluation.aiq import aiq_pair
 from ray_router.evaluation.experiment import EvalConfig, evaluate, evaluate_grid, make_split, paired_difference
@@ -261,7 +261,8 @@ def _main_grid(runs: _Runs, encoders: dict, main_cfg: EvalConfig, cfg: PaperConf
     for enc, X in encoders.items():
         runs.run_grid(
             X,
-            [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=w) for w in cfg.weightings],
+            # cast: ``weightings`` holds plain names; replace validates each against WeightingName
+            [dataclasses.replace(main_cfg, policies=ROUTERS, weighting=cast(WeightingName, w)) for w in cfg.weightings],
             enc,
             cfg.weightings,
             "stratified",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class ReplayResult:
 
     @property
     def cum_served_regret(self) -> np.ndarray:
+        if self.served_regret is None:
+            raise ValueError("this replay result has no served regret")
         return np.cumsum(self.served_regret)
 
     @property
@@ -169,7 +171,8 @@ def run_replay_lanes(
     T = len(streams[0].order)
     if any(len(s.order) != T for s in streams) or len(rngs) != L:
         raise ValueError("lanes need streams of equal length and one judge RNG per stream")
-    kappas = [kappa] * L if np.isscalar(kappa) else list(kappa)
+    # np.isscalar narrows to numpy's scalar union, not to our float | Sequence[float]
+    kappas = [cast(float, kappa)] * L if np.isscalar(kappa) else list(cast(Sequence[float], kappa))
     envs = [ReplayEnvironment(s.utilities, kappa=k, pairwise=s.pairwise) for s, k in zip(streams, kappas)]
     order = np.stack([s.order for s in streams]).astype(np.int64)  # (L, T)
     first = np.empty((L, T), dtype=np.int64)

@@ -56,6 +56,12 @@ class PolicyEnv:
     def dim(self) -> int:
         return 0 if self.arm_embeddings is None else int(self.arm_embeddings.shape[1])
 
+    def require_embeddings(self, policy: str) -> np.ndarray:
+        """``arm_embeddings``, for a policy that needs them (the same check as :func:`make_policy`'s)."""
+        if self.arm_embeddings is None:
+            raise ConfigError(f"policy {policy!r} needs arm embeddings")
+        return self.arm_embeddings
+
 
 @runtime_checkable
 class Policy(Protocol):

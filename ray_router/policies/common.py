@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, TypeVar, overload
+from typing import Annotated, Any, TypeVar, cast, overload
 
 import numpy as np
 from pydantic import Field
@@ -135,7 +135,8 @@ def logistic_nll(y: np.ndarray, z: np.ndarray) -> np.ndarray:
 
 # -------------------------------------------------------------------------------- RNG state
 def rng_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
+    # numpy's stubs type ``state`` as a Mapping; the getter builds a new dict on every call
+    return cast(dict, rng.bit_generator.state)
 
 
 def rng_from_state(state: Mapping[str, Any]) -> np.random.Generator:

@@ -251,7 +251,7 @@ class CoLSTIM(_LinearLogisticDueling):
     description="MaxInP (Saha 2021): most informative pair among non-eliminated arms, ridge logistic MLE",
 )
 def _make_maxinp(config: MaxInPConfig, env: PolicyEnv, seed: int) -> MaxInP:
-    return MaxInP(config, env.arm_embeddings, seed=seed)
+    return MaxInP(config, env.require_embeddings("maxinp"), seed=seed)
 
 
 @register_policy(
@@ -260,4 +260,4 @@ def _make_maxinp(config: MaxInPConfig, env: PolicyEnv, seed: int) -> MaxInP:
     description="CoLSTIM (Bengs, Saha, Hüllermeier 2022): perturbed-utility leader, optimistic challenger",
 )
 def _make_colstim(config: CoLSTIMConfig, env: PolicyEnv, seed: int) -> CoLSTIM:
-    return CoLSTIM(config, env.arm_embeddings, seed=seed)
+    return CoLSTIM(config, env.require_embeddings("colstim"), seed=seed)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from ray_router.errors import ConfigError
 
@@ -36,8 +37,10 @@ class FeatureMap:
     """φ(x, a_k) over fixed arm embeddings A (K, d)."""
 
     name: str = ""
+    n_arms: int  # K, set from the arm embeddings' shape
+    context_dim: int  # d
 
-    def __init__(self, arm_embeddings: np.ndarray, dtype: str | np.dtype = np.float64):
+    def __init__(self, arm_embeddings: np.ndarray, dtype: DTypeLike = np.float64):
         A = np.asarray(arm_embeddings, dtype=dtype)
         if A.ndim not in (2, 3, 4) or A.shape[-2] < 1:
             raise ConfigError(
@@ -170,7 +173,7 @@ class Concat(Hadamard):
 _MAPS = {cls.name: cls for cls in (Hadamard, HadamardBias, Concat)}
 
 
-def make_feature_map(name: str, arm_embeddings: np.ndarray, dtype: str | np.dtype = np.float64) -> FeatureMap:
+def make_feature_map(name: str, arm_embeddings: np.ndarray, dtype: DTypeLike = np.float64) -> FeatureMap:
     """The feature map ``name`` over arm embeddings (K, d), computing in ``dtype``."""
     try:
         cls = _MAPS[name]

@@ -37,7 +37,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, overload
 
 import numpy as np
 from pydantic import Field
@@ -185,7 +185,9 @@ def lanes_potential_grad(
     return scale * fmap.weighted_grad(arm_weights, X) + prior_grad(c, theta, prior)
 
 
-Prior = tuple  # (mean, precision) of the Gaussian prior, arrays broadcastable to θ
+Prior = tuple[np.ndarray, np.ndarray]  # (mean, precision) of the Gaussian prior, arrays broadcastable to θ
+# (X, first, second, y, mask or None) of :func:`sgld_lanes`
+LaneHistory = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]
 
 
 def prior_grad(c: FGTSConfig, theta: np.ndarray, prior: Prior | None) -> np.ndarray:
@@ -205,7 +207,7 @@ def sgld_lanes(
     fmap: FeatureMap,
     c: FGTSConfig,
     theta: np.ndarray,
-    history: tuple[np.ndarray, ...],
+    history: LaneHistory,
     n: int,
     delta: float,
     precond: np.ndarray,
@@ -411,6 +413,12 @@ def build_feature_map(config: FGTSConfig, A: np.ndarray, n_categories: int | Non
     return OfflineAugmented(base, n_categories, rank, config.correction, config.arm_bias)
 
 
+@overload
+def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: OfflinePrior) -> Prior: ...
+@overload
+def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: None) -> None: ...
+@overload
+def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: OfflinePrior | None) -> Prior | None: ...
 def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: OfflinePrior | None) -> Prior | None:
     """(mean (p,), precision (p,)) of the Gaussian prior over θ; None = the paper's N(0, σ0² I).
 
@@ -697,7 +705,7 @@ class FGTSCDB:
     "(ALGORITHM.md s.5; fgts_cdb_paper is the paper's exact configuration)",
 )
 def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
-    return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
+    return FGTSCDB(config, env.require_embeddings("fgts_cdb"), seed=seed, offline=env.offline)
 
 
 @register_policy(
@@ -707,7 +715,7 @@ def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
     description="FGTS.CDB exactly as the paper (preset 'paper': zero-mean prior, both arms Thompson draws)",
 )
 def _make_fgts_paper(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
-    return FGTSCDB(config, env.arm_embeddings, seed=seed, offline=env.offline)
+    return FGTSCDB(config, env.require_embeddings("fgts_cdb_paper"), seed=seed, offline=env.offline)
 
 
 class FGTSCDBLanes:
@@ -754,10 +762,11 @@ class FGTSCDBLanes:
         if any(p is None for p in priors) and any(p is not None for p in priors):
             raise ConfigError("lanes need an offline prior for every lane or for none")
         pr0 = priors[0]
-        if pr0 is not None and any((p.n_categories, p.rank) != (pr0.n_categories, pr0.rank) for p in priors):
+        given = [p for p in priors if p is not None]  # every lane's prior, or none (checked above)
+        if pr0 is not None and any((p.n_categories, p.rank) != (pr0.n_categories, pr0.rank) for p in given):
             raise ConfigError("the lanes' offline priors must share their number of categories and rank")
         for g in range(L // W):
-            if pr0 is not None and not all(priors[g * W].same_as(priors[g * W + w]) for w in range(1, W)):
+            if pr0 is not None and not all(given[g * W].same_as(given[g * W + w]) for w in range(1, W)):
                 raise ConfigError("the lanes of one group must share their offline prior")
         self.config = config
         self.n_lanes, self.group_size, self.n_groups = L, W, L // W
@@ -771,12 +780,13 @@ class FGTSCDBLanes:
         self.n_arms, self.dim = self.fmap.n_arms, self.fmap.dim
         self.x_dim = int(A.shape[2])
         self.rngs = [np.random.default_rng(int(g[0])) for g in groups]  # one per group
+        self.prior: Prior | None
         if pr0 is None:
             self.prior = None
             theta0 = np.stack([r.normal(0.0, config.prior_sigma, size=(2, self.dim)) for r in self.rngs])
             mean0 = np.zeros((self.n_groups, self.dim))
         else:
-            moments = [prior_moments(config, self.fmap, priors[g * W]) for g in range(self.n_groups)]
+            moments = [prior_moments(config, self.fmap, given[g * W]) for g in range(self.n_groups)]
             mean0 = np.stack([m[0] for m in moments])
             prec = np.stack([m[1] for m in moments])
             theta0 = np.stack(
@@ -908,11 +918,13 @@ def _make_fgts_lanes(
     resolved = [resolve_prior(config, e.offline)[0] for e in envs]
     if any(p is None for p in resolved) and any(p is not None for p in resolved):
         return None
+    given = [p for p in resolved if p is not None]  # every env's prior, or none (checked above)
     W = int(group_size)
     if (
         resolved[0] is not None
         and W > 1
-        and not all(resolved[g].same_as(resolved[g + w]) for g in range(0, len(resolved), W) for w in range(1, W))
+        and not all(given[g].same_as(given[g + w]) for g in range(0, len(given), W) for w in range(1, W))
     ):
         W = 1  # members of a seed differ in their offline prior (e.g. a λ grid): ungrouped lanes
-    return FGTSCDBLanes(config, np.stack([e.arm_embeddings for e in envs]), [int(s) for s in seeds], W, priors=resolved)
+    A = np.stack([e.require_embeddings("fgts_cdb") for e in envs])
+    return FGTSCDBLanes(config, A, [int(s) for s in seeds], W, priors=resolved)

@@ -128,6 +128,8 @@ class PairHistory:
     """
 
     _FLOATS = ("y", "w")
+    y: np.ndarray  # (capacity,) outcomes; _alloc sets the _FLOATS buffers by name
+    w: np.ndarray  # (capacity,) Hessian weights
 
     def __init__(self, fmap: FeatureMap, capacity: int = 256):
         self.fmap = fmap
@@ -513,4 +515,4 @@ class LaplaceTS(LaplaceBacked):
     "(mu = 0; a cheaper sampler than SGLD)",
 )
 def _make_laplace_ts(config: LaplaceTSConfig, env: PolicyEnv, seed: int) -> LaplaceTS:
-    return LaplaceTS(config, env.arm_embeddings, seed=seed)
+    return LaplaceTS(config, env.require_embeddings("laplace_ts"), seed=seed)

@@ -122,6 +122,8 @@ class OfflinePrior:
             "slope": float(self.slope),
         }
         if self.basis is not None:
+            if self.center is None:
+                raise ConfigError("offline prior: a basis needs its center")
             d["basis"], d["center"] = self.basis.copy(), self.center.copy()
         if self.arm_stderr is not None:
             d["arm_stderr"] = self.arm_stderr.copy()

@@ -71,7 +71,9 @@ def snapshot_to_bytes(snapshot: Mapping[str, Any]) -> bytes:
     arrays: list[np.ndarray] = []
     meta = json.dumps(_split(snapshot, arrays)).encode()
     buf = io.BytesIO()
-    np.savez(buf, __meta__=np.frombuffer(meta, dtype=np.uint8), **{f"a{i}": a for i, a in enumerate(arrays)})
+    # dict[str, Any]: numpy's stubs cannot tell that no key is savez's keyword ``allow_pickle``
+    named: dict[str, Any] = {f"a{i}": a for i, a in enumerate(arrays)}
+    np.savez(buf, __meta__=np.frombuffer(meta, dtype=np.uint8), **named)
     return buf.getvalue()
 
 

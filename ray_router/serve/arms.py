@@ -83,8 +83,8 @@ def _prior_from_npz(z, path: Path, ids: list[str], file_ids: list[str] | None) -
     return prior.to_dict()
 
 
-def _from_file(args: AppArgs, identity: str) -> tuple[np.ndarray, str, dict | None]:
-    path = Path(args.arm_embeddings.file).expanduser()
+def _from_file(args: AppArgs, file: str, identity: str) -> tuple[np.ndarray, str, dict | None]:
+    path = Path(file).expanduser()
     if not path.is_file():
         raise DataError(f"arm_embeddings.file: {path} does not exist (use an absolute path)")
     ids = list(args.arm_ids)
@@ -158,10 +158,13 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
 
 def resolve_arm_table(args: AppArgs) -> ArmTable:
     identity, dim = encoder_identity(args)
-    if args.arm_embeddings.file is not None:
-        A, source, prior = _from_file(args, identity)
-    else:
-        A, source, prior = _from_dataset(args, args.arm_embeddings.from_dataset)
+    spec = args.arm_embeddings
+    if spec.file is not None:
+        A, source, prior = _from_file(args, spec.file, identity)
+    elif spec.from_dataset is not None:
+        A, source, prior = _from_dataset(args, spec.from_dataset)
+    else:  # ArmEmbeddingsSpec's validator rules this out
+        raise ConfigError("set exactly one of arm_embeddings.file and arm_embeddings.from_dataset")
     if A.shape[1] != dim:
         raise ConfigError(f"arm embeddings have dim {A.shape[1]}, the encoder {identity!r} gives {dim}")
     if not np.isfinite(A).all():
@@ -187,7 +190,11 @@ def save_arm_embeddings(
     and arm, "counts": (M,) rows each score rests on, "categories": M names}``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"embeddings": np.asarray(embeddings, dtype=np.float64), "arm_ids": np.array([str(a) for a in arm_ids])}
+    # dict[str, Any]: numpy's stubs cannot tell that no key is savez's keyword ``allow_pickle``
+    arrays: dict[str, Any] = {
+        "embeddings": np.asarray(embeddings, dtype=np.float64),
+        "arm_ids": np.array([str(a) for a in arm_ids]),
+    }
     if profile is not None:
         arrays.update({f"prior_{k}": np.asarray(profile[k]) for k in ("centroids", "utility", "counts", "categories")})
     if encoder_identity:

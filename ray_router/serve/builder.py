@@ -86,9 +86,13 @@ def build_app(args: AppArgs) -> serve.Application:
         args = AppArgs.model_validate(args)
     table = resolve_arm_table(args)
     state_dir = str(args.state_dir().resolve())
-    embedder = Embedder.options(ray_actor_options=embedder_resources(args)).bind(
+    # @serve.deployment turns each class into a Deployment (.options, .bind), but Ray's stubs keep
+    # the decorated name typed as the plain class: hence the three attr-defined ignores below
+    embedder = Embedder.options(ray_actor_options=embedder_resources(args)).bind(  # type: ignore[attr-defined]
         args.encoder, table.encoder_identity, args.embedder.max_batch_size, args.embedder.batch_wait_timeout_s
     )
-    posterior = Posterior.bind(posterior_spec(args, table, state_dir), args.state.refresh_min_interval_s)
+    posterior = Posterior.bind(  # type: ignore[attr-defined]
+        posterior_spec(args, table, state_dir), args.state.refresh_min_interval_s
+    )
     logger.info(f"ray-router: {table.n_arms} arms, embeddings from {table.source}; state in {state_dir}")
-    return Ingress.bind(embedder, posterior, ingress_spec(args, table, state_dir))
+    return Ingress.bind(embedder, posterior, ingress_spec(args, table, state_dir))  # type: ignore[attr-defined]

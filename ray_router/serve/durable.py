@@ -191,6 +191,12 @@ class GroupCommitter:
         self._wakeup = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def _event(self) -> asyncio.Event:
+        """The wake-up event :meth:`start` creates."""
+        if self._wakeup is None:
+            raise RuntimeError("the feedback log writer was never started (call start() first)")
+        return self._wakeup
+
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -201,7 +207,7 @@ class GroupCommitter:
             raise RuntimeError("the feedback log writer is not running")
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((record, fut))
-        self._wakeup.set()
+        self._event().set()
         return fut
 
     async def append(self, record: dict) -> dict:
@@ -210,8 +216,8 @@ class GroupCommitter:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await self._event().wait()
+            self._event().clear()
             batch, self._queue = self._queue, []
             if not batch:
                 continue

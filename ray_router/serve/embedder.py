@@ -37,8 +37,9 @@ class Embedder:
         self._configure(max_batch_size, batch_wait_timeout_s)
 
     def _configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        self.embed.set_max_batch_size(int(max_batch_size))
-        self.embed.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        # serve.batch's stubs type the wrapper as the plain coroutine function, without its setters
+        self.embed.set_max_batch_size(int(max_batch_size))  # type: ignore[attr-defined]
+        self.embed.set_batch_wait_timeout_s(float(batch_wait_timeout_s))  # type: ignore[attr-defined]
         self.max_batch_size, self.batch_wait_timeout_s = int(max_batch_size), float(batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict) -> None:

@@ -45,7 +45,8 @@ http_errors.install(api)
 class Ingress:
     """HTTP front: validation, auth, signed decision ids, retries while the posterior restarts."""
 
-    async def __init__(self, embedder: DeploymentHandle, posterior: DeploymentHandle, spec: IngressSpec):
+    # Serve awaits an async constructor of a deployment class; mypy only knows plain classes
+    async def __init__(self, embedder: DeploymentHandle, posterior: DeploymentHandle, spec: IngressSpec):  # type: ignore[misc]
         import httpx
 
         from ray_router.serve.metrics import IngressMetrics

@@ -54,14 +54,14 @@ def with_overrides(
 ) -> dict[str, Any]:
     """A copy of ``cfg`` with HTTP host/port, app ``args`` (deep-merged) and per-deployment options
     (merged into the app's ``deployments`` entries by name) overridden for every ray-router app."""
-    cfg = copy.deepcopy(dict(cfg))
-    http = dict(cfg.get("http_options") or {})
+    out: dict[str, Any] = copy.deepcopy(dict(cfg))
+    http = dict(out.get("http_options") or {})
     if host is not None:
         http["host"] = host
     if port is not None:
         http["port"] = int(port)
-    cfg["http_options"] = http
-    for app in our_apps(cfg):
+    out["http_options"] = http
+    for app in our_apps(out):
         if args:
             app["args"] = deep_merge(app.get("args") or {}, args)
         for name, opts in (deployments or {}).items():
@@ -71,7 +71,7 @@ def with_overrides(
                 entries.append({"name": name, **opts})
             else:
                 entry.update(deep_merge(entry, opts))
-    return cfg
+    return out
 
 
 def validate_config(cfg: Mapping[str, Any], check_args: bool = True):

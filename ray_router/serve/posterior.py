@@ -21,7 +21,8 @@ from ray_router.serve.specs import PosteriorSpec
     graceful_shutdown_wait_loop_s=0.1,
 )
 class Posterior(PosteriorService):
-    async def __init__(self, spec: PosteriorSpec, refresh_min_interval_s: float = 0.02):
+    # Serve awaits an async constructor of a deployment class; mypy only knows plain classes
+    async def __init__(self, spec: PosteriorSpec, refresh_min_interval_s: float = 0.02):  # type: ignore[misc]
         from ray_router.serve.metrics import PosteriorMetrics
 
         super().__init__(spec, refresh_min_interval_s, PosteriorMetrics())

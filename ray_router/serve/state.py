@@ -207,7 +207,7 @@ class PosteriorState:
 
         old_prior, new_prior = snap_policy.get("offline_prior"), getattr(self.policy, "prior", None)
         if (old_prior is None) != (new_prior is None) or (
-            new_prior is not None and not new_prior.same_as(OfflinePrior.from_dict(old_prior))
+            new_prior is not None and old_prior is not None and not new_prior.same_as(OfflinePrior.from_dict(old_prior))
         ):
             return "offline prior changed"
         return None

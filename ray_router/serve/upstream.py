@@ -119,7 +119,7 @@ def merge_answers(arm_ids: list[str], answers: list[dict[str, Any]]) -> dict[str
             ch["index"], ch["model"] = slot, arm
             choices.append(ch)
         out["choices"] = choices
-        usage = [a.get("usage") for a in answers if isinstance(a.get("usage"), dict)]
+        usage = [u for a in answers if isinstance(u := a.get("usage"), dict)]
         if usage:
             out["usage"] = {
                 k: sum(u.get(k, 0) for u in usage if isinstance(u.get(k, 0), (int, float)))

@@ -118,7 +118,7 @@ def resolve_held_out(table: RoutingTable, held_out: str) -> str:
 
 def split_kwargs(spec: SweepSpec, table: RoutingTable, split_label: str, split_seed: int, dataset: str = "") -> dict:
     s = spec.split(split_label)
-    out = {
+    out: dict[str, Any] = {
         "split": s.split,
         "offline_fraction": s.offline_fraction,
         "k_per_category": s.k_per_category,

@@ -122,12 +122,12 @@ def _spearman2(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _eta2(labels: Sequence[Any], y: np.ndarray) -> float:
-    labels = np.asarray([str(v) for v in labels])
+    names = np.asarray([str(v) for v in labels])
     total = float(((y - y.mean()) ** 2).sum())
-    if total == 0 or len(set(labels.tolist())) < 2:
+    if total == 0 or len(set(names.tolist())) < 2:
         return float("nan")
     between = sum(
-        float((labels == g).sum()) * (float(y[labels == g].mean()) - float(y.mean())) ** 2 for g in set(labels.tolist())
+        float((names == g).sum()) * (float(y[names == g].mean()) - float(y.mean())) ** 2 for g in set(names.tolist())
     )
     return between / total
 
@@ -169,7 +169,7 @@ def importance(trials, keys: Sequence[str], progress=None):
     import pandas as pd
 
     t = comparable(trials, progress if progress is not None else pd.DataFrame())
-    out = {k: [] for k in keys}
+    out: dict[str, list[float]] = {k: [] for k in keys}
     for _, g in t.groupby("group"):
         sub = g[np.isfinite(g["regret_at_common"].to_numpy(dtype=float))]
         if len(sub) < 3:

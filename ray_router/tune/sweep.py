@@ -638,6 +638,8 @@ def rerun_best(
     out = []
     for meta, ref, cached in jobs:
         if ref is None:
+            if cached is None:
+                raise RuntimeError(f"{meta['group']}: a re-run has neither a Ray task nor a cached result")
             records, curves = pickle.loads(cached.read_bytes())
         else:
             records, curves = ray.get(ref)
