@@ -69,8 +69,10 @@ def present_release(name: str, data_dir: str | Path) -> Path | None:
     from ray_router.data.mixinstruct import split_file
     from ray_router.data.registry import ROUTERBENCH_FILES
 
-    names = {"routerbench": list(ROUTERBENCH_FILES.values()),
-             "mixinstruct": [split_file("test"), split_file("test").removesuffix("l")]}.get(name)
+    names = {
+        "routerbench": list(ROUTERBENCH_FILES.values()),
+        "mixinstruct": [split_file("test"), split_file("test").removesuffix("l")],
+    }.get(name)
     if names is None:
         raise ConfigError(f"unknown dataset {name!r} for download; choose one of {sorted(HUB_DATASETS)}")
     return next((Path(data_dir) / f for f in names if (Path(data_dir) / f).is_file()), None)
@@ -162,8 +164,14 @@ def download_dataset(
     for filename in files:
         url = file_url(entry.repo_id, filename)
         try:
-            local = hf_hub_download(repo_id=entry.repo_id, filename=filename, repo_type="dataset", local_dir=dest,
-                                    endpoint=endpoint, tqdm_class=_progress_bar())
+            local = hf_hub_download(
+                repo_id=entry.repo_id,
+                filename=filename,
+                repo_type="dataset",
+                local_dir=dest,
+                endpoint=endpoint,
+                tqdm_class=_progress_bar(),
+            )
         except network_errors as exc:  # lost the network midway
             raise OfflineError(f"download of {url} failed: {exc}\n{hint}") from exc
         except Exception as exc:  # HTTP errors (404, gated repo, ...) and disk errors

@@ -70,8 +70,23 @@ def read_frame(path: Path) -> pd.DataFrame:
 
 
 _SAFE_BUILTINS = frozenset(
-    {"list", "dict", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
-     "bytearray", "bool", "slice", "range", "object"}
+    {
+        "list",
+        "dict",
+        "tuple",
+        "set",
+        "frozenset",
+        "int",
+        "float",
+        "complex",
+        "str",
+        "bytes",
+        "bytearray",
+        "bool",
+        "slice",
+        "range",
+        "object",
+    }
 )
 _SAFE_GLOBALS = frozenset({("copyreg", "_reconstructor"), ("_codecs", "encode"), ("collections", "OrderedDict")})
 _PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}  # protocol <= 2 names
@@ -84,8 +99,21 @@ def _is_data_type(obj: Any) -> bool:
     """numpy/pandas array, frame, dtype and scalar classes (never np.memmap, which opens files)."""
     from pandas.api.extensions import ExtensionArray, ExtensionDtype
 
-    bases = (np.ndarray, np.dtype, np.generic, pd.DataFrame, pd.Series, pd.Index, ExtensionArray,
-             ExtensionDtype, pd.Timestamp, pd.Timedelta, pd.Period, pd.Interval, pd.offsets.BaseOffset)
+    bases = (
+        np.ndarray,
+        np.dtype,
+        np.generic,
+        pd.DataFrame,
+        pd.Series,
+        pd.Index,
+        ExtensionArray,
+        ExtensionDtype,
+        pd.Timestamp,
+        pd.Timedelta,
+        pd.Period,
+        pd.Interval,
+        pd.offsets.BaseOffset,
+    )
     return isinstance(obj, type) and issubclass(obj, bases) and not issubclass(obj, np.memmap)
 
 
@@ -181,8 +209,11 @@ class RawTable:
 
 
 # How a caller names each column: (command-line flag, load_generic keyword).
-COLUMN_OPTIONS = {"text": ("--text-column", "text_col"), "category": ("--category-column", "category_col"),
-                  "id": ("--id-column", "id_col")}
+COLUMN_OPTIONS = {
+    "text": ("--text-column", "text_col"),
+    "category": ("--category-column", "category_col"),
+    "id": ("--id-column", "id_col"),
+}
 _MAX_LISTED_COLUMNS = 60
 
 
@@ -195,13 +226,21 @@ def available_columns(df: pd.DataFrame) -> str:
 
 
 @overload
-def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
-                required: Literal[True] = True) -> str: ...
+def pick_column(
+    df: pd.DataFrame,
+    explicit: str | None,
+    defaults: Sequence[str],
+    what: str,
+    path: Path,
+    required: Literal[True] = True,
+) -> str: ...
 @overload
-def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
-                required: bool) -> str | None: ...
-def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path,
-                required: bool = True) -> str | None:
+def pick_column(
+    df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path, required: bool
+) -> str | None: ...
+def pick_column(
+    df: pd.DataFrame, explicit: str | None, defaults: Sequence[str], what: str, path: Path, required: bool = True
+) -> str | None:
     """An explicitly named column (must exist) or the first default present."""
     if explicit is not None:
         if explicit not in df.columns:
@@ -213,8 +252,9 @@ def pick_column(df: pd.DataFrame, explicit: str | None, defaults: Sequence[str],
     if required:
         flag, keyword = COLUMN_OPTIONS.get(what, ("", ""))
         how = f"pass {flag} NAME (Python: {keyword}=...)" if flag else "name it explicitly"
-        raise DataError(f"{path}: no {what} column found (tried {list(defaults)}); {how}; "
-                        f"available {available_columns(df)}")
+        raise DataError(
+            f"{path}: no {what} column found (tried {list(defaults)}); {how}; available {available_columns(df)}"
+        )
     return None
 
 
@@ -259,7 +299,7 @@ def detect_arms(df: pd.DataFrame, path: Path, arms: Sequence[str] | None, summar
         if not arms:
             raise DataError(
                 f"{path}: cannot tell which columns are arms: pass --arms a,b,c (Python: arms=[...]), "
-                f"or add {sibling_summary(path).name} with a \"models\" list, or name cost columns "
+                f'or add {sibling_summary(path).name} with a "models" list, or name cost columns '
                 f"'<arm>{COST_SUFFIX}'; available {available_columns(df)}"
             )
     arms = [str(a) for a in arms]
@@ -408,8 +448,9 @@ def load_generic(
     query_id, id`` (else the row number). Ids must be unique."""
     path = Path(path)
     df = read_frame(path)
-    raw = extract_columns(df, path, text_col=text_col, category_col=category_col, id_col=id_col,
-                          arms=arms, summary=summary)
+    raw = extract_columns(
+        df, path, text_col=text_col, category_col=category_col, id_col=id_col, arms=arms, summary=summary
+    )
     if raw.meta["id_column"] is not None:
         check_unique_ids(raw.ids, path, raw.meta["id_column"])
     return finish_table(raw, name=name or path.stem, path=path, nan=nan, prices=prices)

@@ -94,8 +94,9 @@ class _Record:
     cmp: list[tuple[str, str, float]]
 
 
-def _field(rec: dict, key: str, kind: type | tuple[type, ...], path: Path, where: str, rid: str,
-           optional: bool = False) -> Any:
+def _field(
+    rec: dict, key: str, kind: type | tuple[type, ...], path: Path, where: str, rid: str, optional: bool = False
+) -> Any:
     if key not in rec:
         if optional:
             return None
@@ -197,8 +198,9 @@ def load_mixinstruct(
         "n_with_cmp_results": sum(1 for r in kept if r.cmp),
         "dropped_missing_candidate_rows": len(records) - len(kept),
     }
-    return finish_table(_raw_table(kept, arm_list), name=name, path=path, nan=nan, prices=prices, pairwise=pairwise,
-                        meta=meta)
+    return finish_table(
+        _raw_table(kept, arm_list), name=name, path=path, nan=nan, prices=prices, pairwise=pairwise, meta=meta
+    )
 
 
 def _check_arguments(path: Path, metric: str, missing: str) -> None:
@@ -238,7 +240,9 @@ def _complete_records(records: list[_Record], arms: list[str], missing: str, pat
     return kept
 
 
-def _pairwise(kept: list[_Record], arms: list[str], left_out_from: set[str] | None, path: Path) -> PairwiseJudgments | None:
+def _pairwise(
+    kept: list[_Record], arms: list[str], left_out_from: set[str] | None, path: Path
+) -> PairwiseJudgments | None:
     """The ``cmp_results`` of the kept records over ``arms`` (None when there are none). A pair naming a
     model outside ``arms`` is an error, unless the caller chose the arms and the model is one of the
     file's candidates (``left_out_from``)."""
@@ -259,8 +263,12 @@ def _pairwise(kept: list[_Record], arms: list[str], left_out_from: set[str] | No
             outcome.append(result)
     if not rows:
         return None
-    return PairwiseJudgments(rows=np.asarray(rows, dtype=np.int64), first=np.asarray(first, dtype=np.int64),
-                             second=np.asarray(second, dtype=np.int64), outcome=np.asarray(outcome, dtype=np.float64))
+    return PairwiseJudgments(
+        rows=np.asarray(rows, dtype=np.int64),
+        first=np.asarray(first, dtype=np.int64),
+        second=np.asarray(second, dtype=np.int64),
+        outcome=np.asarray(outcome, dtype=np.float64),
+    )
 
 
 def _raw_table(kept: list[_Record], arms: list[str]) -> RawTable:

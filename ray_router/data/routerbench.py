@@ -130,8 +130,12 @@ def load_routerbench(
         path=path,
         nan=nan,
         prices=prices,
-        meta={"variant": variant or path.stem, "merged_duplicate_ids": merged, "n_rows_read": n_read,
-              "stripped_prefix_chars": stripped},
+        meta={
+            "variant": variant or path.stem,
+            "merged_duplicate_ids": merged,
+            "n_rows_read": n_read,
+            "stripped_prefix_chars": stripped,
+        },
     )
 
 

@@ -77,9 +77,7 @@ def _make_split(labels: np.ndarray, offline: list[np.ndarray], name: str, meta: 
     return Split(offline=off, online=np.flatnonzero(~mask), name=name, meta={**meta, "offline_per_category": counts})
 
 
-def stratified_split(
-    categories: Sequence[str] | np.ndarray, offline_fraction: float = 0.2, seed: int = 0
-) -> Split:
+def stratified_split(categories: Sequence[str] | np.ndarray, offline_fraction: float = 0.2, seed: int = 0) -> Split:
     """Send ``offline_fraction`` of each category's rows (rounded, at least one when the category
     has two or more rows, and at least one left online) to the offline part."""
     fraction = _check_fraction(offline_fraction)

@@ -115,13 +115,15 @@ def register_policy(
     defaults: Mapping[str, Any] | None = None,
     reference: Callable[[Any], np.ndarray] | None = None,
 ):
-    """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name``; ``defaults``
+    """Decorator: register ``factory(config, env, seed) -> Policy`` under ``name`` (its docstring is the
+    one-line ``description`` shown by ``ray-router policies`` unless one is given); ``defaults``
     override the config class's field defaults for this name (a preset); ``reference(stream)``
     marks a hindsight reference that the evaluator computes instead of replaying."""
 
     def deco(factory: Callable[[Any, PolicyEnv, int], Policy]):
+        about = description or " ".join((factory.__doc__ or "").split())
         _REGISTRY[name] = PolicyEntry(
-            name, config_cls, factory, description, needs_embeddings, defaults=dict(defaults or {}), reference=reference
+            name, config_cls, factory, about, needs_embeddings, defaults=dict(defaults or {}), reference=reference
         )
         return factory
 

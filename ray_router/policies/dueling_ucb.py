@@ -245,19 +245,13 @@ class CoLSTIM(_LinearLogisticDueling):
         return Duel(first, second)
 
 
-@register_policy(
-    "maxinp",
-    MaxInPConfig,
-    description="MaxInP (Saha 2021): most informative pair among non-eliminated arms, ridge logistic MLE",
-)
+@register_policy("maxinp", MaxInPConfig)
 def _make_maxinp(config: MaxInPConfig, env: PolicyEnv, seed: int) -> MaxInP:
+    """MaxInP (Saha 2021): most informative pair among non-eliminated arms, ridge logistic MLE"""
     return MaxInP(config, env.require_embeddings("maxinp"), seed=seed)
 
 
-@register_policy(
-    "colstim",
-    CoLSTIMConfig,
-    description="CoLSTIM (Bengs, Saha, Hüllermeier 2022): perturbed-utility leader, optimistic challenger",
-)
+@register_policy("colstim", CoLSTIMConfig)
 def _make_colstim(config: CoLSTIMConfig, env: PolicyEnv, seed: int) -> CoLSTIM:
+    """CoLSTIM (Bengs, Saha, Hüllermeier 2022): perturbed-utility leader, optimistic challenger"""
     return CoLSTIM(config, env.require_embeddings("colstim"), seed=seed)

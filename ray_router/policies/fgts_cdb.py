@@ -698,24 +698,22 @@ class FGTSCDB:
         self.rng = rng_from_state(snapshot["rng"])
 
 
-@register_policy(
+def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
+    return FGTSCDB(config, env.require_embeddings("FGTS.CDB"), seed=seed, offline=env.offline)
+
+
+register_policy(
     "fgts_cdb",
     FGTSConfig,
     description="FGTS.CDB with an SGLD posterior sampler, offline-informed "
     "(ALGORITHM.md s.5; fgts_cdb_paper is the paper's exact configuration)",
-)
-def _make_fgts(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
-    return FGTSCDB(config, env.require_embeddings("fgts_cdb"), seed=seed, offline=env.offline)
-
-
-@register_policy(
+)(_make_fgts)
+register_policy(
     "fgts_cdb_paper",
     FGTSConfig,
     defaults=PRESETS["paper"],
     description="FGTS.CDB exactly as the paper (preset 'paper': zero-mean prior, both arms Thompson draws)",
-)
-def _make_fgts_paper(config: FGTSConfig, env: PolicyEnv, seed: int) -> FGTSCDB:
-    return FGTSCDB(config, env.require_embeddings("fgts_cdb_paper"), seed=seed, offline=env.offline)
+)(_make_fgts)
 
 
 class FGTSCDBLanes:

@@ -142,13 +142,9 @@ def offline_targets(offline: Mapping[str, Any] | None, target: str) -> tuple[np.
     return offline["X"], offline[key]
 
 
-@register_policy(
-    "knn",
-    KNNConfig,
-    needs_embeddings=False,
-    description="supervised kNN router on the offline split (RouterBench style; no online learning)",
-)
+@register_policy("knn", KNNConfig, needs_embeddings=False)
 def _make_knn(config: KNNConfig, env: PolicyEnv, seed: int) -> KNNRouter:
+    """supervised kNN router on the offline split (RouterBench style; no online learning)"""
     X, U = offline_targets(env.offline, config.target)
     policy = KNNRouter(config, X, U)
     if policy.n_arms != env.n_arms:

@@ -508,11 +508,7 @@ class LaplaceTS(LaplaceBacked):
         self._absorb(context, duel, outcome, arms)
 
 
-@register_policy(
-    "laplace_ts",
-    LaplaceTSConfig,
-    description="Thompson sampling from a Laplace approximation of FGTS.CDB's posterior "
-    "(mu = 0; a cheaper sampler than SGLD)",
-)
+@register_policy("laplace_ts", LaplaceTSConfig)
 def _make_laplace_ts(config: LaplaceTSConfig, env: PolicyEnv, seed: int) -> LaplaceTS:
+    """Thompson sampling from a Laplace approximation of FGTS.CDB's posterior (mu = 0; a cheaper sampler than SGLD)"""
     return LaplaceTS(config, env.require_embeddings("laplace_ts"), seed=seed)

@@ -73,13 +73,9 @@ class OfflineStaticRouter:
         self.n_updates = int(snapshot["n_updates"])
 
 
-@register_policy(
-    "offline_static",
-    OfflineStaticConfig,
-    needs_embeddings=False,
-    description="static offline router: serves argmax of the offline estimate, duels its top two, never learns",
-)
+@register_policy("offline_static", OfflineStaticConfig, needs_embeddings=False)
 def _make_offline_static(config: OfflineStaticConfig, env: PolicyEnv, seed: int) -> OfflineStaticRouter:
+    """static offline router: serves argmax of the offline estimate, duels its top two, never learns"""
     off = env.offline or {}
     if off.get("prior") is not None:
         prior = off["prior"] if isinstance(off["prior"], OfflinePrior) else OfflinePrior.from_dict(off["prior"])
