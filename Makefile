@@ -16,7 +16,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 export RAY_ROUTER_CACHE_DIR ?= $(abspath .cache/ray-router)
 
-.PHONY: install run test test-unit bench clean test-tools
+.PHONY: install run test test-unit lint bench clean test-tools
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,11 +31,17 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=0 $(BIN)/ray-router data download routerbench --splits 0shot --if-missing
 	$(BIN)/ray-router experiment paper --quick --dataset routerbench --out runs/paper-quick
 
-test: $(STAMP) test-tools
+test: $(STAMP) test-tools lint
 	$(BIN)/python -m pytest -q tests
 
-test-unit: $(STAMP) test-tools
+test-unit: $(STAMP) test-tools lint
 	$(BIN)/python -m pytest -q -m "not integration" tests
+
+# static checks (configured in pyproject.toml): lint, formatting, types
+lint: $(STAMP)
+	$(BIN)/ruff check ray_router tests bench
+	$(BIN)/ruff format --check ray_router tests bench
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/replay_speed.py
