@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ray_router import raycompat
 from ray_router.errors import ConfigError, RouterError
 
 
@@ -528,9 +529,7 @@ COMMANDS["grafana"] = cmd_grafana
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    raycompat.apply_env_defaults()  # offline model hub, quiet tokenizers, Ray's local settings (where unset)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
