@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.data_fixtures import shared_data_dir, write_routerbench_subset
 from tests.serve.conftest import REPO, free_port, real_arm_args, synthetic_arm_args
 
 CLI = [sys.executable, "-m", "ray_router.cli"]
@@ -28,9 +29,12 @@ def _env(**extra) -> dict:
 
 
 @pytest.mark.parametrize("config", ["local.yaml", "gpu.yaml"])
-def test_check_validates_each_config(config):
+def test_check_validates_each_config(config, tmp_path):
+    # the shipped configs build their arm table from RouterBench's offline split: the real rows where
+    # they are, else a synthetic file in the real subset's format
+    data_dir = shared_data_dir() or write_routerbench_subset(tmp_path)
     res = subprocess.run(
-        [*CLI, "serve", "--config", f"serve_configs/{config}", "--check"],
+        [*CLI, "serve", "--config", f"serve_configs/{config}", "--check", "--data-dir", str(data_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,
