@@ -25,8 +25,14 @@ HOST = (r"(?m)^(  host:) 127\.0\.0\.1\b.*$",
         r"\1 0.0.0.0                     # k8s: the Serve Service reaches the proxy on the pod IP")
 GPU = (r"(?m)^(        gpu:) auto\b.*$",
        r"\1 require                  # k8s: GPU pods may join after the app is built; never fall back to CPU")
-TARGETS = {"gpu.yaml": ("k8s/base/serve-config.yaml", (HOST, GPU)),
-           "local.yaml": ("k8s/overlays/cpu/serve-config.yaml", (HOST,))}
+# The Posterior asks for the custom resource that only the worker groups offer (rayservice.yaml:
+# workerGroupSpecs[cpu].resources), so Ray never places it on the head. Its ray_actor_options are the
+# last line of its block (the lookahead stops at the next deployment).
+POSTERIOR = (r"(?m)^(      - name: Posterior\n(?:        (?!ray_actor_options:).*\n)*        ray_actor_options: "
+             r"\{num_cpus: 0)\}.*$",
+             r"\1, resources: {posterior_host: 1}}  # k8s: only worker pods offer it: never on the head")
+TARGETS = {"gpu.yaml": ("k8s/base/serve-config.yaml", (HOST, GPU, POSTERIOR)),
+           "local.yaml": ("k8s/overlays/cpu/serve-config.yaml", (HOST, POSTERIOR))}
 
 
 def render(name: str) -> str:

@@ -26,7 +26,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 CRDS = K8S / "crds"  # vendored KubeRay CRDs (k8s/crds/README.md: source commit and licence)
-BUILDS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
+BUILDS = {
+    "base": K8S / "base",
+    "cpu": K8S / "overlays" / "cpu",
+    "gpu": K8S / "overlays" / "gpu",
+    "gcs-ft": K8S / "overlays" / "gcs-ft",
+    "sweep": K8S / "overlays" / "sweep",
+    "monitoring": K8S / "monitoring",
+}
+SERVICE_BUILDS = ("base", "cpu", "gpu", "gcs-ft")  # the RayService (and its NetworkPolicies)
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",

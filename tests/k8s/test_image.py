@@ -81,7 +81,7 @@ def test_image_working_directory_and_data_dir_match_the_manifests():
 
     workdir = [c.value[0] for c in commands() if c.cmd == "WORKDIR"]
     assert workdir == ["/home/ray/app"]
-    assert one("base", "RayJob")["spec"]["entrypoint"].startswith(f"cd {workdir[0]} &&")
+    assert one("sweep", "RayJob")["spec"]["entrypoint"].startswith(f"cd {workdir[0]} &&")
     env = {}
     for c in commands():
         if c.cmd == "ENV":

@@ -1,4 +1,6 @@
-"""k8s/: every kustomize build (base, overlays cpu and gpu) validated without a cluster.
+"""k8s/: every kustomize build (base; overlays cpu, gpu, gcs-ft, sweep; monitoring) validated without a
+cluster. The operational properties (readiness, upgrades, Secrets, placement, network, GCS fault
+tolerance) are in test_operations.py, the PodMonitor and the alert rules in test_monitoring.py.
 
 - ``kubectl kustomize`` builds each one (kubectl from the [test] extra; never skipped);
 - built-in kinds against the Kubernetes schemas (``kubernetes-validate --strict``), and every Ray
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import re
@@ -26,6 +29,8 @@ import yaml
 from tests.k8s import kube
 
 BUILDS = tuple(kube.BUILDS)
+SERVICE_BUILDS = kube.SERVICE_BUILDS
+MONITORING_GROUP = "monitoring.coreos.com"  # the Prometheus Operator's kinds: test_monitoring.py
 K8S_VERSIONS = ("1.29.0", "1.37.0")  # an old release still in cloud support, and the newest schemas
 MOUNT = "/var/lib/ray-router"
 PVC = "ray-router-state"
@@ -34,10 +39,17 @@ NAMESPACE = "ray-router"
 # Which serve_configs/ file each build embeds, and the only changes a cluster needs (k8s/README.md):
 # the proxy must listen on the pod IP, and GPU pods that join after the app is built must still get
 # the embedder (`auto` would settle for CPU).
-EMBEDS = {"base": "gpu.yaml", "gpu": "gpu.yaml", "cpu": "local.yaml"}
+# The Posterior must ask for the custom resource only the worker groups offer (never the head).
+EMBEDS = {"base": "gpu.yaml", "gpu": "gpu.yaml", "gcs-ft": "gpu.yaml", "cpu": "local.yaml"}
+POSTERIOR_OPTIONS = ("applications", 0, "deployments", "name=Posterior", "ray_actor_options")
+PINNED = {"num_cpus": 0, "resources": {"posterior_host": 1}}
 CLUSTER_CHANGES = {
-    "gpu.yaml": {("http_options", "host"): "0.0.0.0", ("applications", 0, "args", "embedder", "gpu"): "require"},
-    "local.yaml": {("http_options", "host"): "0.0.0.0"},
+    "gpu.yaml": {
+        ("http_options", "host"): "0.0.0.0",
+        ("applications", 0, "args", "embedder", "gpu"): "require",
+        POSTERIOR_OPTIONS: PINNED,
+    },
+    "local.yaml": {("http_options", "host"): "0.0.0.0", POSTERIOR_OPTIONS: PINNED},
 }
 
 
@@ -68,10 +80,18 @@ def test_kubectl_is_installed_by_the_project():
     assert out.returncode == 0 and "Kustomize Version" in out.stdout, out.stdout + out.stderr
 
 
+SERVICE_KINDS = {"ConfigMap": 2, "Namespace": 1, "NetworkPolicy": 5, "PersistentVolumeClaim": 1, "RayService": 1}
+KINDS = {  # kind -> how many; the sweep has no Namespace: `kubectl delete -k` would delete everything
+    **{build: SERVICE_KINDS for build in SERVICE_BUILDS},
+    "sweep": {"NetworkPolicy": 2, "PersistentVolumeClaim": 1, "RayJob": 1},
+    "monitoring": {"PodMonitor": 1, "PrometheusRule": 1},
+}
+
+
 @pytest.mark.parametrize("build", BUILDS)
 def test_kustomize_builds(build):
-    kinds = sorted(d["kind"] for d in docs(build))
-    assert kinds == ["ConfigMap", "ConfigMap", "Namespace", "PersistentVolumeClaim", "RayJob", "RayService"]
+    kinds = collections.Counter(d["kind"] for d in docs(build))
+    assert kinds == KINDS[build]
     for d in docs(build):
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]
@@ -84,6 +104,8 @@ def test_kustomize_builds(build):
 def test_builtin_kinds_and_pod_templates_match_kubernetes_schemas(build, version):
     errors = []
     for d in docs(build):
+        if d["apiVersion"].startswith(MONITORING_GROUP + "/"):
+            continue  # not a Kubernetes kind: test_monitoring.py
         if d["apiVersion"].startswith(kube.KUBERAY_GROUP + "/"):
             for where, template in kube.pod_templates(d):
                 for e in kube.k8s_errors(kube.as_pod_template(template, f"{d['metadata']['name']}-{where}"), version):
@@ -101,7 +123,7 @@ def test_kuberay_kinds_match_the_crd_schemas(build):
             errors = kube.crd_errors(d)
             assert not errors, f"{d['kind']} {d['metadata']['name']}:\n" + "\n".join(errors)
             checked += 1
-    assert checked == 2
+    assert checked == {"sweep": 1, "monitoring": 0}.get(build, 1)
 
 
 def test_the_crd_schemas_are_vendored_with_their_source_and_licence():
@@ -173,15 +195,24 @@ def test_the_kubernetes_check_catches_mistakes():
 
 
 # ------------------------------------------------------------------ embedded Serve config
+def _step(node, key):
+    """``node[key]``; a key ``name=X`` picks the list item whose ``name`` is X."""
+    if isinstance(key, str) and key.startswith("name="):
+        found = [item for item in node if item.get("name") == key[5:]]
+        assert len(found) == 1, f"{key}: {len(found)} matches"
+        return found[0]
+    return node[key]
+
+
 def _set(cfg: dict, path: tuple, value) -> None:
     node = cfg
     for key in path[:-1]:
-        node = node[key]
+        node = _step(node, key)
     assert path[-1] in node, f"{path} is not in the Serve config any more: update CLUSTER_CHANGES"
     node[path[-1]] = value
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_embedded_serve_config_is_serve_configs_with_only_the_cluster_changes(build):
     from ray_router.serve import launch
 
@@ -195,7 +226,7 @@ def test_embedded_serve_config_is_serve_configs_with_only_the_cluster_changes(bu
     )
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_embedded_serve_config_validates_against_serve_and_the_app(build):
     from ray.serve.schema import ServeDeploySchema
 
@@ -209,23 +240,23 @@ def test_embedded_serve_config_validates_against_serve_and_the_app(build):
 
 
 # ------------------------------------------------------------------- consistency checks
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", (*SERVICE_BUILDS, "sweep"))
 def test_ray_version_and_image_tags_are_pinned_to_the_projects_ray(build):
     import ray
 
-    flavour = "cpu" if build == "cpu" else "gpu"
-    for kind in ("RayService", "RayJob"):
+    flavour = "cpu" if build in ("cpu", "sweep") else "gpu"  # the sweep runs on CPUs only
+    for kind in ("RayJob",) if build == "sweep" else ("RayService",):
         doc = one(build, kind)
         assert kube.cluster_of(doc)["rayVersion"] == ray.__version__
         for where, _, container in ray_containers(doc):
             assert container["image"] == f"ray-router:0.1.0-ray{ray.__version__}-{flavour}", (kind, where)
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_every_ray_pod_mounts_the_shared_state_volume(build):
     pvc = one(build, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == PVC and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    for kind in ("RayService", "RayJob"):
+    for kind in ("RayService",):
         for where, template, container in ray_containers(one(build, kind)):
             volumes = {v["name"]: v for v in template["spec"]["volumes"]}
             mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -246,12 +277,25 @@ def launch_app(cfg: dict) -> dict:
     return launch.our_apps(cfg)[0]
 
 
-@pytest.mark.parametrize("build", BUILDS)
+def test_every_sweep_pod_mounts_the_sweeps_own_volume():
+    pvc = one("sweep", "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "ray-router-sweep" and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    for where, template, container in ray_containers(one("sweep", "RayJob")):
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts[MOUNT]]["persistentVolumeClaim"]["claimName"] == "ray-router-sweep", where
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory", where
+        assert template["spec"]["securityContext"]["fsGroup"] == 100, where
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["RAY_ROUTER_CACHE_DIR"].startswith(MOUNT + "/")
+
+
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_ports_match_the_serve_config_and_the_scrape_config(build):
     service = one(build, "RayService")
     cfg = embedded_serve_config(build)
-    for kind in ("RayService", "RayJob"):
-        for where, _, container in ray_containers(one(build, kind)):
+    for kind in ("RayService",) + (("RayJob",) if build == "base" else ()):
+        for where, _, container in ray_containers(one("sweep" if kind == "RayJob" else build, kind)):
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             assert ports["metrics"] == 8080, (kind, where)  # KubeRay's metrics-export-port default
     head_ports = {
@@ -262,7 +306,7 @@ def test_ports_match_the_serve_config_and_the_scrape_config(build):
     assert cfg["http_options"]["host"] == "0.0.0.0"
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_worker_groups_fit_the_serve_deployments(build):
     service = one(build, "RayService")
     cluster = service["spec"]["rayClusterConfig"]
@@ -289,9 +333,8 @@ def test_worker_groups_fit_the_serve_deployments(build):
     assert cpus >= emb["num_cpus"] * replicas["Embedder"]
 
 
-@pytest.mark.parametrize("build", BUILDS)
-def test_rayjob_runs_a_valid_sweep_from_tune_jobs(build):
-    job = one(build, "RayJob")
+def test_rayjob_runs_a_valid_sweep_from_tune_jobs():
+    job = one("sweep", "RayJob")
     entry = job["spec"]["entrypoint"]
     words = shlex.split(entry)
     assert words[:2] == ["cd", "/home/ray/app"], "the image's working directory (Dockerfile WORKDIR)"
@@ -340,7 +383,7 @@ K8S_SD_KEYS = {
 K8S_SD_ROLES = {"node", "service", "pod", "endpoints", "endpointslice", "ingress"}
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_prometheus_scrape_config_passes_promtool(build, tmp_path):
     """Debian's promtool is built without Kubernetes discovery, so it checks the config with the
     pod discovery swapped for static targets carrying the same meta labels (everything else as
@@ -365,7 +408,7 @@ def test_prometheus_scrape_config_passes_promtool(build, tmp_path):
     assert keep[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
 
 
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", SERVICE_BUILDS)
 def test_grafana_configmap_holds_the_generated_dashboard(build):
     from ray_router.grafana import dashboard_json
 
