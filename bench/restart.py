@@ -8,8 +8,9 @@ taken when ``snapshot_due`` says so (every ``--snapshot-every`` feedbacks, as ``
 of the shipped configs), each deleting the log segments it covers. The feedback arrives at
 ``--rate`` per second of a simulated clock, so the single-use table holds ``rate x decision_ttl_s``
 nonces at most (what a service at that rate carries). No SGLD refresh while writing (a restart
-does not depend on how many there were). The writer then "crashes" (no final snapshot: the log
-tail after the last snapshot is ~``--snapshot-every`` records, the most a crash leaves).
+does not depend on how many there were). The last snapshot is taken at ``n - (snapshot_every - 1)``
+and the writer then "crashes" (no final snapshot), so every size leaves the same log tail, the
+longest the snapshot policy lets a crash leave: ``snapshot_every - 1`` records to replay.
 
 The restart runs in a fresh Python process: construct ``PosteriorState`` and ``open()`` it (lock,
 meta, snapshot, log tail, one refresh); the time printed is that, after the imports. The page cache
@@ -102,22 +103,23 @@ def make_spec(state_dir: Path, snapshot_every: int, ttl_s: float) -> PosteriorSp
 
 def fill(spec: PosteriorSpec, n: int, rate: float, batch: int, seed: int) -> dict:
     """n feedbacks through the posterior's durable path; a crash (no final snapshot) at the end."""
-    clock = Clock(1_700_000_000.0)
+    clock = Clock(time.time() - n / rate)  # the last feedback arrives "now": the restart's clock is real
     st = PosteriorState(spec, clock=clock)
     st.open()
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
     snapshots, written = 0, 0
     snap_s = 0.0
+    cut = n - (spec.snapshot_every_n - 1)  # the last snapshot: the crash leaves a full tail behind
     while written < n:
-        if st.snapshot_due(clock.t):
+        if written == cut or (written < cut and st.snapshot_due(clock.t)):
             ts = time.perf_counter()
             st.take_snapshot()
             snap_s += time.perf_counter() - ts
             snapshots += 1
             if snapshots % 20 == 0:
                 st.prune()  # the service prunes every second; here every 20 snapshots (memory only)
-        k = min(batch, n - written)
+        k = min(batch, n - written, cut - written if written < cut else n)
         X = rng.normal(size=(k, DIM)).astype(np.float32)
         X /= np.linalg.norm(X, axis=1, keepdims=True)
         pairs = rng.integers(0, N_ARMS, size=(k, 2))
@@ -182,7 +184,7 @@ def main() -> None:
     ap.add_argument("--snapshot-every", type=int, default=500, help="snapshot_every_n (the shipped configs: 500)")
     ap.add_argument("--batch", type=int, default=32, help="records per group commit (one fsync each)")
     ap.add_argument("--dir", default=None, help="where the state directories go (default: a temp dir)")
-    ap.add_argument("--repeats", type=int, default=3, help="restarts per size (the median is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="restarts per size (the median is reported)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     root = Path(args.dir or tempfile.mkdtemp(prefix="restart-bench-"))
