@@ -8,7 +8,11 @@ It owns one :class:`~ray_router.serve.state.PosteriorState` and runs it the way 
   on the one mutation thread (``apply``);
 - a background refresh loop: an SGLD refresh after new updates, then the new samples are
   published (``samples`` is a long poll the ingress follows);
-- a maintenance loop: expired nonces pruned, snapshots when due, gauges.
+- a maintenance loop: expired nonces pruned, snapshots when due (each deletes the log segments
+  it covers), gauges.
+
+``segment_bytes``: when the feedback log rolls to a new segment (None: the default, see
+:class:`~ray_router.serve.state.PosteriorState`); snapshots delete the segments they cover.
 
 ``metrics``: an object with ``feedback``, ``refresh``, ``log_bytes`` and ``version`` recorders
 (:class:`ray_router.serve.metrics.PosteriorMetrics` under Serve); without one nothing is recorded.
@@ -53,8 +57,9 @@ class PosteriorService:
         refresh_min_interval_s: float = 0.02,
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
+        segment_bytes: int | None = None,
     ) -> None:
-        self.state = PosteriorState(spec, clock=clock)
+        self.state = PosteriorState(spec, clock=clock, segment_bytes=segment_bytes)
         self.refresh_min_interval_s = refresh_min_interval_s
         self.metrics = metrics if metrics is not None else _NoMetrics()
         self.epoch = uuid.uuid4().hex  # this posterior instance: a restart is a new epoch

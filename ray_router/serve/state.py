@@ -15,15 +15,19 @@ Feedback (``begin_feedback`` -> durable append -> ``end_feedback`` -> ``apply``)
     queued for ``apply``, which runs ``policy.update`` in log order. A background loop calls
     ``refresh`` (SGLD) after updates and publishes the new samples.
 
-Snapshots and recovery
+Snapshots, compaction and recovery
     ``take_snapshot`` writes the policy snapshot plus ``last_seq`` (the last applied record), the
-    log offset after it and the used nonces, atomically. ``open`` takes the directory lock, checks
-    ``meta.json`` (arm ids, encoder, dim: a mismatch refuses to start), restores the snapshot,
-    replays every log record after ``last_seq`` through ``policy.update`` and refreshes once. A
-    crash therefore loses no acknowledged feedback: each one is in the log, and the log tail beyond
-    the snapshot is replayed. The log is the truth and a snapshot only a shortcut: when the policy
-    config or the arm embeddings changed since the snapshot, the posterior is rebuilt from the whole
-    log under the new config instead (``recovery["rebuilt_from_log"]`` says why).
+    log position after it and the used nonces, atomically (temp file, fsync, rename, directory
+    fsync), and only then deletes the log segments it covers (:meth:`FeedbackJournal.compact`).
+    ``open`` takes the directory lock, checks ``meta.json`` (arm ids, encoder, dim: a mismatch
+    refuses to start), migrates an old JSON-lines log, restores the snapshot, replays the log
+    records after ``last_seq`` (read from the snapshot's position: the restart reads the snapshot
+    and the tail, never the whole history) through ``policy.update`` and refreshes once. A crash
+    therefore loses no acknowledged feedback: each one is in the log or in a durable snapshot, and
+    the tail beyond the snapshot is replayed. When the policy config, the arm embeddings or the
+    offline prior changed since the snapshot, the posterior is rebuilt under the new config from
+    the duels the snapshot's policy holds (its history, bounded by ``max_history``) and then the log
+    tail (``recovery["rebuilt_from_log"]`` says why; ``rebuilt_from_history`` how many duels).
 
 :class:`~ray_router.serve.posterior_service.PosteriorService` (the ``Posterior`` deployment's body)
 drives these steps. Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
@@ -41,15 +45,19 @@ from typing import Any
 
 import numpy as np
 
-from ray_router.errors import ConfigError
+from ray_router.errors import ConfigError, DataError
 from ray_router.policies import Duel, PolicyEnv, make_policy
 from ray_router.policies.snapshot import load_snapshot, save_snapshot
+from ray_router.serve import durable
 from ray_router.serve.durable import (
-    FEEDBACK_LOG,
+    LEGACY_LOG,
+    LOG_DIR,
+    OUTCOMES,
+    SEGMENT_BYTES,
     FeedbackJournal,
+    Position,
     StateLock,
     decode_vector,
-    encode_vector,
     read_meta,
     write_meta,
 )
@@ -58,7 +66,6 @@ from ray_router.serve.specs import PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
-OUTCOMES = {"first": 1.0, "second": 0.0, "tie": 0.5}
 
 
 def serving_policy_config(config: dict | None) -> dict:
@@ -78,7 +85,16 @@ def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0, 
 
 
 class PosteriorState:
-    def __init__(self, spec: PosteriorSpec, clock: Callable[[], float] = time.time):
+    """``segment_bytes``/``segment_records``: when the feedback log rolls to a new segment (None:
+    the spec's ``segment_bytes`` if it has one, else :data:`~ray_router.serve.durable.SEGMENT_BYTES`)."""
+
+    def __init__(
+        self,
+        spec: PosteriorSpec,
+        clock: Callable[[], float] = time.time,
+        segment_bytes: int | None = None,
+        segment_records: int = 0,
+    ):
         self.spec = spec
         self.clock = clock
         self.dir = Path(spec.state_dir)
@@ -93,12 +109,14 @@ class PosteriorState:
         )
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
-        self.journal = FeedbackJournal(self.dir / FEEDBACK_LOG, fsync=spec.fsync)
+        if segment_bytes is None:
+            segment_bytes = int(getattr(spec, "segment_bytes", None) or SEGMENT_BYTES)
+        self.journal = FeedbackJournal(self.dir / LOG_DIR, spec.fsync, segment_bytes, segment_records)
         # nonce -> {"r": request id, "s": seq, "y": outcome label, "e": expires}; the single-use set
         self.used: dict[str, dict] = {}
         self.inflight: dict[str, str] = {}  # nonce -> request id, while its record is being written
         self.last_applied_seq = 0
-        self.last_applied_offset = 0
+        self.last_applied_position: Position | None = None  # where the last applied record ends in the log
         self.snapshot_seq = 0
         self.last_snapshot_at: float | None = None
         self.last_refresh_at: float | None = None
@@ -125,42 +143,34 @@ class PosteriorState:
 
     def _open(self, t0: float) -> dict[str, Any]:
         self._check_meta()
+        migrated = durable.migrate_json_log(self.dir / LEGACY_LOG, self.journal.dir, self.journal.segment_bytes)
         snap_path = self.dir / SNAPSHOT_FILE
-        restored, offset, rebuilt = False, 0, None
-        if snap_path.exists():
+        restored, rebuilt, from_history, has_snapshot = False, None, 0, snap_path.exists()
+        if has_snapshot:
             snap = load_snapshot(snap_path)
             meta = snap["meta"]
             if list(meta["arm_ids"]) != list(self.arm_ids):
                 raise ConfigError(f"{snap_path} holds arms {meta['arm_ids']}, the config has {list(self.arm_ids)}")
+            self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
+            position = meta.get("log_position")  # absent in snapshots of the JSON-lines log
+            self.last_applied_position = None if position is None else (int(position[0]), int(position[1]))
+            self.used = _used_from(meta.get("used"))
+            self.last_snapshot_at = float(meta["created_at"])
             rebuilt = self._snapshot_mismatch(snap["policy"])
             if rebuilt is None:
                 self.policy.restore(snap["policy"])
-                self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
-                offset = self.last_applied_offset = int(meta["log_offset"])
-                self.used = {str(k): dict(v) for k, v in meta.get("used", {}).items()}
-                self.last_snapshot_at = float(meta["created_at"])
                 restored = True
+            else:
+                from_history = self._rebuild_from_history(snap["policy"]["history"])
+            if not self.journal.dir.is_dir():
+                raise ConfigError(
+                    f"{snap_path} covers feedback up to seq {self.snapshot_seq} but {self.journal.dir} does not "
+                    "exist: restore the log directory from a backup, or move the snapshot away to start afresh"
+                )
         self.journal.open()
-        if offset > self.journal.size_bytes:
-            raise ConfigError(f"{snap_path} points past the end of {self.journal.path}: the log was truncated")
-        replayed = 0
-        batch: list[dict] = []
-        records = self.journal.scan(offset)
-        for end, rec in records:
-            if int(rec["seq"]) <= self.last_applied_seq:
-                continue
-            rec["_end"] = end
-            batch.append(rec)
-            self.used[rec["nonce"]] = {
-                "r": rec["request_id"],
-                "s": rec["seq"],
-                "y": rec["outcome"],
-                "e": rec["expires_at"],
-            }
-            if len(batch) >= 1024:
-                replayed += self.apply(batch)
-                batch = []
-        replayed += self.apply(batch)
+        replayed = self._replay_tail(snap_path)
+        if has_snapshot:
+            self.journal.compact(self.snapshot_seq)  # finishes a compaction that a crash interrupted
         now = self.clock()
         self._prune_used(now)
         self.refresh()
@@ -168,12 +178,56 @@ class PosteriorState:
         self.recovery = {
             "restored_snapshot": restored,
             "rebuilt_from_log": rebuilt,
+            "rebuilt_from_history": from_history,
             "snapshot_seq": self.snapshot_seq,
             "replayed": replayed,
+            "migrated_json_log": migrated,
+            "log_segments": len(self.journal.segments),
             "seconds": round(time.perf_counter() - t0, 3),
             "at": now,
         }
         return self.recovery
+
+    def _replay_tail(self, snap_path: Path) -> int:
+        """``apply`` every log record after the snapshot, from the snapshot's log position."""
+        after = self.last_applied_seq
+        last, first = self.journal.last_seq, self.journal.first_seq
+        if last < after:
+            raise ConfigError(
+                f"{snap_path} covers feedback up to seq {after}, but {self.journal.dir} ends at seq {last}: "
+                "the log was truncated or replaced"
+            )
+        if first > after + 1:
+            raise ConfigError(
+                f"{self.journal.dir} starts at seq {first}, and the snapshot covers feedback up to seq {after}: "
+                f"records {after + 1}..{first - 1} are missing"
+            )
+        replayed = 0
+        batch: list[dict] = []
+        for end, rec in self.journal.scan(self.journal.start_for(after, self.last_applied_position)):
+            seq = int(rec["seq"])
+            if seq <= after:
+                continue
+            if seq != after + 1 + replayed + len(batch):
+                raise DataError(f"{self.journal.dir}: record seq {seq} where seq {after + 1} was due")
+            rec["_end"] = end
+            batch.append(rec)
+            self.used[rec["nonce"]] = {"r": rec["request_id"], "s": seq, "y": rec["outcome"], "e": rec["expires_at"]}
+            if len(batch) >= 1024:
+                replayed += self.apply(batch)
+                batch = []
+        replayed += self.apply(batch)
+        return replayed
+
+    def _rebuild_from_history(self, history: dict[str, np.ndarray]) -> int:
+        """``policy.update`` for every duel a snapshot's policy holds (its raw query embeddings are
+        the first ``dim`` columns of its contexts), under the current config."""
+        X = np.asarray(history["X"])[:, : self.dim]
+        first, second, y, mask = (np.asarray(history[k]) for k in ("first", "second", "y", "mask"))
+        for i in range(len(y)):
+            offered = None if mask[i].all() else np.flatnonzero(mask[i]).tolist()
+            self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered)
+        return len(y)
 
     def _check_meta(self) -> None:
         meta_path = self.dir / "meta.json"
@@ -268,7 +322,7 @@ class PosteriorState:
             "first_id": self.arm_ids[claims.first],
             "second_id": self.arm_ids[claims.second],
             "offered": None if claims.offered is None else [int(i) for i in claims.offered],
-            "x": encode_vector(x),
+            "x": x,
             "expires_at": int(claims.expires_at),
             "ts": now,
         }
@@ -300,12 +354,14 @@ class PosteriorState:
                 continue
             if seq != self.last_applied_seq + 1 and self._opened:
                 raise RuntimeError(f"feedback applied out of order: seq {seq} after {self.last_applied_seq}")
-            x = decode_vector(rec["x"])
+            x = rec["x"]
+            if isinstance(x, str):  # a record in the JSON-lines form (base64)
+                x = decode_vector(x)
             if x.shape[0] != self.dim:
                 raise ConfigError(f"log record {seq} has a {x.shape[0]}-d embedding, the posterior {self.dim}")
             self.policy.update(x, Duel(int(rec["first"]), int(rec["second"])), float(rec["y"]), rec["offered"])
             self.last_applied_seq = seq
-            self.last_applied_offset = int(rec["_end"])
+            self.last_applied_position = rec["_end"]
             n += 1
         return n
 
@@ -338,16 +394,18 @@ class PosteriorState:
             "policy": self.policy.snapshot(),
             "meta": {
                 "last_seq": seq,
-                "log_offset": self.last_applied_offset,
+                "log_position": None if self.last_applied_position is None else list(self.last_applied_position),
                 "arm_ids": list(self.arm_ids),
                 "encoder_identity": self.spec.encoder_identity,
-                "used": used,
+                "used": _used_columns(used),
                 "created_at": now,
                 "pid": os.getpid(),
             },
         }
-        path = save_snapshot(snap, self.dir / SNAPSHOT_FILE)
+        path = save_snapshot(snap, self.dir / SNAPSHOT_FILE)  # temp file, fsync, rename
+        durable.fsync_dir(self.dir)  # the rename is durable: now the segments it covers may go
         self.snapshot_seq, self.last_snapshot_at = seq, now
+        self.journal.compact(seq)
         return path
 
     # ------------------------------------------------------------- housekeeping
@@ -379,6 +437,9 @@ class PosteriorState:
             },
             "durability": {
                 "feedback_log_bytes": int(self.journal.size_bytes),
+                "log_segments": len(self.journal.segments),
+                "log_first_seq": int(self.journal.first_seq),
+                "segments_deleted": int(self.journal.n_deleted),
                 "last_seq": int(self.journal.last_seq),
                 "last_applied_seq": int(self.last_applied_seq),
                 "snapshot_seq": int(self.snapshot_seq),
@@ -388,3 +449,25 @@ class PosteriorState:
             },
             "started_at": self.started_at,
         }
+
+
+def _used_columns(used: dict[str, dict]) -> dict[str, np.ndarray]:
+    """The used-nonce table as columns (compact in a snapshot, quick to load)."""
+    vals = list(used.values())
+    return {
+        "nonce": np.array(list(used), dtype=str),
+        "request_id": np.array([v["r"] for v in vals], dtype=str),
+        "seq": np.array([v["s"] for v in vals], dtype=np.int64),
+        "outcome": np.array([v["y"] for v in vals], dtype=str),
+        "expires": np.array([v["e"] for v in vals], dtype=np.int64),
+    }
+
+
+def _used_from(stored: Any) -> dict[str, dict]:
+    """The used-nonce table of a snapshot: columns, or the dict of earlier versions."""
+    if not stored:
+        return {}
+    if isinstance(stored.get("nonce"), np.ndarray):
+        cols = [stored[k].tolist() for k in ("nonce", "request_id", "seq", "outcome", "expires")]
+        return {n: {"r": r, "s": s, "y": y, "e": e} for n, r, s, y, e in zip(*cols)}
+    return {str(k): dict(v) for k, v in stored.items()}

@@ -9,7 +9,6 @@ GPU request falls back to CPU, on a GPU machine it runs on CUDA.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import random
 import signal
@@ -109,8 +108,13 @@ def _nonce(decision_id: str) -> str:
 
 
 def _log_records(app: RouterApp) -> list[dict]:
-    path = app.state_dir / "feedback.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of the feedback log (its segments, read as the posterior reads them). The run
+    stays far below one segment (32 MiB), so no snapshot has deleted any: the log starts at seq 1."""
+    from ray_router.serve.durable import LOG_DIR, FeedbackJournal
+
+    records = [rec for _, rec in FeedbackJournal(app.state_dir / LOG_DIR).scan()]
+    assert records and records[0]["seq"] == 1, "the log no longer starts at seq 1: the check would be partial"
+    return records
 
 
 def _status(app: RouterApp) -> dict:

@@ -38,7 +38,10 @@ class Router:
     def __init__(self, tmp_path, enc, clock: Clock, **overrides):
         self.loop = asyncio.new_event_loop()
         self.enc, self.clock = enc, clock
-        self.svc = PosteriorService(spec(tmp_path, **overrides), refresh_min_interval_s=0.0, clock=clock)
+        seg = overrides.pop("segment_bytes", None)
+        self.svc = PosteriorService(
+            spec(tmp_path, **overrides), refresh_min_interval_s=0.0, clock=clock, segment_bytes=seg
+        )
         self.run(self.svc.start())
         s = self.svc.state.spec
         view = SampleView(make_scorer(s.arm_embeddings, s.policy_config, 0, s.offline_prior), s.prices)
@@ -106,8 +109,8 @@ def router(tmp_path, enc):
         r.close()
 
 
-def opened(tmp_path, clock=None, **overrides) -> PosteriorState:
-    st = PosteriorState(spec(tmp_path, **overrides), clock=clock or Clock())
+def opened(tmp_path, clock=None, segment_bytes=None, **overrides) -> PosteriorState:
+    st = PosteriorState(spec(tmp_path, **overrides), clock=clock or Clock(), segment_bytes=segment_bytes)
     st.open()
     return st
 
@@ -238,12 +241,14 @@ def test_a_graceful_stop_leaves_a_snapshot(tmp_path, router):
 def test_torn_last_record_is_cut_and_earlier_ones_kept(tmp_path, router):
     r = router()
     teach(r, 3)
-    with open(r.st.journal.path, "ab") as fh:
-        fh.write(b'{"seq":4,"nonce":"abc","outc')  # a write cut by SIGKILL: never acknowledged
+    active = r.st.journal.path_of(r.st.journal.segments[-1])
+    size = active.stat().st_size
+    with open(active, "ab") as fh:
+        fh.write(b"RRF1\x40\x06\x00\x00\x12\x34")  # a frame cut by SIGKILL: never acknowledged
     crash(r)
     st2 = opened(tmp_path)
     assert st2.policy.n_updates == 3 and st2.journal.last_seq == 3
-    assert st2.journal.path.read_bytes().endswith(b"\n")
+    assert active.stat().st_size == size
 
 
 def test_a_second_writer_is_refused(tmp_path):
@@ -274,23 +279,30 @@ def test_state_of_another_arm_table_or_encoder_is_refused(tmp_path, router):
     ],
 )
 def test_a_changed_config_rebuilds_the_posterior_from_the_log(tmp_path, router, change, reason):
-    r = router()
+    r = router(segment_bytes=1_000)  # small segments: the snapshot deletes the ones it covers
     teach(r, 12)
     r.run(r.svc.snapshot_now())
     teach(r, 3)
+    hist = r.st.policy.history.arrays()
+    assert r.st.journal.first_seq > 1  # the log no longer holds the whole history
     crash(r)
     st2 = opened(tmp_path, **change)
     assert st2.recovery["rebuilt_from_log"] == reason and not st2.recovery["restored_snapshot"]
-    assert st2.recovery["replayed"] == 15 and st2.policy.n_updates == 15 and len(st2.used) == 15
+    # the duels of the snapshot's history, then the log's tail
+    assert st2.recovery["rebuilt_from_history"] == 12 and st2.recovery["replayed"] == 3
+    assert st2.policy.n_updates == 15 and len(st2.used) == 15 and st2.last_applied_seq == 15
+    np.testing.assert_array_equal(st2.policy.history.arrays()["first"], hist["first"])
+    np.testing.assert_array_equal(st2.policy.history.arrays()["X"][:, :16], hist["X"][:, :16])
     if "policy_config" in change:
         assert st2.policy.config.eta == 4.0
 
 
-def test_feedback_log_records_are_self_contained(router):
+def test_feedback_log_records_are_self_contained(router, enc):
     r = router()
     teach(r, 2)
-    recs = [json.loads(line) for line in r.st.journal.path.read_text().splitlines()]
+    recs = [rec for _, rec in r.st.journal.scan()]
     assert [x["seq"] for x in recs] == [1, 2]
+    np.testing.assert_array_equal(recs[1]["x"], quantise(enc.encode(["query 1"])[0]))
     for x in recs:
         assert {"nonce", "request_id", "x", "first", "second", "offered", "y", "first_id", "second_id"} <= set(x)
         assert x["first_id"] == ARMS[x["first"]] and x["offered"] == [0, 1]
@@ -349,3 +361,145 @@ def test_feedback_arms_match_the_policy_update(router, enc):
     h = r.st.policy.history.arrays()
     assert (h["first"][0], h["second"][0], h["y"][0]) == (*d.picked, 0.0)
     np.testing.assert_array_equal(h["X"][0], quantise(enc.encode(["q"])[0]))
+
+
+# ----------------------------------------------------------------- segments, compaction
+def segment_reads(monkeypatch) -> list[int]:
+    """The segments the log reads (their first seqs), as they are read."""
+    from ray_router.serve.durable import FeedbackJournal
+
+    seen: list[int] = []
+    real = FeedbackJournal._read
+
+    def read(self, first):
+        seen.append(first)
+        return real(self, first)
+
+    monkeypatch.setattr(FeedbackJournal, "_read", read)
+    return seen
+
+
+def test_a_snapshot_deletes_the_segments_it_covers_and_a_restart_reads_only_the_tail(tmp_path, router, monkeypatch):
+    clock = Clock()
+    r = router(clock, segment_bytes=1_000)  # ~6 records a segment at d = 16
+    acks = teach(r, 20)
+    old_decision = r.route("answered before the snapshot")
+    r.feedback(old_decision.decision_id, "tie", "old")
+    r.settle()
+    n_segments = len(r.st.journal.segments)
+    assert n_segments >= 3
+    r.run(r.svc.snapshot_now())
+    # every segment but the active one held only covered records: gone from the disk
+    assert r.st.journal.segments == [r.st.journal.first_seq] and r.st.journal.first_seq > 1
+    assert sorted(p.name for p in (tmp_path / "feedback").iterdir()) == [f"seg-{r.st.journal.first_seq:020d}.log"]
+    teach(r, 9)
+    tail_segments = r.st.journal.segments
+    crash(r)
+    reads = segment_reads(monkeypatch)
+    r2 = router(clock, segment_bytes=1_000)
+    assert r2.st.recovery == {**r2.st.recovery, "restored_snapshot": True, "snapshot_seq": 21, "replayed": 9}
+    assert r2.st.policy.n_updates == 30 and r2.st.last_applied_seq == 30 and len(r2.st.used) == 30
+    assert set(reads) <= set(tail_segments)  # the snapshot and the tail after it, nothing older
+    assert [a["seq"] for a in acks] == list(range(1, 21))
+    # the single-use check still knows decisions whose log records were deleted (the snapshot has them)
+    with pytest.raises(DuplicateFeedback):
+        r2.feedback(old_decision.decision_id, "first", "again")
+    assert r2.feedback(old_decision.decision_id, "tie", "old")["replayed"] is True
+
+
+def fail_on_call(n: int, real=None):
+    """A stand-in that raises (a crash at that point) on its n-th call, else calls ``real``."""
+    calls = {"n": 0}
+
+    def stand_in(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("crash here")
+        return real(*args, **kwargs) if real else None
+
+    return stand_in
+
+
+@pytest.mark.parametrize("step", ["before the rename", "before the directory fsync", "before the delete", "mid-delete"])
+def test_a_crash_at_any_step_of_snapshot_then_delete_loses_nothing(tmp_path, router, monkeypatch, step):
+    import os
+    from pathlib import Path
+
+    from ray_router.serve import durable
+
+    r = router(segment_bytes=1_000)
+    teach(r, 6)
+    r.run(r.svc.snapshot_now())
+    teach(r, 14)
+    hist = r.st.policy.history.arrays()
+    n_before = len(r.st.journal.segments)
+    assert n_before >= 3
+    with monkeypatch.context() as m:
+        if step == "before the rename":
+            m.setattr(os, "replace", fail_on_call(1))
+        elif step == "before the directory fsync":
+            m.setattr(durable, "fsync_dir", fail_on_call(1))
+        elif step == "before the delete":
+            m.setattr(r.st.journal, "compact", fail_on_call(1))
+        else:
+            m.setattr(Path, "unlink", fail_on_call(2, Path.unlink))  # the second segment's delete
+        with pytest.raises(KeyboardInterrupt):
+            r.run(r.svc.snapshot_now())
+    crash(r)
+    st2 = opened(tmp_path, segment_bytes=1_000)
+    durable_snapshot = 6 if step == "before the rename" else 20
+    assert st2.recovery["snapshot_seq"] == durable_snapshot and st2.recovery["replayed"] == 20 - durable_snapshot
+    assert st2.policy.n_updates == 20 and st2.last_applied_seq == 20 and len(st2.used) == 20
+    for k, v in st2.policy.history.arrays().items():  # each duel exactly once, in log order
+        np.testing.assert_array_equal(v, hist[k])
+    # the restart finished the interrupted compaction: only segments with records after the snapshot
+    assert st2.journal.segments[0] <= durable_snapshot + 1 < (st2.journal.segments[1:] or [10**9])[0]
+
+
+def test_an_old_json_log_state_dir_is_migrated_on_start(tmp_path, router):
+    """A state directory of the JSON-lines version: feedback.jsonl, and a snapshot with a byte
+    offset into it and the used nonces as a dict."""
+    from ray_router.policies.snapshot import load_snapshot, save_snapshot
+    from ray_router.serve.durable import encode_vector
+
+    r = router()
+    teach(r, 6)
+    r.run(r.svc.snapshot_now())
+    teach(r, 4)
+    hist = r.st.policy.history.arrays()
+    recs = [rec for _, rec in r.st.journal.scan()]
+    crash(r)
+    lines = [json.dumps({**rec, "x": encode_vector(rec["x"])}, separators=(",", ":")) + "\n" for rec in recs]
+    (tmp_path / "feedback.jsonl").write_text("".join(lines) + '{"seq":11,"nonce":"torn')
+    snap = load_snapshot(tmp_path / SNAPSHOT_FILE)
+    meta = snap["meta"]
+    cols = meta.pop("used")
+    meta.pop("log_position")
+    meta["log_offset"] = sum(len(x.encode()) for x in lines[:6])
+    meta["used"] = {n: {"r": q, "s": s, "y": y, "e": e} for n, q, s, y, e in zip(*(cols[k].tolist() for k in cols))}
+    save_snapshot(snap, tmp_path / SNAPSHOT_FILE)
+    import shutil
+
+    shutil.rmtree(tmp_path / "feedback")
+    st2 = opened(tmp_path)
+    rec = st2.recovery
+    assert rec["migrated_json_log"] == 10 and rec["restored_snapshot"] and rec["replayed"] == 4
+    assert st2.policy.n_updates == 10 and len(st2.used) == 10
+    for k, v in st2.policy.history.arrays().items():
+        np.testing.assert_array_equal(v, hist[k])
+    assert not (tmp_path / "feedback.jsonl").exists() and (tmp_path / "feedback.jsonl.migrated").exists()
+    assert [x["seq"] for _, x in st2.journal.scan()] == list(range(1, 11))
+    st2.close()
+    assert opened(tmp_path).recovery["migrated_json_log"] is None  # once
+
+
+def test_a_snapshot_without_its_log_refuses_to_start(tmp_path, router):
+    import shutil
+
+    r = router()
+    teach(r, 3)
+    r.run(r.svc.snapshot_now())
+    crash(r)
+    shutil.rmtree(tmp_path / "feedback")
+    with pytest.raises(ConfigError, match="restore the log directory from a backup"):
+        opened(tmp_path)
