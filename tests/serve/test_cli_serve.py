@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ray_router.serve.durable import FeedbackJournal
 from tests.data_fixtures import shared_data_dir, write_routerbench_subset
 from tests.serve.conftest import REPO, free_port, real_arm_args, synthetic_arm_args
 
@@ -122,7 +123,7 @@ def test_serve_end_to_end_then_sigterm(tmp_path, table):
             timeout=60,
         )
         assert fb.status_code == 200, fb.text
-        assert (state / "feedback.jsonl").read_text().count("\n") == 1
+        assert [r["seq"] for _, r in FeedbackJournal(state / "feedback").scan()] == [1]
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
