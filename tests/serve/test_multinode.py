@@ -98,7 +98,7 @@ def _write_config(tmp: Path) -> Path:
 def two_nodes(tmp_path_factory) -> Iterator[TwoNodeApp]:
     tmp = tmp_path_factory.mktemp("two-nodes")
     cluster = LocalCluster(env=dict(SECRET_ENV))  # replicas inherit their raylet's environment
-    driver = None
+    driver = log = None
     try:
         cluster.add_node("node_a", num_cpus=1)  # the head
         cluster.add_node("node_b", num_cpus=1)
@@ -128,6 +128,8 @@ def two_nodes(tmp_path_factory) -> Iterator[TwoNodeApp]:
         if driver is not None:  # no graceful stop: the whole cluster goes
             kill_session(driver.pid, what="the serve driver")
             driver.wait(timeout=30)
+        if log is not None:
+            log.close()
         cluster.shutdown()  # raises if a process of either node survives
 
 
