@@ -106,15 +106,14 @@ def deploy(config: Path, state_dir: Path, arms: str, data_dir: str | None, num_c
 
 def serve_processes() -> dict[str, int]:
     """name -> pid of every live Serve actor of this Ray instance (controller, proxy, replicas).
-    ``ray._private.state.actors`` reads the GCS directly: Ray's public state API needs the
-    dashboard, which this local Ray does not run."""
-    from ray._private import state
+    (``raycompat.actor_table``: Ray's public state API needs the dashboard.)"""
+    from ray_router.raycompat import actor_table
 
     out = {}
-    for a in state.actors().values():
-        name = a["ActorClassName"]
-        if a["State"] == "ALIVE" and name.startswith(SERVE_CLASSES) and a["Pid"]:
-            out[name.replace("ServeReplica:", "")] = int(a["Pid"])
+    for a in actor_table():
+        name = a["class_name"]
+        if a["state"] == "ALIVE" and name.startswith(SERVE_CLASSES) and a["pid"]:
+            out[name.replace("ServeReplica:", "")] = int(a["pid"])
     return out
 
 

@@ -30,7 +30,8 @@ RAY_ENV_DEFAULTS: dict[str, str] = {
 PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     ("ray.serve._private.api", "serve_start"),
     ("ray.serve.context", "_get_global_client"),
-    ("ray.tune.schedulers", "AsyncHyperBandScheduler"),  # its ``_trial_info`` dict: see forget_trial
+    ("ray.tune.schedulers", "AsyncHyperBandScheduler"),  # its ``_trial_info`` dict: see asha_forget
+    ("ray._private.state", "actors"),
 )
 
 
@@ -116,3 +117,14 @@ def asha_knows(scheduler: Any, trial_id: str) -> bool:
 def asha_forget(scheduler: Any, trial_id: str) -> None:
     """Drop ``trial_id`` from an ASHA scheduler (Tune has no public call for a removed trial)."""
     scheduler._trial_info.pop(trial_id, None)
+
+
+def actor_table() -> list[dict[str, Any]]:
+    """Every actor the GCS knows, alive or dead: ``{class_name, pid, state, node_id}``. (Ray's public
+    state API needs the dashboard, which the local and test clusters here do not run.)"""
+    from ray._private import state
+
+    return [
+        {"class_name": a["ActorClassName"], "pid": a["Pid"], "state": a["State"], "node_id": a["Address"]["NodeID"]}
+        for a in state.actors().values()
+    ]

@@ -266,12 +266,10 @@ def alive_nodes(cluster: LocalCluster) -> list[dict]:
 
 def actors(cluster: LocalCluster) -> list[dict]:
     """Every actor the GCS knows, alive or dead, as {class_name, pid, state, node}: ``node`` is the
-    ``rr-node`` label of the node it ran on. (``ray._private.state.actors`` reads the GCS directly;
-    Ray's public state API needs the dashboard, which these nodes do not run.)"""
+    ``rr-node`` label of the node it ran on. (``raycompat.actor_table``.)"""
     code = (
-        "from ray._private import state\n"
+        "from ray_router.raycompat import actor_table\n"
         "labels = {n['NodeID']: n.get('Labels', {}).get('rr-node') for n in ray.nodes()}\n"
-        "print(json.dumps([{'class_name': a['ActorClassName'], 'pid': a['Pid'], 'state': a['State'], "
-        "'node': labels.get(a['Address']['NodeID'])} for a in state.actors().values()]))"
+        "print(json.dumps([{**a, 'node': labels.get(a.pop('node_id'))} for a in actor_table()]))"
     )
     return json.loads(driver_python(cluster, code).strip().splitlines()[-1])
