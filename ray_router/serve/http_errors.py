@@ -43,9 +43,20 @@ def error_response(
     return SafeJSONResponse({"error": code, "message": message, **extra}, status_code=http_status, headers=headers)
 
 
+_metrics: Any = None  # the replica's IngressMetrics (use_metrics); one Ingress replica per process
+
+
+def use_metrics(metrics: Any) -> None:
+    """Count errors in ``metrics.http_errors``. A module global rather than ``app.state``: Serve
+    serves a pickled copy of the FastAPI app, not the module's ``api`` object."""
+    global _metrics
+    _metrics = metrics
+
+
 def count(app: Any, status: int, code: str) -> None:
-    """Count one error answer in ``router_http_errors`` (when the app has its metrics)."""
-    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    """Count one error answer in ``router_http_errors`` (the app's ``state.metrics``, else those
+    given to :func:`use_metrics`; none: not counted)."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None) or _metrics
     if metrics is not None:
         metrics.http_errors.inc(1, tags={"status": str(status), "error": code})
 

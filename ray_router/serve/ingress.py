@@ -49,6 +49,17 @@ logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="ray-router", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 http_errors.install(api)
+# the request bodies of /openapi.json (the routes read their bodies themselves, so FastAPI cannot see
+# them); set before @serve.ingress, which serves a pickled copy of ``api``
+openapi_with_bodies(
+    api,
+    {
+        ("/v1/route", "post"): RouteRequest,
+        ("/v1/feedback", "post"): FeedbackRequest,
+        ("/v1/chat/completions", "post"): ChatRequest,
+        ("/v1/admin/refresh", "post"): AdminRefreshRequest,
+    },
+)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}, **QUICK_SHUTDOWN)
@@ -70,7 +81,7 @@ class Ingress:
         self.decider = RouteDecider(spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits)
         self.view = view
         self.metrics = IngressMetrics()
-        api.state.metrics = self.metrics
+        http_errors.use_metrics(self.metrics)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
@@ -280,15 +291,3 @@ class Ingress:
         out = upstream.merge_answers(ids, list(answers))
         out["router"] = info
         return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything
-
-
-# the request bodies of /openapi.json (the routes read their bodies themselves, so FastAPI cannot see them)
-openapi_with_bodies(
-    api,
-    {
-        ("/v1/route", "post"): RouteRequest,
-        ("/v1/feedback", "post"): FeedbackRequest,
-        ("/v1/chat/completions", "post"): ChatRequest,
-        ("/v1/admin/refresh", "post"): AdminRefreshRequest,
-    },
-)

@@ -521,6 +521,18 @@ def test_custom_metrics_reach_the_prometheus_endpoint(client, app):
     assert "ray_router_routes_total{" in text and 'arm="' in text
 
 
+def test_error_answers_are_counted_by_status_and_code(client, app):
+    r = client.post("/v1/route", content=b'{"query": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    url = f"http://127.0.0.1:{app.cluster.metrics_port}/metrics"
+
+    def counted():
+        lines = [ln for ln in httpx.get(url, timeout=10).text.splitlines() if ln.startswith("ray_router_http_errors")]
+        return [ln for ln in lines if 'error="unsupported_media_type"' in ln and 'status="415"' in ln]
+
+    wait_for(counted, timeout_s=60, interval_s=1, what="the 415 in ray_router_http_errors_total")
+
+
 def test_benchmark_smoke(app):
     import importlib.util
 
