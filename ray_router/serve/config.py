@@ -137,23 +137,67 @@ class StateSpec(StrictModel):
     lock_timeout_s: float = Field(60.0, gt=0, description="wait this long for the previous posterior's lock")
 
 
+class ClientSpec(StrictModel):
+    """One client key of the routing API, with its own token-bucket rate limit (per ingress replica)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="names the key in logs and its generated file")
+    key_env: str = Field(min_length=1, description="env var with the key; unset: <state dir>/secrets/client_<name>")
+    rate_per_s: float = Field(20.0, gt=0, description="sustained requests per second (token-bucket refill rate)")
+    burst: int = Field(40, ge=1, description="bucket size: requests allowed at once after a quiet spell")
+
+
 class AuthSpec(StrictModel):
-    token_env: str = Field("RAY_ROUTER_TOKEN", description="env var with the bearer token for writes")
+    """Separate powers: a feedback token, an admin token and client keys, each opening only its own
+    endpoints (``serve_configs/README.md``, *Security*)."""
+
+    token_env: str = Field("RAY_ROUTER_TOKEN", description="env var with the feedback token (POST /v1/feedback)")
+    admin_token_env: str = Field("RAY_ROUTER_ADMIN_TOKEN", description="env var with the admin token (/v1/admin/*)")
     hmac_key_env: str = Field("RAY_ROUTER_HMAC_KEY", description="env var with the decision-id signing key")
     decision_ttl_s: float = Field(3600.0, gt=0, le=30 * 86400, description="feedback accepted this long after a route")
-    protect_reads: bool = Field(False, description="also require the token for /v1/route, /v1/chat/completions, stats")
+    clients: list[ClientSpec] = Field(
+        default_factory=lambda: [ClientSpec(name="default", key_env="RAY_ROUTER_CLIENT_KEY")],
+        max_length=1000,
+        description="client keys of /v1/chat/completions (and of the reads when protect_reads)",
+    )
+    chat_requires_key: bool = Field(
+        True, description="/v1/chat/completions needs a client key (it spends upstream keys)"
+    )
+    protect_reads: bool = Field(False, description="also require a client key for /v1/route, /v1/arms and /v1/stats")
+
+    @field_validator("clients")
+    @classmethod
+    def _distinct(cls, clients: list[ClientSpec]) -> list[ClientSpec]:
+        for what in ("name", "key_env"):
+            values = [getattr(c, what) for c in clients]
+            dup = sorted({v for v in values if values.count(v) > 1})
+            if dup:
+                raise ValueError(f"auth.clients: duplicate {what}: {dup}")
+        return clients
+
+    @model_validator(mode="after")
+    def _separate(self) -> AuthSpec:
+        envs = [self.token_env, self.admin_token_env, self.hmac_key_env, *(c.key_env for c in self.clients)]
+        dup = sorted({e for e in envs if envs.count(e) > 1})
+        if dup:
+            raise ValueError(f"auth: each credential needs its own env var; shared: {dup}")
+        return self
 
 
 class LimitsSpec(StrictModel):
     max_query_chars: int = Field(8192, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=256)
     max_cost_weight: float = Field(1000.0, gt=0)
+    max_candidates: int = Field(64, ge=2, description="longest candidates list of a route or chat request")
+    max_tokens: int = Field(4096, ge=1, description="cap on a chat request's max_tokens / max_completion_tokens")
+    max_n: int = Field(1, ge=1, description="cap on a chat request's n (choices per upstream call)")
 
 
 class ServiceSpec(StrictModel):
     """Ingress behaviour."""
 
-    posterior_retry_s: float = Field(60.0, ge=0, description="keep retrying while the posterior restarts")
+    posterior_retry_s: float = Field(
+        60.0, ge=0, description="feedback and admin calls keep retrying this long while the posterior restarts"
+    )
     chat_default_mode: Literal["single", "duel"] = "single"
     upstream_timeout_s: float = Field(120.0, gt=0)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ray_router.errors import UnknownArmError
 from ray_router.serve.config import LimitsSpec
-from ray_router.serve.errors import InvalidRequest, NotADuel, PayloadTooLarge
+from ray_router.serve.errors import InvalidRequest, PayloadTooLarge
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.tokens import DecisionClaims, DecisionSigner, new_nonce, quantise
 
@@ -83,12 +83,14 @@ class RouteDecider:
         if candidates is None:
             idx = None if restrict is None else list(restrict)
         else:
+            if len(candidates) > self.limits.max_candidates:
+                raise InvalidRequest(f"candidates: {len(candidates)} ids; the limit is {self.limits.max_candidates}")
             if len(set(candidates)) != len(candidates):
                 raise InvalidRequest("candidates: duplicate arm ids")
             idx = []
             for c in candidates:
                 if c not in self.arm_index:
-                    raise UnknownArmError(f"unknown arm {c!r}; known arms: {list(self.arm_ids)}")
+                    raise UnknownArmError(f"unknown arm {c[:200]!r}; GET /v1/arms lists the known arms")
                 idx.append(self.arm_index[c])
             if restrict is not None:
                 idx = [i for i in idx if i in restrict]
@@ -127,7 +129,4 @@ class RouteDecider:
 
     def feedback_claims(self, decision_id: str) -> DecisionClaims:
         """The claims of a genuine, live duel decision of this arm table (the 4xx errors otherwise)."""
-        claims = self.signer.verify(decision_id, self.clock())
-        if claims.mode != "duel":
-            raise NotADuel("a single-mode decision served one arm; pairwise feedback needs a duel")
-        return claims
+        return self.signer.verify_duel(decision_id, self.clock())

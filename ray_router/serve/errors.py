@@ -7,6 +7,7 @@ Each class carries ``http_status``, a stable machine-readable ``code`` and the r
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 from ray_router.errors import RouterError
@@ -26,7 +27,8 @@ class InvalidRequest(RouterError, http_status=422, code="invalid_request"):
 
 
 class Unauthorized(RouterError, http_status=401, code="unauthorized"):
-    """A write without a valid bearer token."""
+    """A call without the bearer credential its endpoint needs (feedback token, admin token or a
+    client key)."""
 
     headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": "Bearer"}
 
@@ -55,11 +57,29 @@ class PayloadTooLarge(RouterError, http_status=413, code="too_large"):
     """A body over the configured size limit."""
 
 
+class UnsupportedMediaType(RouterError, http_status=415, code="unsupported_media_type"):
+    """A request body whose ``Content-Type`` is not JSON."""
+
+
+class RateLimited(RouterError, http_status=429, code="rate_limited"):
+    """A client key over its rate limit; ``Retry-After`` says when its bucket has a token again."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+
+
 class UpstreamError(RouterError, http_status=502, code="upstream_error"):
     """The chosen arm's upstream failed or answered with an error."""
 
 
 class ServiceUnavailable(RouterError, http_status=503, code="unavailable"):
     """The posterior could not be reached in time (it restarts by itself; retry)."""
+
+    headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+class Overloaded(RouterError, http_status=503, code="overloaded"):
+    """The embedder's queue is full (Serve's ``max_queued_requests``): shed at once, retry later."""
 
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}

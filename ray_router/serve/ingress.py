@@ -1,9 +1,12 @@
 """The ``Ingress`` deployment: the HTTP API (FastAPI) of the router.
 
-Each route reads and checks its body, asks the other deployments (``calls.call``: retried while
-they restart) and the pure :class:`~ray_router.serve.decision.RouteDecider` (the arms and the
-signed decision id), and answers. Errors are mapped in :mod:`ray_router.serve.http_errors`.
-Endpoint contract: ``serve_configs/README.md``.
+Each route checks the caller's credential (:mod:`ray_router.serve.access`: feedback token, admin
+token, client keys with rate limits), reads and checks its body, asks the other deployments
+(``calls.call``: the route path never waits, a saturated embedder is a 503 ``overloaded`` at once;
+feedback and admin calls ride out a posterior restart) and the pure
+:class:`~ray_router.serve.decision.RouteDecider` (the arms and the signed decision id), and
+answers. Errors are mapped in :mod:`ray_router.serve.http_errors` (one catch-all included).
+Endpoint contract: ``serve_configs/README.md``; the request bodies are in ``/openapi.json``.
 
 No ``from __future__ import annotations`` here: FastAPI must see real annotations (``Request``)
 on the ingress methods, which Serve rewrites.
@@ -24,20 +27,39 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_router.serve import http_errors, upstream
+from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
-from ray_router.serve.errors import InvalidRequest, ServiceUnavailable, Unauthorized
+from ray_router.serve.errors import InvalidRequest, ServiceUnavailable
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
-from ray_router.serve.schemas import AdminRefreshRequest, ChatRequest, FeedbackRequest, RouteRequest, routing_text
+from ray_router.serve.schemas import (
+    AdminRefreshRequest,
+    ChatRequest,
+    FeedbackRequest,
+    RouteRequest,
+    openapi_with_bodies,
+    routing_text,
+)
 from ray_router.serve.specs import IngressSpec
-from ray_router.serve.tokens import DecisionSigner, check_bearer, resolve_secret
+from ray_router.serve.tokens import decision_signer
 
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="ray-router", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
 http_errors.install(api)
+# the request bodies of /openapi.json (the routes read their bodies themselves, so FastAPI cannot see
+# them); set before @serve.ingress, which serves a pickled copy of ``api``
+openapi_with_bodies(
+    api,
+    {
+        ("/v1/route", "post"): RouteRequest,
+        ("/v1/feedback", "post"): FeedbackRequest,
+        ("/v1/chat/completions", "post"): ChatRequest,
+        ("/v1/admin/refresh", "post"): AdminRefreshRequest,
+    },
+)
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}, **QUICK_SHUTDOWN)
@@ -53,16 +75,13 @@ class Ingress:
         from ray_router.serve.state import make_scorer
 
         self.embedder, self.posterior, self.spec = embedder, posterior, spec
-        secrets_dir = Path(spec.state_dir) / "secrets"
-        self.token, self.token_source = resolve_secret(spec.auth.token_env, secrets_dir / "token")
-        key, self.key_source = resolve_secret(spec.auth.hmac_key_env, secrets_dir / "hmac_key")
+        self.access, self.sources = load_access(spec.auth, spec.state_dir)
+        signer, self.sources["hmac_key"] = decision_signer(spec.auth.hmac_key_env, Path(spec.state_dir), spec.arm_ids)
         view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
-        self.decider = RouteDecider(
-            spec.arm_ids, view, DecisionSigner(key, spec.arm_ids), spec.auth.decision_ttl_s, spec.limits
-        )
+        self.decider = RouteDecider(spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits)
         self.view = view
         self.metrics = IngressMetrics()
-        api.state.metrics = self.metrics
+        http_errors.use_metrics(self.metrics)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
@@ -96,13 +115,14 @@ class Ingress:
     async def _read(self, request: Request, model: type[BaseModel]) -> Any:
         return await read_body(request, model, self.spec.limits.max_body_bytes)
 
-    def _require_token(self, request: Request) -> None:
-        if not check_bearer(request.headers.get("authorization"), self.token):
-            raise Unauthorized("this call needs 'Authorization: Bearer <token>' with the service's token")
+    def _require(self, request: Request, kind: str) -> None:
+        self.access.require(request.headers.get("authorization"), kind)
+
+    def _client(self, request: Request, required: bool) -> None:
+        self.access.client(request.headers.get("authorization"), required)
 
     def _reads_allowed(self, request: Request) -> None:
-        if self.spec.auth.protect_reads:
-            self._require_token(request)
+        self._client(request, self.spec.auth.protect_reads)
 
     async def _decide(
         self, text: str, offered: list[int] | None, mode: str, cost_weight: float
@@ -110,7 +130,8 @@ class Ingress:
         """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
         the ingress saw it, the encode inside it (its batch's), the choice)."""
         t0 = time.perf_counter()
-        x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=self.spec.service.posterior_retry_s)
+        # never wait on retries here: a saturated or restarting embedder is a 503 at once
+        x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=0.0)
         t1 = time.perf_counter()
         dec = self.decider.decide(x, offered, mode, cost_weight)
         for slot, arm in dec.slots:
@@ -149,7 +170,7 @@ class Ingress:
 
     @api.post("/v1/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
-        self._require_token(request)
+        self._require(request, "feedback")
         req: FeedbackRequest = await self._read(request, FeedbackRequest)
         claims = self.decider.feedback_claims(req.decision_id)
         request_id = uuid.uuid4().hex  # idempotency key of this HTTP request across internal retries
@@ -205,19 +226,18 @@ class Ingress:
     # ----------------------------------------------------------------- admin
     @api.post("/v1/admin/snapshot")
     async def admin_snapshot(self, request: Request) -> JSONResponse:
-        self._require_token(request)
+        self._require(request, "admin")
         return JSONResponse(await self._posterior("snapshot_now"))
 
     @api.post("/v1/admin/refresh")
     async def admin_refresh(self, request: Request) -> JSONResponse:
-        self._require_token(request)
-        raw = await request.body()
-        req = AdminRefreshRequest() if not raw.strip() else await self._read(request, AdminRefreshRequest)
+        self._require(request, "admin")
+        req = await read_body(request, AdminRefreshRequest, self.spec.limits.max_body_bytes, empty_ok=True)
         return JSONResponse(await self._posterior("refresh_now", req.steps, req.times))
 
     @api.get("/v1/admin/status")
     async def admin_status(self, request: Request) -> JSONResponse:
-        self._require_token(request)
+        self._require(request, "admin")
         status = await self._posterior("status", retry_s=5)
         embedder = await call(self.embedder, "info", retry_s=5)
         return JSONResponse(
@@ -226,8 +246,7 @@ class Ingress:
                 "embedder": embedder,
                 "ingress": {
                     "pid": os.getpid(),
-                    "token": self.token_source,
-                    "hmac_key": self.key_source,
+                    "credentials": dict(self.sources),  # where each came from, never the secret
                     "samples_version": self.view.version,
                     "samples_epoch": self.epoch,
                 },
@@ -237,10 +256,15 @@ class Ingress:
     # -------------------------------------------------------- chat completions
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        self._reads_allowed(request)
+        self._client(request, self.spec.auth.chat_requires_key)
         req: ChatRequest = await self._read(request, ChatRequest)
         if req.model != "router":
-            raise InvalidRequest(f"model must be 'router' (the router picks the arm), got {req.model!r}")
+            raise InvalidRequest(f"model must be 'router' (the router picks the arm), got {req.model[:100]!r}")
+        lim = self.spec.limits
+        for name, cap in (("max_tokens", lim.max_tokens), ("max_completion_tokens", lim.max_tokens), ("n", lim.max_n)):
+            value = getattr(req, name)
+            if value is not None and value > cap:
+                raise InvalidRequest(f"{name} is {value}; this router's limit is {cap}")
         opts = req.router
         mode = (opts.mode if opts and opts.mode else None) or self.spec.service.chat_default_mode
         if req.stream and mode == "duel":
@@ -266,4 +290,4 @@ class Ingress:
         answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
         out = upstream.merge_answers(ids, list(answers))
         out["router"] = info
-        return JSONResponse(out, headers=headers)
+        return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything

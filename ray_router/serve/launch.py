@@ -175,6 +175,32 @@ def direct_urls(app_name: str = "ray-router", timeout_s: float = 10.0) -> list[s
         time.sleep(0.2)
 
 
+def answers(url: str, timeout_s: float = 2.0) -> bool:
+    """True when ``url``'s ``/healthz`` answers at all (any HTTP status: the server listens)."""
+    import httpx
+
+    try:
+        httpx.get(f"{url}/healthz", timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def reachable_urls(urls: list[str], timeout_s: float = 2.0) -> list[str]:
+    """The URLs of ``urls`` that answer, each tried as given and then on loopback (Serve reports a
+    replica's node address while its server may listen on 127.0.0.1 only); the rest dropped."""
+    from urllib.parse import urlsplit
+
+    out: list[str] = []
+    for url in urls:
+        port = urlsplit(url).port
+        for cand in dict.fromkeys([url] + ([f"http://127.0.0.1:{port}"] if port else [])):
+            if answers(cand, timeout_s):
+                out.append(cand)
+                break
+    return list(dict.fromkeys(out))
+
+
 def wait_running(names: list[str], timeout_s: float) -> None:
     from ray import serve
 
@@ -311,10 +337,15 @@ def serve_main(args) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         url = deploy(cfg)
-        direct = direct_urls()
+        direct = reachable_urls(direct_urls())  # print only URLs that answer
         state_dir = app_args.state_dir().expanduser().resolve()
-        token_env = app_args.auth.token_env
-        where = f"${token_env}" if os.environ.get(token_env) else str(state_dir / "secrets" / "token")
+        auth = app_args.auth
+        token_env = auth.token_env
+
+        def where(env: str, file: str) -> str:
+            return f"${env}" if os.environ.get(env) else str(state_dir / "secrets" / file)
+
+        keys = ", ".join(f"{c.name}: {where(c.key_env, f'client_{c.name}')}" for c in auth.clients)
         print(
             f"ray-router is serving on {url}\n"
             + "".join(
@@ -323,10 +354,11 @@ def serve_main(args) -> int:
             )
             + f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
             f"  GET  {url}/v1/arms    GET  {url}/v1/stats      GET  {url}/healthz\n"
-            f"  write token (Authorization: Bearer ...): {where}\n"
+            f"  credentials (Authorization: Bearer ...): feedback token {where(token_env, 'token')}; "
+            f"admin token {where(auth.admin_token_env, 'admin_token')}; client keys {keys or 'none'}\n"
             f"  posterior state: {state_dir}"
             + (f"\n  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else "")
-            + policy_banner(url, token_env)
+            + policy_banner(url, auth.clients[0].key_env if auth.clients else token_env)
             + "\nCtrl-C (or SIGTERM) stops it.",
             flush=True,
         )

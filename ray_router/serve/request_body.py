@@ -1,7 +1,8 @@
 """Reading a request body into its pydantic model, with the service's limits and 4xx errors.
 
-``parse_body`` is pure (bytes in, model or error out); ``read_body`` streams a Starlette request
-under the size limit first.
+``parse_body`` is pure (bytes in, model or error out); ``read_body`` checks the declared content
+type (:func:`check_content_type`: JSON or none, else 415) and streams a Starlette request under
+the size limit first.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from ray_router.serve.errors import InvalidRequest, MalformedRequest, PayloadTooLarge
+from ray_router.serve.errors import InvalidRequest, MalformedRequest, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -39,8 +40,22 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise invalid_request(e) from None
 
 
-async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
-    """The request's body as ``model``; 413 beyond ``max_bytes`` (declared or streamed)."""
+def check_content_type(header: str | None) -> None:
+    """A body is JSON: ``application/json`` or any ``application/*+json`` (parameters such as
+    ``charset`` ignored), or no ``Content-Type`` at all (read as JSON); anything else is a 415."""
+    if header is None:
+        return
+    media = header.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    shown = media[:60].encode("ascii", "replace").decode()
+    raise UnsupportedMediaType(f"Content-Type {shown!r} is not JSON: send the body as application/json")
+
+
+async def read_body(request: Request, model: type[M], max_bytes: int, empty_ok: bool = False) -> M:
+    """The request's body as ``model``; 415 unless it is declared JSON (or undeclared), 413 beyond
+    ``max_bytes`` (declared or streamed). ``empty_ok``: an empty body is ``model()``."""
+    check_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
@@ -49,4 +64,6 @@ async def read_body(request: Request, model: type[M], max_bytes: int) -> M:
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+    if empty_ok and not body.strip():
+        return model()
     return parse_body(bytes(body), model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ray_router.config import StrictModel
 
@@ -54,6 +54,10 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     router: RouterOptions | None = None
+    # what the upstream call costs: typed here so that the ingress can cap them (limits.max_*)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    n: StrictInt | None = Field(None, ge=1)
 
 
 def message_text(msg: ChatMessage) -> str:
@@ -71,3 +75,29 @@ def routing_text(req: ChatRequest) -> str:
         if msg.role == "user":
             return message_text(msg)
     return ""
+
+
+def openapi_with_bodies(api: Any, bodies: dict[tuple[str, str], type[BaseModel]]) -> None:
+    """Make ``api``'s OpenAPI document describe the JSON request body of each ``(path, method)``
+    (the routes read their bodies themselves, so FastAPI cannot see them): its model's JSON schema
+    under ``components/schemas``. Fuzzers (``tests/serve/test_fuzz.py``) and clients read it."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema:
+            return api.openapi_schema
+        doc = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for (path, method), model in bodies.items():
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(js.pop("$defs", {}))
+            schemas[model.__name__] = js
+            op = doc["paths"][path][method]
+            op["requestBody"] = {
+                "required": any(f.is_required() for f in model.model_fields.values()),
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        api.openapi_schema = doc
+        return doc
+
+    api.openapi = openapi

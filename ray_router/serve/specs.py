@@ -28,6 +28,9 @@ class PosteriorSpec:
     fsync: bool = True
     lock_timeout_s: float = 60.0
     offline_prior: dict[str, Any] | None = None  # OfflinePrior.to_dict() of the arm table, or None
+    # the decision-id key's env var (else <state_dir>/secrets/hmac_key): the posterior can check each
+    # feedback's signature itself (tokens.decision_signer(...).verify_duel), trusting no caller
+    hmac_key_env: str = "RAY_ROUTER_HMAC_KEY"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import struct
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_router.errors import ConfigError
-from ray_router.serve.errors import ExpiredDecision, ForgedDecision, MalformedRequest, StaleDecision
+from ray_router.serve.errors import ExpiredDecision, ForgedDecision, MalformedRequest, NotADuel, StaleDecision
 
 PREFIX = "d2"
 _VERSION = 2
@@ -43,6 +44,8 @@ _HEAD = struct.Struct(">BB12sQHHH4sH")  # version, mode, nonce, expires, first, 
 _NONE = 0xFFFF
 MIN_SECRET_CHARS = 16
 MAX_TOKEN_CHARS = 16384
+# the shape of every id we issue: ASCII only (base64url), so anything else is refused before the HMAC
+_ID_SHAPE = re.compile(r"d2\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
 
 
 def new_nonce() -> str:
@@ -136,9 +139,10 @@ class DecisionSigner:
         """Claims of a genuine, live decision id of this arm table. Raises MalformedRequest (400),
         ForgedDecision (403), ExpiredDecision (410) or StaleDecision (410), checked in that order."""
         now = time.time() if now is None else now
-        parts = token.split(".") if isinstance(token, str) and len(token) <= MAX_TOKEN_CHARS else []
-        if len(parts) != 3 or parts[0] != PREFIX or not parts[1] or not parts[2]:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS or not _ID_SHAPE.fullmatch(token):
+            # non-ASCII, NUL, a wrong number of parts: not an id of ours (and nothing to hash)
             raise MalformedRequest("decision_id is not a decision id issued by this router")
+        parts = token.split(".")
         body = f"{parts[0]}.{parts[1]}"
         if not hmac.compare_digest(parts[2].encode(), self._sig(body).encode()):
             raise ForgedDecision("decision_id signature does not verify")
@@ -169,15 +173,39 @@ class DecisionSigner:
             x=x,
         )
 
+    def verify_duel(self, token: str, now: float | None = None) -> DecisionClaims:
+        """:meth:`verify`, and the decision must be a duel (:class:`NotADuel`, 409, otherwise): the
+        whole check a feedback's decision id gets. Pure, so the ingress and the posterior (defence
+        in depth: it trusts no caller) run the same one."""
+        claims = self.verify(token, now)
+        if claims.mode != "duel":
+            raise NotADuel("a single-mode decision served one arm; pairwise feedback needs a duel")
+        return claims
+
+
+def decision_signer(hmac_key_env: str, state_dir: str | Path, arm_ids: Sequence[str]) -> tuple[DecisionSigner, str]:
+    """The service's decision signer and where its key came from (``$hmac_key_env``, else the
+    generated ``<state_dir>/secrets/hmac_key``): the same key for the ingress, which signs, and
+    the posterior, which verifies each feedback's decision id again."""
+    key, source = resolve_secret(hmac_key_env, Path(state_dir) / "secrets" / "hmac_key")
+    return DecisionSigner(key, arm_ids), source
+
 
 def check_bearer(header: str | None, token: str) -> bool:
     """True when ``header`` is ``Bearer <token>`` (constant-time comparison)."""
+    value = bearer_value(header)
+    return value is not None and hmac.compare_digest(value.encode("utf-8", "surrogatepass"), token.encode())
+
+
+def bearer_value(header: str | None) -> str | None:
+    """The credential of an ``Authorization: Bearer <value>`` header (None: absent or another
+    scheme). Header values are Latin-1 on the wire; a value is compared as UTF-8 bytes."""
     if not header:
-        return False
+        return None
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(value.strip().encode(), token.encode())
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
 
 
 def resolve_secret(env_name: str, fallback_file: Path) -> tuple[str, str]:

@@ -1,8 +1,14 @@
-"""Forwarding a chat completion to an arm's OpenAI-compatible upstream (httpx, async)."""
+"""Forwarding a chat completion to an arm's OpenAI-compatible upstream (httpx, async).
+
+What went wrong upstream (its error text, its base URL, a missing key) goes to the replica's log;
+the client's 502 says only that the arm's upstream failed, and how (timeout, unreachable, the HTTP
+status it answered).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +20,14 @@ from ray_router.serve.errors import UpstreamError
 
 HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "content-encoding")
 
+logger = logging.getLogger("ray.serve")
+
+
+def _fail(client_message: str, log_detail: str) -> UpstreamError:
+    """The client's message (no internals) and the operator's detail (logged)."""
+    logger.warning(f"upstream failure: {log_detail}")
+    return UpstreamError(client_message)
+
 
 def build_request(upstream: UpstreamSpec, body: dict[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
     """URL, headers and JSON body for ``upstream``."""
@@ -24,7 +38,7 @@ def build_request(upstream: UpstreamSpec, body: dict[str, Any]) -> tuple[str, di
     if key_env:
         key = os.environ.get(key_env)
         if not key:
-            raise UpstreamError(f"the upstream's API key env var ${key_env} is not set on the ingress")
+            raise _fail("the arm's upstream is not configured", f"${key_env} is not set on the ingress")
         headers["authorization"] = f"Bearer {key}"
     return f"{upstream.base_url}/chat/completions", headers, payload
 
@@ -37,7 +51,8 @@ def _error_message(resp: httpx.Response, text: str) -> str:
             text = err.get("message", json.dumps(err)) if isinstance(err, dict) else str(err)
     except ValueError:
         pass
-    return f"upstream answered {resp.status_code}: {text[:500]}"
+    logger.warning(f"upstream {resp.request.url} answered {resp.status_code}: {text[:500]}")
+    return f"the arm's upstream answered HTTP {resp.status_code}"
 
 
 async def complete(client: httpx.AsyncClient, upstream: UpstreamSpec, body: dict[str, Any]) -> dict[str, Any]:
@@ -45,17 +60,18 @@ async def complete(client: httpx.AsyncClient, upstream: UpstreamSpec, body: dict
     try:
         resp = await client.post(url, headers=headers, json=payload)
     except httpx.TimeoutException as e:
-        raise UpstreamError(f"upstream {upstream.base_url} timed out: {type(e).__name__}") from None
+        raise _fail("the arm's upstream timed out", f"{upstream.base_url}: {e!r}") from None
     except httpx.HTTPError as e:
-        raise UpstreamError(f"upstream {upstream.base_url} unreachable: {type(e).__name__}: {e}") from None
+        raise _fail("the arm's upstream is unreachable", f"{upstream.base_url}: {e!r}") from None
     if resp.status_code != 200:
         raise UpstreamError(_error_message(resp, resp.text))
     try:
         out = resp.json()
     except ValueError:
-        raise UpstreamError("upstream answered 200 with a body that is not JSON") from None
-    if not isinstance(out, dict) or not isinstance(out.get("choices"), list):
-        raise UpstreamError("upstream answer has no 'choices' list")
+        raise _fail("the arm's upstream answered with a body that is not JSON", f"{upstream.base_url}") from None
+    choices = out.get("choices") if isinstance(out, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise _fail("the arm's upstream answered without a 'choices' list", f"{upstream.base_url}")
     return out
 
 
@@ -67,7 +83,7 @@ async def open_stream(client: httpx.AsyncClient, upstream: UpstreamSpec, body: d
     try:
         resp = await client.send(req, stream=True)
     except httpx.HTTPError as e:
-        raise UpstreamError(f"upstream {upstream.base_url} unreachable: {type(e).__name__}: {e}") from None
+        raise _fail("the arm's upstream is unreachable", f"{upstream.base_url}: {e!r}") from None
     if resp.status_code != 200:
         text = (await resp.aread()).decode("utf-8", "replace")
         await resp.aclose()

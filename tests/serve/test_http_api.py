@@ -47,7 +47,16 @@ def app(serve_cluster, fake_upstream, tmp_path_factory) -> RouterApp:
         serve_cluster,
         tmp_path_factory.mktemp("http-state"),
         synthetic_arm_args(tmp_path_factory.mktemp("http-arms")),
-        args={"arms": arms, "limits": {"max_query_chars": MAX_QUERY, "max_body_bytes": MAX_BODY}},
+        args={
+            "arms": arms,
+            "limits": {"max_query_chars": MAX_QUERY, "max_body_bytes": MAX_BODY, "max_candidates": 5, "max_n": 2},
+            "auth": {
+                "clients": [
+                    {"name": "default", "key_env": "RAY_ROUTER_CLIENT_KEY"},
+                    {"name": "tight", "key_env": "RR_TEST_TIGHT_KEY", "rate_per_s": 0.001, "burst": 2},
+                ]
+            },
+        },
     )
     yield app
     delete_router()
@@ -68,6 +77,12 @@ def direct_client(app):
     assert urls, "direct ingress is on by default (launch.RAY_ENV_DEFAULTS)"
     with httpx.Client(base_url=urls[0], timeout=60) as c:
         yield c
+
+
+def secret(app: RouterApp, name: str) -> dict[str, str]:
+    """``Authorization`` header with one of the app's generated secrets (``admin_token``,
+    ``client_default``, ...: the test environment sets only the feedback token and the HMAC key)."""
+    return {"Authorization": f"Bearer {(app.state_dir / 'secrets' / name).read_text().strip()}"}
 
 
 def _claims(decision_id: str):
@@ -134,7 +149,7 @@ def test_route_feedback_advances_the_posterior_and_changes_choices(client, app):
     assert s1["posterior"]["version"] > v0
     assert s1["durability"]["last_seq"] == s1["durability"]["last_applied_seq"] == n0 + n
     # let the exploit mean settle (admin call), then the served arm has changed to the winner
-    r = client.post("/v1/admin/refresh", json={"times": 60}, headers=app.auth)
+    r = client.post("/v1/admin/refresh", json={"times": 60}, headers=secret(app, "admin_token"))
     assert r.status_code == 200, r.text
     assert route(client, query=probe, mode="single", candidates=pair)["model"] == winner
 
@@ -165,15 +180,39 @@ def test_direct_ingress_serves_the_same_api_without_the_proxy(client, direct_cli
 
 
 # --------------------------------------------------------------- auth, forgery, replay
-def test_feedback_needs_the_token(client):
+def test_feedback_needs_the_token(client, app):
     d = route(client, query="auth test")
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}):
+    others = [secret(app, "admin_token"), secret(app, "client_default")]  # other powers do not open it
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, *others):
         r = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "first"}, headers=headers)
         assert r.status_code == 401 and r.json()["error"] == "unauthorized"
         assert r.headers.get("www-authenticate") == "Bearer"
-    for path in ("/v1/admin/snapshot", "/v1/admin/refresh"):
-        assert client.post(path).status_code == 401
-    assert client.get("/v1/admin/status").status_code == 401
+
+
+def test_admin_endpoints_need_the_admin_token(client, app):
+    """Separate powers: neither the feedback token nor a client key opens the admin endpoints."""
+    for headers in ({}, app.auth, secret(app, "client_default"), {"Authorization": "Bearer wrong"}):
+        for path in ("/v1/admin/snapshot", "/v1/admin/refresh"):
+            assert client.post(path, headers=headers).status_code == 401
+        assert client.get("/v1/admin/status", headers=headers).status_code == 401
+    admin = secret(app, "admin_token")
+    status = client.get("/v1/admin/status", headers=admin)
+    assert status.status_code == 200, status.text
+    creds = status.json()["ingress"]["credentials"]
+    assert creds["feedback_token"] == "$RAY_ROUTER_TOKEN" and creds["admin_token"].endswith("admin_token")
+    assert TOKEN not in status.text and HMAC_KEY not in status.text
+    assert client.post("/v1/admin/refresh", headers=admin).status_code == 200  # an empty body: one refresh
+    r = client.post("/v1/admin/refresh", json={"times": 10**40}, headers=admin)
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+
+
+def test_a_client_key_over_its_rate_limit_gets_429(client, app):
+    tight = secret(app, "client_tight")  # burst 2, then one per 1000 s
+    assert [client.get("/v1/arms", headers=tight).status_code for _ in range(2)] == [200, 200]
+    r = client.get("/v1/arms", headers=tight)
+    assert r.status_code == 429 and r.json()["error"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
+    assert client.get("/v1/arms", headers=secret(app, "client_default")).status_code == 200  # its own bucket
+    assert client.get("/v1/arms").status_code == 200  # reads are open by default (protect_reads: false)
 
 
 def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
@@ -289,6 +328,70 @@ def test_bad_feedback_input_is_a_4xx_json_error(client, app):
     assert ok.status_code == 200, ok.text
 
 
+def test_hostile_feedback_input_is_a_4xx(client, app):
+    """The issue's 500 (a non-ASCII decision id with a valid token) and its relatives."""
+    tok = route(client, query="hostile feedback")["decision_id"]
+    cases = [
+        json.dumps({"decision_id": "d2.\u00e9.x", "outcome": "first"}).encode(),  # escaped in the JSON
+        '{"decision_id": "d2.\u00e9.x", "outcome": "first"}'.encode(),  # raw UTF-8
+        json.dumps({"decision_id": tok[:10] + "\u00e9" + tok[11:], "outcome": "first"}).encode(),
+        json.dumps({"decision_id": tok[:-1] + "\u00e9", "outcome": "first"}).encode(),
+        json.dumps({"decision_id": tok[:10] + "\x00" + tok[11:], "outcome": "first"}).encode(),
+        json.dumps({"decision_id": "d2.\U0001f600.\U0001f600", "outcome": "first"}).encode(),
+        json.dumps({"decision_id": tok + "\n", "outcome": "first"}).encode(),
+    ]
+    for raw in cases:
+        r = client.post("/v1/feedback", content=raw, headers={**app.auth, "content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]) == (400, "malformed_request"), (raw[:60], r.text)
+    r = client.post("/v1/feedback", content=b'{"decision_id": "\\ud800", "outcome": "first"}', headers=app.auth)
+    assert r.status_code == 400, r.text  # a lone surrogate is not valid JSON text
+    # none of that consumed the decision
+    ok = client.post("/v1/feedback", json={"decision_id": tok, "outcome": "first"}, headers=app.auth)
+    assert ok.status_code == 200, ok.text
+
+
+_HOSTILE_ROUTE = [
+    ("NUL in query", json.dumps({"query": "a\x00b"}).encode(), {200}),
+    ("non-ASCII query", json.dumps({"query": "\u00e9\u4e2d\U0001f600"}, ensure_ascii=False).encode(), {200}),
+    ("lone surrogate", b'{"query": "\\udc00"}', {400}),
+    ("invalid UTF-8", b'{"query": "\xff\xfe"}', {400}),
+    ("huge float", b'{"query": "x", "cost_weight": 1e400}', {422}),
+    ("huge int", b'{"query": "x", "cost_weight": ' + b"9" * 5000 + b"}", {400, 422}),
+    ("deep nesting", b'{"query": "x", "candidates": ' + b"[" * 100000 + b"]" * 100000 + b"}", {400, 413, 422}),
+    ("deep object", b'{"query": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", {400, 413, 422}),
+    ("too many candidates", json.dumps({"query": "x", "candidates": [f"c{i}" for i in range(6)]}).encode(), {422}),
+    ("candidates of objects", b'{"query": "x", "candidates": [{}, []]}', {422}),
+    ("query as list", b'{"query": ["x"]}', {422}),
+    ("mode as int", b'{"query": "x", "mode": 1}', {422}),
+    ("duplicate keys", b'{"query": "x", "query": "y"}', {200, 422}),
+    ("BOM", b'\xef\xbb\xbf{"query": "x"}', {200, 400}),
+    ("JSON string", b'"x"', {422}),
+    ("JSON null", b"null", {422}),
+    ("trailing garbage", b'{"query": "x"} x', {400}),
+]
+
+
+@pytest.mark.parametrize("name, raw, statuses", _HOSTILE_ROUTE, ids=[c[0] for c in _HOSTILE_ROUTE])
+def test_hostile_route_input_is_answered_in_json(client, name, raw, statuses):
+    r = client.post("/v1/route", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code in statuses, r.text
+    assert r.headers["content-type"] == "application/json"
+    if r.status_code != 200:
+        assert r.json()["error"] and r.json()["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+@pytest.mark.parametrize("path", ["/v1/route", "/v1/feedback", "/v1/chat/completions", "/v1/admin/refresh"])
+def test_non_json_bodies_are_415(client, app, path, content_type):
+    headers = {"content-type": content_type, **app.auth}
+    if path == "/v1/chat/completions":
+        headers.update(secret(app, "client_default"))
+    if path == "/v1/admin/refresh":
+        headers.update(secret(app, "admin_token"))
+    r = client.post(path, content=b'{"query": "x"}', headers=headers)
+    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type"), r.text
+
+
 def test_unknown_paths_and_methods_are_json(client):
     r = client.get("/v1/nope")
     assert r.status_code == 404 and r.json()["error"] == "not_found"
@@ -297,13 +400,44 @@ def test_unknown_paths_and_methods_are_json(client):
 
 
 # ------------------------------------------------------------------- chat completions
-def _chat(client, **extra):
+def _chat(client, headers: dict | None = None, **extra):
     body = {
         "model": "router",
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2 + 2?"}],
         **extra,
     }
-    return client.post("/v1/chat/completions", json=body)
+    key = client.headers.get("x-test-client-key", "")
+    return client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}", **(headers or {})})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _client_key(client, app):
+    """The chat tests' client key (chat needs one by default), carried in a private header of the
+    test client that :func:`_chat` turns into ``Authorization``."""
+    client.headers["x-test-client-key"] = (app.state_dir / "secrets" / "client_default").read_text().strip()
+
+
+def test_chat_needs_a_client_key(client, app, fake_upstream):
+    _, seen = fake_upstream
+    n = len(seen)
+    for headers in ({"Authorization": ""}, app.auth, secret(app, "admin_token"), {"Authorization": "Bearer nope"}):
+        r = _chat(client, headers=headers)
+        assert (r.status_code, r.json()["error"]) == (401, "unauthorized"), r.text
+    assert len(seen) == n  # no upstream was called
+
+
+def test_chat_caps_and_no_upstream_internals_in_errors(client, fake_upstream):
+    base_url, seen = fake_upstream
+    n = len(seen)
+    for extra in ({"max_tokens": 4097}, {"max_completion_tokens": 10**30}, {"n": 3}, {"n": 1.5}, {"max_tokens": "9"}):
+        r = _chat(client, **extra)
+        assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), (extra, r.text)
+    assert len(seen) == n
+    r = _chat(client, max_tokens=16, n=2, router={"candidates": [CLAUDE2]})
+    assert r.status_code == 200 and seen[-1]["body"]["max_tokens"] == 16 and seen[-1]["body"]["n"] == 2
+    r = _chat(client, router={"candidates": [MISTRAL]})  # that upstream answers 500 "upstream exploded"
+    assert (r.status_code, r.json()["error"]) == (502, "upstream_error")
+    assert "exploded" not in r.text and base_url not in r.text and "127.0.0.1" not in r.text
 
 
 def test_chat_completion_single(client, fake_upstream):
@@ -329,7 +463,8 @@ def test_chat_completion_stream(client):
         "messages": [{"role": "user", "content": "Tell me a joke."}],
         "router": {"candidates": [GPT4, CLAUDE2]},
     }
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    key = {"Authorization": f"Bearer {client.headers['x-test-client-key']}"}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=key) as r:
         assert r.status_code == 200
         arm = r.headers["x-router-model"]
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
@@ -384,6 +519,18 @@ def test_custom_metrics_reach_the_prometheus_endpoint(client, app):
 
     text = wait_for(scraped, timeout_s=60, interval_s=1, what="ray_router_* series")
     assert "ray_router_routes_total{" in text and 'arm="' in text
+
+
+def test_error_answers_are_counted_by_status_and_code(client, app):
+    r = client.post("/v1/route", content=b'{"query": "x"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    url = f"http://127.0.0.1:{app.cluster.metrics_port}/metrics"
+
+    def counted():
+        lines = [ln for ln in httpx.get(url, timeout=10).text.splitlines() if ln.startswith("ray_router_http_errors")]
+        return [ln for ln in lines if 'error="unsupported_media_type"' in ln and 'status="415"' in ln]
+
+    wait_for(counted, timeout_s=60, interval_s=1, what="the 415 in ray_router_http_errors_total")
 
 
 def test_benchmark_smoke(app):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 import ray_router.errors as core_errors
 import ray_router.serve.errors as serve_errors
@@ -30,8 +30,11 @@ EXPECTED = {
     "ExpiredDecision": (410, "expired_decision"),
     "StaleDecision": (410, "stale_decision"),
     "PayloadTooLarge": (413, "too_large"),
+    "UnsupportedMediaType": (415, "unsupported_media_type"),
+    "RateLimited": (429, "rate_limited"),
     "UpstreamError": (502, "upstream_error"),
     "ServiceUnavailable": (503, "unavailable"),
+    "Overloaded": (503, "overloaded"),
 }
 
 
@@ -60,16 +63,49 @@ def test_the_readme_table_lists_each_status_and_code():
     for name, (status, code) in EXPECTED.items():
         if code != "bad_request":  # config and data errors are the CLI's; the service never answers them
             assert re.search(rf"\| {status} \| `{code}`", text), f"README has no row for {name} ({status} {code})"
+    assert re.search(rf"\| 500 \| `{http_errors.INTERNAL}`", text), "README has no row for the catch-all"
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.seen: list[dict] = []
+
+    def inc(self, n, tags):
+        self.seen.append(tags)
 
 
 @pytest.fixture
-def client():
+def counter() -> Counter:
+    return Counter()
+
+
+@pytest.fixture
+def client(counter):
+    from types import SimpleNamespace
+
+    from ray_router.serve.request_body import read_body
+
     api = FastAPI()
     http_errors.install(api)
+    api.state.metrics = SimpleNamespace(http_errors=counter)
 
     @api.get("/raise/{name}")
     async def raise_(name: str):
         raise _error_classes()[name](f"message of {name}")
+
+    @api.get("/bug")
+    async def bug():
+        raise KeyError("/secret/path/of/the/server")  # a bug: no handler maps it
+
+    @api.get("/bug-in-message")
+    async def bug_in_message():
+        from ray_router.serve.errors import InvalidRequest
+
+        raise InvalidRequest("echoes client input: \ud800 \x00 \u00e9")  # not encodable as UTF-8
+
+    @api.post("/body")
+    async def body(request: Request):
+        return (await read_body(request, RouteRequest, 1000)).model_dump()
 
     @api.post("/route")
     async def route(body: dict):
@@ -141,3 +177,42 @@ def test_an_error_answer_may_carry_a_status_field():
         "status": "degraded",
         "routes": "ok",
     }
+
+
+def test_the_catch_all_answers_a_counted_json_500_without_internals(client, counter):
+    r = client("GET", "/bug")
+    body = r.json()
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert set(body) == {"error", "message"} and body["error"] == "internal"
+    assert "secret" not in body["message"] and "KeyError" not in body["message"] and "reference" in body["message"]
+    assert counter.seen == [{"status": "500", "error": "internal"}]
+
+
+def test_an_error_message_with_any_characters_renders(client, counter):
+    r = client("GET", "/bug-in-message")
+    assert r.status_code == 422 and r.json()["message"] == "echoes client input: \ud800 \x00 \u00e9"
+    assert counter.seen == [{"status": "422", "error": "invalid_request"}]
+
+
+@pytest.mark.parametrize(
+    "content_type, status",
+    [
+        (None, 200),
+        ("application/json", 200),
+        ("application/json; charset=utf-8", 200),
+        ("Application/JSON", 200),
+        ("application/vnd.api+json", 200),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("multipart/form-data; boundary=x", 415),
+        ("application/jsonx", 415),
+        ("", 415),
+        ("\u00e9/\u00e9", 415),
+    ],
+)
+def test_bodies_must_be_declared_json(client, content_type, status):
+    headers = {} if content_type is None else {"content-type": content_type.encode("latin-1")}
+    r = client("POST", "/body", content=b'{"query": "x"}', headers=headers)
+    assert r.status_code == status, r.text
+    if status == 415:
+        assert r.json()["error"] == "unsupported_media_type"

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from ray_router.errors import ConfigError
-from ray_router.serve.errors import ExpiredDecision, ForgedDecision, MalformedRequest, StaleDecision
-from ray_router.serve.tokens import DecisionSigner, check_bearer, new_nonce, quantise, resolve_secret
+from ray_router.serve.errors import ExpiredDecision, ForgedDecision, MalformedRequest, NotADuel, StaleDecision
+from ray_router.serve.tokens import (
+    DecisionSigner,
+    bearer_value,
+    check_bearer,
+    decision_signer,
+    new_nonce,
+    quantise,
+    resolve_secret,
+)
 
 KEY = "k" * 32
 ARMS = ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k")
@@ -78,6 +86,16 @@ def _payload_edit(tok: str, edit) -> str:
         (lambda t: t + ".extra", MalformedRequest),
         (lambda t: "d1." + t[3:], MalformedRequest),
         (lambda t: "x" * 20000, MalformedRequest),
+        # hostile characters (the issue's 500: UnicodeEncodeError in the HMAC of a non-ASCII payload)
+        (lambda t: "d2.\u00e9.x", MalformedRequest),
+        (lambda t: t[:10] + "\u00e9" + t[11:], MalformedRequest),  # a genuine id with one letter replaced
+        (lambda t: t[:-1] + "\u00e9", MalformedRequest),  # ... in the signature
+        (lambda t: t[:10] + "\x00" + t[11:], MalformedRequest),  # NUL
+        (lambda t: t[:10] + "\ud800" + t[11:], MalformedRequest),  # a lone surrogate (not encodable)
+        (lambda t: t[:10] + "=" + t[11:], MalformedRequest),  # not base64url
+        (lambda t: t + "\n", MalformedRequest),
+        (lambda t: "d2..", MalformedRequest),
+        (lambda t: "d2.\uff21\uff22.\uff23", MalformedRequest),  # full-width letters
     ],
 )
 def test_tampered_or_foreign_ids_are_refused(mutate, error):
@@ -85,6 +103,26 @@ def test_tampered_or_foreign_ids_are_refused(mutate, error):
     tok = s.issue(new_nonce(), NOW + 60, "duel", 1, 2, None, _x())
     with pytest.raises(error):
         s.verify(mutate(tok), NOW)
+
+
+def test_verify_duel_is_the_whole_feedback_check():
+    s = DecisionSigner(KEY, ARMS)
+    duel = s.issue(new_nonce(), NOW + 60, "duel", 0, 1, None, _x())
+    assert s.verify_duel(duel, NOW).mode == "duel"
+    with pytest.raises(NotADuel):
+        s.verify_duel(s.issue(new_nonce(), NOW + 60, "single", 2), NOW)
+    with pytest.raises(ForgedDecision):
+        s.verify_duel(_flip(duel, len(duel) - 1), NOW)
+
+
+def test_ingress_and_posterior_load_the_same_signing_key(tmp_path, monkeypatch):
+    """The posterior verifies decision ids itself: ``decision_signer`` gives it the ingress's key."""
+    monkeypatch.delenv("RR_TEST_HMAC", raising=False)
+    ingress, where = decision_signer("RR_TEST_HMAC", tmp_path, ARMS)
+    posterior, _ = decision_signer("RR_TEST_HMAC", tmp_path, ARMS)
+    assert where == str(tmp_path / "secrets" / "hmac_key")
+    tok = ingress.issue(new_nonce(), NOW + 60, "duel", 0, 1, None, _x())
+    assert posterior.verify_duel(tok, NOW).first == 0
 
 
 def test_expired_ids_are_refused_after_the_signature_check():
@@ -117,10 +155,14 @@ def test_short_keys_are_refused():
         (KEY, False),
         ("", False),
         (None, False),
+        ("Bearer ", False),
+        ("Bearer \u00e9\u00e9", False),  # non-ASCII (Latin-1 on the wire): compared, not crashed on
+        ("Bearer \ud800", False),
     ],
 )
 def test_bearer(header, ok):
     assert check_bearer(header, KEY) is ok
+    assert (bearer_value(header) == KEY) is ok
 
 
 def test_resolve_secret_prefers_env_then_generates_a_private_file(tmp_path, monkeypatch):
