@@ -19,7 +19,7 @@ METRICS = {
     "router_http_errors": ("counter", ("status", "error"), "4xx/5xx answers by status code and error code"),
     "router_feedback": ("counter", ("outcome",), "feedback durably recorded, by outcome first/second/tie"),
     "router_posterior_refresh_seconds": ("histogram", (), "time of one background SGLD refresh of the posterior"),
-    "router_feedback_log_bytes": ("gauge", (), "size of the append-only feedback log"),
+    "router_feedback_log_bytes": ("gauge", (), "bytes of the live feedback-log segments (drops at compaction)"),
     "router_posterior_version": ("gauge", (), "posterior version (number of refreshes)"),
 }
 

@@ -25,7 +25,7 @@ NAMESPACE = "ray-router"
 CREDENTIALS = {
     "RAY_ROUTER_TOKEN": ("ray-router-feedback-token", "token"),
     "RAY_ROUTER_ADMIN_TOKEN": ("ray-router-admin-token", "token"),
-    "RAY_ROUTER_CLIENT_KEYS": ("ray-router-client-keys", "keys"),
+    "RAY_ROUTER_CLIENT_KEY": ("ray-router-client-key", "key"),
     "RAY_ROUTER_HMAC_KEY": ("ray-router-hmac-key", "key"),
 }
 RAY_AUTH_SECRET = "ray-router-ray-auth"
@@ -182,6 +182,7 @@ def test_every_credential_comes_from_its_own_required_secret(build):
     service = one(build, "RayService")
     auth = app_of(serve_config(build))["args"]["auth"]
     read_by_app = {v for k, v in auth.items() if k.endswith("_env")}  # the env vars the app reads
+    read_by_app |= {c["key_env"] for c in auth.get("clients", [])}  # each client's key
     for where, template in kube.pod_templates(service):
         assert secret_errors(template) == [], where
         env = {e["name"]: e for e in ray_container(template)["env"]}

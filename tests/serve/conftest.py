@@ -152,6 +152,11 @@ class RouterApp:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {TOKEN}"}
 
+    @property
+    def admin(self) -> dict[str, str]:
+        """The admin token's header (generated into the state dir: the tests set only the feedback token)."""
+        return {"Authorization": f"Bearer {(self.state_dir / 'secrets' / 'admin_token').read_text().strip()}"}
+
 
 def config_args(config: str = "local.yaml") -> dict[str, Any]:
     """The ray-router app's ``args`` of a shipped Serve config."""

@@ -118,7 +118,7 @@ def _log_records(app: RouterApp) -> list[dict]:
 
 
 def _status(app: RouterApp) -> dict:
-    r = httpx.get(f"{app.url}/v1/admin/status", headers=AUTH, timeout=120)
+    r = httpx.get(f"{app.url}/v1/admin/status", headers=app.admin, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
