@@ -172,9 +172,9 @@ class Ingress:
     async def feedback(self, request: Request) -> JSONResponse:
         self._require(request, "feedback")
         req: FeedbackRequest = await self._read(request, FeedbackRequest)
-        claims = self.decider.feedback_claims(req.decision_id)
+        self.decider.feedback_claims(req.decision_id)  # refuse a bad id here, before any call
         request_id = uuid.uuid4().hex  # idempotency key of this HTTP request across internal retries
-        ack = await self._posterior("feedback", claims, req.outcome, request_id)
+        ack = await self._posterior("feedback", req.decision_id, req.outcome, request_id)
         return JSONResponse({**ack, "decision_id": req.decision_id})
 
     @api.get("/v1/arms")

@@ -34,7 +34,7 @@ from typing import Any
 from ray_router.serve.durable import GroupCommitter
 from ray_router.serve.specs import PosteriorSpec
 from ray_router.serve.state import PosteriorState
-from ray_router.serve.tokens import DecisionClaims
+from ray_router.serve.tokens import DecisionSigner, decision_signer
 
 logger = logging.getLogger("ray.serve")
 
@@ -58,8 +58,13 @@ class PosteriorService:
         metrics: Any = None,
         clock: Callable[[], float] = time.time,
         segment_bytes: int | None = None,
+        signer: DecisionSigner | None = None,
     ) -> None:
         self.state = PosteriorState(spec, clock=clock, segment_bytes=segment_bytes)
+        # defence in depth: every feedback's decision id is verified here again, with the service's
+        # key ($hmac_key_env, else the state dir's generated key), whatever the caller checked
+        self.signer = signer or decision_signer(spec.hmac_key_env, spec.state_dir, spec.arm_ids)[0]
+        self._clock = clock
         self.refresh_min_interval_s = refresh_min_interval_s
         self.metrics = metrics if metrics is not None else _NoMetrics()
         self.epoch = uuid.uuid4().hex  # this posterior instance: a restart is a new epoch
@@ -150,8 +155,10 @@ class PosteriorService:
                 await asyncio.wait_for(event.wait(), wait_s)
         return {**self.state.view(), "epoch": self.epoch}
 
-    async def feedback(self, claims: DecisionClaims, outcome: str, request_id: str) -> dict:
-        """Record a verified decision's feedback; the acknowledgement comes once it is durable."""
+    async def feedback(self, decision_id: str, outcome: str, request_id: str) -> dict:
+        """Record a decision's feedback; the acknowledgement comes once it is durable. The decision id
+        is verified here (signature, expiry, a duel): the posterior trusts no caller."""
+        claims = self.signer.verify_duel(decision_id, self._clock())
         nonce = claims.nonce
         res = self.state.begin_feedback(claims, outcome, request_id)
         if isinstance(res, tuple):  # this request was recorded before (a retry after a crash)

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from ray_router.errors import ConfigError
+from ray_router.errors import ConfigError, RouterError
 from ray_router.serve.config import LimitsSpec
 from ray_router.serve.decision import Decision, RouteDecider
-from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, NotADuel
+from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, ForgedDecision, NotADuel
 from ray_router.serve.posterior_service import PosteriorService
 from ray_router.serve.ranking import SampleView, choose_best, choose_duel, normalised_prices, win_probability
 from ray_router.serve.state import SNAPSHOT_FILE, PosteriorState, make_scorer
@@ -40,7 +40,11 @@ class Router:
         self.enc, self.clock = enc, clock
         seg = overrides.pop("segment_bytes", None)
         self.svc = PosteriorService(
-            spec(tmp_path, **overrides), refresh_min_interval_s=0.0, clock=clock, segment_bytes=seg
+            spec(tmp_path, **overrides),
+            refresh_min_interval_s=0.0,
+            clock=clock,
+            segment_bytes=seg,
+            signer=DecisionSigner(KEY, spec(tmp_path, **overrides).arm_ids),
         )
         self.run(self.svc.start())
         s = self.svc.state.spec
@@ -80,7 +84,8 @@ class Router:
         return self.decider.decide(self.enc.encode([text])[0], offered, mode, cost_weight)
 
     def feedback(self, decision_id: str, outcome: str, request_id: str = "r") -> dict:
-        return self.run(self.svc.feedback(self.decider.feedback_claims(decision_id), outcome, request_id))
+        self.decider.feedback_claims(decision_id)  # what the ingress checks first
+        return self.run(self.svc.feedback(decision_id, outcome, request_id))
 
     def close(self) -> None:
         tasks = asyncio.all_tasks(self.loop)
@@ -181,12 +186,11 @@ def test_single_and_expired_decisions(router):
     with pytest.raises(NotADuel):
         r.feedback(single.decision_id, "first")
     d = r.route("q2")
-    claims = r.decider.feedback_claims(d.decision_id)
     clock.t += 601
     with pytest.raises(ExpiredDecision):
         r.decider.feedback_claims(d.decision_id)  # the ingress refuses it
     with pytest.raises(ExpiredDecision):
-        r.run(r.svc.feedback(claims, "first", "r"))  # and the posterior checks expiry too
+        r.run(r.svc.feedback(d.decision_id, "first", "r"))  # and the posterior checks expiry too
     assert r.st.journal.last_seq == 0 and r.st.policy.n_updates == 0
 
 
@@ -503,3 +507,22 @@ def test_a_snapshot_without_its_log_refuses_to_start(tmp_path, router):
     shutil.rmtree(tmp_path / "feedback")
     with pytest.raises(ConfigError, match="restore the log directory from a backup"):
         opened(tmp_path)
+
+
+def test_the_posterior_verifies_each_decision_id_itself(router):
+    """Defence in depth: a caller that reaches the posterior directly (skipping the ingress) still
+    cannot record feedback for a forged, tampered or single-mode decision id."""
+    r = router()
+    d = r.route("q")
+    forger = DecisionSigner("not-the-service-key-0123456789", r.st.spec.arm_ids)
+    forged = RouteDecider(r.st.spec.arm_ids, r.view, forger, 600.0, LimitsSpec(), r.clock).decide(
+        r.enc.encode(["q"])[0], None, "duel", 0.0
+    )
+    head, payload, sig = d.decision_id.split(".")
+    tampered = f"{head}.{payload[:-2]}AA.{sig}"
+    single = r.route("q", mode="single")
+    for bad, err in ((forged.decision_id, ForgedDecision), (tampered, RouterError), (single.decision_id, NotADuel)):
+        with pytest.raises(err):
+            r.run(r.svc.feedback(bad, "first", "direct"))
+    assert r.st.journal.last_seq == 0 and r.st.policy.n_updates == 0
+    assert r.run(r.svc.feedback(d.decision_id, "first", "ok"))["seq"] == 1  # the genuine one still counts
