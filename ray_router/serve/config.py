@@ -190,6 +190,12 @@ class LimitsSpec(StrictModel):
     max_candidates: int = Field(64, ge=2, description="longest candidates list of a route or chat request")
     max_tokens: int = Field(4096, ge=1, description="cap on a chat request's max_tokens / max_completion_tokens")
     max_n: int = Field(1, ge=1, description="cap on a chat request's n (choices per upstream call)")
+    max_inflight_routes: int = Field(
+        96,
+        ge=1,
+        description="route/chat requests one ingress replica embeds at once; one more is a 503 overloaded at "
+        "once (shed before any queue forms; about the embedders' max_ongoing + max_queued)",
+    )
 
 
 class ServiceSpec(StrictModel):

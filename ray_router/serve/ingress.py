@@ -31,7 +31,7 @@ from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
-from ray_router.serve.errors import InvalidRequest, ServiceUnavailable
+from ray_router.serve.errors import InvalidRequest, Overloaded, ServiceUnavailable
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.schemas import (
@@ -62,7 +62,7 @@ openapi_with_bodies(
 )
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}, **QUICK_SHUTDOWN)
+@serve.deployment(name="Ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}, **QUICK_SHUTDOWN)
 @serve.ingress(api)
 class Ingress:
     """HTTP front: validation, auth, signed decision ids, retries while the posterior restarts."""
@@ -85,6 +85,7 @@ class Ingress:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
+        self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
         self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
 
@@ -130,8 +131,15 @@ class Ingress:
         """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
         the ingress saw it, the encode inside it (its batch's), the choice)."""
         t0 = time.perf_counter()
-        # never wait on retries here: a saturated or restarting embedder is a 503 at once
-        x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=0.0)
+        # admission: past the limit a request is shed at once, before it can queue anywhere
+        if self._embedding >= self.spec.limits.max_inflight_routes:
+            raise Overloaded(f"{self._embedding} route requests in flight (limits.max_inflight_routes); retry shortly")
+        self._embedding += 1
+        try:
+            # never wait on retries here: a saturated or restarting embedder is a 503 at once
+            x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=0.0)
+        finally:
+            self._embedding -= 1
         t1 = time.perf_counter()
         dec = self.decider.decide(x, offered, mode, cost_weight)
         for slot, arm in dec.slots:

@@ -74,7 +74,8 @@ class TwoNodeApp:
     acked: dict[str, tuple[str, str]] = field(default_factory=dict)  # nonce -> (decision id, outcome), every 200
 
     def status(self) -> dict:
-        r = httpx.get(f"{self.url}/v1/admin/status", headers=AUTH, timeout=60)
+        admin = (self.state_dir / "secrets" / "admin_token").read_text().strip()  # generated: no env var set
+        r = httpx.get(f"{self.url}/v1/admin/status", headers={"Authorization": f"Bearer {admin}"}, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()
 

@@ -1,6 +1,7 @@
-"""Load shedding on a real local Ray Serve: a saturated embedder turns routes away with a 503
-``overloaded`` and ``Retry-After`` at once (Serve's ``max_queued_requests`` -> ``BackPressureError``,
-never retried), and every other request is served.
+"""Load shedding on a real local Ray Serve: past the ingress's admission limit
+(``limits.max_inflight_routes``) and when the embedder's queue is full (Serve's
+``max_queued_requests`` -> ``BackPressureError``, never retried) a route is turned away with a 503
+``overloaded`` and ``Retry-After`` at once, and every other request is served.
 
 The embedder is made slow and narrow on purpose: one request at a time
 (``max_ongoing_requests: 1``), one queued, and each batch waits 0.5 s for company
@@ -22,12 +23,17 @@ pytestmark = pytest.mark.integration
 BURST = 24
 
 
+ADMIT = 4  # limits.max_inflight_routes: more than the embedder's 1 + 1, so both sheds happen
+
+
 @pytest.fixture(scope="module")
 def app(serve_cluster, tmp_path_factory) -> RouterApp:
+    args = synthetic_arm_args(tmp_path_factory.mktemp("shed-arms"))
+    args["limits"] = {**(args.get("limits") or {}), "max_inflight_routes": ADMIT}
     app = deploy_router(
         serve_cluster,
         tmp_path_factory.mktemp("shed-state"),
-        synthetic_arm_args(tmp_path_factory.mktemp("shed-arms")),
+        args,
         deployments={
             "Embedder": {
                 "max_ongoing_requests": 1,
@@ -52,7 +58,14 @@ def test_a_saturated_embedder_sheds_routes_with_503_and_retry_after(app):
         seen.extend(asyncio.run(_burst(app.url, BURST)))
         return any(r.status_code == 503 for r in seen)
 
-    wait_for(shed, timeout_s=120, interval_s=0.0, what="a 503 from a burst of concurrent routes")
+    def both() -> bool:  # the ingress's admission limit and the embedder's full queue
+        shed()
+        messages = [r.json()["message"] for r in seen if r.status_code == 503]
+        return any("max_inflight_routes" in m for m in messages) and any(
+            "max_inflight_routes" not in m for m in messages
+        )
+
+    wait_for(both, timeout_s=120, interval_s=0.0, what="503s from both sheds in bursts of concurrent routes")
     statuses = {r.status_code for r in seen}
     assert statuses <= {200, 503}, sorted(statuses)
     assert 200 in statuses  # the queue's requests were served, not dropped
