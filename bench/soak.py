@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault(k, v)
     token = os.environ.setdefault("RAY_ROUTER_TOKEN", secrets.token_hex(16))  # the replicas inherit it
     os.environ.setdefault("RAY_ROUTER_HMAC_KEY", secrets.token_hex(16))
+    admin = os.environ.setdefault("RAY_ROUTER_ADMIN_TOKEN", secrets.token_hex(16))
     arms = args.arms
     if arms == "auto":
         arms = "real" if data_available(args.data_dir) else "synthetic"
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         rss_end = {n: rss_mb(pid) for n, pid in procs_end.items()}
         import httpx
 
-        post = httpx.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {token}"}, timeout=60).json()
+        post = httpx.get(f"{url}/v1/admin/status", headers={"Authorization": f"Bearer {admin}"}, timeout=60).json()
     finally:
         launch.shutdown()
         tmp.cleanup()
