@@ -58,27 +58,11 @@ def _free_port() -> int:
 
 # ----------------------------------------------------------------------------- the app
 def synthetic_arm_table(directory: Path, base_args: dict, encoder: str, seed: int = 0) -> dict:
-    """The config's arms with seeded random unit embeddings in ``encoder``'s space and a 3-category
-    profile (the offline prior): an ``arm_embeddings.file`` that needs no data."""
-    from ray_router.embeddings import get_encoder
-    from ray_router.serve.arms import save_arm_embeddings
+    """The config's arms as an ``arm_embeddings.file`` that needs no data (the tests' synthetic table)."""
+    from tests.serve.helpers import write_synthetic_arm_table
 
-    enc = get_encoder(encoder, cache_dir=False)  # identity and dim, without loading a model
     ids = [a["id"] for a in base_args["arms"]]
-    rng = np.random.default_rng(seed)
-
-    def unit(n: int) -> np.ndarray:
-        A = rng.normal(size=(n, enc.dim))
-        return A / np.linalg.norm(A, axis=1, keepdims=True)
-
-    profile = {
-        "centroids": unit(3),
-        "utility": rng.uniform(0.2, 0.8, size=(3, len(ids))),
-        "counts": np.full(3, 20.0),
-        "categories": ["code", "math", "chat"],
-    }
-    path = save_arm_embeddings(directory / f"arms-{encoder}.npz", ids, unit(len(ids)), enc.identity, profile=profile)
-    return {"arm_embeddings": {"file": str(path)}}
+    return {"arm_embeddings": {"file": str(write_synthetic_arm_table(directory, ids, encoder, seed))}}
 
 
 def data_available(data_dir: str | None) -> bool:

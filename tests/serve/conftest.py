@@ -24,11 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pytest
 
 from ray_router.serve.launch import RAY_ENV_DEFAULTS  # no Ray import
 from ray_router.yamlio import deep_merge
+from tests.serve.helpers import write_synthetic_arm_table
 
 # Before anything imports Ray: loopback only, no token auth, no usage stats (RAY_NOTES.md).
 for _k, _v in RAY_ENV_DEFAULTS.items():
@@ -169,26 +169,8 @@ def synthetic_arm_args(directory: Path, encoder: str = "hash", seed: int = 0) ->
     """Arm-table ``args`` that need no data: the 11 arms of the shipped configs with seeded random
     unit embeddings in ``encoder``'s space and a 3-category profile (the offline prior), saved as an
     ``arm_embeddings.file`` with its arm ids and encoder identity."""
-    from ray_router.embeddings import get_encoder
-    from ray_router.serve.arms import save_arm_embeddings
-
-    enc = get_encoder(encoder, cache_dir=False)  # identity and dim, without loading a model
     ids = [a["id"] for a in config_args()["arms"]]
-    rng = np.random.default_rng(seed)
-
-    def unit(n: int) -> np.ndarray:
-        A = rng.normal(size=(n, enc.dim))
-        return A / np.linalg.norm(A, axis=1, keepdims=True)
-
-    profile = {
-        "centroids": unit(3),
-        "utility": rng.uniform(0.2, 0.8, size=(3, len(ids))),
-        "counts": np.full(3, 20.0),
-        "categories": ["code", "math", "chat"],
-    }
-    path = save_arm_embeddings(
-        Path(directory) / f"arms-{encoder}.npz", ids, unit(len(ids)), enc.identity, profile=profile
-    )
+    path = write_synthetic_arm_table(Path(directory), ids, encoder, seed)
     return {"arm_embeddings": {"file": str(path)}, "encoder": {"name": encoder, "device": "auto"}}
 
 

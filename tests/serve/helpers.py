@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from ray_router.embeddings import HashEncoder
 from ray_router.serve.specs import PosteriorSpec
 
 ARMS = ("alpha", "beta", "gamma", "delta")
+QUERIES = (  # a few queries of different kinds, for load in the integration tests
+    "What is the derivative of x squared?",
+    "Translate 'good morning' into French.",
+    "Write a Python function that reverses a string.",
+    "Which planet is closest to the sun?",
+    "Explain the difference between TCP and UDP.",
+    "Name three prime numbers greater than 50.",
+)
 PRICES = (0.001, 0.01, 0.0001, 0.0)
 
 
@@ -37,3 +48,27 @@ def spec(state_dir, dim: int = 16, **overrides) -> PosteriorSpec:
     )
     values.update(overrides)
     return PosteriorSpec(**values)
+
+
+def write_synthetic_arm_table(directory: Path, arm_ids: list[str], encoder: str = "hash", seed: int = 0) -> Path:
+    """An ``arm_embeddings.file`` that needs no data: seeded random unit embeddings of ``arm_ids`` in
+    ``encoder``'s space and a 3-category profile (the offline prior), with the arm ids and encoder
+    identity. (Also used by ``bench/soak.py``.)"""
+    from ray_router.embeddings import get_encoder
+    from ray_router.serve.arms import save_arm_embeddings
+
+    enc = get_encoder(encoder, cache_dir=False)  # identity and dim, without loading a model
+    rng = np.random.default_rng(seed)
+
+    def unit(n: int) -> np.ndarray:
+        A = rng.normal(size=(n, enc.dim))
+        return A / np.linalg.norm(A, axis=1, keepdims=True)
+
+    profile: dict[str, Any] = {
+        "centroids": unit(3),
+        "utility": rng.uniform(0.2, 0.8, size=(3, len(arm_ids))),
+        "counts": np.full(3, 20.0),
+        "categories": ["code", "math", "chat"],
+    }
+    out = Path(directory) / f"arms-{encoder}.npz"
+    return save_arm_embeddings(out, list(arm_ids), unit(len(arm_ids)), enc.identity, profile=profile)

@@ -41,16 +41,11 @@ import yaml
 
 from tests.multinode import LocalCluster, alive_nodes, kill_session
 from tests.serve.conftest import REPO, SECRET_ENV, TOKEN, free_port, synthetic_arm_args, wait_for
+from tests.serve.helpers import QUERIES
 
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-QUERIES = [
-    "What is the derivative of x squared?",
-    "Translate 'good morning' into French.",
-    "Write a Python function that reverses a string.",
-    "Explain the difference between TCP and UDP.",
-]
 PLACEMENT = {  # merged into local.yaml's deployments (launch.with_overrides)
     "Ingress": {"ray_actor_options": {"num_cpus": 0, "resources": {"node_a": 0.01}}},
     # the config's ray_actor_options replace the code's: the CPU share must be restated here

@@ -20,18 +20,11 @@ import httpx
 import pytest
 
 from tests.serve.conftest import TOKEN, RouterApp, delete_router, deploy_router, synthetic_arm_args, wait_for
+from tests.serve.helpers import QUERIES
 
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-QUERIES = [
-    "What is the derivative of x squared?",
-    "Translate 'good morning' into French.",
-    "Write a Python function that reverses a string.",
-    "Which planet is closest to the sun?",
-    "Explain the difference between TCP and UDP.",
-    "Name three prime numbers greater than 50.",
-]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+from tests.multinode import wait_for_exit  # pidfd waits
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "ray_router.cli"]
@@ -152,30 +154,6 @@ def group_alive(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(d.name))
     return out
-
-
-def _pidfds(pids: Iterable[int]) -> dict[int, int]:
-    """pidfd -> pid for the processes that still exist (a pidfd turns readable when its process exits)."""
-    fds = {}
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            fds[os.pidfd_open(pid)] = pid
-    return fds
-
-
-def wait_for_exit(pids: Iterable[int], timeout: float) -> None:
-    """Block until every process of ``pids`` has exited, or ``timeout`` seconds."""
-    fds = _pidfds(pids)
-    deadline = time.monotonic() + timeout
-    try:
-        while fds and (left := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select(list(fds), [], [], left)
-            for fd in ready:
-                os.close(fd)
-                del fds[fd]
-    finally:
-        for fd in fds:
-            os.close(fd)
 
 
 class DirWatch:
