@@ -27,10 +27,12 @@ logger = logging.getLogger("ray.serve")
 
 
 def embedder_resources(args: AppArgs) -> dict[str, Any]:
-    """``ray_actor_options`` of an embedder replica: its GPU only when the config asks for one and
-    (with ``gpu: auto``) the cluster has one."""
+    """``ray_actor_options`` of an embedder replica: its CPUs, its custom resources (placement), and
+    its GPU only when the config asks for one and (with ``gpu: auto``) the cluster has one."""
     spec = args.embedder
     opts: dict[str, Any] = {"num_cpus": spec.num_cpus}
+    if spec.resources:
+        opts["resources"] = dict(spec.resources)
     if spec.gpu == "never" or spec.num_gpus <= 0:
         return opts
     if spec.gpu == "require":

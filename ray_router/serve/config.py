@@ -106,6 +106,11 @@ class EmbedderSpec(StrictModel):
     gpu: Literal["auto", "require", "never"] = Field(
         "auto", description="auto: request num_gpus only if the cluster has GPUs; require: always; never: CPU"
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each replica asks for (placement, e.g. {node_a: 0.01}); put placement "
+        "here, not in the deployment's ray_actor_options, which would replace the CPU/GPU request above",
+    )
     max_batch_size: int = Field(32, ge=1, description="default of @serve.batch; user_config may change it live")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="0: no waiting; requests that queue while a batch encodes form the next one"

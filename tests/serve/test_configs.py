@@ -88,6 +88,26 @@ def test_gpu_config_falls_back_to_cpu_without_gpus(monkeypatch):
     assert embedder_resources(required)["num_gpus"] == args.embedder.num_gpus
 
 
+def test_embedder_placement_resources_join_its_cpu_and_gpu_request(monkeypatch):
+    import ray
+
+    from ray_router.serve.builder import embedder_resources
+
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "gpu.yaml")
+    raw = launch.our_apps(cfg)[0]["args"]
+    args = AppArgs.model_validate({**raw, "embedder": {**raw["embedder"], "resources": {"gpu_pool": 0.01}}})
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 1.0})
+    opts = embedder_resources(args)
+    assert opts == {
+        "num_cpus": args.embedder.num_cpus,
+        "resources": {"gpu_pool": 0.01},
+        "num_gpus": args.embedder.num_gpus,
+    }
+    with pytest.raises(ValueError):  # a resource amount is a number
+        AppArgs.model_validate({**raw, "embedder": {**raw["embedder"], "resources": {"gpu_pool": "a lot"}}})
+
+
 def _args(**over):
     base = {
         "arms": [{"id": "a", "price_usd": 0.01}, {"id": "b", "price_usd": 0.0}],

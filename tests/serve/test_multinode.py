@@ -5,7 +5,7 @@ Two raylets run on this machine (``tests/multinode.py``: two ``ray start``, each
 session), with distinct custom resources and labels:
 
 - ``node_a`` (the head: GCS, Serve controller, HTTP proxy): resource ``{"node_a": 1}``, label
-  ``rr-node=node_a``; the Ingress and the Embedder ask for ``node_a`` (``ray_actor_options.resources``);
+  ``rr-node=node_a``; the Ingress (``ray_actor_options.resources``) and the Embedder (``args.embedder.resources``) ask for ``node_a``;
 - ``node_b``: resource ``{"node_b": 1}``, label ``rr-node=node_b``; the Posterior asks for
   ``label_selector: {rr-node: node_b}`` with ``fallback_strategy: [{label_selector: {rr-node: node_a}}]``:
   it runs on ``node_b`` while that node lives, and its replacement may schedule on ``node_a`` once
@@ -46,10 +46,9 @@ from tests.serve.helpers import QUERIES
 pytestmark = pytest.mark.integration
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+EMBEDDER = {"num_cpus": 0.5, "resources": {"node_a": 0.01}}
 PLACEMENT = {  # merged into local.yaml's deployments (launch.with_overrides)
     "Ingress": {"ray_actor_options": {"num_cpus": 0, "resources": {"node_a": 0.01}}},
-    # the config's ray_actor_options replace the code's: the CPU share must be restated here
-    "Embedder": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"node_a": 0.01}}},
     "Posterior": {
         "ray_actor_options": {
             "num_cpus": 0,
@@ -82,7 +81,10 @@ def _write_config(tmp: Path) -> Path:
     for app in launch.our_apps(cfg):
         app["args"] = {**app["args"], **synthetic_arm_args(tmp)}  # hash encoder: no model, no data
     cfg = launch.with_overrides(
-        cfg, args={"state": {"snapshot_every_n": 20, "snapshot_every_s": 2}}, deployments=PLACEMENT
+        cfg,
+        # the embedder's placement goes in args.embedder (merged with its CPU request by the builder)
+        args={"state": {"snapshot_every_n": 20, "snapshot_every_s": 2}, "embedder": EMBEDDER},
+        deployments=PLACEMENT,
     )
     launch.validate_config(cfg)
     path = tmp / "two-nodes.yaml"
