@@ -49,13 +49,16 @@ def init_ray(
     metrics_export_port: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    worker_env: Mapping[str, str] | None = None,
 ) -> bool:
     """Start (or join) Ray once; True when this call started or joined it, False when it was running.
 
     ``address`` joins an existing cluster; otherwise a fresh local instance is started, capped at
     ``num_cpus`` (default: every CPU) and a small object store, with no dashboard, so that a test or
     a laptop run never attaches to someone else's ``ray start`` by accident. ``metrics_export_port``
-    fixes the port of Ray's Prometheus endpoint (and reports metrics every second)."""
+    fixes the port of Ray's Prometheus endpoint (and reports metrics every second). ``worker_env``:
+    environment variables the job's workers get when joining a cluster (its raylets were started with
+    their own environment, not this process's; a local start's workers inherit this process's)."""
     apply_env_defaults(env)
     import ray
 
@@ -65,6 +68,8 @@ def init_ray(
     if namespace:
         common["namespace"] = namespace
     if address:
+        if worker_env:
+            common["runtime_env"] = {"env_vars": dict(worker_env)}
         ray.init(address=address, **common)
         return True
     kwargs: dict[str, Any] = dict(

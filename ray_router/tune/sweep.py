@@ -306,8 +306,14 @@ def run_sweep(
     exp_dir = Path(storage_path or "runs/tune").expanduser().resolve() / spec.name
     resumable = _check_storage(spec, exp_dir, fresh, log)
     t_start = time.time()
+    # on a joined cluster the trials run in its raylets' environment: pass ray-router's own settings on
+    worker_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_ROUTER_")}
     started = raycompat.init_ray(
-        address=address, num_cpus=num_cpus, object_store_mb=object_store_mb, temp_dir=ray_temp_dir
+        address=address,
+        num_cpus=num_cpus,
+        object_store_mb=object_store_mb,
+        temp_dir=ray_temp_dir,
+        worker_env=worker_env,
     )
     try:
         max_parallel = _max_parallel(spec, exp_dir, resumable, log)

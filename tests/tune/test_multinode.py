@@ -23,8 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def two_nodes(tmp_path) -> Iterator[LocalCluster]:
-    # trials inherit their raylet's environment, not the driver's: the trial log is set on the nodes
-    cluster = LocalCluster(env={"RAY_ROUTER_TUNE_TRIAL_LOG": str(tmp_path / "trials.log")})
+    cluster = LocalCluster()
     try:
         cluster.add_node("node_a", num_cpus=1)  # the head
         cluster.add_node("node_b", num_cpus=1)
@@ -42,8 +41,10 @@ def test_a_sweep_on_two_nodes_runs_trials_on_both(tmp_path, tune_env, synth_tabl
         search={"num_samples": 4, "report_every": 100, "scheduler": {"type": "fifo"}},
     )
     sweep = write_sweep(tmp_path / "two-nodes.yaml", d)
-    log = tmp_path / "trials.log"  # written by the trials (see the fixture)
-    env = {**two_nodes.node_env(), **tune_env}
+    log = tmp_path / "trials.log"  # written by the trials
+    # set in the driver's environment only: the sweep passes RAY_ROUTER_* on to the trials, whose
+    # raylets were started without it
+    env = {**two_nodes.node_env(), **tune_env, "RAY_ROUTER_TUNE_TRIAL_LOG": str(log)}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"  # a multi-node cluster (tests/multinode.py)
     drv = drivers(
         ["tune", str(sweep), "--address", two_nodes.address, "--storage-path", str(tmp_path / "st"), "--no-report"],
