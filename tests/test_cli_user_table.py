@@ -11,6 +11,7 @@ from ray_router.data import load_generic
 from ray_router.errors import DataError
 
 ARMS = ["gpt-4-1106-preview", "meta/llama-2-70b-chat", "mistralai/mixtral-8x7b-chat"]
+COLUMN_FLAGS = ("--text-column", "question", "--category-column", "domain")  # the test tables' columns
 CATEGORIES = ["math", "code", "trivia"]
 COLUMNS = ["question", "domain", "qid", *ARMS]
 
@@ -86,10 +87,7 @@ def test_evaluate_parquet_with_named_columns_and_arms(parquet_table, tmp_path, c
         out,
         "--arms",
         ",".join(ARMS),
-        "--text-column",
-        "question",
-        "--category-column",
-        "domain",
+        *COLUMN_FLAGS,
         "--id-column",
         "qid",
     )
@@ -109,10 +107,7 @@ def test_evaluate_csv_with_a_subset_of_arms(csv_table, tmp_path, capsys):
         out,
         "--arms",
         "meta/llama-2-70b-chat,gpt-4-1106-preview",
-        "--text-column",
-        "question",
-        "--category-column",
-        "domain",
+        *COLUMN_FLAGS,
     )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -130,7 +125,7 @@ def test_sibling_summary_still_names_the_arms_without_flags(csv_table, tmp_path,
 
 
 def test_table_without_summary_or_arms_says_to_pass_arms(parquet_table, tmp_path, capsys):
-    rc = _evaluate(parquet_table, tmp_path / "out", "--text-column", "question", "--category-column", "domain")
+    rc = _evaluate(parquet_table, tmp_path / "out", *COLUMN_FLAGS)
     line = _assert_one_error_line(
         capsys, rc, "--arms", "cannot tell which columns are arms", "my_logs.summary.json", "|total_cost"
     )
@@ -149,7 +144,7 @@ def test_table_without_summary_or_arms_says_to_pass_arms(parquet_table, tmp_path
     ],
 )
 def test_unknown_column_names_list_the_available_columns(parquet_table, tmp_path, capsys, extra, words):
-    cols = ["--text-column", "question", "--category-column", "domain"]
+    cols = list(COLUMN_FLAGS)
     named = {extra[i] for i in range(0, len(extra), 2)}
     cols = [x for i in range(0, len(cols), 2) if cols[i] not in named for x in cols[i : i + 2]]
     rc = _evaluate(parquet_table, tmp_path / "out", *cols, *extra)
@@ -205,10 +200,7 @@ def test_run_command_takes_the_table_flags(csv_table, tmp_path, capsys):
             str(csv_table),
             "--arms",
             ",".join(ARMS),
-            "--text-column",
-            "question",
-            "--category-column",
-            "domain",
+            *COLUMN_FLAGS,
             "--policies",
             "uniform,best_fixed",
             "--workers",
@@ -238,10 +230,7 @@ def test_data_info_takes_the_table_flags(parquet_table, capsys):
             str(parquet_table),
             "--arms",
             "mistralai/mixtral-8x7b-chat,gpt-4-1106-preview",
-            "--text-column",
-            "question",
-            "--category-column",
-            "domain",
+            *COLUMN_FLAGS,
             "--id-column",
             "qid",
         ]
