@@ -175,6 +175,30 @@ def test_bounded_history_keeps_the_most_recent_duels():
     np.testing.assert_allclose(policy.history.X[policy.history.n - 1], xs[-1])
 
 
+def test_bounded_history_reserves_its_memory_once_and_keeps_it_across_a_restore():
+    # serving's footprint is its steady state from the start: no doubling towards max_history, and a
+    # restore (from a snapshot taken under a larger bound) keeps the buffer and the most recent duels
+    rng = np.random.default_rng(6)
+    policy = FGTSCDB(paper_cfg(max_history=300, n_steps=1), rng.normal(size=(3, 3)), seed=0)
+    buffer = policy.history.X
+    assert buffer.shape[0] == 300  # more than the growing buffer's first size (256)
+    for x in rng.normal(size=(400, 3)):
+        policy.update(x, Duel(0, 1), 1.0)
+    assert policy.history.X is buffer
+
+    bigger = FGTSCDB(paper_cfg(max_history=400, n_steps=1), rng.normal(size=(3, 3)), seed=0)
+    xs = rng.normal(size=(350, 3))
+    for x in xs:
+        bigger.update(x, Duel(1, 2), 0.0)
+    policy.history.load(bigger.history.arrays())
+    assert policy.history.X is buffer and policy.history.n == 300
+    np.testing.assert_allclose(policy.history.X[:300], xs[-300:])
+    assert (policy.history.first[:300] == 1).all() and (policy.history.second[:300] == 2).all()
+    policy.update(xs[0], Duel(0, 1), 1.0)  # full: the oldest quarter goes, the new duel is last
+    assert policy.history.n == 226 and policy.history.X is buffer
+    np.testing.assert_allclose(policy.history.X[225], xs[0])
+
+
 def test_sqrt_step_decay_shrinks_with_history():
     policy = FGTSCDB(paper_cfg(step_decay="sqrt", step_size=1e-2), np.eye(3), seed=0)
     assert policy.step_size() == pytest.approx(1e-2)

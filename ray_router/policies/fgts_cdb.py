@@ -324,19 +324,28 @@ class DuelHistory:
 
     def __init__(self, dim: int, n_arms: int, max_len: int = 0, capacity: int = 256, dtype=np.float64):
         self.dim, self.n_arms, self.max_len, self.dtype = dim, n_arms, max_len, np.dtype(dtype)
-        cap = max(1, capacity if max_len == 0 else min(capacity, max_len))
-        self.X = np.empty((cap, dim), dtype=self.dtype)
-        self.first = np.empty(cap, dtype=np.int64)
-        self.second = np.empty(cap, dtype=np.int64)
-        self.y = np.empty(cap)
-        self.mask = np.empty((cap, n_arms), dtype=bool)
         self.n = 0
+        # A bounded history (serving) reserves all of its memory now, pages touched: the process's
+        # footprint is its steady state from the start, not after max_len duels (a soak, or an
+        # operator sizing a pod, sees the real number at once). An unbounded one grows by doubling.
+        self._allocate(max(1, max_len or capacity), touch=bool(max_len))
+
+    def _allocate(self, cap: int, touch: bool = False) -> None:
+        make = np.zeros if touch else np.empty
+        self.X = make((cap, self.dim), dtype=self.dtype)
+        self.first = make(cap, dtype=np.int64)
+        self.second = make(cap, dtype=np.int64)
+        self.y = make(cap)
+        self.mask = make((cap, self.n_arms), dtype=bool)
+        if touch:  # np.zeros maps lazily zeroed pages: write them so they are resident now
+            for arr in (self.X, self.first, self.second, self.y, self.mask):
+                arr.fill(0)
 
     def append(self, x: np.ndarray, first: int, second: int, y: float, mask: np.ndarray) -> None:
         if self.max_len and self.n == self.max_len:
             self._drop_oldest(max(1, self.max_len // 4))
         if self.n == len(self.y):
-            self._grow(2 * len(self.y) if not self.max_len else min(2 * len(self.y), self.max_len))
+            self._grow(2 * len(self.y))
         i = self.n
         self.X[i], self.first[i], self.second[i], self.y[i], self.mask[i] = x, first, second, y, mask
         self.n += 1
@@ -364,15 +373,25 @@ class DuelHistory:
         }
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the contents by ``arrays`` (as :meth:`arrays` returns them). A bounded history
+        keeps its reserved buffer and, when given more than ``max_len`` duels (a snapshot taken
+        under a larger bound), the most recent ``max_len``."""
         n = len(arrays["y"])
-        self.X = np.array(arrays["X"], dtype=self.dtype).reshape(n, self.dim)
-        self.first = np.array(arrays["first"], dtype=np.int64)
-        self.second = np.array(arrays["second"], dtype=np.int64)
-        self.y = np.array(arrays["y"], dtype=np.float64)
-        self.mask = np.array(arrays["mask"], dtype=bool).reshape(n, self.n_arms)
+        X = np.asarray(arrays["X"], dtype=self.dtype).reshape(n, self.dim)
+        mask = np.asarray(arrays["mask"], dtype=bool).reshape(n, self.n_arms)
+        keep = slice(max(0, n - self.max_len), n) if self.max_len else slice(0, n)
+        n = keep.stop - keep.start
+        if not self.max_len:
+            self._allocate(max(16, n))
+        for name, src in (
+            ("X", X),
+            ("first", arrays["first"]),
+            ("second", arrays["second"]),
+            ("y", arrays["y"]),
+            ("mask", mask),
+        ):
+            getattr(self, name)[:n] = np.asarray(src)[keep]
         self.n = n
-        if n == 0:
-            self._grow(16)
 
 
 def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tuple[OfflinePrior | None, str]:
