@@ -74,6 +74,11 @@ EXPORT_FILE = "export.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 EXPORT_CHECK_MIN_COSINE = 0.9999  # an fp32 export that differs more from torch is broken, not rounded
+# texts per onnxruntime call at most: the exported attention materialises (batch, heads, seq, seq)
+# scores (200 MB per layer at 64 x 12 x 256 x 256), so big batches of long texts run out of cache.
+# 128 RouterBench queries at 1 thread, busy machine: 28.9 texts/s at batch 64, 49.1 at 16, 55.4 at 4
+# (torch: 33.0, 48.6, 51.4)
+MAX_ONNX_BATCH = 16
 OPSET = 18
 _CHECK_TEXTS = (
     "Is 91 prime?",
@@ -337,7 +342,7 @@ class OnnxModel:
         texts = [str(t).lower() if self.meta.get("do_lower_case") else str(t) for t in texts]
         if not texts:
             return np.zeros((0, int(self.meta["dim"])), dtype=np.float32)
-        step = 1 if self.one_text_per_call else max(1, int(batch_size))
+        step = 1 if self.one_text_per_call else max(1, min(int(batch_size), MAX_ONNX_BATCH))
         order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths pad less
         out = np.empty((len(texts), int(self.meta["dim"])), dtype=np.float32)
         for start in range(0, len(texts), step):
