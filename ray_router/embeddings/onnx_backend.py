@@ -156,6 +156,9 @@ def ensure_export(model_path: Path, name: str, fingerprint: str, backend: str, r
                 seconds=round(time.perf_counter() - t0, 2),
             )
             (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+            for path in tmp.iterdir():  # on disk before the rename publishes them
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
             if final.exists():  # a leftover without export.json (an older crash); never trusted
                 shutil.rmtree(final)
             os.rename(tmp, final)
