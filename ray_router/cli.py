@@ -125,6 +125,12 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument(
+        "--encoder-backend",
+        default="torch",
+        choices=("torch", "onnx", "onnx-int8"),
+        help="torch, onnx (exported once, run by onnxruntime) or onnx-int8 (int8-quantized); README: encoder backends",
+    )
+    p.add_argument(
         "--cache-dir", default=None, help="embedding cache (default: $RAY_ROUTER_CACHE_DIR or ~/.cache/ray-router)"
     )
 
@@ -390,7 +396,7 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
     options = _table_options(args, args.dataset)
     table = load_dataset(args.dataset, data_dir=resolve_data_dir(args.data_dir), **options)
     cache = args.cache_dir if args.cache_dir is not None else None
-    encoder = get_encoder(args.encoder, cache_dir=cache, device=args.device)
+    encoder = get_encoder(args.encoder, cache_dir=cache, device=args.device, backend=args.encoder_backend)
     t0 = time.perf_counter()
     X = encoder.encode(list(table.texts))
     print(
@@ -400,7 +406,8 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
         file=sys.stderr,
     )
     label = args.encoder if args.encoder in ("minilm", "hash", "lookup") else "custom"
-    return table, X, "base" if label == "minilm" else label
+    label = "base" if label == "minilm" else label
+    return table, X, label if args.encoder_backend == "torch" else f"{label}:{args.encoder_backend}"
 
 
 # EvalConfig fields set by `evaluate`/`run` flags: field -> argparse dest (the field's name where not listed)
@@ -471,7 +478,14 @@ def cmd_experiment(args) -> int:
         if v is not None
     }
     cfg = PaperConfig.quick(**overrides) if args.quick else parse(PaperConfig, overrides, where="experiment paper")
-    result = run_paper(cfg, args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, device=args.device)
+    result = run_paper(
+        cfg,
+        args.out,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        backend=args.encoder_backend,
+    )
     print(result.report)
     print(f"\nwrote {result.paths['report']} and {result.paths['summary']}")
     return 0

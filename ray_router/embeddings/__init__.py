@@ -34,6 +34,7 @@ from ray_router.embeddings.model_embeddings import (
     top_tau_mask,
     weighting_scores,
 )
+from ray_router.embeddings.options import ENCODER_BACKENDS, EncoderBackend
 from ray_router.embeddings.sentence import SentenceTransformerEncoder, packaged_model_path, resolve_device
 from ray_router.errors import ConfigError
 
@@ -52,17 +53,25 @@ def get_encoder(
     :class:`HashEncoder` stand-in; ``options`` may set ``dim`` and ``seed``), or the path of a local
     sentence-transformers directory (e.g. a CCFT artifact). Other ``options`` go to the encoder.
 
+    ``options["backend"]``: ``torch`` (default), ``onnx`` or ``onnx-int8`` for a sentence-transformers
+    encoder (:mod:`ray_router.embeddings.onnx_backend`); the stand-in has only ``torch`` (it runs no model).
+
     ``cache_dir``: None = the default cache root, a path = that root, False = no cache. The stand-in
     is cheaper than the cache, so it is cached only when a path is given explicitly.
     """
+    backend = options.pop("backend", "torch")
+    if backend not in ENCODER_BACKENDS:
+        raise ConfigError(f"encoder backend: {backend!r} is not one of {list(ENCODER_BACKENDS)}")
     if name in ("hash", "lookup"):
+        if backend != "torch":
+            raise ConfigError(f"encoder backend: {backend!r} needs a sentence-transformers model, not {name!r}")
         encoder: Encoder = HashEncoder(**options)
         if cache_dir is None or cache_dir is False:
             return encoder
     elif name == "minilm":
-        encoder = SentenceTransformerEncoder(None, device=device, **options)
+        encoder = SentenceTransformerEncoder(None, device=device, backend=backend, **options)
     elif os.sep in str(name) or Path(str(name)).expanduser().exists():
-        encoder = SentenceTransformerEncoder(name, device=device, **options)
+        encoder = SentenceTransformerEncoder(name, device=device, backend=backend, **options)
     else:
         raise ConfigError(
             f"unknown encoder {name!r}: use one of {list(ENCODER_NAMES)} or the path of a local "
@@ -76,6 +85,7 @@ def get_encoder(
 
 
 __all__ = [
+    "ENCODER_BACKENDS",
     "ENCODER_NAMES",
     "WEIGHTINGS",
     "CCFTConfig",
@@ -83,6 +93,7 @@ __all__ = [
     "CachedEncoder",
     "EmbeddingCache",
     "Encoder",
+    "EncoderBackend",
     "HashEncoder",
     "InBatchContrastiveLoss",
     "LookupEncoder",

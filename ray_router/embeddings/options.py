@@ -8,7 +8,7 @@ a bad value is a :class:`~ray_router.errors.ConfigError` that names the field.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 from pydantic import BeforeValidator, Field
@@ -26,13 +26,21 @@ Real = Annotated[float, BeforeValidator(_python_scalar), Field(allow_inf_nan=Fal
 PositiveInt = Annotated[Int, Field(ge=1)]
 PositiveReal = Annotated[Real, Field(gt=0)]
 
+# how a sentence-transformers encoder runs (ray_router.embeddings.onnx_backend)
+EncoderBackend = Literal["torch", "onnx", "onnx-int8"]
+ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
+
 
 @config_dataclass
 class SentenceTransformerOptions:
-    """``max_seq_length``: token limit (None = the model's own); ``batch_size``: texts per forward pass."""
+    """``max_seq_length``: token limit (None = the model's own); ``batch_size``: texts per forward pass;
+    ``backend``: ``torch`` (the model as sentence-transformers runs it), ``onnx`` (exported, run with
+    onnxruntime) or ``onnx-int8`` (that export, dynamically quantized); see
+    :mod:`ray_router.embeddings.onnx_backend`."""
 
     max_seq_length: PositiveInt | None = None
     batch_size: PositiveInt = 64
+    backend: EncoderBackend = "torch"
 
 
 @config_dataclass

@@ -6,7 +6,7 @@ that are already in the embedding cache never load them.
 
 Identity (the embedding cache keys on it)::
 
-    sentence-transformers:<name>:<fingerprint>[:max_seq_length=<n>]
+    sentence-transformers:<name>:<fingerprint>[:max_seq_length=<n>][:backend=<onnx|onnx-int8>]
 
 - ``name``: ``all-MiniLM-L6-v2`` for the packaged model, else the ``name`` field of
   ``ray_router_artifact.json`` in the model directory, else the directory's name.
@@ -15,6 +15,8 @@ Identity (the embedding cache keys on it)::
   the directory (relative path and bytes, sorted by path; ``README.md``, ``.gitattributes`` and the
   artifact file excluded). For MiniLM that is ~91 MB read once per process, ~0.1 s. A fine-tuned
   copy has the same file sizes but different bytes, hence a different identity.
+- ``backend``: only when it is not ``torch`` (the ONNX backends give slightly different vectors, so
+  their cached vectors never mix with torch's), which keeps every torch identity as it was.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from ray_router.config import parse
 from ray_router.embeddings.base import l2_normalise
-from ray_router.embeddings.options import SentenceTransformerOptions
+from ray_router.embeddings.options import EncoderBackend, SentenceTransformerOptions
 from ray_router.errors import ConfigError
 
 ARTIFACT_FILE = "ray_router_artifact.json"
@@ -130,7 +132,9 @@ class SentenceTransformerEncoder:
     ``model_path``: a sentence-transformers directory (e.g. a CCFT artifact); None = the packaged
     all-MiniLM-L6-v2 (384-d). ``device``: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda``,
     ``cuda:N``. ``max_seq_length`` overrides the model's token limit (and enters the identity).
-    Nothing reads from a model hub: the path must exist locally.
+    ``backend``: ``torch`` (default), ``onnx`` or ``onnx-int8`` (:mod:`ray_router.embeddings.onnx_backend`:
+    exported once into ``export_dir``, default ``$RAY_ROUTER_CACHE_DIR/onnx``, and run with
+    onnxruntime; enters the identity). Nothing reads from a model hub: the path must exist locally.
     """
 
     def __init__(
@@ -139,6 +143,8 @@ class SentenceTransformerEncoder:
         device: str = "auto",
         max_seq_length: int | None = None,
         batch_size: int = 64,
+        backend: EncoderBackend = "torch",
+        export_dir: str | os.PathLike[str] | None = None,
     ):
         path = packaged_model_path() if model_path is None else Path(model_path).expanduser().resolve()
         if not path.exists():
@@ -149,13 +155,15 @@ class SentenceTransformerEncoder:
             )
         options = parse(
             SentenceTransformerOptions,
-            {"max_seq_length": max_seq_length, "batch_size": batch_size},
+            {"max_seq_length": max_seq_length, "batch_size": batch_size, "backend": backend},
             where="SentenceTransformerEncoder",
         )
         self.model_path = path
         self.requested_device = device
         self.max_seq_length = options.max_seq_length
         self.batch_size = options.batch_size
+        self.backend: EncoderBackend = options.backend
+        self.export_dir = Path(export_dir).expanduser() if export_dir is not None else None
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -170,14 +178,20 @@ class SentenceTransformerEncoder:
         self.identity = f"sentence-transformers:{name}:{fingerprint}"
         if max_seq_length is not None:
             self.identity += f":max_seq_length={max_seq_length}"
+        if self.backend != "torch":
+            self.identity += f":backend={self.backend}"
         self._dim = _dim_from_config(path)
 
     # ------------------------------------------------------------------ model
     @property
     def model(self) -> Any:
-        """The loaded ``SentenceTransformer`` (loaded on first use, thread-safe)."""
+        """The loaded model (on first use, thread-safe): a ``SentenceTransformer`` for the torch
+        backend, an :class:`~ray_router.embeddings.onnx_backend.OnnxModel` for the onnx ones
+        (exported first when no export is on disk)."""
         if self._model is None:
             with self._lock:
+                if self._model is None and self.backend != "torch":
+                    self._model = self._load_onnx()
                 if self._model is None:
                     from sentence_transformers import SentenceTransformer
                     from transformers.utils import logging as hf_logging
@@ -202,6 +216,17 @@ class SentenceTransformerEncoder:
                     self._model = model
         return self._model
 
+    def _load_onnx(self) -> Any:
+        from ray_router.embeddings.onnx_backend import OnnxModel, ensure_export
+
+        directory = ensure_export(self.model_path, self.name, self.fingerprint, self.backend, self.export_dir)
+        model = OnnxModel(directory, device=self.requested_device, max_seq_length=self.max_seq_length)
+        dim = int(model.meta["dim"])
+        if self._dim is not None and self._dim != dim:
+            raise ConfigError(f"{self.model_path}: configs say dim {self._dim}, the {self.backend} export gives {dim}")
+        self._dim = dim
+        return model
+
     @property
     def loaded(self) -> bool:
         return self._model is not None
@@ -210,6 +235,17 @@ class SentenceTransformerEncoder:
     def device(self) -> str:
         """The device the model runs on (loads the model)."""
         return str(self.model.device)
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads of the loaded model: torch's for the torch backend, the onnxruntime
+        session's otherwise (loads the model)."""
+        if self.backend == "torch":
+            _ = self.model
+            import torch
+
+            return int(torch.get_num_threads())
+        return int(self.model.threads)
 
     @property
     def dim(self) -> int:
@@ -222,6 +258,8 @@ class SentenceTransformerEncoder:
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.backend != "torch":
+            return self.model.encode(texts, batch_size=batch_size or self.batch_size)
         out = self.model.encode(
             texts,
             batch_size=batch_size or self.batch_size,

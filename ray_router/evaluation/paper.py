@@ -96,7 +96,9 @@ def _subsample(table: RoutingTable, n: int, seed: int) -> RoutingTable:
     return table.subset(keep)
 
 
-def _ccft_encoder(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device):
+def _ccft_encoder(
+    table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device, backend: str = "torch"
+):
     """Fine-tune on the offline rows only (reused when an artifact with the same fingerprint exists)."""
     from ray_router.embeddings import get_encoder
     from ray_router.embeddings.ccft import CCFTConfig, ccft_fingerprint, fine_tune
@@ -106,7 +108,7 @@ def _ccft_encoder(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, ar
     # one folder per fingerprint (base model, config, training data): reruns reuse it, others never collide
     path = fine_tune(texts, cats, ccfg, art_dir / ccft_fingerprint(texts, cats, ccfg), device=device)
     _log(f"CCFT artifact {path} ready in {time.perf_counter() - t0:.0f}s")
-    return get_encoder(str(path), cache_dir=cache_dir, device=device)
+    return get_encoder(str(path), cache_dir=cache_dir, device=device, backend=backend)
 
 
 def _encode(encoder, table: RoutingTable, label: str) -> np.ndarray:
@@ -133,20 +135,22 @@ def run_paper(
     cache_dir=None,
     device: str = "auto",
     progress: Callable[[str], None] = _log,
+    backend: str = "torch",
 ) -> PaperResult:
-    """The four parts of the module docstring on one dataset; the report and its files in ``out_dir``."""
+    """The four parts of the module docstring on one dataset; the report and its files in ``out_dir``.
+    ``backend``: the encoders' (``torch``, ``onnx``, ``onnx-int8``; CCFT still trains with torch)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     table, held_out = _load_table(cfg, data_dir, progress)
     main_cfg = _main_config(cfg)
     split = make_split(table, main_cfg, cfg.split_seed)
-    encoders = _embed(table, split.offline, cfg, out / "artifacts", cache_dir, device)
+    encoders = _embed(table, split.offline, cfg, out / "artifacts", cache_dir, device, backend)
     separation = {name: _separation(X, table, split) for name, X in encoders.items()}
     progress(f"category separation of online queries: {json.dumps(separation)}")
     runs = _Runs(table, cfg.workers, progress)
     _main_grid(runs, encoders, main_cfg, cfg)
-    _unseen(runs, encoders["base"], main_cfg, held_out, cfg, out / "artifacts", cache_dir, device)
+    _unseen(runs, encoders["base"], main_cfg, held_out, cfg, out / "artifacts", cache_dir, device, backend)
     _thin_and_ablation(runs, encoders["base"], main_cfg, cfg)
     reach = _reachability(table, encoders["base"], main_cfg, cfg.weightings)
     perf_cost, arm_points, router_aiq = _perf_cost(runs, encoders["ccft"], main_cfg, split, cfg)
@@ -193,12 +197,14 @@ def _main_config(cfg: PaperConfig) -> EvalConfig:
     return EvalConfig(**shared, policy_configs={"fgts_cdb": dict(cfg.fgts)} if cfg.fgts else {})
 
 
-def _embed(table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device) -> dict:
+def _embed(
+    table: RoutingTable, offline: np.ndarray, cfg: PaperConfig, art_dir: Path, cache_dir, device, backend: str = "torch"
+) -> dict:
     """Query embeddings of the base encoder and of the CCFT encoder fine-tuned on ``offline``."""
     from ray_router.embeddings import get_encoder
 
-    X_base = _encode(get_encoder("minilm", cache_dir=cache_dir, device=device), table, "base encoder")
-    X_ccft = _encode(_ccft_encoder(table, offline, cfg, art_dir, cache_dir, device), table, "CCFT encoder")
+    X_base = _encode(get_encoder("minilm", cache_dir=cache_dir, device=device, backend=backend), table, "base encoder")
+    X_ccft = _encode(_ccft_encoder(table, offline, cfg, art_dir, cache_dir, device, backend), table, "CCFT encoder")
     return {"base": X_base, "ccft": X_ccft}
 
 
@@ -280,13 +286,21 @@ def _main_grid(runs: _Runs, encoders: dict, main_cfg: EvalConfig, cfg: PaperConf
 
 
 def _unseen(
-    runs: _Runs, X_base, main_cfg: EvalConfig, held_out: str, cfg: PaperConfig, art_dir: Path, cache_dir, device
+    runs: _Runs,
+    X_base,
+    main_cfg: EvalConfig,
+    held_out: str,
+    cfg: PaperConfig,
+    art_dir: Path,
+    cache_dir,
+    device,
+    backend: str = "torch",
 ) -> None:
     """Part 2: ``held_out`` never seen offline, nor by the CCFT encoder (fine-tuned on this split)."""
     hold_cfg = dataclasses.replace(main_cfg, split="holdout", held_out=held_out, weighting="perf")
     hsplit = make_split(runs.table, hold_cfg, cfg.split_seed)
     X_ccft_h = _encode(
-        _ccft_encoder(runs.table, hsplit.offline, cfg, art_dir, cache_dir, device),
+        _ccft_encoder(runs.table, hsplit.offline, cfg, art_dir, cache_dir, device, backend),
         runs.table,
         "CCFT encoder (held-out split)",
     )

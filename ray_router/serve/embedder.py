@@ -27,8 +27,7 @@ class Embedder:
     ):
         from ray_router.embeddings import get_encoder
 
-        opts = {} if encoder.max_seq_length is None else {"max_seq_length": encoder.max_seq_length}
-        self.encoder = get_encoder(encoder.name, cache_dir=False, device=encoder.device, **opts)
+        self.encoder = get_encoder(encoder.name, cache_dir=False, device=encoder.device, **encoder.encoder_options())
         if self.encoder.identity != expected_identity:
             raise ConfigError(
                 f"embedder encoder is {self.encoder.identity!r}, the arm table was built with {expected_identity!r}"
@@ -60,12 +59,11 @@ class Embedder:
         return [(x, seconds, len(texts)) for x in X]
 
     async def info(self) -> dict:
-        import torch
-
         return {
             "identity": self.encoder.identity,
             "device": str(getattr(self.encoder, "device", "cpu")),
-            "torch_threads": torch.get_num_threads(),
+            # intra-op threads of the encoder in use: torch's, or the onnxruntime session's (onnx backends)
+            "torch_threads": int(getattr(self.encoder, "threads", 1)),
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
             "pid": os.getpid(),

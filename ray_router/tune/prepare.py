@@ -148,8 +148,7 @@ def prepare(
     counter = _Counter()
     needs_ccft = "ccft" in spec.encoders_needed()
     device = device or spec.encoder.device
-    opts = {} if spec.encoder.max_seq_length is None else {"max_seq_length": spec.encoder.max_seq_length}
-    base = get_encoder(spec.encoder.name, cache_dir=cache_dir, device=device, **opts)
+    base = get_encoder(spec.encoder.name, cache_dir=cache_dir, device=device, **spec.encoder.encoder_options())
     if needs_ccft and spec.encoder.name in ("hash", "lookup"):
         raise ConfigError(
             "the space uses the ccft encoder, which fine-tunes a sentence-transformers model; "
@@ -240,7 +239,7 @@ def _ccft(
         }
     )
     log(f"{ds}/{sp}/seed {seed}: CCFT artifact {'reused' if reused else 'trained'} in {seconds:.0f}s ({path.name})")
-    enc = get_encoder(str(path), cache_dir=cache_dir, device=device)
+    enc = get_encoder(str(path), cache_dir=cache_dir, device=device, backend=spec.encoder.backend)
     key = f"{ds}/{sp}/{seed}/ccft"
     out.arrays[key] = counter.encode(enc, [str(t) for t in table.texts], f"{ds}/{sp}/seed{seed} (ccft)")
     return str(path), key

@@ -311,6 +311,8 @@ def serve_config(
     encoder = {"name": group.ccft_path if enc == "ccft" else spec.encoder.name, "device": "auto"}
     if enc != "ccft" and spec.encoder.max_seq_length is not None:
         encoder["max_seq_length"] = spec.encoder.max_seq_length
+    if spec.encoder.backend != "torch":
+        encoder["backend"] = spec.encoder.backend
     args["encoder"] = encoder
     measured = dataclasses.asdict(parse(FGTSConfig, section_values(spec, config, "fgts_cdb"), where="fgts_cdb"))
     old = dict((args.get("policy") or {}).get("config") or {})

@@ -1,0 +1,179 @@
+"""Encoder backends (torch, onnx, onnx-int8): same vectors? how much faster? same routing?
+
+    PYTHONPATH=$PWD .venv/bin/python bench/encoder_backends.py [--backends onnx,onnx-int8]
+        [--routerdc-sample 2000] [--latency-queries 200] [--batch-texts 256] [--seeds 5] [--rounds 2000]
+
+Per backend, measured in one run against float32 torch (all-MiniLM-L6-v2 as sentence-transformers
+runs it):
+
+1. **Cosine** of each query's vector to torch's: every unique RouterBench query text (3,164; part 4
+   needs them all anyway) and ``--routerdc-sample`` RouterDC texts drawn at random (seed 0; default
+   2,000 of 15,343, ``0`` = all: on the shared 2-core machine the onnx backends encode its long
+   prompts at tens of texts per second, so all of them take over ten minutes per backend): min,
+   0.1% quantile and mean, per dataset. Vectors come through the on-disk embedding cache (its
+   identity includes the backend), so a second run encodes nothing new.
+2. **Bare encode latency**, one query per call at 1 intra-op thread (``torch.set_num_threads(1)``,
+   which the onnx sessions follow): p50 and p99 over ``--latency-queries`` RouterBench queries, the
+   same for every backend (after 10 warm-up calls), and the ratio to torch's p50.
+3. **Batched throughput** at 1 thread: ``--batch-texts`` RouterBench queries encoded with batch size
+   64 (the onnx backend splits it into calls of at most 16 texts and onnx-int8 runs one text per
+   call, both by design: see ``ray_router/embeddings/onnx_backend.py``).
+4. **Routing quality**: FGTS.CDB's served regret with the backend's vectors vs torch's on RouterBench
+   through the real evaluator, configured exactly as ``ray-router evaluate --dataset routerbench
+   --cost-weight 0.2 --policies fgts_cdb,best_fixed --seeds 5 --rounds 2000 --encoder-backend X``
+   (the CLI's own parser builds the config): mean and 95% CI per backend, whether the CIs overlap,
+   and the paired per-seed difference backend − torch (same seeds, so the same splits and streams)
+   with its 95% CI. A backend whose paired interval excludes 0 changes routing quality.
+
+Timings on a shared 2-core machine are noisy; the ratios come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from ray_router.data import load_dataset, resolve_data_dir
+from ray_router.embeddings import SentenceTransformerEncoder, get_encoder
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _latency(encoder, queries: list[str]) -> np.ndarray:
+    for q in queries[:10]:
+        encoder.encode([q])
+    out = []
+    for q in queries:
+        t0 = time.perf_counter()
+        encoder.encode([q])
+        out.append(time.perf_counter() - t0)
+    return np.array(out) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backends", default="onnx,onnx-int8", help="backends compared with torch")
+    ap.add_argument("--routerdc-sample", type=int, default=2000, help="RouterDC texts in the cosine check (0 = all)")
+    ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--batch-texts", type=int, default=256)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2000)
+    ap.add_argument("--workers", type=int, default=1, help="evaluator processes (seeds in parallel)")
+    ap.add_argument("--no-regret", action="store_true", help="skip part 4")
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args()
+    backends = ["torch", *[b for b in args.backends.split(",") if b and b != "torch"]]
+    t_start = time.perf_counter()
+
+    data_dir = resolve_data_dir(args.data_dir)
+    tables = {name: load_dataset(name, data_dir=data_dir) for name in ("routerbench", "routerdc")}
+    texts = {name: list(dict.fromkeys(str(t) for t in table.texts)) for name, table in tables.items()}
+    if 0 < args.routerdc_sample < len(texts["routerdc"]):
+        keep = np.random.default_rng(0).choice(len(texts["routerdc"]), size=args.routerdc_sample, replace=False)
+        texts["routerdc"] = [texts["routerdc"][i] for i in sorted(keep)]
+    print(f"cosine texts: {', '.join(f'{n} {len(t)}' for n, t in texts.items())} (unique query texts)")
+
+    # 1. cosine to torch, through the embedding cache (identity per backend)
+    vectors: dict[str, dict[str, np.ndarray]] = {}
+    for b in backends:
+        enc = get_encoder("minilm", backend=b)
+        t0 = time.perf_counter()
+        vectors[b] = {n: enc.encode(ts) for n, ts in texts.items()}
+        print(
+            f"[{b}] {sum(map(len, texts.values()))} texts in {time.perf_counter() - t0:.0f}s "
+            f"({getattr(enc, 'n_encoded', '?')} encoded, the rest from the cache); identity {enc.identity}"
+        )
+    print("\n== 1. cosine to float32 torch (per query text)")
+    print(f"{'backend':<10} {'dataset':<12} {'n':>6} {'min':>9} {'q0.001':>9} {'mean':>9} {'1 - min':>8}")
+    for b in backends[1:]:
+        for n in texts:
+            c = _cosines(vectors[b][n], vectors["torch"][n])
+            q = np.quantile(c, 0.001)
+            print(f"{b:<10} {n:<12} {len(c):>6} {c.min():9.6f} {q:9.6f} {c.mean():9.6f} {1 - c.min():8.1e}")
+
+    # 2. + 3. latency and throughput at 1 thread, bare encoders (no cache)
+    import torch
+
+    torch.set_num_threads(1)
+    rb = texts["routerbench"]
+    rng = np.random.default_rng(1)
+    lat_q = [rb[i] for i in rng.choice(len(rb), size=min(args.latency_queries, len(rb)), replace=False)]
+    batch_q = [rb[i] for i in rng.choice(len(rb), size=min(args.batch_texts, len(rb)), replace=False)]
+    bare = {b: SentenceTransformerEncoder(device="cpu", backend=b) for b in backends}  # type: ignore[arg-type]
+    rows = {}
+    for b, enc in bare.items():
+        lat = _latency(enc, lat_q)
+        enc.encode(batch_q[:64])
+        t0 = time.perf_counter()
+        enc.encode(batch_q, batch_size=64)
+        rows[b] = (np.percentile(lat, 50), np.percentile(lat, 99), len(batch_q) / (time.perf_counter() - t0))
+        print(f"[{b}] latency and throughput measured (threads {enc.threads})", file=sys.stderr)
+    mean_chars = np.mean([len(q) for q in lat_q])
+    print(f"\n== 2./3. bare encode at 1 thread: {len(lat_q)} single queries (mean {mean_chars:.0f} chars), ", end="")
+    print(f"{len(batch_q)} texts at batch 64")
+    print(f"{'backend':<10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'texts/s':>9} {'ratio':>7}")
+    for b, (p50, p99, tps) in rows.items():
+        t50, _, ttps = rows["torch"]
+        print(f"{b:<10} {p50:8.2f} {p99:8.2f} {p50 / t50:10.2f} {tps:9.1f} {tps / ttps:7.2f}")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    if not args.no_regret:
+        _regret(args, tables["routerbench"], backends)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+
+
+def _regret(args, table, backends: list[str]) -> None:
+    from ray_router.cli import _eval_config, build_parser
+    from ray_router.evaluation import evaluate
+    from ray_router.evaluation.experiment import paired_difference
+
+    argv = ["evaluate", "--dataset", "routerbench", "--cost-weight", "0.2", "--policies", "fgts_cdb,best_fixed"]
+    argv += ["--seeds", str(args.seeds), "--rounds", str(args.rounds), "--out", "unused"]
+    cfg = _eval_config(build_parser().parse_args(argv))
+    records = {}
+    for b in backends:
+        X = get_encoder("minilm", backend=b).encode([str(t) for t in table.texts])
+        t0 = time.perf_counter()
+        result = evaluate(table, X, cfg, encoder=b, workers=args.workers)
+        records[b] = {r["policy"]: r for r in result.records}
+        print(f"[{b}] evaluated in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    print(
+        f"\n== 4. RouterBench ({table.n_queries} queries), λ = 0.2, {cfg.n_seeds} seeds x {cfg.n_rounds} rounds: "
+        "served regret, mean [95% CI]"
+    )
+    ref = records["torch"]["fgts_cdb"]
+    lo_t, hi_t = ref["served_regret_ci95"]
+    print(f"{'backend':<10} {'FGTS.CDB served':>24} {'best_fixed':>10} {'CIs overlap':>11}  paired backend − torch")
+    for b in backends:
+        r = records[b]["fgts_cdb"]
+        lo, hi = r["served_regret_ci95"]
+        ci = f"{r['served_regret_mean']:.1f} [{lo:.1f}, {hi:.1f}]"
+        overlap = "-" if b == "torch" else ("yes" if lo <= hi_t and lo_t <= hi else "NO")
+        d = paired_difference(r["served_regret_per_seed"], ref["served_regret_per_seed"])
+        paired = "-" if b == "torch" else f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}] {d['verdict']}"
+        best = records[b]["best_fixed"]["served_regret_mean"]
+        print(f"{b:<10} {ci:>24} {best:10.1f} {overlap:>11}  {paired}")
+    print("per seed, served | dueling regret of FGTS.CDB:")
+    for b in backends:
+        r = records[b]["fgts_cdb"]
+        served = " ".join(f"{v:.2f}" for v in r["served_regret_per_seed"])
+        dueling = " ".join(f"{v:.2f}" for v in r["cum_regret_per_seed"])
+        print(f"  {b:<10} {served} | {dueling}")
+    for b in backends[1:]:
+        r = records[b]["fgts_cdb"]
+        d = paired_difference(r["served_regret_per_seed"], ref["served_regret_per_seed"])
+        changed = d["verdict"] != "no significant difference"
+        print(f"{b}: {'CHANGES routing quality' if changed else 'no measurable change of routing quality'}")
+
+
+if __name__ == "__main__":
+    main()

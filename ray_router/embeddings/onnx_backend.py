@@ -1,0 +1,356 @@
+"""ONNX backends of the sentence-transformers encoder: ``onnx`` (float32) and ``onnx-int8``.
+
+Why an own export and not ``SentenceTransformer(..., backend="onnx")``: sentence-transformers'
+ONNX backend loads models through ``optimum.onnxruntime``, which lives in ``optimum-onnx``; its only
+release on the local registry (0.1.0) requires ``transformers<4.58`` and ``optimum~=2.1``, and the
+project runs transformers 5.24 (sentence-transformers 6.2 needs it). So the model is exported here
+with torch's own exporter and run with onnxruntime directly, which needs only ``onnx``,
+``onnxscript`` (the exporter's) and ``onnxruntime``, all offline.
+
+What is exported: the **whole** sentence-transformers module stack (Transformer, Pooling, Normalize,
+and any Dense layer a fine-tuned folder adds), called exactly as ``SentenceTransformer.forward`` calls
+it, so pooling and normalisation are the model's own and not re-implemented here. The inputs are the
+tokenizer's tensors (``input_ids``, ``attention_mask`` and, where the model takes them,
+``token_type_ids``) with dynamic batch and sequence axes; the output is ``sentence_embedding``.
+Exporter: ``torch.onnx.export(dynamo=True)``, the maintained one (the TorchScript exporter is
+deprecated and bakes Python branches on shapes into the graph). Tokenization at run time uses the
+model's own fast tokenizer (``tokenizers``, saved next to the graph) with the model's
+``max_seq_length`` as truncation limit, so a process that finds the export on disk never imports
+torch or sentence-transformers. Every export is checked before it is published: the graph's output
+must match the torch model's on a few texts (cosine >= :data:`EXPORT_CHECK_MIN_COSINE`).
+
+``onnx-int8``: onnxruntime's dynamic quantization of that float32 graph: int8 per-channel weights
+of the ``MatMul`` nodes only (the embedding tables stay float32), activations quantized at run time.
+Measured on this machine (AVX-512 VNNI) against float32 torch on five texts: per-tensor weights gave
+cosines of 0.86-0.97, per-channel 0.989-0.998; quantizing ``Gather`` (the embedding tables) as well
+did not help. Over 3,162 RouterBench and 2,000 RouterDC queries (``bench/encoder_backends.py``) the
+chosen scheme gives cosine min 0.971, mean 0.992-0.994, and FGTS.CDB served the same arms as with
+torch's vectors. Activation scales are computed per call over the whole input tensor, so an int8 vector
+would depend on the texts it was batched with; an encoder's vectors must depend only on the text
+(the embedding cache keys on identity + text), hence ``onnx-int8`` runs one text per call.
+
+Graph optimisations: every session is created with ``ORT_ENABLE_ALL`` (constant folding, LayerNorm,
+GELU and MatMul fusions) when it loads; the optimised graph is not saved, because onnxruntime's
+fully optimised graphs are specific to the CPU they were made on and a cache directory may be shared.
+
+Threads: the session's intra-op thread count is the one the torch path would use in the same process:
+``torch.get_num_threads()`` when torch is already imported (so ``torch.set_num_threads(n)`` and Ray's
+per-replica setting both apply), else ``$OMP_NUM_THREADS`` (what torch reads; Ray sets it to a
+replica's CPU share), else ``os.cpu_count()`` (torch's default on these machines). One inter-op thread.
+
+Export cache: ``<root>/<name>-<fingerprint>-<backend>-<key hash>/`` with ``model.onnx``,
+``tokenizer.json`` and ``export.json``; ``<root>`` is ``$RAY_ROUTER_CACHE_DIR/onnx``, else
+``~/.cache/ray-router/onnx``. The key hash covers the source model's fingerprint (the encoder
+identity's), the backend, the onnx, onnxruntime and torch versions and :data:`EXPORT_FORMAT`. An export
+is written into a temporary directory next to its final place and renamed into place, under a file
+lock per key, so a second process waits for the first one's export and then reuses it, and a killed
+export leaves only a temporary directory behind (never a half-written export under the final name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ray_router.embeddings.base import l2_normalise
+from ray_router.embeddings.options import ENCODER_BACKENDS
+from ray_router.errors import ConfigError, DataError
+
+EXPORT_FORMAT = 1
+EXPORT_FILE = "export.json"
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+EXPORT_CHECK_MIN_COSINE = 0.9999  # an fp32 export that differs more from torch is broken, not rounded
+# texts per onnxruntime call at most: the exported attention materialises (batch, heads, seq, seq)
+# scores (200 MB per layer at 64 x 12 x 256 x 256), so big batches of long texts run out of cache.
+# 128 RouterBench queries at 1 thread, busy machine: 28.9 texts/s at batch 64, 49.1 at 16, 55.4 at 4
+# (torch: 33.0, 48.6, 51.4)
+MAX_ONNX_BATCH = 16
+OPSET = 18
+_CHECK_TEXTS = (
+    "Is 91 prime?",
+    "Write a Python function that returns the sum of the squares of a list of integers.",
+    "word " * 400,  # longer than any max_seq_length: exercises truncation
+)
+N_EXPORTS = {"onnx": 0, "onnx-int8": 0}  # exports this process actually ran (tests check reuse)
+
+
+def default_export_root() -> Path:
+    """``$RAY_ROUTER_CACHE_DIR/onnx``, else ``~/.cache/ray-router/onnx``."""
+    base = os.environ.get("RAY_ROUTER_CACHE_DIR") or "~/.cache/ray-router"
+    return Path(base).expanduser() / "onnx"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"the onnx encoder backends need the package {dist!r} (`pip install -e .` installs it)"
+        ) from None
+
+
+def export_key(fingerprint: str, backend: str) -> dict[str, Any]:
+    """What an export depends on; its hash names the export's directory."""
+    if backend not in ("onnx", "onnx-int8"):
+        raise ConfigError(f"backend: {backend!r} has no export (use one of {list(ENCODER_BACKENDS)})")
+    return {
+        "format": EXPORT_FORMAT,
+        "source_fingerprint": fingerprint,
+        "backend": backend,
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime"),
+        "torch": _version("torch"),
+    }
+
+
+def export_directory(root: Path, name: str, fingerprint: str, backend: str) -> Path:
+    key = export_key(fingerprint, backend)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}-{fingerprint}")[:80]
+    return root / f"{slug}-{backend}-{digest}"
+
+
+def ensure_export(model_path: Path, name: str, fingerprint: str, backend: str, root: Path | None = None) -> Path:
+    """The export directory of ``backend`` for the model at ``model_path`` (fingerprint
+    ``fingerprint``): reused when it is on disk, else exported (``onnx-int8`` quantizes the ``onnx``
+    export, exporting that first when needed)."""
+    root = Path(root).expanduser() if root is not None else default_export_root()
+    final = export_directory(root, name, fingerprint, backend)
+    if (final / EXPORT_FILE).is_file():
+        return final
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{final.name}.lock")):
+        if (final / EXPORT_FILE).is_file():  # another process finished it while we waited
+            return final
+        source = None if backend == "onnx" else ensure_export(model_path, name, fingerprint, "onnx", root)
+        tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            t0 = time.perf_counter()
+            if backend == "onnx":
+                meta = _export_fp32(model_path, tmp)
+            else:
+                meta = _quantize_int8(source, tmp)  # type: ignore[arg-type]
+            meta.update(
+                key=export_key(fingerprint, backend),
+                name=name,
+                source_path=str(model_path),
+                seconds=round(time.perf_counter() - t0, 2),
+            )
+            (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+            for path in tmp.iterdir():  # on disk before the rename publishes them
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+            if final.exists():  # a leftover without export.json (an older crash); never trusted
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        N_EXPORTS[backend] += 1
+    return final
+
+
+def _export_fp32(model_path: Path, out: Path) -> dict[str, Any]:
+    """torch.onnx.export of the whole sentence-transformers stack, checked against torch."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = SentenceTransformer(str(model_path), device="cpu").eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    first = model[0]
+    hf_tokenizer: Any = getattr(first, "tokenizer", None)
+    backend_tokenizer = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend_tokenizer is None:
+        raise ConfigError(f"{model_path}: the onnx backends need a fast (tokenizers) tokenizer")
+    max_len = int(model.max_seq_length or 0)
+    if max_len < 1:
+        raise ConfigError(f"{model_path}: the model declares no max_seq_length")
+    features = (getattr(model, "preprocess", None) or model.tokenize)(list(_CHECK_TEXTS[:2]))
+    inputs = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in features]
+
+    class _Stack(torch.nn.Module):
+        def __init__(self, st: Any) -> None:
+            super().__init__()
+            self.st = st
+
+        def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+            return self.st(dict(zip(inputs, tensors)))["sentence_embedding"]
+
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=max(max_len, 8))
+    args = tuple(features[k] for k in inputs)
+    dims = ({0: batch, 1: seq},) * len(inputs)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notes
+    with (
+        torch.no_grad(),
+        contextlib.redirect_stdout(sys.stderr),  # the exporter prints progress lines
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _Stack(model).eval(),
+            args,
+            str(out / MODEL_FILE),
+            input_names=inputs,
+            output_names=["sentence_embedding"],
+            dynamic_shapes=(dims,),
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    quiet.setLevel(level)
+    tok = backend_tokenizer.__class__.from_str(backend_tokenizer.to_str())
+    tok.no_padding()
+    tok.no_truncation()
+    tok.save(str(out / TOKENIZER_FILE))
+    meta = {
+        "inputs": inputs,
+        "max_seq_length": max_len,
+        "do_lower_case": bool(getattr(first, "do_lower_case", False)),
+        "pad_id": int(hf_tokenizer.pad_token_id or 0),
+        "pad_token": str(hf_tokenizer.pad_token or "[PAD]"),
+        "dim": int((getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)() or 0),
+        "backend": "onnx",
+    }
+    with torch.no_grad():
+        ref = model.encode(list(_CHECK_TEXTS), normalize_embeddings=True, convert_to_numpy=True)
+    got = OnnxModel(out, meta=meta, threads=1).encode(list(_CHECK_TEXTS))
+    cosine = float((l2_normalise(ref) * got).sum(axis=1).min())
+    if not cosine >= EXPORT_CHECK_MIN_COSINE:
+        raise DataError(f"{model_path}: the ONNX export differs from the torch model (min cosine {cosine:.6f})")
+    meta["check_min_cosine"] = cosine
+    return meta
+
+
+def _quantize_int8(source: Path, out: Path) -> dict[str, Any]:
+    """Dynamic int8 quantization of the float32 export (see the module docstring for the choice)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quant_logger = logging.getLogger()
+    level = quant_logger.level
+    quant_logger.setLevel(logging.ERROR)  # it logs a "consider pre-processing" warning on every call
+    try:
+        quantize_dynamic(
+            str(source / MODEL_FILE),
+            str(out / MODEL_FILE),
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+        )
+    finally:
+        quant_logger.setLevel(level)
+    shutil.copy2(source / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    meta = json.loads((source / EXPORT_FILE).read_text(encoding="utf-8"))
+    keep = ("inputs", "max_seq_length", "do_lower_case", "pad_id", "pad_token", "dim")
+    return {**{k: meta[k] for k in keep}, "backend": "onnx-int8", "quantization": "dynamic, MatMul, per-channel QInt8"}
+
+
+def torch_equivalent_threads() -> int:
+    """The intra-op thread count the torch path would use in this process (module docstring)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    return os.cpu_count() or 1
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in ("auto", "cpu"):
+        return (["CUDAExecutionProvider"] if device == "auto" and "CUDAExecutionProvider" in available else []) + [
+            "CPUExecutionProvider"
+        ]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise ConfigError(
+                f"device {device!r} with an onnx backend needs onnxruntime's CUDA provider "
+                f"(this onnxruntime has {available}); use device='auto' or 'cpu'"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ConfigError(f"device {device!r}: the onnx backends run on auto, cpu or cuda")
+
+
+class OnnxModel:
+    """An exported model folder run with onnxruntime: texts -> L2-normalised float32 rows."""
+
+    def __init__(
+        self,
+        directory: Path,
+        meta: dict[str, Any] | None = None,
+        threads: int | None = None,
+        device: str = "cpu",
+        max_seq_length: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.directory = Path(directory)
+        self.meta = meta if meta is not None else json.loads((self.directory / EXPORT_FILE).read_text("utf-8"))
+        self.inputs: list[str] = list(self.meta["inputs"])
+        self.one_text_per_call = self.meta["backend"] == "onnx-int8"  # batch-invariant vectors
+        self.threads = int(threads) if threads is not None else torch_equivalent_threads()
+        limit = int(max_seq_length) if max_seq_length is not None else int(self.meta["max_seq_length"])
+        self.tokenizer = Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        self.tokenizer.enable_truncation(max_length=limit)
+        self.tokenizer.enable_padding(pad_id=int(self.meta["pad_id"]), pad_token=str(self.meta["pad_token"]))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.directory / MODEL_FILE), options, providers=_providers(device))
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        encodings = self.tokenizer.encode_batch(texts)
+        tensors = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        (out,) = self.session.run(["sentence_embedding"], {k: tensors[k] for k in self.inputs})
+        return np.asarray(out, dtype=np.float32)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        texts = [str(t).lower() if self.meta.get("do_lower_case") else str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, int(self.meta["dim"])), dtype=np.float32)
+        step = 1 if self.one_text_per_call else max(1, min(int(batch_size), MAX_ONNX_BATCH))
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths pad less
+        out = np.empty((len(texts), int(self.meta["dim"])), dtype=np.float32)
+        for start in range(0, len(texts), step):
+            rows = order[start : start + step]
+            out[rows] = self._run([texts[i] for i in rows])
+        return l2_normalise(out)
