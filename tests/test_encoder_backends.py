@@ -29,6 +29,8 @@ from ray_router.embeddings import onnx_backend as ob
 from ray_router.embeddings.spec import EncoderSpec
 from ray_router.errors import ConfigError
 
+REPO = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
 
@@ -221,3 +223,16 @@ def test_threads_follow_torch(monkeypatch):
         assert ob.torch_equivalent_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8"])
+def test_the_serve_app_builds_its_arm_table_with_the_configured_backend(backend):
+    # the arm table's encoder identity must be the Embedder's, or the Embedder refuses to start
+    from ray_router.serve import launch
+    from ray_router.serve.arms import encoder_identity
+    from ray_router.serve.config import AppArgs
+
+    raw = launch.our_apps(launch.load_serve_config(REPO / "serve_configs" / "local.yaml"))[0]["args"]
+    args = AppArgs.model_validate({**raw, "encoder": {**raw.get("encoder", {}), "backend": backend}})
+    identity, dim = encoder_identity(args)
+    assert identity == get_encoder("minilm", cache_dir=False, backend=backend).identity and dim == 384

@@ -49,8 +49,9 @@ class ArmTable:
 def _encoder_for(args: AppArgs, cache_dir: Any = False):
     from ray_router.embeddings import get_encoder
 
-    opts = {} if args.encoder.max_seq_length is None else {"max_seq_length": args.encoder.max_seq_length}
-    return get_encoder(args.encoder.name, cache_dir=cache_dir, device=args.encoder.device, **opts)
+    return get_encoder(
+        args.encoder.name, cache_dir=cache_dir, device=args.encoder.device, **args.encoder.encoder_options()
+    )
 
 
 def encoder_identity(args: AppArgs) -> tuple[str, int]:
