@@ -174,3 +174,151 @@ def test_apply_lag_is_observed_once_per_feedback_when_its_samples_are_published(
     assert len(lags) == 6, lags  # one observation per acknowledged feedback, none twice
     assert all(0 <= x <= elapsed for x in lags)
     assert len(m.feedback.values) == 6 and m.role_now() == "writer"
+
+
+# ------------------------------------------------------------------ real processes, real Serve
+def holder_main(args_json: str, acked_path: str) -> None:
+    """The old cluster's Posterior, in a process of its own: the :class:`PosteriorService` that the
+    app's builder would make from these app ``args`` (same state dir, arm table and keys), the
+    writer; it records feedback on duels it issues itself and appends ``seq nonce`` to
+    ``acked_path`` after each acknowledgement, until it is killed."""
+    import json
+    import secrets
+
+    from ray_router.serve.arms import resolve_arm_table
+    from ray_router.serve.builder import posterior_spec
+    from ray_router.serve.config import AppArgs
+    from ray_router.serve.posterior_service import PosteriorService
+    from ray_router.serve.tokens import decision_signer, quantise
+
+    args = AppArgs.model_validate(json.loads(args_json))
+    table = resolve_arm_table(args)
+    spec = posterior_spec(args, table, str(args.state_dir().resolve()))
+    signer = decision_signer(spec.hmac_key_env, spec.state_dir, spec.arm_ids)[0]
+    rng = np.random.default_rng(7)
+    dim = int(np.asarray(spec.arm_embeddings).shape[1])
+
+    async def run() -> None:
+        svc = PosteriorService(spec, args.state.refresh_min_interval_s)
+        await svc.start()
+        assert svc.role == "writer", "the holder must start with the lock free"
+        with open(acked_path, "a", buffering=1) as out:
+            for i in range(10**9):
+                x = rng.normal(size=dim)
+                first, second = rng.choice(len(spec.arm_ids), size=2, replace=False)
+                token = signer.issue(
+                    secrets.token_hex(12),
+                    time.time() + 600,
+                    "duel",
+                    int(first),
+                    int(second),
+                    None,
+                    quantise(x / np.linalg.norm(x)),
+                )
+                ack = await svc.feedback(token, ("first", "second", "tie")[i % 3], f"holder-{i}")
+                claims = signer.verify(token)
+                out.write(f"{ack['seq']} {claims.nonce}\n")
+                await asyncio.sleep(0.02)
+
+    asyncio.run(run())
+
+
+def _acked_by_holder(path) -> dict[str, int]:
+    lines = path.read_text().split("\n")[:-1]  # a last line without its newline was cut by the kill
+    return {nonce: int(seq) for seq, nonce in (line.split() for line in lines)}
+
+
+@pytest.mark.integration
+def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is_killed(serve_cluster, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from ray_router.serve import launch
+    from tests.serve.conftest import REPO, SECRET_ENV, delete_router, deploy_router, synthetic_arm_args, wait_for
+    from tests.serve.test_recovery import _log_records, _nonce, _status
+
+    state_dir = tmp_path / "state"
+    arm_table = synthetic_arm_args(tmp_path / "arms", encoder="hash")
+    base = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    (app_cfg,) = launch.our_apps(base)
+    holder_args = {**app_cfg["args"], **arm_table, "state": {"dir": str(state_dir)}}
+    acked_path = tmp_path / "holder-acked.txt"
+    acked_path.touch()
+    env = {**os.environ, **SECRET_ENV, "PYTHONPATH": str(REPO)}
+    code = f"from tests.serve.test_standby import holder_main; holder_main({json.dumps(json.dumps(holder_args))}, {str(acked_path)!r})"
+    log = open(tmp_path / "holder.log", "wb")  # noqa: SIM115 - closed in finally
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+    try:
+        wait_for(lambda: len(_acked_by_holder(acked_path)) >= 5 or holder.poll() is not None, 120, what="the holder")
+        assert holder.poll() is None, (tmp_path / "holder.log").read_text()[-3000:]
+
+        app = deploy_router(serve_cluster, state_dir, arm_table)  # RUNNING, though the lock is held
+        health = httpx.get(f"{app.url}/healthz", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "standby", health.text
+        assert httpx.get(f"{app.url}/v1/stats", timeout=30).json()["role"] == "standby"
+        assert _status(app)["posterior"]["role"] == "standby"
+        route = httpx.post(f"{app.url}/v1/route", json={"query": "routes work on a standby"}, timeout=60)
+        assert route.status_code == 200, route.text
+        refused_id = route.json()["decision_id"]
+        refused = httpx.post(
+            f"{app.url}/v1/feedback", json={"decision_id": refused_id, "outcome": "first"}, headers=app.auth, timeout=60
+        )
+        assert refused.status_code == 503 and refused.json()["error"] == "standby", refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        snap = httpx.post(f"{app.url}/v1/admin/snapshot", headers=app.admin, timeout=60)
+        assert snap.status_code == 503 and snap.json()["error"] == "standby", snap.text
+
+        # the standby follows the live writer: its applied seq passes what the holder had acknowledged
+        seen = max(_acked_by_holder(acked_path).values())
+        wait_for(lambda: _status(app)["posterior"]["last_applied_seq"] >= seen, 30, what="the standby following")
+
+        holder.kill()  # SIGKILL: no snapshot, the kernel drops the lock
+        holder.wait(timeout=30)
+        t_kill = time.monotonic()
+        by_holder = _acked_by_holder(acked_path)
+        wait_for(lambda: httpx.get(f"{app.url}/healthz", timeout=30).json()["status"] == "ok", 60, what="the takeover")
+        takeover_s = time.monotonic() - t_kill
+
+        # the refused feedback, retried, lands now; and new feedback is accepted
+        by_http = {}
+        retry = httpx.post(
+            f"{app.url}/v1/feedback", json={"decision_id": refused_id, "outcome": "first"}, headers=app.auth, timeout=60
+        )
+        assert retry.status_code == 200, retry.text
+        by_http[_nonce(refused_id)] = retry.json()["seq"]
+        for i in range(10):
+            d = httpx.post(f"{app.url}/v1/route", json={"query": f"after the takeover {i}"}, timeout=60).json()
+            f = httpx.post(
+                f"{app.url}/v1/feedback",
+                json={"decision_id": d["decision_id"], "outcome": "tie"},
+                headers=app.auth,
+                timeout=60,
+            )
+            assert f.status_code == 200, f.text
+            by_http[_nonce(d["decision_id"])] = f.json()["seq"]
+
+        wait_for(lambda: (s := _status(app)["posterior"])["last_applied_seq"] == s["last_seq"], what="all applied")
+        records = _log_records(app)
+        logged = {rec["nonce"]: rec["seq"] for rec in records}
+        assert len(logged) == len(records), "a decision took two feedbacks"
+        lost = {n: s for n, s in {**by_holder, **by_http}.items() if logged.get(n) != s}
+        assert not lost, f"{len(lost)} acknowledged feedback(s) missing from the log"
+        stats = httpx.get(f"{app.url}/v1/stats", timeout=60).json()
+        assert stats["role"] == "writer"
+        assert stats["posterior"]["n_updates"] == len(records) == stats["durability"]["last_seq"]
+        print(
+            f"standby -> writer: {len(by_holder)} acked by the holder, {len(by_http)} by the app, "
+            f"{len(records)} logged, takeover {takeover_s:.2f}s after SIGKILL"
+        )
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+        log.close()
+        delete_router()
