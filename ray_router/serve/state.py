@@ -66,6 +66,7 @@ from ray_router.serve.specs import PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
+PRUNE_EVERY_S = 10.0  # a standby drops the expired nonces it followed this often
 
 
 def serving_policy_config(config: dict | None) -> dict:
@@ -132,6 +133,7 @@ class PosteriorState:
         self.reloads = 0  # times the policy was rebuilt from a snapshot while following
         self._last_nonce: str | None = None  # nonce of the last applied record
         self._serving = self.policy  # the policy whose samples are published (the last refreshed)
+        self._pruned_at = self.clock()  # a standby's last pruning of expired nonces
 
     # ------------------------------------------------------------------ startup
     def open(self) -> dict[str, Any]:
@@ -280,6 +282,10 @@ class PosteriorState:
                 "y": rec["outcome"],
                 "e": rec["expires_at"],
             }
+        now = self.clock()
+        if now - self._pruned_at >= PRUNE_EVERY_S:  # here, on the mutation thread that fills ``used``
+            self._prune_used(now)
+            self._pruned_at = now
         return self.apply([rec for _, rec in records])
 
     def promote(self) -> dict[str, Any] | None:

@@ -133,7 +133,7 @@ def test_the_mapping_answers_with_the_class_status_and_code(client, name):
     if status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
     if status == 503:  # a standby takes over once the old writer's cluster is gone: longer than a shed
-        assert r.headers["retry-after"] == ("5" if name == "Standby" else "1")
+        assert r.headers["retry-after"] == (str(serve_errors.STANDBY_RETRY_AFTER_S) if name == "Standby" else "1")
 
 
 def test_schema_errors_carry_their_details(client):
