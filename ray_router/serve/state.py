@@ -29,6 +29,16 @@ Snapshots, compaction and recovery
     the duels the snapshot's policy holds (its history, bounded by ``max_history``) and then the log
     tail (``recovery["rebuilt_from_log"]`` says why; ``rebuilt_from_history`` how many duels).
 
+Standby (``start`` when another process holds the lock)
+    ``open_standby`` restores the snapshot and applies the log without the lock, writing nothing;
+    ``follow`` applies what the holder appends since (``FeedbackJournal.tail``: read-only, stops at
+    a frame being written) and, when a compaction deleted the records it needs, re-reads the newest
+    snapshot (``_reload``: a fresh policy; the samples of the last refresh are served meanwhile).
+    ``promote`` takes the lock once it is free, opens the log for appending, checks that the last
+    record it applied is still the log's (same seq and nonce, else ``_reload``) and applies the rest:
+    the same replay a restart does, from where the follower got to. Writes (``take_snapshot``) are
+    refused while standby.
+
 :class:`~ray_router.serve.posterior_service.PosteriorService` (the ``Posterior`` deployment's body)
 drives these steps. Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
 and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`` and
