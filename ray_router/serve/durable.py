@@ -4,6 +4,7 @@ State directory layout::
 
     <state_dir>/
       LOCK                          file lock (filelock) held by the one posterior that writes here
+      LOCK.owner                    host and pid of the last posterior that took it (for operators)
       meta.json                     arm ids, encoder identity, dim (checked on every start)
       feedback/                     the feedback log, in segments
         seg-00000000000000000001.log    records 1 .. (the next segment's first seq - 1)
@@ -62,8 +63,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -220,6 +223,7 @@ class StateLock:
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "LOCK"
+        self.owner_path = Path(directory) / "LOCK.owner"  # who holds it: information for operators only
         self._lock = FileLock(self.path, thread_local=False)
 
     def acquire(self, timeout_s: float) -> None:
@@ -231,6 +235,7 @@ class StateLock:
                 f"{self.path} is locked by another posterior for {timeout_s:.0f}s: one state directory "
                 "takes one writer (keep the Posterior deployment at num_replicas: 1)"
             ) from None
+        self._write_owner()
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free, without waiting: True when it is ours now."""
@@ -239,7 +244,24 @@ class StateLock:
             self._lock.acquire(timeout=0)
         except Timeout:
             return False
+        self._write_owner()
         return True
+
+    def _write_owner(self) -> None:
+        """``LOCK.owner``: the holder's host (a pod's name) and pid, for a standby to report. Not the
+        lock itself (the ``flock`` is): a stale file after a crash only misnames a past holder."""
+        tmp = self.owner_path.with_name(f".{self.owner_path.name}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+            os.replace(tmp, self.owner_path)
+
+    def owner(self) -> dict[str, Any] | None:
+        """What the last holder wrote into ``LOCK.owner`` (None: nothing readable)."""
+        try:
+            out = json.loads(self.owner_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return out if isinstance(out, dict) else None
 
     @property
     def held(self) -> bool:

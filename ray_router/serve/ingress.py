@@ -232,15 +232,8 @@ class Ingress:
             )
         body = {"posterior_version": health["version"], "samples_version": self.view.version, "role": health["role"]}
         if health["role"] == "standby":
-            return JSONResponse(
-                {
-                    "status": "standby",
-                    "routes": "ok",
-                    "feedback": "standby",
-                    **body,
-                    "standby_since": health["standby_since"],
-                }
-            )
+            standby = {"standby_since": health.get("standby_since"), "lock_holder": health.get("lock_holder")}
+            return JSONResponse({"status": "standby", "routes": "ok", "feedback": "standby", **body, **standby})
         return JSONResponse({"status": "ok", **body})
 
     @api.get("/v1/stats")

@@ -284,8 +284,12 @@ class PosteriorService:
             )
 
     async def health(self) -> dict:
-        """What ``/healthz`` reports: the role and the published version."""
-        return {"role": self.role, "version": self.state.version, "standby_since": self.standby_since}
+        """What ``/healthz`` reports: the role and the published version (a standby: since when, and
+        who holds the lock)."""
+        out: dict[str, Any] = {"role": self.role, "version": self.state.version}
+        if self.role == "standby":
+            out.update(standby_since=self.standby_since, lock_holder=self.state.lock.owner())
+        return out
 
     async def stats(self) -> dict:
         return {**self.state.stats(), "role": self.role}
@@ -294,6 +298,7 @@ class PosteriorService:
         return {
             "role": self.role,
             "standby_since": self.standby_since,
+            "lock_holder": self.state.lock.owner(),
             "pid": os.getpid(),
             "state_dir": str(self.state.dir),
             "recovery": self.state.recovery,

@@ -7,6 +7,7 @@ lock is a real ``flock`` (two open file descriptions conflict even within one pr
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import numpy as np
@@ -95,6 +96,7 @@ def test_a_standby_follows_the_holder_through_compaction_and_takes_over(router, 
     assert b.st.last_applied_seq == 8 and b.st.recovery["role"] == "standby"  # read at start
     assert b.run(b.svc.stats())["role"] == "standby" and b.run(b.svc.status())["role"] == "standby"
     assert b.run(b.svc.health())["role"] == "standby"
+    assert b.run(b.svc.status())["lock_holder"]["pid"] == os.getpid()  # A, in this process
     same_learned_state(a, b)
 
     # writes are refused with a retryable 503; nothing of the refused feedback is kept anywhere
@@ -231,7 +233,6 @@ def _acked_by_holder(path) -> dict[str, int]:
 @pytest.mark.integration
 def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is_killed(serve_cluster, tmp_path):
     import json
-    import os
     import subprocess
     import sys
 
@@ -261,6 +262,7 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
         app = deploy_router(serve_cluster, state_dir, arm_table)  # RUNNING, though the lock is held
         health = httpx.get(f"{app.url}/healthz", timeout=30)
         assert health.status_code == 200 and health.json()["status"] == "standby", health.text
+        assert health.json()["lock_holder"]["pid"] == holder.pid  # who to look for
         assert httpx.get(f"{app.url}/v1/stats", timeout=30).json()["role"] == "standby"
         assert _status(app)["posterior"]["role"] == "standby"
         route = httpx.post(f"{app.url}/v1/route", json={"query": "routes work on a standby"}, timeout=60)
