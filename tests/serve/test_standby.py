@@ -279,6 +279,7 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
         # the standby follows the live writer: its applied seq passes what the holder had acknowledged
         seen = max(_acked_by_holder(acked_path).values())
         wait_for(lambda: _status(app)["posterior"]["last_applied_seq"] >= seen, 30, what="the standby following")
+        standby_pid = _status(app)["posterior"]["pid"]
 
         holder.kill()  # SIGKILL: no snapshot, the kernel drops the lock
         holder.wait(timeout=30)
@@ -306,6 +307,10 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
             by_http[_nonce(d["decision_id"])] = f.json()["seq"]
 
         wait_for(lambda: (s := _status(app)["posterior"])["last_applied_seq"] == s["last_seq"], what="all applied")
+        after = _status(app)["posterior"]
+        # the standby itself became the writer: not a replacement replica recovering from the files
+        assert after["pid"] == standby_pid and after["recovery"]["role"] == "writer", after
+        assert "promotion_replayed" in after["recovery"], after["recovery"]
         records = _log_records(app)
         logged = {rec["nonce"]: rec["seq"] for rec in records}
         assert len(logged) == len(records), "a decision took two feedbacks"
@@ -316,7 +321,8 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
         assert stats["posterior"]["n_updates"] == len(records) == stats["durability"]["last_seq"]
         print(
             f"standby -> writer: {len(by_holder)} acked by the holder, {len(by_http)} by the app, "
-            f"{len(records)} logged, takeover {takeover_s:.2f}s after SIGKILL"
+            f"{len(records)} logged, takeover {takeover_s:.2f}s after SIGKILL, "
+            f"{after['recovery']['promotion_replayed']} records applied by the promotion"
         )
     finally:
         if holder.poll() is None:
