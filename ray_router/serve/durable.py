@@ -4,6 +4,7 @@ State directory layout::
 
     <state_dir>/
       LOCK                          file lock (filelock) held by the one posterior that writes here
+      LOCK.owner                    host and pid of the last posterior that took it (for operators)
       meta.json                     arm ids, encoder identity, dim (checked on every start)
       feedback/                     the feedback log, in segments
         seg-00000000000000000001.log    records 1 .. (the next segment's first seq - 1)
@@ -42,6 +43,12 @@ oldest first, then the directory is fsynced. The active segment is never deleted
 any two of these steps loses nothing (the records a deleted segment held are in a durable
 snapshot) and applies nothing twice (a restart skips records with seq <= the snapshot's).
 
+Followers (:meth:`FeedbackJournal.tail`): a standby posterior reads the log while another process
+holds the lock and appends. It never writes, cuts or deletes anything; it reads from its position
+to the first frame that is incomplete (the writer may be writing it: read again next poll), and
+raises :class:`LogCompacted` when the records it still needs were compacted away (then it re-reads
+the newest snapshot, which covers them).
+
 Decisions awaiting feedback are kept nowhere: a decision id carries its own context, signed
 (:mod:`ray_router.serve.tokens`).
 """
@@ -56,8 +63,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -198,6 +207,10 @@ def _valid_frame_after(buf: memoryview, pos: int) -> int | None:
     return None
 
 
+class LogCompacted(Exception):
+    """The records a follower needs next are gone from the log (a snapshot covers them)."""
+
+
 # --------------------------------------------------------------------------------- lock
 class StateLock:
     """An exclusive lock on ``<dir>/LOCK`` (``filelock``: an ``flock`` on POSIX): one posterior
@@ -210,6 +223,7 @@ class StateLock:
 
     def __init__(self, directory: Path):
         self.path = Path(directory) / "LOCK"
+        self.owner_path = Path(directory) / "LOCK.owner"  # who holds it: information for operators only
         self._lock = FileLock(self.path, thread_local=False)
 
     def acquire(self, timeout_s: float) -> None:
@@ -221,9 +235,40 @@ class StateLock:
                 f"{self.path} is locked by another posterior for {timeout_s:.0f}s: one state directory "
                 "takes one writer (keep the Posterior deployment at num_replicas: 1)"
             ) from None
+        self._write_owner()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free, without waiting: True when it is ours now."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        self._write_owner()
+        return True
+
+    def _write_owner(self) -> None:
+        """``LOCK.owner``: the holder's host (a pod's name) and pid, for a standby to report. Not the
+        lock itself (the ``flock`` is): a stale file after a crash only misnames a past holder."""
+        tmp = self.owner_path.with_name(f".{self.owner_path.name}.tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+            os.replace(tmp, self.owner_path)
+
+    def owner(self) -> dict[str, Any] | None:
+        """What the last holder wrote into ``LOCK.owner`` (None: nothing readable)."""
+        try:
+            out = json.loads(self.owner_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return out if isinstance(out, dict) else None
+
+    @property
+    def held(self) -> bool:
+        return bool(self._lock.is_locked)
 
     def release(self) -> None:
-        self._lock.release(force=True)
+        self._lock.release(force=True)  # a no-op when this object does not hold it
 
 
 # ------------------------------------------------------------------------ feedback log
@@ -282,7 +327,8 @@ class FeedbackJournal:
     @property
     def first_seq(self) -> int:
         """The first seq the log holds (records before it were compacted away)."""
-        return self.segments[0]
+        segments = self.segments
+        return segments[0] if segments else self.last_seq + 1
 
     def _read(self, first: int) -> bytes:
         path = self.path_of(first)
@@ -389,6 +435,71 @@ class FeedbackJournal:
                     raise DataError(f"{self.path_of(f)}: record seq {rec['seq']} where seq {expect} was due")
                 expect = rec["seq"] + 1
                 yield (f, end), rec
+
+    def tail(self, after_seq: int, position: Position | None, limit: int = 4096) -> list[tuple[Position, dict]]:
+        """Read-only, for a follower while another process appends: up to ``limit`` complete records
+        after seq ``after_seq``, read from ``position`` (where that record ends) when its segment
+        still exists, each with the position after it. Stops at the first frame that is not complete
+        yet (never cuts it). Refreshes the segment table and ``last_seq`` that :meth:`open` would
+        learn (the stats of a follower). Raises :class:`LogCompacted` when the records after
+        ``after_seq`` were deleted by a compaction."""
+        firsts = self._list()
+        sizes: dict[int, int] = {}
+        for f in firsts:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[f] = self.path_of(f).stat().st_size
+        with self._lock:
+            self._sizes = sizes
+        if not firsts:
+            return []
+        if position is not None and position[0] in firsts:
+            seg, offset = int(position[0]), int(position[1])
+        else:
+            holding = [f for f in firsts if f <= after_seq + 1]
+            if not holding:
+                raise LogCompacted(f"{self.dir} starts at seq {firsts[0]}; records after {after_seq} were compacted")
+            seg, offset = holding[-1], _HEADER.size
+        out: list[tuple[Position, dict]] = []
+        expect = after_seq + 1
+        for f in firsts:
+            if f < seg:
+                continue
+            start = offset if f == seg else _HEADER.size
+            try:
+                with open(self.path_of(f), "rb") as fh:
+                    head = fh.read(_HEADER.size)
+                    fh.seek(start)
+                    data = fh.read()
+            except FileNotFoundError:
+                raise LogCompacted(f"{self.path_of(f)} was deleted while it was read") from None
+            if len(head) < _HEADER.size:
+                return out  # being created (the writer renames a complete header into place; be safe)
+            magic, head_first = _HEADER.unpack_from(head)
+            if magic != SEGMENT_MAGIC or head_first != f:
+                raise DataError(
+                    f"{self.path_of(f)} is not a feedback log segment (header {magic!r}, first {head_first})"
+                )
+            if start == _HEADER.size and f > expect:
+                raise DataError(f"{self.path_of(f)} starts at seq {f}, the segment before it ends at {expect - 1}")
+            buf = memoryview(data)
+            pos = 0
+            while pos < len(buf):
+                end = _frame_at(buf, pos)
+                if end is None:  # not complete yet: the writer may be writing it
+                    return out
+                rec = decode_record(buf[pos + _FRAME.size : end])
+                seq = int(rec["seq"])
+                if seq < expect:  # before after_seq: a segment read from its start
+                    pos = end
+                    continue
+                if seq != expect:
+                    raise DataError(f"{self.path_of(f)}: record seq {seq} where seq {expect} was due")
+                out.append(((f, start + end), rec))
+                self.last_seq = max(self.last_seq, seq)
+                expect, pos = seq + 1, end
+                if len(out) >= limit:
+                    return out
+        return out
 
     # ----------------------------------------------------------------- write
     def append(self, records: list[dict]) -> list[tuple[int, Position]]:

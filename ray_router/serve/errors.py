@@ -83,3 +83,16 @@ class Overloaded(RouterError, http_status=503, code="overloaded"):
     """The embedder's queue is full (Serve's ``max_queued_requests``): shed at once, retry later."""
 
     headers: ClassVar[dict[str, str]] = {"Retry-After": "1"}
+
+
+STANDBY_RETRY_AFTER_S = 5
+
+
+class Standby(RouterError, http_status=503, code="standby"):
+    """A write (feedback, an admin snapshot or refresh) reached a standby posterior: another process
+    (an upgrade's old cluster) holds the state's lock and writes. Nothing was recorded; retry after
+    ``Retry-After``: the standby takes over within a second of the lock freeing, and a KubeRay
+    upgrade frees it when it deletes the old cluster (``rayClusterDeletionDelaySeconds`` after the
+    switch), so a few retries bridge the gap."""
+
+    headers: ClassVar[dict[str, str]] = {"Retry-After": str(STANDBY_RETRY_AFTER_S)}

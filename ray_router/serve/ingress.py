@@ -208,8 +208,16 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
+        """200 ``ok`` (writer), 200 ``standby``, or 503 ``degraded`` (posterior unreachable).
+
+        A standby answers 200, not 503: it serves routes on the state it follows, and in a KubeRay
+        ``NewCluster`` upgrade it *is* the new cluster waiting for the old one to go. Anything that
+        gates traffic on this endpoint (a load balancer, a readiness probe) would keep traffic off
+        the new cluster on a 503, the old one would never be deleted, its lock never freed, and the
+        standby never promoted: the very deadlock the standby exists to break. Feedback is refused
+        per request instead (503 ``standby``, ``Retry-After``), so no write is lost either way."""
         try:
-            version = await asyncio.wait_for(self._posterior("version", retry_s=0), timeout=2.0)
+            health = await asyncio.wait_for(self._posterior("health", retry_s=0), timeout=2.0)
         except (Exception, asyncio.TimeoutError) as e:  # noqa: BLE001 - any failure means "not ready"
             # routes still work from the last samples; feedback waits for the posterior to come back
             return http_errors.error_response(
@@ -222,7 +230,11 @@ class Ingress:
                 feedback="unavailable",
                 samples_version=self.view.version,
             )
-        return JSONResponse({"status": "ok", "posterior_version": version, "samples_version": self.view.version})
+        body = {"posterior_version": health["version"], "samples_version": self.view.version, "role": health["role"]}
+        if health["role"] == "standby":
+            standby = {"standby_since": health.get("standby_since"), "lock_holder": health.get("lock_holder")}
+            return JSONResponse({"status": "standby", "routes": "ok", "feedback": "standby", **body, **standby})
+        return JSONResponse({"status": "ok", **body})
 
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> JSONResponse:

@@ -1,4 +1,6 @@
-"""The ``Posterior`` deployment: one replica, the only writer of the FGTS.CDB state.
+"""The ``Posterior`` deployment: one replica, the only writer of the FGTS.CDB state (or, while
+another process holds the state's lock, a standby that follows it and takes over; see
+:mod:`ray_router.serve.posterior_service`).
 
 Its body is :class:`~ray_router.serve.posterior_service.PosteriorService` (free of Ray, tested on
 its own); this class adds Serve's settings, Ray's metrics and the graceful-shutdown hook.

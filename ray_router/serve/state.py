@@ -29,6 +29,16 @@ Snapshots, compaction and recovery
     the duels the snapshot's policy holds (its history, bounded by ``max_history``) and then the log
     tail (``recovery["rebuilt_from_log"]`` says why; ``rebuilt_from_history`` how many duels).
 
+Standby (``start`` when another process holds the lock)
+    ``open_standby`` restores the snapshot and applies the log without the lock, writing nothing;
+    ``follow`` applies what the holder appends since (``FeedbackJournal.tail``: read-only, stops at
+    a frame being written) and, when a compaction deleted the records it needs, re-reads the newest
+    snapshot (``_reload``: a fresh policy; the samples of the last refresh are served meanwhile).
+    ``promote`` takes the lock once it is free, opens the log for appending, checks that the last
+    record it applied is still the log's (same seq and nonce, else ``_reload``) and applies the rest:
+    the same replay a restart does, from where the follower got to. Writes (``take_snapshot``) are
+    refused while standby.
+
 :class:`~ray_router.serve.posterior_service.PosteriorService` (the ``Posterior`` deployment's body)
 drives these steps. Threads: ``begin_feedback``/``end_feedback``/``view`` run on the event loop; ``apply``, ``refresh``
 and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`` and
@@ -61,11 +71,12 @@ from ray_router.serve.durable import (
     read_meta,
     write_meta,
 )
-from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel
+from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel, Standby
 from ray_router.serve.specs import PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
+PRUNE_EVERY_S = 10.0  # a standby drops the expired nonces it followed this often
 
 
 def serving_policy_config(config: dict | None) -> dict:
@@ -128,12 +139,29 @@ class PosteriorState:
         }
         self.recovery: dict[str, Any] = {}
         self._opened = False
+        self.standby = False  # following another process's log (see open_standby), not writing
+        self.reloads = 0  # times the policy was rebuilt from a snapshot while following
+        self._last_nonce: str | None = None  # nonce of the last applied record
+        self._serving = self.policy  # the policy whose samples are published (the last refreshed)
+        self._pruned_at = self.clock()  # a standby's last pruning of expired nonces
 
     # ------------------------------------------------------------------ startup
     def open(self) -> dict[str, Any]:
-        """Lock, check meta, restore the snapshot, replay the log tail, refresh once."""
+        """Lock (waiting up to ``lock_timeout_s``), check meta, restore the snapshot, replay the log
+        tail, refresh once."""
         t0 = time.perf_counter()
         self.lock.acquire(self.spec.lock_timeout_s)
+        return self._open_locked(t0)
+
+    def start(self) -> dict[str, Any]:
+        """The service's start, never waiting for the lock: the writer (:meth:`open`) when the lock
+        is free, else a standby (:meth:`open_standby`) that takes over once it frees (:meth:`promote`)."""
+        t0 = time.perf_counter()
+        if self.lock.try_acquire():
+            return self._open_locked(t0)
+        return self.open_standby()
+
+    def _open_locked(self, t0: float) -> dict[str, Any]:
         try:
             return self._open(t0)
         except BaseException:
@@ -141,32 +169,32 @@ class PosteriorState:
             self.lock.release()
             raise
 
+    def _restore_snapshot(self, snap_path: Path) -> tuple[bool, str | None, int]:
+        """Restore ``snap_path`` (or rebuild from its history under a changed config): ``(restored,
+        why rebuilt or None, duels rebuilt)``. Sets the applied seq and position, the used nonces."""
+        snap = load_snapshot(snap_path)
+        meta = snap["meta"]
+        if list(meta["arm_ids"]) != list(self.arm_ids):
+            raise ConfigError(f"{snap_path} holds arms {meta['arm_ids']}, the config has {list(self.arm_ids)}")
+        self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
+        position = meta.get("log_position")  # absent in snapshots of the JSON-lines log
+        self.last_applied_position = None if position is None else (int(position[0]), int(position[1]))
+        self.used = _used_from(meta.get("used"))
+        self.last_snapshot_at = float(meta["created_at"])
+        rebuilt = self._snapshot_mismatch(snap["policy"])
+        if rebuilt is None:
+            self.policy.restore(snap["policy"])
+            return True, None, 0
+        return False, rebuilt, self._rebuild_from_history(snap["policy"]["history"])
+
     def _open(self, t0: float) -> dict[str, Any]:
         self._check_meta()
         migrated = durable.migrate_json_log(self.dir / LEGACY_LOG, self.journal.dir, self.journal.segment_bytes)
         snap_path = self.dir / SNAPSHOT_FILE
         restored, rebuilt, from_history, has_snapshot = False, None, 0, snap_path.exists()
         if has_snapshot:
-            snap = load_snapshot(snap_path)
-            meta = snap["meta"]
-            if list(meta["arm_ids"]) != list(self.arm_ids):
-                raise ConfigError(f"{snap_path} holds arms {meta['arm_ids']}, the config has {list(self.arm_ids)}")
-            self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
-            position = meta.get("log_position")  # absent in snapshots of the JSON-lines log
-            self.last_applied_position = None if position is None else (int(position[0]), int(position[1]))
-            self.used = _used_from(meta.get("used"))
-            self.last_snapshot_at = float(meta["created_at"])
-            rebuilt = self._snapshot_mismatch(snap["policy"])
-            if rebuilt is None:
-                self.policy.restore(snap["policy"])
-                restored = True
-            else:
-                from_history = self._rebuild_from_history(snap["policy"]["history"])
-            if not self.journal.dir.is_dir():
-                raise ConfigError(
-                    f"{snap_path} covers feedback up to seq {self.snapshot_seq} but {self.journal.dir} does not "
-                    "exist: restore the log directory from a backup, or move the snapshot away to start afresh"
-                )
+            restored, rebuilt, from_history = self._restore_snapshot(snap_path)
+            self._require_log_dir(snap_path)
         self.journal.open()
         replayed = self._replay_tail(snap_path)
         if has_snapshot:
@@ -175,6 +203,7 @@ class PosteriorState:
         self._prune_used(now)
         self.refresh()
         self._opened = True
+        self.standby = False
         self.recovery = {
             "restored_snapshot": restored,
             "rebuilt_from_log": rebuilt,
@@ -187,6 +216,145 @@ class PosteriorState:
             "at": now,
         }
         return self.recovery
+
+    def _require_log_dir(self, snap_path: Path) -> None:
+        if not self.journal.dir.is_dir():
+            raise ConfigError(
+                f"{snap_path} covers feedback up to seq {self.snapshot_seq} but {self.journal.dir} does not "
+                "exist: restore the log directory from a backup, or move the snapshot away to start afresh"
+            )
+
+    # ------------------------------------------------------------------ standby
+    def open_standby(self) -> dict[str, Any]:
+        """Start as a standby while another process holds the lock (an upgrade's old cluster): read
+        ``meta.json`` (checked when present), the snapshot and the log, never writing, cutting or
+        compacting anything and never taking the lock; :meth:`follow` then keeps up with the
+        holder's appends and :meth:`promote` takes over once the lock frees."""
+        t0 = time.perf_counter()
+        self.standby = True
+        self._check_meta(write=False)
+        restored, rebuilt, from_history = self._reload()
+        followed = 0
+        while (n := self.follow()) > 0:
+            followed += n
+        self._prune_used(self.clock())
+        self.refresh()
+        self._opened = True
+        self.recovery = {
+            "role": "standby",
+            "restored_snapshot": restored,
+            "rebuilt_from_log": rebuilt,
+            "rebuilt_from_history": from_history,
+            "snapshot_seq": self.snapshot_seq,
+            "replayed": followed,
+            "migrated_json_log": None,
+            "log_segments": len(self.journal.segments),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "at": self.clock(),
+        }
+        return self.recovery
+
+    def _reload(self) -> tuple[bool, str | None, int]:
+        """A fresh policy from the newest snapshot (none: the prior), nothing of the log applied yet.
+        The samples served meanwhile stay those of the last refresh (``view`` reads ``_serving``)."""
+        self.policy = make_scorer(
+            self.spec.arm_embeddings, self.spec.policy_config, self.spec.policy_seed, self.spec.offline_prior
+        )
+        self.used, self.last_applied_seq, self.last_applied_position, self.snapshot_seq = {}, 0, None, 0
+        self._last_nonce = None
+        self.reloads += 1
+        snap_path = self.dir / SNAPSHOT_FILE
+        if not snap_path.exists():
+            return False, None, 0
+        out = self._restore_snapshot(snap_path)
+        self._require_log_dir(snap_path)
+        return out
+
+    def follow(self, limit: int = 4096) -> int:
+        """Standby only (mutation thread): apply the records the holder appended since the last
+        call, at most ``limit``; when the ones due next were compacted away, re-read the newest
+        snapshot first. Returns how many were applied."""
+        if not self.standby:
+            raise RuntimeError("follow() is for a standby; the writer applies its own appends")
+        for _ in range(3):  # a compaction between reading the snapshot and the log: read both again
+            try:
+                records = self.journal.tail(self.last_applied_seq, self.last_applied_position, limit)
+                break
+            except durable.LogCompacted:
+                self._reload()
+        else:
+            return 0
+        for end, rec in records:
+            rec["_end"] = end
+            self.used[rec["nonce"]] = {
+                "r": rec["request_id"],
+                "s": int(rec["seq"]),
+                "y": rec["outcome"],
+                "e": rec["expires_at"],
+            }
+        now = self.clock()
+        if now - self._pruned_at >= PRUNE_EVERY_S:  # here, on the mutation thread that fills ``used``
+            self._prune_used(now)
+            self._pruned_at = now
+        return self.apply([rec for _, rec in records])
+
+    def promote(self) -> dict[str, Any] | None:
+        """Standby -> writer when the lock is free (tried without waiting; None while it is held):
+        take it, open the log for appending (cutting a torn tail the old writer left), check that
+        the last record applied while following is still the log's (else re-read the snapshot),
+        apply the tail not yet seen, refresh. Nothing is applied twice (seqs) or lost (the log)."""
+        if not self.standby:
+            raise RuntimeError("promote() is for a standby")
+        t0 = time.perf_counter()
+        if not self.lock.try_acquire():
+            return None
+        try:
+            self._check_meta()
+            migrated = durable.migrate_json_log(self.dir / LEGACY_LOG, self.journal.dir, self.journal.segment_bytes)
+            snap_path = self.dir / SNAPSHOT_FILE
+            if not self.journal.dir.is_dir() and snap_path.exists():
+                self._require_log_dir(snap_path)
+            self.journal.open()
+            # compacted past what was followed (the old writer's last snapshot), or diverged: re-read
+            reloaded = self.journal.first_seq > self.last_applied_seq + 1 or not self._followed_matches_log()
+            if reloaded:
+                self._reload()
+            replayed = self._replay_tail(snap_path)
+            if snap_path.exists():
+                self.journal.compact(self.snapshot_seq)
+        except BaseException:
+            self.journal.close()
+            self.lock.release()
+            raise
+        self.standby = False
+        self._prune_used(self.clock())
+        self.refresh()
+        self.recovery = {
+            **self.recovery,
+            "role": "writer",
+            "promoted_at": self.clock(),
+            "promotion_replayed": replayed,
+            "promotion_reloaded_snapshot": reloaded,
+            "migrated_json_log": migrated,
+            "promotion_seconds": round(time.perf_counter() - t0, 3),
+        }
+        return self.recovery
+
+    def _followed_matches_log(self) -> bool:
+        """Whether what the standby applied is the log the writer now opened: the record of
+        ``last_applied_seq`` is still there with the nonce that was applied (a writer cuts back a
+        write whose fsync failed; a follower may have read it before)."""
+        seq = self.last_applied_seq
+        if seq == self.snapshot_seq:  # nothing applied from the log beyond a durable snapshot
+            return True
+        if self.journal.last_seq < seq or self.journal.first_seq > seq:
+            return False
+        for _, rec in self.journal.scan(self.journal.start_for(seq - 1)):
+            if int(rec["seq"]) == seq:
+                return rec["nonce"] == self._last_nonce
+            if int(rec["seq"]) > seq:
+                break
+        return False
 
     def _replay_tail(self, snap_path: Path) -> int:
         """``apply`` every log record after the snapshot, from the snapshot's log position."""
@@ -229,11 +397,13 @@ class PosteriorState:
             self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered)
         return len(y)
 
-    def _check_meta(self) -> None:
+    def _check_meta(self, write: bool = True) -> None:
         meta_path = self.dir / "meta.json"
         want = {"arm_ids": list(self.arm_ids), "encoder_identity": self.spec.encoder_identity, "dim": self.dim}
         found = read_meta(meta_path)
         if found is None:
+            if not write:  # a standby: the lock holder writes it
+                return
             write_meta(meta_path, {**want, "created_at": self.clock()})
             return
         for key in ("arm_ids", "encoder_identity", "dim"):
@@ -268,16 +438,21 @@ class PosteriorState:
 
     def close(self) -> None:
         self.journal.close()
-        self.lock.release()
+        self.lock.release()  # a standby does not hold it: then a no-op
+
+    @property
+    def role(self) -> str:
+        return "standby" if self.standby else "writer"
 
     # ------------------------------------------------------------------ samples
     @property
     def version(self) -> int:
-        return int(self.policy.n_refreshes)
+        return int(self._serving.n_refreshes)
 
     def view(self) -> dict[str, Any]:
-        """The current samples for a :class:`~ray_router.serve.ranking.SampleView`."""
-        p = self.policy
+        """The current samples for a :class:`~ray_router.serve.ranking.SampleView`: those of the last
+        refresh (``_serving``; a standby's re-read of a snapshot replaces ``policy`` before that)."""
+        p = self._serving
         theta, theta_mean, version = p.theta, p.theta_mean, int(p.n_refreshes)
         return {"version": version, "theta": theta, "theta_mean": theta_mean}
 
@@ -362,6 +537,7 @@ class PosteriorState:
             self.policy.update(x, Duel(int(rec["first"]), int(rec["second"])), float(rec["y"]), rec["offered"])
             self.last_applied_seq = seq
             self.last_applied_position = rec["_end"]
+            self._last_nonce = rec.get("nonce")
             n += 1
         return n
 
@@ -373,6 +549,7 @@ class PosteriorState:
     def refresh(self, n_steps: int | None = None) -> float:
         t0 = time.perf_counter()
         self.policy.refresh(n_steps)
+        self._serving = self.policy
         self.last_refresh_s = time.perf_counter() - t0
         self.last_refresh_at = self.clock()
         return self.last_refresh_s
@@ -387,6 +564,8 @@ class PosteriorState:
         return since >= self.spec.snapshot_every_s
 
     def take_snapshot(self) -> Path:
+        if self.standby:
+            raise Standby("this posterior is a standby: the lock holder writes the snapshots")
         now = self.clock()
         seq = self.last_applied_seq
         used = {k: v for k, v in self.used.copy().items() if int(v["s"]) <= seq and v["e"] > now}
@@ -419,6 +598,7 @@ class PosteriorState:
     def stats(self) -> dict[str, Any]:
         p = self.policy
         return {
+            "role": self.role,
             "counts": {
                 **{k: dict(v) for k, v in self.counts.items()},
                 "used_decisions": len(self.used),

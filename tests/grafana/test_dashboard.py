@@ -39,6 +39,10 @@ def test_the_required_panels_exist_and_query_the_right_series():
     assert all("ray_router_route_latency_seconds_bucket" in e for e in lat)
     refresh = exprs_of("Posterior refresh time p50 / p99")
     assert len(refresh) == 2 and all("ray_router_posterior_refresh_seconds_bucket" in e for e in refresh)
+    lag = exprs_of("Feedback apply lag p50 / p99")
+    assert [e.split(",")[0] for e in lag] == ["histogram_quantile(0.5", "histogram_quantile(0.99"]
+    assert all("ray_router_feedback_apply_lag_seconds_bucket" in e for e in lag)
+    assert "by (ray_io_cluster, role)" in exprs_of("Posterior role")[0]
     assert "deriv(ray_router_feedback_log_bytes" in exprs_of("Feedback-log growth")[0]
     assert "ray_serve_deployment_replica_healthy" in exprs_of("Healthy replicas per deployment")[0]
     assert len(t) == len(set(t)), "panel titles must be unique"

@@ -75,6 +75,7 @@ GROWING = (
     "ray_router_route_latency_seconds_count",
     "ray_router_http_errors_total",
     "ray_router_posterior_refresh_seconds_count",
+    "ray_router_feedback_apply_lag_seconds_count",
     "ray_router_feedback_log_bytes",
 )
 
@@ -148,6 +149,8 @@ def stack(tmp_path_factory):
                         "ray_router_feedback_total",
                         "ray_router_route_latency_seconds_bucket",
                         "ray_router_posterior_refresh_seconds_bucket",
+                        "ray_router_feedback_apply_lag_seconds_bucket",
+                        'ray_router_posterior_role{role="writer"} == 1',
                         "ray_router_feedback_log_bytes",
                         "ray_router_http_errors_total",
                         SERVE_HEALTHY,

@@ -28,6 +28,7 @@ REQUIRED_ALERTS = {
     "RayRouterRouteLatencyHigh": "route p99 latency",
     "RayRouterPosteriorVersionStuck": "posterior version stuck while feedback arrives",
     "RayRouterFeedbackApplyLag": "feedback apply lag",
+    "RayRouterPosteriorStandbyStuck": "a Posterior left a standby (its upgrade never finished)",
 }
 
 _STR = {"type": "string"}
@@ -271,7 +272,12 @@ def test_alert_rules_pass_promtool_test_rules(tmp_path):
 
 @pytest.mark.parametrize(
     "alert, threshold",
-    [("RayRouterHighErrorRate", "> 0.01"), ("RayRouterPosteriorVersionStuck", "== 0")],
+    [
+        ("RayRouterHighErrorRate", "> 0.01"),
+        ("RayRouterPosteriorVersionStuck", "== 0"),
+        ("RayRouterFeedbackApplyLag", "> 2"),
+        ("RayRouterPosteriorStandbyStuck", "== 1"),
+    ],
 )
 def test_promtool_unit_tests_fail_on_a_changed_rule(alert, threshold, tmp_path):
     """The unit tests bite: loosen one alert and `promtool test rules` fails."""
@@ -281,3 +287,28 @@ def test_promtool_unit_tests_fail_on_a_changed_rule(alert, threshold, tmp_path):
     rule["expr"] = rule["expr"].replace(threshold, "> 1e9")
     res = run_promtool(doc, tmp_path, "test", "rules", UNIT_TESTS.name)
     assert res.returncode != 0 and alert in res.stdout + res.stderr, res.stdout + res.stderr
+
+
+def test_the_apply_lag_alert_reads_the_posteriors_per_feedback_histogram():
+    """Not the refresh time as a proxy: the alert's quantile comes from the apply-lag histogram the
+    Posterior exports (ray_router/serve/metrics.py), and its threshold is one of its bucket bounds
+    (a quantile interpolated inside a wider bucket would blur the threshold)."""
+    from ray_router.serve import metrics
+
+    recorded = {r["record"]: r["expr"] for r in rules() if "record" in r}
+    (alert,) = [r for r in rules() if r.get("alert") == "RayRouterFeedbackApplyLag"]
+    (used,) = re.findall(r"ray_router:[a-z0-9_:]+", alert["expr"])
+    assert "ray_router_feedback_apply_lag_seconds_bucket" in recorded[used]
+    assert "refresh" not in recorded[used]
+    assert "router_feedback_apply_lag_seconds" in metrics.METRICS
+    threshold = float(alert["expr"].rsplit(">", 1)[1])
+    assert threshold in metrics.APPLY_LAG_BOUNDARIES_S
+
+
+def test_the_standby_alert_reads_the_role_gauge_the_posterior_exports():
+    from ray_router.serve import metrics
+    from ray_router.serve.posterior_service import ROLES
+
+    (alert,) = [r for r in rules() if r.get("alert") == "RayRouterPosteriorStandbyStuck"]
+    assert 'ray_router_posterior_role{role="standby"}' in alert["expr"]
+    assert metrics.METRICS["router_posterior_role"][1] == ("role",) and "standby" in ROLES

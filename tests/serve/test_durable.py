@@ -358,3 +358,58 @@ def test_fsync_dir_is_a_real_directory_fsync(tmp_path, monkeypatch):
     fs = DirFsyncs(monkeypatch)
     durable.fsync_dir(tmp_path)
     assert fs.take() == [str(tmp_path)]
+
+
+# ------------------------------------------------------------------ a follower (a standby)
+def test_try_acquire_never_waits_and_says_whether_the_lock_is_ours(tmp_path):
+    a, b = StateLock(tmp_path), StateLock(tmp_path)
+    assert a.try_acquire() and a.held
+    assert not b.try_acquire() and not b.held
+    b.release()  # not held: nothing happens, a keeps it
+    assert not StateLock(tmp_path).try_acquire()
+    a.release()
+    assert b.try_acquire() and b.held
+    b.release()
+
+
+def test_a_follower_reads_new_records_and_stops_at_a_frame_being_written_without_cutting_it(tmp_path):
+    writer = opened(tmp_path / "log", segment_bytes=4_000)
+    writer.append(records(0, 3))
+    follower = FeedbackJournal(tmp_path / "log")  # never opened: it holds no descriptor to write with
+    got = follower.tail(0, None)
+    assert [r["seq"] for _, r in got] == [1, 2, 3] and follower.last_seq == 3
+    seq, pos = 3, got[-1][0]
+    path = writer.path_of(writer.segments[-1])
+    frame = encode_record(dict(record(3), seq=4))
+    with open(path, "ab") as fh:  # half a frame: the writer is writing it
+        fh.write(frame[:100])
+    size = path.stat().st_size
+    assert follower.tail(seq, pos) == [] and path.stat().st_size == size  # waits; cuts nothing
+    with open(path, "ab") as fh:
+        fh.write(frame[100:])
+    (end, rec), *_ = follower.tail(seq, pos)
+    assert rec["seq"] == 4 and same(rec, dict(record(3), seq=4))
+    writer.close()
+    writer = opened(tmp_path / "log", segment_bytes=4_000)  # continues after the completed frame
+    placed = writer.append(records(4, 6))  # rolls into new segments
+    assert len(writer.segments) > 1
+    got = follower.tail(4, end, limit=4)  # across segments, at most `limit` a call
+    assert [r["seq"] for _, r in got] == [5, 6, 7, 8]
+    assert [p for p, _ in got] == [p for _, p in placed[:4]]
+    assert [r["seq"] for _, r in follower.tail(8, got[-1][0])] == [9, 10]
+    assert follower.segments == writer.segments  # the follower's stats see the writer's segments
+    writer.close()
+
+
+def test_a_follower_learns_when_the_records_it_needs_were_compacted_away(tmp_path):
+    writer = opened(tmp_path / "log", segment_records=2)
+    writer.append(records(0, 2))
+    writer.append(records(2, 2))
+    writer.append(records(4, 2))  # segments 1-2, 3-4, 5-6
+    follower = FeedbackJournal(tmp_path / "log")
+    (pos, _), *_ = follower.tail(0, None, limit=1)  # it has read seq 1, in segment 1
+    assert writer.compact(4) == [1, 3]
+    with pytest.raises(durable.LogCompacted):
+        follower.tail(1, pos)  # its position's segment is gone, and with it seqs 2..4
+    assert [r["seq"] for _, r in follower.tail(4, None)] == [5, 6]  # after a snapshot covering 4
+    writer.close()

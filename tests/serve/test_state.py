@@ -39,12 +39,14 @@ class Router:
         self.loop = asyncio.new_event_loop()
         self.enc, self.clock = enc, clock
         seg = overrides.pop("segment_bytes", None)
+        extra = {k: overrides.pop(k) for k in ("standby_poll_s", "metrics") if k in overrides}
         self.svc = PosteriorService(
             spec(tmp_path, **overrides),
             refresh_min_interval_s=0.0,
             clock=clock,
             segment_bytes=seg,
             signer=DecisionSigner(KEY, spec(tmp_path, **overrides).arm_ids),
+            **extra,
         )
         self.run(self.svc.start())
         s = self.svc.state.spec
@@ -88,6 +90,8 @@ class Router:
         return self.run(self.svc.feedback(decision_id, outcome, request_id))
 
     def close(self) -> None:
+        if self.loop.is_closed():  # closed by the test already
+            return
         tasks = asyncio.all_tasks(self.loop)
         for t in tasks:
             t.cancel()
