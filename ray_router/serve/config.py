@@ -139,7 +139,12 @@ class StateSpec(StrictModel):
     snapshot_every_s: float = Field(60.0, gt=0, description="... or this long after the first unsnapshotted one")
     fsync: bool = Field(True, description="fsync the feedback log before acknowledging (leave on)")
     refresh_min_interval_s: float = Field(0.02, ge=0, description="pause between two background SGLD refreshes")
-    lock_timeout_s: float = Field(60.0, gt=0, description="wait this long for the previous posterior's lock")
+    lock_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="offline tools that open the state (PosteriorState.open) wait this long for its lock; the "
+        "service never waits: a Posterior that finds the lock held starts as a standby",
+    )
 
 
 class ClientSpec(StrictModel):
