@@ -39,7 +39,9 @@ RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
 # service) would fight over them. A local start gets free ones (haproxy_instance_env). Its files need
 # nothing: Serve puts them under a folder per Ray node.
 HAPROXY_PORT_KEYS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
-_HAPROXY_SET_HERE: dict[str, str] = {}  # what haproxy_instance_env last put into os.environ
+# what haproxy_instance_env last set ("KEY=port,KEY=port"): kept in the environment, so a child
+# process (a `ray-router serve` started by a test) knows those ports are not an operator's choice
+HAPROXY_AUTO_MARK = "RAY_ROUTER_HAPROXY_AUTO_PORTS"
 
 
 def haproxy_on() -> bool:
@@ -49,7 +51,8 @@ def haproxy_on() -> bool:
 def haproxy_instance_env() -> dict[str, str]:
     """Give the next local Ray start's HAProxy two free side ports (set in ``os.environ``, which a
     local start's workers inherit). A port the operator set is kept; one this function set for an
-    earlier start is replaced. Returns what it set."""
+    earlier start, in this process or a parent (:data:`HAPROXY_AUTO_MARK`), is replaced. Returns
+    what it set."""
     import socket
 
     def free_port() -> int:
@@ -57,13 +60,11 @@ def haproxy_instance_env() -> dict[str, str]:
             sock.bind(("", 0))
             return int(sock.getsockname()[1])
 
-    out = {
-        k: str(free_port())
-        for k in HAPROXY_PORT_KEYS
-        if k not in os.environ or os.environ[k] == _HAPROXY_SET_HERE.get(k)
-    }
+    auto = dict(kv.split("=", 1) for kv in os.environ.get(HAPROXY_AUTO_MARK, "").split(",") if "=" in kv)
+    out = {k: str(free_port()) for k in HAPROXY_PORT_KEYS if k not in os.environ or os.environ[k] == auto.get(k)}
     os.environ.update(out)
-    _HAPROXY_SET_HERE.update(out)
+    auto.update(out)
+    os.environ[HAPROXY_AUTO_MARK] = ",".join(f"{k}={v}" for k, v in auto.items())
     return out
 
 
