@@ -70,12 +70,13 @@ def padded_tokens(lengths: Sequence[int], groups: list[list[int]]) -> int:
 
 
 def tokenizer_of(encoder: Any) -> Any | None:
-    """The encoder's Hugging Face tokenizer (``encoder.tokenizer`` or ``encoder.model.tokenizer``),
-    or None when it has none (the ``hash`` stand-in). Loads the model."""
+    """The encoder's tokenizer (``encoder.tokenizer`` or ``encoder.model.tokenizer``: a Hugging Face
+    tokenizer, or a ``tokenizers.Tokenizer`` with ``encode_batch``), or None when it has none (the
+    ``hash`` stand-in). Loads the model."""
     tok = getattr(encoder, "tokenizer", None)
     if tok is None and hasattr(encoder, "model"):
         tok = getattr(encoder.model, "tokenizer", None)
-    return tok if callable(tok) else None
+    return tok if callable(tok) or hasattr(tok, "encode_batch") else None
 
 
 def _max_tokens(encoder: Any, tokenizer: Any) -> int:
@@ -107,12 +108,13 @@ class LengthAwareEncoder:
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Each text's token count as the encoder sees it (special tokens included, truncated)."""
-        if self.tokenizer is None:
+        tok = self.tokenizer
+        if tok is None:
             raise ValueError("this encoder has no tokenizer")
-        ids = self.tokenizer(
-            list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens, padding=False
-        )["input_ids"]
-        return [len(x) for x in ids]
+        if not callable(tok):  # a `tokenizers.Tokenizer` (truncating, maybe padding): count the real tokens
+            return [int(sum(e.attention_mask)) for e in tok.encode_batch(list(texts))]
+        ids = tok(list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens, padding=False)
+        return [len(x) for x in ids["input_ids"]]
 
     def calibrate(self, repeats: int = 2) -> CostModel:
         """Fit :class:`CostModel` from timed encodes (best of ``repeats``) of 1 and 4 texts of 8, 32
