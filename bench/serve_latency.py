@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(max(1, threads))  # the floor's threads (the onnx sessions follow torch's)
 
     results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     started_here = args.url is None
     tmp = tempfile.TemporaryDirectory(prefix="rr-bench-state-") if started_here else None
     try:
@@ -344,26 +346,34 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = launch.with_overrides(cfg, port=_free_port())
         for backend in backends:
             name = str(backend)
-            if started_here:
-                assert tmp is not None
-                state = str(Path(tmp.name) / name)
-                paths = _deploy(cfg, state, backend if accepted else None)
-            else:
-                paths = {"given": args.url}
-            enc = bare_encoder(encoder_args, backend if accepted else None)
-            print(f"[bench] {name}: measuring {', '.join(f'{k} {v}' for k, v in paths.items())}", file=sys.stderr)
-            results[name] = measure_backend(enc, paths, queries, n, batch, c, duration, args.smoke_test)
-            if started_here:
-                from ray import serve
+            try:
+                if started_here:
+                    assert tmp is not None
+                    state = str(Path(tmp.name) / name)
+                    paths = _deploy(cfg, state, backend if accepted else None)
+                else:
+                    paths = {"given": args.url}
+                enc = bare_encoder(encoder_args, backend if accepted else None)
+                print(f"[bench] {name}: measuring {', '.join(f'{k} {v}' for k, v in paths.items())}", file=sys.stderr)
+                results[name] = measure_backend(enc, paths, queries, n, batch, c, duration, args.smoke_test)
+            except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' figures
+                failed[name] = f"{type(e).__name__}: {e}"
+                print(f"[bench] {name}: FAILED {failed[name]}", file=sys.stderr)
+            finally:
+                if started_here:
+                    from ray import serve
 
-                serve.delete(launch.APP_NAME, _blocking=True)
+                    with contextlib.suppress(Exception):
+                        serve.delete(launch.APP_NAME, _blocking=True)
     finally:
         if started_here:
             launch.shutdown()
         if tmp is not None:
             tmp.cleanup()
 
-    first = results[str(backends[0])]
+    if not results:
+        raise SystemExit(f"no backend could be measured: {failed}")
+    first = next(iter(results.values()))
     head_path = first["paths"].get("default") or next(iter(first["paths"].values()))
     report = {
         # headline: the first backend's default path (the keys older callers read)
@@ -373,6 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_p50_c1": head_path["ratio_p50_c1"],
         "ratio_qps_c16": head_path["ratio_qps_cc"],
         "backends": results,
+        "failed": failed,
         "concurrency": c,
         "cpus": os.cpu_count(),
         "encoder_threads": threads,
@@ -388,6 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for line in report_lines(results, c) + target_lines(results):
         print(line)
+    for name, why in failed.items():
+        print(f"FAIL  {name}: not measured: {why}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return report
