@@ -227,11 +227,20 @@ def _deploy(cfg: dict, state_dir: str, backend: str | None) -> dict[str, str]:
 
 
 def _free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (up to 19999),
+    away from Serve's direct-ingress range (30000-31000): HAProxy binds it after Ray's processes have
+    opened many outgoing connections, any of which may take an ephemeral port picked earlier."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random().sample(range(20000, 29999), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
 
 
 def _verdict(ok: bool) -> str:
