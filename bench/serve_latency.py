@@ -1,39 +1,58 @@
-"""Latency and throughput of ``POST /v1/route`` against the bare encoder (the floor), in one run.
+"""Latency and throughput of ``POST /v1/route`` against the bare encoder (the floor), per encoder
+backend and per path, in one run.
 
-    python bench/serve_latency.py                       # deploys serve_configs/local.yaml itself
-    python bench/serve_latency.py --url http://127.0.0.1:8000   # a service that already runs
+    python bench/serve_latency.py                       # deploys serve_configs/local.yaml once per backend
+    python bench/serve_latency.py --backends torch      # one backend
+    python bench/serve_latency.py --url http://127.0.0.1:8000   # a service that already runs (its backend: --backends)
     python bench/serve_latency.py --smoke-test          # tiny budget (CI)
 
-Measures, on the same RouterBench queries (their query text, mean about 260 characters):
+``--backends`` defaults to every value the installed ``EncoderSpec.backend`` accepts (only ``torch``
+where it has no such field); the config is deployed once per backend with ``encoder.backend`` set.
+For each backend, on the same RouterBench queries (their query text, mean about 260 characters):
 
-- the bare encoder in this process (same model, same number of torch threads as one embedder
-  replica: ``--encoder-threads``, default the config's ``embedder.num_cpus``): one query at a time
-  (p50/p99) and batched (queries/s at the embedder's ``max_batch_size``);
-- ``/v1/route`` over real HTTP with 1 client (sequential) and 16 concurrent clients: p50/p99 and
-  requests/s, through each path the service offers: Serve's proxy (the config's port) and, when
-  Serve's direct ingress is on (``ray-router serve``'s default), the Ingress replica's own HTTP
-  server, which skips the proxy hop;
+- one client, paired: for each query, a bare encode with that backend in this process (on as many
+  threads as one embedder replica has CPUs: ``--encoder-threads``, default the config's
+  ``embedder.num_cpus``) and one ``/v1/route`` over real HTTP through each path, in an order that
+  rotates with the query, so machine noise falls on all alike: p50/p99 of each. Paths: ``default``,
+  the URL ``ray-router serve`` prints (Serve's HAProxy on the config's port, or Serve's Python proxy
+  where ``RAY_SERVE_ENABLE_HA_PROXY=0``), and ``replica``, the Ingress replica's own HTTP server
+  (Serve's direct ingress, no hop: what the default path's hop is measured against);
+- the throughput floors of the bare encoder: one query at a time (q/s of the paired run), and
+  windows of the embedder's ``max_batch_size``, plain (one call per window) and length-aware
+  (``ray_router/serve/batching.py``, what the embedder runs), before and after the concurrent runs
+  (the faster counts: the stricter floor). The *floor* is the better of one-at-a-time and
+  length-aware batched;
+- ``/v1/route`` at ``--concurrency`` clients for ``--duration`` seconds through each path: req/s.
 
-and prints the ratios the issue sets targets for, per path: p50 at 1 client / bare single-query
-encode (target <= 1.5) and requests/s at 16 clients / bare batched encoder (target >= 0.7). The
-report's headline figures (``route_*``, ``ratio_*``) are the fastest path's.
+It prints, per backend and path, route p50 / bare encode p50 of the same backend and req/s at 16
+clients / the floor of the same backend, the default path's hop (its p50 / the replica's), and the
+issue's targets as PASS/FAIL lines: route p50 on the default URL <= 0.6x the float32 torch bare
+encode; route p50 <= 1.2x the bare encode of the same backend; 16-client req/s >= 0.9x the floor.
+On a shared machine, compare ratios within one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+TARGET_DEFAULT_VS_TORCH = 0.6  # route p50 on the default URL / float32 torch bare encode p50
+TARGET_ROUTE_VS_ENCODE = 1.2  # route p50 / bare encode p50, same backend
+TARGET_QPS_VS_FLOOR = 0.9  # req/s at 16 clients / the better floor, same backend
+TARGET_HOP = 1.10  # default-path p50 / replica-path p50 (the hop costs <= 10% of a route)
 
 
 def percentiles(samples_s: list[float]) -> tuple[float, float]:
@@ -58,30 +77,68 @@ def load_queries(n: int, max_chars: int, data_dir: str | None) -> list[str]:
     return texts[:n]
 
 
-def encoder_floor(queries: list[str], threads: int, batch_size: int, encoder_name: str) -> dict:
-    import torch
+def spec_backends() -> list[str] | None:
+    """The backends the installed ``EncoderSpec.backend`` accepts, or None when it has no such field."""
+    from ray_router.embeddings.spec import EncoderSpec
 
+    field = EncoderSpec.model_fields.get("backend")
+    if field is None:
+        return None
+    return [str(v) for v in typing.get_args(field.annotation)] or [str(field.default)]
+
+
+def bare_encoder(encoder_args: dict, backend: str | None):
+    """The encoder an embedder replica builds from the same ``encoder`` args, on the CPU."""
     from ray_router.embeddings import get_encoder
+    from ray_router.embeddings.spec import EncoderSpec
 
-    torch.set_num_threads(max(1, threads))
-    enc = get_encoder(encoder_name, cache_dir=False, device="cpu")
-    enc.encode(queries[:4])  # load + warm up
-    single = []
-    for q in queries:
-        t0 = time.perf_counter()
-        enc.encode([q])
-        single.append(time.perf_counter() - t0)
+    spec = EncoderSpec.model_validate({**encoder_args, **({"backend": backend} if backend else {}), "device": "cpu"})
+    options = getattr(spec, "encoder_options", None)
+    opts = options() if options else ({} if spec.max_seq_length is None else {"max_seq_length": spec.max_seq_length})
+    return get_encoder(spec.name, cache_dir=False, device="cpu", **opts)
+
+
+def batched_floors(enc, queries: list[str], batch_size: int) -> dict:
+    """Batched q/s over windows of ``batch_size``: plain (one call per window) and length-aware."""
+    from ray_router.serve.batching import LengthAwareEncoder
+
     t0 = time.perf_counter()
     for i in range(0, len(queries), batch_size):
         enc.encode(queries[i : i + batch_size], batch_size)
-    batched = time.perf_counter() - t0
-    p50, p99 = percentiles(single)
-    return {
-        "encoder_single_p50_ms": p50,
-        "encoder_single_p99_ms": p99,
-        "encoder_batched_qps": len(queries) / batched,
-        "encoder_threads": threads,
-    }
+    plain = time.perf_counter() - t0
+    aware = LengthAwareEncoder(enc)
+    aware.calibrate()
+    t0 = time.perf_counter()
+    for i in range(0, len(queries), batch_size):
+        aware.encode(queries[i : i + batch_size])
+    length_aware = time.perf_counter() - t0
+    return {"encoder_batched_plain_qps": len(queries) / plain, "encoder_batched_qps": len(queries) / length_aware}
+
+
+def paired_single(enc, paths: dict[str, str], queries: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+    """One client: for each query, a bare encode in this process and one ``/v1/route`` through every
+    path, in an order that rotates with the query, so machine noise falls on all of them alike.
+    Seconds per call: the encodes, and per path the 200 answers (a non-200 is counted as NaN)."""
+    import httpx
+
+    clients = {name: httpx.Client(base_url=url, timeout=120) for name, url in paths.items()}
+    steps = ["encode", *paths]
+    single: list[float] = []
+    routes: dict[str, list[float]] = {name: [] for name in paths}
+    try:
+        for i, q in enumerate(queries):
+            for step in steps[i % len(steps) :] + steps[: i % len(steps)]:
+                t0 = time.perf_counter()
+                if step == "encode":
+                    enc.encode([q])
+                    single.append(time.perf_counter() - t0)
+                else:
+                    r = clients[step].post("/v1/route", json={"query": q})
+                    routes[step].append(time.perf_counter() - t0 if r.status_code == 200 else float("nan"))
+    finally:
+        for c in clients.values():
+            c.close()
+    return single, routes
 
 
 async def _load(url: str, queries: list[str], concurrency: int, duration_s: float, max_requests: int) -> dict:
@@ -117,29 +174,142 @@ def measure_route(url: str, queries: list[str], concurrency: int, duration_s: fl
     return asyncio.run(_load(url, queries, concurrency, duration_s, max_requests))
 
 
-def _deploy(config: Path, state_dir: str) -> tuple[str, dict]:
+def measure_backend(
+    enc, paths: dict[str, str], queries: list[str], n: int, batch: int, c: int, duration: float, smoke: bool
+) -> dict:
+    """The floors and every path's routes, for one deployed backend."""
+    enc.encode(queries[:4])  # load + warm up
+    for url in paths.values():
+        measure_route(url, queries, 1, 60.0, 4 if smoke else 20)  # warm up (and the connection)
+    single, routes = paired_single(enc, paths, queries[:n])
+    batched = [batched_floors(enc, queries[:n], batch)]  # the service up and idle
+    cc = {name: measure_route(url, queries, c, duration, 10**9) for name, url in paths.items()}
+    batched.append(batched_floors(enc, queries[:n], batch))
+    p50, p99 = percentiles(single)
+    floor = {
+        "encoder_single_p50_ms": p50,
+        "encoder_single_p99_ms": p99,
+        "encoder_single_qps": len(single) / sum(single),
+        # the faster of before and after: the stricter floor, so noise cannot flatter the ratios
+        **{k: max(f[k] for f in batched) for k in ("encoder_batched_plain_qps", "encoder_batched_qps")},
+        "batched_runs": batched,
+    }
+    floor["floor_qps"] = max(floor["encoder_single_qps"], floor["encoder_batched_qps"])
+    per_path = {}
+    for name, lat in routes.items():
+        ok = [x for x in lat if x == x]
+        r50, r99 = percentiles(ok) if ok else (float("nan"), float("nan"))
+        per_path[name] = {
+            "url": paths[name],
+            "route_c1_p50_ms": r50,
+            "route_c1_p99_ms": r99,
+            "route_cc_p50_ms": cc[name]["p50_ms"],
+            "route_cc_p99_ms": cc[name]["p99_ms"],
+            "route_cc_qps": cc[name]["qps"],
+            "ratio_p50_c1": r50 / p50,
+            "ratio_qps_cc": cc[name]["qps"] / floor["floor_qps"],
+            "errors": (len(lat) - len(ok)) + cc[name]["errors"],
+            "n_c1": len(ok),
+            "n_cc": cc[name]["n"],
+        }
+    return {"floor": floor, "paths": per_path}
+
+
+def _deploy(cfg: dict, state_dir: str, backend: str | None) -> dict[str, str]:
     from ray_router.serve import launch
 
-    sock_port = _free_port()
-    cfg = launch.with_overrides(launch.load_serve_config(config), port=sock_port, args={"state": {"dir": state_dir}})
-    launch.init_ray(num_cpus=2)
-    return launch.deploy(cfg, timeout_s=600), cfg
+    args: dict = {"state": {"dir": state_dir}}
+    if backend is not None:
+        args["encoder"] = {"backend": backend}
+    url = launch.deploy(launch.with_overrides(cfg, args=args), timeout_s=900)
+    direct = launch.direct_urls()
+    return {"default": url, **({"replica": direct[0]} if direct else {})}
 
 
 def _free_port() -> int:
+    """A free port below Linux's ephemeral range (32768+) and above Ray's worker ports (up to 19999),
+    away from Serve's direct-ingress range (30000-31000): HAProxy binds it after Ray's processes have
+    opened many outgoing connections, any of which may take an ephemeral port picked earlier."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random().sample(range(20000, 29999), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-29999")
+
+
+def _verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report_lines(results: dict, c: int) -> list[str]:
+    out = []
+    head = f"{'backend':10s} {'path':8s}{'encode p50':>11s}{'p99':>8s}{'route p50':>11s}{'p99':>8s}"
+    head += f"{'route/enc':>10s}{f'req/s@{c}':>10s}{'floor q/s':>10s}{'ratio':>7s}"
+    out.append(head)
+    for backend, r in results.items():
+        f = r["floor"]
+        for name, p in r["paths"].items():
+            out.append(
+                f"{backend:10s} {name:8s}{f['encoder_single_p50_ms']:11.1f}{f['encoder_single_p99_ms']:8.1f}"
+                f"{p['route_c1_p50_ms']:11.1f}{p['route_c1_p99_ms']:8.1f}{p['ratio_p50_c1']:10.2f}"
+                f"{p['route_cc_qps']:10.1f}{f['floor_qps']:10.1f}{p['ratio_qps_cc']:7.2f}"
+                + (f"  ({p['errors']} non-200)" if p["errors"] else "")
+            )
+        out.append(
+            f"{'':10s} floors (q/s): one at a time {f['encoder_single_qps']:.1f}, batched plain "
+            f"{f['encoder_batched_plain_qps']:.1f}, batched length-aware {f['encoder_batched_qps']:.1f} (before/after "
+            "the routes: " + " / ".join(f"{x['encoder_batched_qps']:.1f}" for x in f["batched_runs"]) + ")"
+        )
+    return out
+
+
+def target_lines(results: dict) -> list[str]:
+    out = []
+    torch_p50 = results.get("torch", {}).get("floor", {}).get("encoder_single_p50_ms")
+    for backend, r in results.items():
+        paths = r["paths"]
+        d = paths.get("default") or next(iter(paths.values()))
+        if torch_p50 is not None:
+            v = d["route_c1_p50_ms"] / torch_p50
+            out.append(
+                f"{_verdict(v <= TARGET_DEFAULT_VS_TORCH)}  {backend}: route p50 on the default URL / float32 torch "
+                f"bare encode p50 = {v:.2f} (target <= {TARGET_DEFAULT_VS_TORCH})"
+            )
+        for name, p in paths.items():
+            out.append(
+                f"{_verdict(p['ratio_p50_c1'] <= TARGET_ROUTE_VS_ENCODE)}  {backend} via {name}: route p50 / bare "
+                f"encode p50 = {p['ratio_p50_c1']:.2f} (target <= {TARGET_ROUTE_VS_ENCODE})"
+            )
+            out.append(
+                f"{_verdict(p['ratio_qps_cc'] >= TARGET_QPS_VS_FLOOR)}  {backend} via {name}: req/s / better floor "
+                f"= {p['ratio_qps_cc']:.2f} (target >= {TARGET_QPS_VS_FLOOR})"
+            )
+        if "default" in paths and "replica" in paths:
+            hop = paths["default"]["route_c1_p50_ms"] / paths["replica"]["route_c1_p50_ms"]
+            out.append(
+                f"{_verdict(hop <= TARGET_HOP)}  {backend}: the default URL's hop, route p50 default / replica "
+                f"= {hop:.2f} (target <= {TARGET_HOP:.2f})"
+            )
+    if torch_p50 is None:
+        out.append("n/a   route p50 on the default URL / float32 torch bare encode: torch was not measured")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "serve_configs" / "local.yaml"))
     p.add_argument("--url", default=None, help="an already running service (else the config is deployed here)")
+    p.add_argument(
+        "--backends", default=None, help="comma-separated encoder backends (default: all EncoderSpec accepts)"
+    )
     p.add_argument("--n-queries", type=int, default=300, help="queries for the encoder floor and the 1-client run")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of the 16-client run")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of the concurrent run")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument(
         "--encoder-threads", type=int, default=None, help="torch threads of the floor (default: embedder.num_cpus)"
@@ -150,110 +320,98 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import torch
+
     from ray_router.serve import launch
 
     cfg = launch.load_serve_config(args.config)
     app_args = launch.our_apps(cfg)[0]["args"]
     threads = args.encoder_threads or max(1, round(app_args.get("embedder", {}).get("num_cpus", 1)))
     batch = int(app_args.get("embedder", {}).get("max_batch_size", 32))
-    encoder_name = app_args.get("encoder", {}).get("name", "minilm")
+    encoder_args = dict(app_args.get("encoder") or {})
+    accepted = spec_backends()
+    if args.backends:
+        backends: list[str | None] = [b.strip() for b in args.backends.split(",") if b.strip()]
+        unknown = [b for b in backends if b not in (accepted or ["torch"])]
+        if unknown:
+            p.error(f"--backends: {unknown} not accepted by this EncoderSpec (accepts {accepted or ['torch']})")
+    else:
+        backends = list(accepted) if accepted else ["torch"]
+    if args.url is not None:
+        backends = backends[:1]  # the running service has one backend
     n = 8 if args.smoke_test else args.n_queries
     duration = 1.0 if args.smoke_test else args.duration
-    queries = load_queries(max(n, 64), max_chars=4000, data_dir=args.data_dir)
-
-    started_here = args.url is None
-    tmp = None
-    paths = {"given": args.url} if args.url else {}
-    if started_here:
-        tmp = tempfile.TemporaryDirectory(prefix="rr-bench-state-")
-        url, _ = _deploy(Path(args.config), tmp.name)
-        direct = launch.direct_urls()
-        paths = {"proxy": url, **({"direct": direct[0]} if direct else {})}
     c = args.concurrency
-    runs: dict[str, dict] = {}
+    queries = load_queries(max(n, 64), max_chars=4000, data_dir=args.data_dir)
+    torch.set_num_threads(max(1, threads))  # the floor's threads (the onnx sessions follow torch's)
+
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    started_here = args.url is None
+    tmp = tempfile.TemporaryDirectory(prefix="rr-bench-state-") if started_here else None
     try:
-        floors = [encoder_floor(queries[:n], threads, batch, encoder_name)]  # the service up and idle
-        for name, url in paths.items():
-            measure_route(url, queries, 1, 60.0, 4 if args.smoke_test else 20)  # warm up (and the connection)
-            runs[name] = {
-                "c1": measure_route(url, queries[:n], 1, 3600.0, n),
-                "cc": measure_route(url, queries, c, duration, 10**9),
-            }
-        floors.append(encoder_floor(queries[:n], threads, batch, encoder_name))
-        # the floor is measured before and after the routes; the ratios use the faster of the two
-        # (the stricter floor), so machine noise cannot flatter them
-        floor = {
-            **min(floors, key=lambda f: f["encoder_single_p50_ms"]),
-            "encoder_batched_qps": max(f["encoder_batched_qps"] for f in floors),
-            "encoder_single_p50_ms_runs": [f["encoder_single_p50_ms"] for f in floors],
-            "encoder_batched_qps_runs": [f["encoder_batched_qps"] for f in floors],
-        }
+        if started_here:
+            launch.init_ray(num_cpus=2)
+            cfg = launch.with_overrides(cfg, port=_free_port())
+        for backend in backends:
+            name = str(backend)
+            try:
+                if started_here:
+                    assert tmp is not None
+                    state = str(Path(tmp.name) / name)
+                    paths = _deploy(cfg, state, backend if accepted else None)
+                else:
+                    paths = {"given": args.url}
+                enc = bare_encoder(encoder_args, backend if accepted else None)
+                print(f"[bench] {name}: measuring {', '.join(f'{k} {v}' for k, v in paths.items())}", file=sys.stderr)
+                results[name] = measure_backend(enc, paths, queries, n, batch, c, duration, args.smoke_test)
+            except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' figures
+                failed[name] = f"{type(e).__name__}: {e}"
+                print(f"[bench] {name}: FAILED {failed[name]}", file=sys.stderr)
+            finally:
+                if started_here:
+                    from ray import serve
+
+                    with contextlib.suppress(Exception):
+                        serve.delete(launch.APP_NAME, _blocking=True)
     finally:
         if started_here:
             launch.shutdown()
+        if tmp is not None:
             tmp.cleanup()
-    per_path = {}
-    for name, r in runs.items():
-        c1, cc = r["c1"], r["cc"]
-        per_path[name] = {
-            "url": paths[name],
-            "route_c1_p50_ms": c1["p50_ms"],
-            "route_c1_p99_ms": c1["p99_ms"],
-            "route_c1_qps": c1["qps"],
-            "route_c16_p50_ms": cc["p50_ms"],
-            "route_c16_p99_ms": cc["p99_ms"],
-            "route_c16_qps": cc["qps"],
-            "ratio_p50_c1": c1["p50_ms"] / floor["encoder_single_p50_ms"],
-            "ratio_qps_c16": cc["qps"] / floor["encoder_batched_qps"],
-            "errors": c1["errors"] + cc["errors"],
-            "n_c1": n,
-            "n_c16": cc["n"],
-        }
-    best = min(per_path, key=lambda k: per_path[k]["route_c1_p50_ms"])
+
+    if not results:
+        raise SystemExit(f"no backend could be measured: {failed}")
+    first = next(iter(results.values()))
+    head_path = first["paths"].get("default") or next(iter(first["paths"].values()))
     report = {
-        **floor,
-        **per_path[best],
-        "path": best,
-        "paths": per_path,
+        # headline: the first backend's default path (the keys older callers read)
+        **{k: v for k, v in first["floor"].items() if k != "batched_runs"},
+        "route_c1_p50_ms": head_path["route_c1_p50_ms"],
+        "route_c16_qps": head_path["route_cc_qps"],
+        "ratio_p50_c1": head_path["ratio_p50_c1"],
+        "ratio_qps_c16": head_path["ratio_qps_cc"],
+        "backends": results,
+        "failed": failed,
         "concurrency": c,
         "cpus": os.cpu_count(),
+        "encoder_threads": threads,
         "batch": batch,
+        "haproxy": launch.haproxy_on(),
     }
     mean_chars = float(np.mean([len(q) for q in queries[:n]]))
+    proxy = "HAProxy" if report["haproxy"] else "Serve's Python proxy"
     print(
-        f"{n} RouterBench queries (mean {mean_chars:.0f} chars) sequentially, then {duration:g}s at {c} clients, "
-        f"per path; encoder floor in this process on {threads} torch thread(s), batch {batch}; {report['cpus']} CPUs"
+        f"{n} RouterBench queries (mean {mean_chars:.0f} chars) sequentially, then {duration:g}s at {c} clients, per "
+        f"backend and path (default = the printed URL, {proxy}; replica = the Ingress replica's own server); bare "
+        f"encoder in this process on {threads} thread(s), windows of {batch}; {report['cpus']} CPUs; times in ms"
     )
-    print(f"{'':34s}{'p50 ms':>10s}{'p99 ms':>10s}{'req/s':>10s}")
-    print(
-        f"{'bare encoder, 1 query':34s}{floor['encoder_single_p50_ms']:10.1f}{floor['encoder_single_p99_ms']:10.1f}"
-        f"{1000.0 / floor['encoder_single_p50_ms']:10.1f}"
-    )
-    print(f"{'bare encoder, batched':34s}{'':10s}{'':10s}{floor['encoder_batched_qps']:10.1f}")
-    print(
-        "  (floor measured before and after the routes: single p50 "
-        + ", ".join(f"{v:.1f}" for v in floor["encoder_single_p50_ms_runs"])
-        + " ms; batched "
-        + ", ".join(f"{v:.1f}" for v in floor["encoder_batched_qps_runs"])
-        + " q/s; the ratios use the faster)"
-    )
-    for name, r in per_path.items():
-        print(
-            f"{f'/v1/route via {name}, 1 client':34s}{r['route_c1_p50_ms']:10.1f}{r['route_c1_p99_ms']:10.1f}"
-            f"{r['route_c1_qps']:10.1f}"
-        )
-        print(
-            f"{f'/v1/route via {name}, {c} clients':34s}{r['route_c16_p50_ms']:10.1f}{r['route_c16_p99_ms']:10.1f}"
-            f"{r['route_c16_qps']:10.1f}"
-        )
-    for name, r in per_path.items():
-        print(f"via {name} ({r['url']}):")
-        print(f"  ratio p50(route, 1 client) / p50(bare encode)          = {r['ratio_p50_c1']:.2f}  (target <= 1.5)")
-        print(f"  ratio req/s(route, {c} clients) / req/s(bare batched)  = {r['ratio_qps_c16']:.2f}  (target >= 0.7)")
-        if r["errors"]:
-            print(f"  non-200 answers: {r['errors']}")
+    for line in report_lines(results, c) + target_lines(results):
+        print(line)
+    for name, why in failed.items():
+        print(f"FAIL  {name}: not measured: {why}")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return report
 
 

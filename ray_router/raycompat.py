@@ -32,6 +32,7 @@ PRIVATE_APIS: tuple[tuple[str, str], ...] = (
     ("ray.serve.context", "_get_global_client"),
     ("ray.tune.schedulers", "AsyncHyperBandScheduler"),  # its ``_trial_info`` dict: see asha_forget
     ("ray._private.state", "actors"),
+    ("ray.serve._private.controller", "ServeController.get_target_groups"),  # see replica_target_groups
 )
 
 
@@ -112,6 +113,20 @@ def serve_instance_details(timeout_s: float) -> dict[str, Any]:
         raise RuntimeError("no Serve controller is running")
     controller = client._controller
     return dict(ray.get(controller.get_serve_instance_details.remote(), timeout=timeout_s))
+
+
+def replica_target_groups(app_name: str, timeout_s: float) -> list[dict[str, Any]]:
+    """``app_name``'s target groups as the controller gives them to its proxy manager: with
+    Serve's HAProxy on, the Ingress replicas' own servers (which HAProxy forwards to), where the
+    instance details list HAProxy itself. Each ``{protocol, app_name, targets: [{ip, port, name}]}``."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    if client is None:
+        raise RuntimeError("no Serve controller is running")
+    groups = ray.get(client._controller.get_target_groups.remote(app_name, True), timeout=timeout_s)
+    return [g.model_dump(mode="json") for g in groups]
 
 
 def asha_knows(scheduler: Any, trial_id: str) -> bool:

@@ -1,6 +1,11 @@
-"""The ``Embedder`` deployment: replicas of the query encoder, requests batched by ``@serve.batch``."""
+"""The ``Embedder`` deployment: replicas of the query encoder, requests batched by ``@serve.batch``.
+
+Each batch window is encoded length-aware (:mod:`ray_router.serve.batching`): sorted by token count
+and split into the sub-batches a cost model fitted on the replica's own threads at start-up says are
+cheapest, so a window of mixed queries never pays for padding every query to the longest."""
 
 import asyncio
+import dataclasses
 import os
 import time
 from typing import Any
@@ -10,6 +15,7 @@ from ray import serve
 
 from ray_router.embeddings.spec import EncoderSpec
 from ray_router.errors import ConfigError
+from ray_router.serve.batching import LengthAwareEncoder
 
 # a replica with nothing to finish stops at once (the posterior's differ: it writes a last snapshot)
 QUICK_SHUTDOWN: dict[str, Any] = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
@@ -33,6 +39,8 @@ class Embedder:
                 f"embedder encoder is {self.encoder.identity!r}, the arm table was built with {expected_identity!r}"
             )
         self.encoder.encode(["warm-up"])  # load the model now, not on the first request
+        self.batcher = LengthAwareEncoder(self.encoder)
+        self.batcher.calibrate()  # the cost model of this replica's threads, before the first request
         self._configure(max_batch_size, batch_wait_timeout_s)
 
     def _configure(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -52,9 +60,9 @@ class Embedder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float, int]]:
-        """Each text's (embedding, seconds the batch's encode took, batch size)."""
+        """Each text's (embedding, seconds the batch's encode took, batch size), in the callers' order."""
         t0 = time.perf_counter()
-        X = await asyncio.to_thread(self.encoder.encode, texts, len(texts))
+        X = await asyncio.to_thread(self.batcher.encode, texts)
         seconds = time.perf_counter() - t0
         return [(x, seconds, len(texts)) for x in X]
 
@@ -66,5 +74,7 @@ class Embedder:
             "torch_threads": int(getattr(self.encoder, "threads", 1)),
             "max_batch_size": self.max_batch_size,
             "batch_wait_timeout_s": self.batch_wait_timeout_s,
+            "length_aware": self.batcher.length_aware,
+            "cost_model": None if self.batcher.cost is None else dataclasses.asdict(self.batcher.cost),
             "pid": os.getpid(),
         }

