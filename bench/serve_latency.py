@@ -48,6 +48,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
 TARGET_DEFAULT_VS_TORCH = 0.6  # route p50 on the default URL / float32 torch bare encode p50
 TARGET_ROUTE_VS_ENCODE = 1.2  # route p50 / bare encode p50, same backend
@@ -142,13 +143,13 @@ def paired_single(enc, paths: dict[str, str], queries: list[str]) -> tuple[list[
 
 
 async def _load(url: str, queries: list[str], concurrency: int, duration_s: float, max_requests: int) -> dict:
-    import httpx
+    # the lean client (bench/httpload.py): it shares the service's cores, so it should cost little
+    from httpload import LeanClient
 
     lat: list[float] = []
     errors = 0
     counter = {"i": 0}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+    async with LeanClient(url, max_connections=concurrency, timeout_s=120) as client:
         deadline = time.perf_counter() + duration_s
 
         async def worker():
@@ -157,8 +158,8 @@ async def _load(url: str, queries: list[str], concurrency: int, duration_s: floa
                 q = queries[counter["i"] % len(queries)]
                 counter["i"] += 1
                 t0 = time.perf_counter()
-                r = await client.post("/v1/route", json={"query": q})
-                if r.status_code == 200:
+                r = await client.post("/v1/route", {"query": q})
+                if r.status == 200:
                     lat.append(time.perf_counter() - t0)
                 else:
                     errors += 1

@@ -31,7 +31,14 @@ APP_NAME = "ray-router"
 #   address and costs about what the replica's own server does (bench/serve_latency.py measures the
 #   two side by side; serve_configs/README.md "Benchmark").
 # An operator's environment wins: export either as 0 to turn it off.
-SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+#
+# And glibc's allocator, for memory that stays flat in a long-running service: at most 2 malloc
+# arenas per process (not 8 x cores, one per thread that allocates), and fixed mmap/trim thresholds
+# (128 KiB: glibc's default, but fixed, so a freed large buffer, e.g. a snapshot's, no longer raises
+# the mmap threshold to 32 MiB and leaves the next ones to fragment the heap). A 10-minute soak
+# (bench/soak.py) measured RSS growth with and without them; serve_configs/README.md "Memory".
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **MALLOC_ENV}
 RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
 
 # HAProxy's two side ports are fixed machine-wide by default (stats 8404, Prometheus 9101): one pair
@@ -130,6 +137,16 @@ def validate_config(cfg: Mapping[str, Any], check_args: bool = True):
                 AppArgs.model_validate(app.get("args") or {})
             except ValidationError as e:
                 raise ConfigError(f"application {app.get('name')!r}: invalid args: {e}") from None
+            for dep in app.get("deployments") or []:
+                # one writer: a second replica would start as a standby (the lock is held) and refuse
+                # about half of the feedback with 503 while the ingress's long poll flips between them
+                if dep.get("name") == "Posterior" and (
+                    dep.get("num_replicas", 1) != 1 or dep.get("autoscaling_config") is not None
+                ):
+                    raise ConfigError(
+                        f"application {app.get('name')!r}: the Posterior deployment must have exactly one "
+                        "replica (it is the single writer of the state); remove num_replicas/autoscaling_config"
+                    )
     return schema
 
 

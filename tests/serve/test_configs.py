@@ -290,3 +290,12 @@ def test_a_local_start_gives_haproxy_free_side_ports_of_its_own(monkeypatch):
     second = launch.haproxy_instance_env()
     assert set(second) == {"RAY_SERVE_HAPROXY_METRICS_PORT"}
     assert launch.os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+@pytest.mark.parametrize("override", [{"num_replicas": 2}, {"num_replicas": "auto"}, {"autoscaling_config": {}}])
+def test_a_config_with_more_than_one_posterior_replica_is_refused(override):
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    app = launch.our_apps(cfg)[0]
+    app["deployments"] = [*(app.get("deployments") or []), {"name": "Posterior", **override}]
+    with pytest.raises(ConfigError, match="exactly one replica"):
+        launch.validate_config(cfg)
