@@ -79,6 +79,8 @@ def test_onnx_matches_torch(encoders, reference):
     one_by_one = np.concatenate([encoders["onnx"].encode([t]) for t in TEXTS])
     assert _cosines(one_by_one, X).min() >= ONNX_MIN_COSINE  # padding in a batch changes nothing
     assert encoders["onnx"].device == "cpu" and encoders["onnx"].encode([]).shape == (0, 384)
+    meta = json.loads((encoders["onnx"].model.directory / ob.EXPORT_FILE).read_text())
+    assert meta["optimizer_ops"]["BiasGelu"] == 6 and meta["key"]["format"] == ob.EXPORT_FORMAT  # one per layer
 
 
 def test_int8_is_quantized_close_and_batch_invariant(encoders, reference):
