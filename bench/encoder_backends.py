@@ -13,8 +13,9 @@ runs it):
    0.1% quantile and mean, per dataset. Vectors come through the on-disk embedding cache (its
    identity includes the backend), so a second run encodes nothing new.
 2. **Bare encode latency**, one query per call at 1 intra-op thread (``torch.set_num_threads(1)``,
-   which the onnx sessions follow): p50 and p99 over ``--latency-queries`` RouterBench queries, the
-   same for every backend (after 10 warm-up calls), and the ratio to torch's p50.
+   which the onnx sessions follow): p50 and p99 over ``--latency-queries`` RouterBench queries x
+   ``--latency-reps`` passes, the same for every backend (after 10 warm-up calls), the backends
+   taking turns on each query, and the ratio to torch's p50.
 3. **Batched throughput** at 1 thread: ``--batch-texts`` RouterBench queries encoded with batch size
    64 (the onnx backend splits it into calls of at most 16 texts and onnx-int8 runs one text per
    call, both by design: see ``ray_router/embeddings/onnx_backend.py``).
@@ -48,15 +49,22 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _latency(encoder, queries: list[str]) -> np.ndarray:
-    for q in queries[:10]:
-        encoder.encode([q])
-    out = []
-    for q in queries:
-        t0 = time.perf_counter()
-        encoder.encode([q])
-        out.append(time.perf_counter() - t0)
-    return np.array(out) * 1e3
+def _latency(encoders: dict, queries: list[str], reps: int) -> dict[str, np.ndarray]:
+    """ms per single-query call; the backends take turns on each query (rotating who goes first), so
+    the shared machine's load drifts hit all of them alike."""
+    names = list(encoders)
+    for enc in encoders.values():
+        for q in queries[:10]:
+            enc.encode([q])
+    out: dict[str, list[float]] = {b: [] for b in names}
+    for rep in range(reps):
+        for i, q in enumerate(queries):
+            k = (i + rep) % len(names)
+            for b in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                encoders[b].encode([q])
+                out[b].append(time.perf_counter() - t0)
+    return {b: np.array(v) * 1e3 for b, v in out.items()}
 
 
 def main() -> None:
@@ -64,6 +72,7 @@ def main() -> None:
     ap.add_argument("--backends", default="onnx,onnx-int8", help="backends compared with torch")
     ap.add_argument("--routerdc-sample", type=int, default=2000, help="RouterDC texts in the cosine check (0 = all)")
     ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--latency-reps", type=int, default=2, help="passes over the latency queries")
     ap.add_argument("--batch-texts", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2000)
@@ -110,15 +119,20 @@ def main() -> None:
     batch_q = [rb[i] for i in rng.choice(len(rb), size=min(args.batch_texts, len(rb)), replace=False)]
     bare = {b: SentenceTransformerEncoder(device="cpu", backend=b) for b in backends}  # type: ignore[arg-type]
     rows = {}
+    lats = _latency(bare, lat_q, args.latency_reps)
     for b, enc in bare.items():
-        lat = _latency(enc, lat_q)
+        lat = lats[b]
         enc.encode(batch_q[:64])
         t0 = time.perf_counter()
         enc.encode(batch_q, batch_size=64)
         rows[b] = (np.percentile(lat, 50), np.percentile(lat, 99), len(batch_q) / (time.perf_counter() - t0))
         print(f"[{b}] latency and throughput measured (threads {enc.threads})", file=sys.stderr)
     mean_chars = np.mean([len(q) for q in lat_q])
-    print(f"\n== 2./3. bare encode at 1 thread: {len(lat_q)} single queries (mean {mean_chars:.0f} chars), ", end="")
+    print(
+        f"\n== 2./3. bare encode at 1 thread: {len(lat_q)} single queries x {args.latency_reps} passes, backends ",
+        end="",
+    )
+    print(f"interleaved (mean {mean_chars:.0f} chars), ", end="")
     print(f"{len(batch_q)} texts at batch 64")
     print(f"{'backend':<10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'texts/s':>9} {'ratio':>7}")
     for b, (p50, p99, tps) in rows.items():

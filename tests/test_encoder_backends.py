@@ -121,7 +121,8 @@ def test_identity_per_backend_and_torch_unchanged():
     assert get_encoder("minilm", cache_dir=False, backend="torch").identity == torch_enc.identity
     ids = {b: get_encoder("minilm", cache_dir=False, backend=b).identity for b in ("torch", "onnx", "onnx-int8")}
     assert ids["onnx"] == torch_enc.identity + ":backend=onnx"
-    assert ids["onnx-int8"] == torch_enc.identity + ":backend=onnx-int8"
+    assert ids["onnx-int8"] == torch_enc.identity + f":backend=onnx-int8:recipe={ob.INT8_RECIPE_VERSION}"
+    assert ob.INT8_RECIPE_VERSION >= 2  # 1, every MatMul dynamically quantized, had no marker
     assert SentenceTransformerEncoder(max_seq_length=128, backend="onnx").identity == (
         torch_enc.identity + ":max_seq_length=128:backend=onnx"
     )
@@ -206,7 +207,7 @@ def test_spec_passes_the_backend_and_refuses_it_for_the_stand_in():
     spec = parse(EncoderSpec, {"backend": "onnx-int8", "max_seq_length": 64}, where="encoder")
     assert spec.encoder_options() == {"backend": "onnx-int8", "max_seq_length": 64}
     assert get_encoder(spec.name, cache_dir=False, **spec.encoder_options()).identity.endswith(
-        ":max_seq_length=64:backend=onnx-int8"
+        f":max_seq_length=64:backend=onnx-int8:recipe={ob.INT8_RECIPE_VERSION}"
     )
     assert EncoderSpec().encoder_options() == {"backend": "torch"}
     with pytest.raises(ConfigError, match="needs a sentence-transformers model"):

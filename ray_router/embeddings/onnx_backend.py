@@ -108,6 +108,7 @@ TOKENIZER_FILE = "tokenizer.json"
 EXPORT_CHECK_MIN_COSINE = 0.9999  # an fp32 export that differs more from torch is broken, not rounded
 INT8_CHECK_MIN_COSINE = 0.99  # the bar for onnx-int8, checked on _CHECK_TEXTS against fp32
 INT8_FFN_BLOCK = 256
+INT8_RECIPE_VERSION = 2  # in the encoder identity (the embedding cache's key); bump with INT8_RECIPE
 INT8_RECIPE = f"attention dynamic per-channel QInt8; feed-forward MatMulNBits 8-bit sym block {INT8_FFN_BLOCK} acc4"
 # texts per onnxruntime call at most: the exported attention materialises (batch, heads, seq, seq)
 # scores (200 MB per layer at 64 x 12 x 256 x 256), so big batches of long texts run out of cache.
