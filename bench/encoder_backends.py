@@ -13,8 +13,9 @@ runs it):
    0.1% quantile and mean, per dataset. Vectors come through the on-disk embedding cache (its
    identity includes the backend), so a second run encodes nothing new.
 2. **Bare encode latency**, one query per call at 1 intra-op thread (``torch.set_num_threads(1)``,
-   which the onnx sessions follow): p50 and p99 over ``--latency-queries`` RouterBench queries, the
-   same for every backend (after 10 warm-up calls), and the ratio to torch's p50.
+   which the onnx sessions follow): p50 and p99 over ``--latency-queries`` RouterBench queries x
+   ``--latency-reps`` passes, the same for every backend (after 10 warm-up calls), the backends
+   taking turns on each query, and the ratio to torch's p50.
 3. **Batched throughput** at 1 thread: ``--batch-texts`` RouterBench queries encoded with batch size
    64 (the onnx backend splits it into calls of at most 16 texts and onnx-int8 runs one text per
    call, both by design: see ``ray_router/embeddings/onnx_backend.py``).
@@ -24,6 +25,11 @@ runs it):
    (the CLI's own parser builds the config): mean and 95% CI per backend, whether the CIs overlap,
    and the paired per-seed difference backend − torch (same seeds, so the same splits and streams)
    with its 95% CI. A backend whose paired interval excludes 0 changes routing quality.
+5. ``--int8-recipes`` (instead of 1-4): the int8 recipes ``onnx_backend`` chose between (every
+   ``MatMul`` dynamic; feed-forward-2 float; mixes with ``MatMulNBits``; ``MatMulNBits``
+   everywhere), built from the float32 export in a temporary directory: min and mean cosine to torch
+   per dataset and the interleaved single-query p50 ratio to torch. With ``--routerdc-sample 500``
+   it takes about 5 minutes here.
 
 Timings on a shared 2-core machine are noisy; the ratios come from one run.
 """
@@ -31,7 +37,10 @@ Timings on a shared 2-core machine are noisy; the ratios come from one run.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import shutil
 import sys
 import time
 
@@ -48,15 +57,22 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def _latency(encoder, queries: list[str]) -> np.ndarray:
-    for q in queries[:10]:
-        encoder.encode([q])
-    out = []
-    for q in queries:
-        t0 = time.perf_counter()
-        encoder.encode([q])
-        out.append(time.perf_counter() - t0)
-    return np.array(out) * 1e3
+def _latency(encoders: dict, queries: list[str], reps: int) -> dict[str, np.ndarray]:
+    """ms per single-query call; the backends take turns on each query (rotating who goes first), so
+    the shared machine's load drifts hit all of them alike."""
+    names = list(encoders)
+    for enc in encoders.values():
+        for q in queries[:10]:
+            enc.encode([q])
+    out: dict[str, list[float]] = {b: [] for b in names}
+    for rep in range(reps):
+        for i, q in enumerate(queries):
+            k = (i + rep) % len(names)
+            for b in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                encoders[b].encode([q])
+                out[b].append(time.perf_counter() - t0)
+    return {b: np.array(v) * 1e3 for b, v in out.items()}
 
 
 def main() -> None:
@@ -64,11 +80,15 @@ def main() -> None:
     ap.add_argument("--backends", default="onnx,onnx-int8", help="backends compared with torch")
     ap.add_argument("--routerdc-sample", type=int, default=2000, help="RouterDC texts in the cosine check (0 = all)")
     ap.add_argument("--latency-queries", type=int, default=200)
+    ap.add_argument("--latency-reps", type=int, default=2, help="passes over the latency queries")
     ap.add_argument("--batch-texts", type=int, default=256)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--workers", type=int, default=1, help="evaluator processes (seeds in parallel)")
     ap.add_argument("--no-regret", action="store_true", help="skip part 4")
+    ap.add_argument(
+        "--int8-recipes", action="store_true", help="only part 5: the int8 recipes compared (cosine, latency)"
+    )
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
     backends = ["torch", *[b for b in args.backends.split(",") if b and b != "torch"]]
@@ -81,6 +101,10 @@ def main() -> None:
         keep = np.random.default_rng(0).choice(len(texts["routerdc"]), size=args.routerdc_sample, replace=False)
         texts["routerdc"] = [texts["routerdc"][i] for i in sorted(keep)]
     print(f"cosine texts: {', '.join(f'{n} {len(t)}' for n, t in texts.items())} (unique query texts)")
+    if args.int8_recipes:
+        _int8_recipes(args, texts)
+        print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+        return
 
     # 1. cosine to torch, through the embedding cache (identity per backend)
     vectors: dict[str, dict[str, np.ndarray]] = {}
@@ -110,15 +134,20 @@ def main() -> None:
     batch_q = [rb[i] for i in rng.choice(len(rb), size=min(args.batch_texts, len(rb)), replace=False)]
     bare = {b: SentenceTransformerEncoder(device="cpu", backend=b) for b in backends}  # type: ignore[arg-type]
     rows = {}
+    lats = _latency(bare, lat_q, args.latency_reps)
     for b, enc in bare.items():
-        lat = _latency(enc, lat_q)
+        lat = lats[b]
         enc.encode(batch_q[:64])
         t0 = time.perf_counter()
         enc.encode(batch_q, batch_size=64)
         rows[b] = (np.percentile(lat, 50), np.percentile(lat, 99), len(batch_q) / (time.perf_counter() - t0))
         print(f"[{b}] latency and throughput measured (threads {enc.threads})", file=sys.stderr)
     mean_chars = np.mean([len(q) for q in lat_q])
-    print(f"\n== 2./3. bare encode at 1 thread: {len(lat_q)} single queries (mean {mean_chars:.0f} chars), ", end="")
+    print(
+        f"\n== 2./3. bare encode at 1 thread: {len(lat_q)} single queries x {args.latency_reps} passes, backends ",
+        end="",
+    )
+    print(f"interleaved (mean {mean_chars:.0f} chars), ", end="")
     print(f"{len(batch_q)} texts at batch 64")
     print(f"{'backend':<10} {'p50 ms':>8} {'p99 ms':>8} {'p50 ratio':>10} {'texts/s':>9} {'ratio':>7}")
     for b, (p50, p99, tps) in rows.items():
@@ -129,6 +158,102 @@ def main() -> None:
     if not args.no_regret:
         _regret(args, tables["routerbench"], backends)
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")
+
+
+def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
+    """Part 5: the int8 recipes that ``onnx_backend`` chose between, built from the float32 export
+    into a temporary directory and run one text per call at 1 thread: cosine to torch and the
+    single-query p50 (interleaved, ratio to torch's in the same run)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from ray_router.embeddings import onnx_backend as ob
+
+    fp32 = SentenceTransformerEncoder(device="cpu", backend="onnx")
+    src = fp32.model.directory
+    square, ffn = ob.int8_plan(onnx.load(str(src / ob.MODEL_FILE)))
+    weights = {i.name: tuple(i.dims) for i in onnx.load(str(src / ob.MODEL_FILE)).graph.initializer}
+    nodes = {n.name: n for n in onnx.load(str(src / ob.MODEL_FILE)).graph.node}
+    ffn1 = [n for n in ffn if weights[nodes[n].input[1]][0] < weights[nodes[n].input[1]][1]]  # hidden -> inner
+    ffn2 = [n for n in ffn if n not in ffn1]
+    recipes = {  # name: (dynamic per-tensor-activation int8 nodes, MatMulNBits 8-bit nodes, block)
+        "v1 all MatMul dynamic": (square + ffn, [], 0),
+        "dynamic, FFN2 float": (square + ffn1, [], 0),
+        "dynamic; FFN2 + layer-0 FFN1 nbits": (square + ffn1[1:], ffn2 + ffn1[:1], ob.INT8_FFN_BLOCK),
+        "v2 dynamic attention; FFN nbits (chosen)": (square, ffn, ob.INT8_FFN_BLOCK),
+        "all MatMul nbits (block 128)": ([], square + ffn, 128),
+    }
+    logging.getLogger().setLevel(logging.ERROR)
+    tmp = Path(tempfile.mkdtemp(prefix="int8-recipes-"))
+    models = {}
+    for i, (name, (dyn, nbits, block)) in enumerate(recipes.items()):
+        path = tmp / f"r{i}.onnx"
+        if dyn:
+            quantize_dynamic(
+                str(src / ob.MODEL_FILE),
+                str(path),
+                nodes_to_quantize=dyn,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+            )
+        else:
+            shutil.copy2(src / ob.MODEL_FILE, path)
+        if nbits:
+            q = MatMulNBitsQuantizer(
+                onnx.load(str(path)),
+                bits=8,
+                block_size=block,
+                is_symmetric=True,
+                accuracy_level=4,
+                nodes_to_include=nbits,
+                op_types_to_quantize=("MatMul",),
+            )
+            q.process()
+            onnx.save(q.model.model, str(path))
+        d = tmp / f"r{i}"
+        d.mkdir()
+        for f in (ob.TOKENIZER_FILE, ob.EXPORT_FILE):
+            (d / f).write_bytes((src / f).read_bytes())
+        path.rename(d / ob.MODEL_FILE)
+        meta = {**json.loads((src / ob.EXPORT_FILE).read_text()), "backend": "onnx-int8"}  # one text per call
+        models[name] = ob.OnnxModel(d, meta=meta, threads=1)
+    torch_enc = get_encoder("minilm", backend="torch")
+    ref = {n: torch_enc.encode(ts) for n, ts in texts.items()}
+    print("\n== 5. int8 recipes: cosine to float32 torch, single-query p50 at 1 thread (ratio to torch's)")
+    cos = {}
+    for name, model in models.items():
+        t0 = time.perf_counter()
+        cos[name] = {n: _cosines(model.encode(ts), ref[n]) for n, ts in texts.items()}
+        print(f"[{name}] cosines in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    torch.set_num_threads(1)
+    rb = texts["routerbench"]
+    rng = np.random.default_rng(1)
+    lat_q = [rb[i] for i in rng.choice(len(rb), size=min(args.latency_queries, len(rb)), replace=False)]
+    runners = {
+        "torch": SentenceTransformerEncoder(device="cpu"),
+        "onnx (float32)": ob.OnnxModel(src, threads=1),
+        **models,
+    }
+    lats = _latency(runners, lat_q, args.latency_reps)
+    t50 = np.percentile(lats["torch"], 50)
+    header = " ".join(f"{n[:11] + ' min':>15} {'mean':>8}" for n in texts)
+    print(f"{'recipe':<42} {header} {'p50 ms':>7} {'ratio':>6}")
+    for name in runners:
+        p50 = np.percentile(lats[name], 50)
+        if name in cos:
+            cells = " ".join(f"{cos[name][n].min():15.5f} {cos[name][n].mean():8.5f}" for n in texts)
+        else:
+            cells = " ".join(f"{'-':>15} {'-':>8}" for _ in texts)
+        print(f"{name:<42} {cells} {p50:7.2f} {p50 / t50:6.2f}")
+    print(f"({len(lat_q)} RouterBench queries x {args.latency_reps} passes, interleaved)")
+    torch.set_num_threads(os.cpu_count() or 1)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _regret(args, table, backends: list[str]) -> None:

@@ -6,7 +6,7 @@ that are already in the embedding cache never load them.
 
 Identity (the embedding cache keys on it)::
 
-    sentence-transformers:<name>:<fingerprint>[:max_seq_length=<n>][:backend=<onnx|onnx-int8>]
+    sentence-transformers:<name>:<fingerprint>[:max_seq_length=<n>][:backend=<onnx|onnx-int8>][:recipe=<n>]
 
 - ``name``: ``all-MiniLM-L6-v2`` for the packaged model, else the ``name`` field of
   ``ray_router_artifact.json`` in the model directory, else the directory's name.
@@ -17,6 +17,9 @@ Identity (the embedding cache keys on it)::
   copy has the same file sizes but different bytes, hence a different identity.
 - ``backend``: only when it is not ``torch`` (the ONNX backends give slightly different vectors, so
   their cached vectors never mix with torch's), which keeps every torch identity as it was.
+- ``recipe``: ``onnx-int8`` only, :data:`~ray_router.embeddings.onnx_backend.INT8_RECIPE_VERSION`
+  (the quantization recipe changes the vectors, so vectors of an older recipe are never served; the
+  first recipe had no marker).
 """
 
 from __future__ import annotations
@@ -180,6 +183,10 @@ class SentenceTransformerEncoder:
             self.identity += f":max_seq_length={max_seq_length}"
         if self.backend != "torch":
             self.identity += f":backend={self.backend}"
+        if self.backend == "onnx-int8":
+            from ray_router.embeddings.onnx_backend import INT8_RECIPE_VERSION
+
+            self.identity += f":recipe={INT8_RECIPE_VERSION}"
         self._dim = _dim_from_config(path)
 
     # ------------------------------------------------------------------ model
