@@ -196,10 +196,13 @@ class LocalCluster:
         raise RuntimeError(f"ray start of node {name!r} failed:\n{log.read_text()[-3000:]}")
 
     def _start(self, name, args, log, num_cpus, resources, labels, head, timeout_s) -> Node | None:
+        from ray_router.serve.launch import HAPROXY_PORT_KEYS
+
+        # each node runs its own HAProxy (Serve's proxy on every node): on separate machines their
+        # side ports never meet, on this one each node needs its own (the raylet's env reaches it)
+        env = {**self.node_env(), **{k: str(free_port()) for k in HAPROXY_PORT_KEYS}}
         with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                RAY + args, env=self.node_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            proc = subprocess.Popen(RAY + args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             node = Node(name, proc.pid, float(num_cpus), resources, labels, log, head=head)
             self.nodes[name] = node  # registered first: shutdown() cleans up a failed start too
             try:
