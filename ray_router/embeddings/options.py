@@ -35,7 +35,7 @@ ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)
 class SentenceTransformerOptions:
     """``max_seq_length``: token limit (None = the model's own); ``batch_size``: texts per forward pass;
     ``backend``: ``torch`` (the model as sentence-transformers runs it), ``onnx`` (exported, run with
-    onnxruntime) or ``onnx-int8`` (that export, dynamically quantized); see
+    onnxruntime) or ``onnx-int8`` (that export with int8 weights); see
     :mod:`ray_router.embeddings.onnx_backend`."""
 
     max_seq_length: PositiveInt | None = None

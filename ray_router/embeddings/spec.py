@@ -12,7 +12,8 @@ class EncoderSpec(BaseModel):
     model), or a sentence-transformers model folder; ``device``: ``auto`` uses CUDA when the process
     sees a GPU, else the CPU; ``backend``: ``torch`` (sentence-transformers as is), ``onnx`` (the model
     exported to ONNX, run by onnxruntime with graph optimisations) or ``onnx-int8`` (that graph with
-    dynamically quantized int8 weights); see :mod:`ray_router.embeddings.onnx_backend`.
+    int8 weights: attention projections dynamic per channel, feed-forward 8-bit MatMulNBits); see
+    :mod:`ray_router.embeddings.onnx_backend`.
 
     ``get_encoder(spec.name, cache_dir=..., device=spec.device, **spec.encoder_options())`` builds it."""
 
@@ -24,7 +25,8 @@ class EncoderSpec(BaseModel):
     device: str = Field("auto", description="auto: CUDA when the process sees a GPU, else CPU")
     max_seq_length: int | None = Field(None, ge=1)
     backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "torch", description="torch, onnx (onnxruntime, graph-optimised) or onnx-int8 (dynamic int8 quantization)"
+        "torch",
+        description="torch, onnx (onnxruntime, graph-optimised) or onnx-int8 (int8 weights, min cosine to torch >= 0.99)",
     )
 
     @model_validator(mode="after")
