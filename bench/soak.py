@@ -15,8 +15,9 @@
 3. Soak: an open loop (Poisson arrivals) at ``--load`` x capacity (default 0.5) for ``--duration``
    seconds with the same mix. Every ``--sample-s`` seconds it prints the window's requests, status
    counts, route latency and the RSS of every Serve process: the Serve controller, the HTTP proxy
-   and each replica (pids from the GCS actor table of this Ray instance, so another Ray on the
-   machine is never counted).
+   actor, the HAProxy manager and its ``haproxy`` child (Serve's HTTP port by default) and each
+   replica (pids from the GCS actor table of this Ray instance, so another Ray on the machine is
+   never counted).
 4. Prints the totals: 5xx count (target 0), each process's RSS at the start and the end of the soak
    and its growth in % (target <= 5%), and whether any replica was replaced (its pid changed).
 
@@ -47,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SERVE_CLASSES = ("ServeController", "ProxyActor", "ServeReplica")
+SERVE_CLASSES = ("ServeController", "ProxyActor", "HAProxyManager", "ServeReplica")
 
 
 def _free_port() -> int:
@@ -100,7 +101,24 @@ def serve_processes() -> dict[str, int]:
         name = a["class_name"]
         if a["state"] == "ALIVE" and name.startswith(SERVE_CLASSES) and a["pid"]:
             out[name.replace("ServeReplica:", "")] = int(a["pid"])
+            if name == "HAProxyManager":  # and the haproxy binary it runs (Serve's HTTP port)
+                for i, pid in enumerate(_children(int(a["pid"]), "haproxy")):
+                    out[f"haproxy{i or ''}"] = pid
     return out
+
+
+def _children(pid: int, comm: str) -> list[int]:
+    """Child processes of ``pid`` whose command name is ``comm`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+            name = fields[0].split("(", 1)[1]
+            if int(fields[1].split()[1]) == pid and name == comm:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return sorted(out)
 
 
 def rss_mb(pid: int) -> float | None:
