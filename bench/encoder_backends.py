@@ -169,8 +169,6 @@ def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
 
     import onnx
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from ray_router.embeddings import onnx_backend as ob
 
@@ -192,35 +190,12 @@ def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="int8-recipes-"))
     models = {}
     for i, (name, (dyn, nbits, block)) in enumerate(recipes.items()):
-        path = tmp / f"r{i}.onnx"
-        if dyn:
-            quantize_dynamic(
-                str(src / ob.MODEL_FILE),
-                str(path),
-                nodes_to_quantize=dyn,
-                op_types_to_quantize=["MatMul"],
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-            )
-        else:
-            shutil.copy2(src / ob.MODEL_FILE, path)
-        if nbits:
-            q = MatMulNBitsQuantizer(
-                onnx.load(str(path)),
-                bits=8,
-                block_size=block,
-                is_symmetric=True,
-                accuracy_level=4,
-                nodes_to_include=nbits,
-                op_types_to_quantize=("MatMul",),
-            )
-            q.process()
-            onnx.save(q.model.model, str(path))
+        graph = ob.quantize_matmuls(src / ob.MODEL_FILE, dyn, nbits, block)
         d = tmp / f"r{i}"
         d.mkdir()
         for f in (ob.TOKENIZER_FILE, ob.EXPORT_FILE):
             (d / f).write_bytes((src / f).read_bytes())
-        path.rename(d / ob.MODEL_FILE)
+        onnx.save(graph, str(d / ob.MODEL_FILE))
         meta = {**json.loads((src / ob.EXPORT_FILE).read_text()), "backend": "onnx-int8"}  # one text per call
         models[name] = ob.OnnxModel(d, meta=meta, threads=1)
     torch_enc = get_encoder("minilm", backend="torch")

@@ -331,41 +331,59 @@ def int8_plan(model: Any) -> tuple[list[str], list[str]]:
     return square, ffn
 
 
-def _quantize_int8(source: Path, out: Path) -> dict[str, Any]:
-    """The int8 export of the float32 one (:data:`INT8_RECIPE`; the module docstring says why)."""
+def quantize_matmuls(model_file: Path, dynamic: list[str], nbits: list[str], block: int) -> Any:
+    """The graph of ``model_file`` with the ``MatMul`` nodes ``dynamic`` quantized dynamically
+    (int8 weights per channel, activations per tensor at run time) and the nodes ``nbits`` as 8-bit
+    symmetric ``MatMulNBits`` (blocks of ``block``, accuracy level 4: int8 arithmetic, activations
+    quantized per block of a row). The recipe of :data:`INT8_RECIPE`, and the pieces
+    ``bench/encoder_backends.py --int8-recipes`` compares."""
+    import tempfile
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    square, ffn = int8_plan(onnx.load(str(source / MODEL_FILE)))
-    if not square or not ffn:
-        raise DataError(f"{source}: no attention ({len(square)}) or feed-forward ({len(ffn)}) MatMul to quantize")
     quant_logger = logging.getLogger()
     level = quant_logger.level
     quant_logger.setLevel(logging.ERROR)  # it logs a "consider pre-processing" warning on every call
     try:
-        quantize_dynamic(
-            str(source / MODEL_FILE),
-            str(out / "attention-int8.onnx"),
-            nodes_to_quantize=square,
-            op_types_to_quantize=["MatMul"],
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-        )
-        nbits = MatMulNBitsQuantizer(
-            onnx.load(str(out / "attention-int8.onnx")),
-            bits=8,
-            block_size=INT8_FFN_BLOCK,
-            is_symmetric=True,
-            accuracy_level=4,
-            nodes_to_include=ffn,
-            op_types_to_quantize=("MatMul",),
-        )
-        nbits.process()
-        graph = nbits.model.model
+        with tempfile.TemporaryDirectory(prefix="rr-int8-") as tmp:
+            step = Path(tmp) / "dynamic.onnx"
+            if dynamic:
+                quantize_dynamic(
+                    str(model_file),
+                    str(step),
+                    nodes_to_quantize=dynamic,
+                    op_types_to_quantize=["MatMul"],
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                )
+            graph = onnx.load(str(step if dynamic else model_file))
+            if nbits:
+                q = MatMulNBitsQuantizer(
+                    graph,
+                    bits=8,
+                    block_size=block,
+                    is_symmetric=True,
+                    accuracy_level=4,
+                    nodes_to_include=nbits,
+                    op_types_to_quantize=("MatMul",),
+                )
+                q.process()
+                graph = q.model.model
     finally:
         quant_logger.setLevel(level)
-    (out / "attention-int8.onnx").unlink()
+    return graph
+
+
+def _quantize_int8(source: Path, out: Path) -> dict[str, Any]:
+    """The int8 export of the float32 one (:data:`INT8_RECIPE`; the module docstring says why)."""
+    import onnx
+
+    square, ffn = int8_plan(onnx.load(str(source / MODEL_FILE)))
+    if not square or not ffn:
+        raise DataError(f"{source}: no attention ({len(square)}) or feed-forward ({len(ffn)}) MatMul to quantize")
+    graph = quantize_matmuls(source / MODEL_FILE, square, ffn, INT8_FFN_BLOCK)
     ops = [n.op_type for n in graph.graph.node]
     if ops.count("MatMulInteger") != len(square) or ops.count("MatMulNBits") != len(ffn):
         raise DataError(
