@@ -34,10 +34,11 @@ APP_NAME = "ray-router"
 #
 # And glibc's allocator, for memory that stays flat in a long-running service: at most 2 malloc
 # arenas per process (not 8 x cores, one per thread that allocates), and fixed mmap/trim thresholds
-# (128 KiB: glibc's default, but fixed, so a freed large buffer, e.g. a snapshot's, no longer raises
-# the mmap threshold to 32 MiB and leaves the next ones to fragment the heap). A 10-minute soak
-# (bench/soak.py) measured RSS growth with and without them; serve_configs/README.md "Memory".
-MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# of 8 MiB (fixed, a freed large buffer, e.g. a snapshot's, no longer moves the mmap threshold up to
+# 32 MiB, leaving the next ones to fragment the heap; 8 MiB rather than glibc's 128 KiB start, which
+# doubled the SGLD refresh time by mapping its temporaries afresh each step: bench/malloc_env.py).
+# bench/soak.py measured RSS growth with and without them: serve_configs/README.md "Memory".
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "8388608"}
 SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **MALLOC_ENV}
 RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
 
