@@ -30,12 +30,35 @@ def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or "~/.local/state/ray-router/serve").expanduser()
 
 
+class TokenPrice(StrictModel):
+    """What an upstream charges per million tokens (USD): the price table of the per-arm cost metrics,
+    of ``ray-router calibrate``'s measured cost per query and of the judge's spend."""
+
+    prompt_usd_per_1m: float = Field(0.0, ge=0, allow_inf_nan=False, description="USD per 1M prompt tokens")
+    completion_usd_per_1m: float = Field(0.0, ge=0, allow_inf_nan=False, description="USD per 1M completion tokens")
+
+    def usd(self, usage: Any) -> float:
+        """The USD cost of one answer from its OpenAI ``usage`` object (anything else: 0)."""
+        if not isinstance(usage, dict):
+            return 0.0
+        tokens = []
+        for key in ("prompt_tokens", "completion_tokens"):
+            v = usage.get(key, 0)
+            tokens.append(
+                float(v)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                else 0.0
+            )
+        return (tokens[0] * self.prompt_usd_per_1m + tokens[1] * self.completion_usd_per_1m) / 1e6
+
+
 class UpstreamSpec(StrictModel):
     """An OpenAI-compatible endpoint that answers for one arm (``POST {base_url}/chat/completions``)."""
 
     base_url: str = Field(min_length=1, description="e.g. https://api.openai.com/v1")
     model: str = Field(min_length=1, description="model name sent upstream")
     api_key_env: str | None = Field(None, description="env var holding the upstream API key (sent as Bearer)")
+    price: TokenPrice | None = Field(None, description="USD per million prompt/completion tokens (cost metrics)")
 
     @field_validator("base_url")
     @classmethod
