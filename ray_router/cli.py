@@ -262,6 +262,9 @@ def _add_tune_parser(sub) -> None:
     )
     p.add_argument("--device", default=None, help="encoder device (default: the sweep file's)")
     p.add_argument(
+        "--encoder", default=None, help="base encoder instead of the sweep file's encoder.name, e.g. openai:MODEL@URL"
+    )
+    p.add_argument(
         "--artifacts-dir",
         default=None,
         help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)",
@@ -280,6 +283,7 @@ SWEEP_OPTIONS = (
     "cache_dir",
     "device",
     "artifacts_dir",
+    "encoder",
 )
 
 
@@ -316,6 +320,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
     p.add_argument("--metrics-port", type=int, default=None, help="export Ray's Prometheus metrics on this port")
     p.add_argument("--check", action="store_true", help="validate the config (Serve schema and app args) and exit")
+    p.add_argument(
+        "--encoder", default=None, help="encoder name instead of the config's encoder.name, e.g. openai:MODEL@URL"
+    )
 
 
 def cmd_serve(args) -> int:

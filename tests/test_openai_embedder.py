@@ -345,3 +345,37 @@ def test_cli_errors_are_messages_not_tracebacks(stub, toy_csv, tmp_path):
     assert res.returncode == 2 and "input is too long" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("experiment", "paper", "--encoder", spec_of(stub), "--out", str(tmp_path / "p"))
     assert res.returncode == 2 and "cannot be fine-tuned" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_tune_and_serve_take_a_remote_encoder(stub, tmp_path):
+    """``ray-router tune --encoder openai:...`` runs a (tiny) sweep on the server's embeddings;
+    ``serve --check --encoder`` validates the override; a bad name is a message before Ray starts."""
+    from tests.tune.conftest import Driver, sweep_dict, write_sweep, write_synthetic_table
+
+    d = sweep_dict(write_synthetic_table(tmp_path / "synth.parquet", n=90), splits=["stratified"])
+    d.update(search={"num_samples": 1, "report_every": 50, "scheduler": {"type": "fifo"}})
+    d["eval"] = {"n_rounds": 60, "n_seeds": 1, "cost_weight": 0.0}
+    sweep = write_sweep(tmp_path / "sweep.yaml", d)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "HF_HUB_OFFLINE": "1",
+        "RAY_ROUTER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    args = ["tune", str(sweep), "--storage-path", str(tmp_path / "runs"), "--num-cpus", "2", "--no-report"]
+    driver = Driver([*args, "--encoder", spec_of(stub, max_batch_size=50)], env, tmp_path / "tune.log")
+    try:
+        rc = driver.wait(timeout=600)
+    finally:
+        driver.kill_group()
+    log = (tmp_path / "tune.log").read_text(errors="replace")
+    assert rc == 0, log[-3000:]
+    sent = {t for r in stub.requests if r["path"] == "/v1/embeddings" for t in r["body"]["input"]}
+    assert len(sent) >= 90 and "1 trials (1 complete" in log, log[-3000:]
+    res = run_cli(*args, "--encoder", "openai:no-url")
+    assert res.returncode == 2 and "expected openai:MODEL@URL" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("serve", "--check", "--encoder", spec_of(stub))
+    assert res.returncode == 0, res.stderr
