@@ -121,7 +121,9 @@ def _add_encoder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         default="minilm",
-        help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), or a sentence-transformers folder",
+        help="minilm (packaged all-MiniLM-L6-v2), hash (stand-in), a sentence-transformers folder, or "
+        "openai:MODEL@URL[#option=value,...] (an OpenAI-compatible /embeddings server; API key from "
+        "$RAY_ROUTER_EMBEDDINGS_API_KEY; README: remote encoders)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument(
@@ -260,6 +262,9 @@ def _add_tune_parser(sub) -> None:
     )
     p.add_argument("--device", default=None, help="encoder device (default: the sweep file's)")
     p.add_argument(
+        "--encoder", default=None, help="base encoder instead of the sweep file's encoder.name, e.g. openai:MODEL@URL"
+    )
+    p.add_argument(
         "--artifacts-dir",
         default=None,
         help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)",
@@ -278,6 +283,7 @@ SWEEP_OPTIONS = (
     "cache_dir",
     "device",
     "artifacts_dir",
+    "encoder",
 )
 
 
@@ -314,6 +320,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--object-store-mb", type=int, default=256, help="object store of the local Ray (MiB)")
     p.add_argument("--metrics-port", type=int, default=None, help="export Ray's Prometheus metrics on this port")
     p.add_argument("--check", action="store_true", help="validate the config (Serve schema and app args) and exit")
+    p.add_argument(
+        "--encoder", default=None, help="encoder name instead of the config's encoder.name, e.g. openai:MODEL@URL"
+    )
 
 
 def cmd_serve(args) -> int:
@@ -406,6 +415,7 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
         file=sys.stderr,
     )
     label = args.encoder if args.encoder in ("minilm", "hash", "lookup") else "custom"
+    label = "openai" if args.encoder.startswith("openai:") else label
     label = "base" if label == "minilm" else label
     return table, X, label if args.encoder_backend == "torch" else f"{label}:{args.encoder_backend}"
 
@@ -477,6 +487,10 @@ def cmd_experiment(args) -> int:
         }.items()
         if v is not None
     }
+    if args.encoder.startswith("openai:"):  # the paper's grid fine-tunes its base encoder (CCFT)
+        from ray_router.embeddings.openai_encoder import cannot_fine_tune
+
+        raise cannot_fine_tune(f"experiment paper's --encoder {args.encoder.partition('#')[0]!r}")
     cfg = PaperConfig.quick(**overrides) if args.quick else parse(PaperConfig, overrides, where="experiment paper")
     result = run_paper(
         cfg,

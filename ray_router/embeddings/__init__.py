@@ -34,6 +34,7 @@ from ray_router.embeddings.model_embeddings import (
     top_tau_mask,
     weighting_scores,
 )
+from ray_router.embeddings.openai_encoder import OpenAIEncoder, RemoteEncoderError, is_openai_name, remote_encoder
 from ray_router.embeddings.options import ENCODER_BACKENDS, EncoderBackend
 from ray_router.embeddings.sentence import SentenceTransformerEncoder, packaged_model_path, resolve_device
 from ray_router.errors import ConfigError
@@ -50,8 +51,10 @@ def get_encoder(
     """Build an encoder by name.
 
     ``name``: ``minilm`` (the packaged all-MiniLM-L6-v2), ``hash``/``lookup`` (the
-    :class:`HashEncoder` stand-in; ``options`` may set ``dim`` and ``seed``), or the path of a local
-    sentence-transformers directory (e.g. a CCFT artifact). Other ``options`` go to the encoder.
+    :class:`HashEncoder` stand-in; ``options`` may set ``dim`` and ``seed``), the path of a local
+    sentence-transformers directory (e.g. a CCFT artifact), or ``openai:MODEL@URL`` (a remote
+    OpenAI-compatible ``/embeddings`` server, :mod:`ray_router.embeddings.openai_encoder`; ``device``
+    is ignored). Other ``options`` go to the encoder.
 
     ``options["backend"]``: ``torch`` (default), ``onnx`` or ``onnx-int8`` for a sentence-transformers
     encoder (:mod:`ray_router.embeddings.onnx_backend`); the stand-in has only ``torch`` (it runs no model).
@@ -59,6 +62,8 @@ def get_encoder(
     ``cache_dir``: None = the default cache root, a path = that root, False = no cache. The stand-in
     is cheaper than the cache, so it is cached only when a path is given explicitly.
     """
+    if is_openai_name(name):
+        return remote_encoder(name, cache_dir, **options)
     backend = options.pop("backend", "torch")
     if backend not in ENCODER_BACKENDS:
         raise ConfigError(f"encoder backend: {backend!r} is not one of {list(ENCODER_BACKENDS)}")
@@ -74,8 +79,8 @@ def get_encoder(
         encoder = SentenceTransformerEncoder(name, device=device, backend=backend, **options)
     else:
         raise ConfigError(
-            f"unknown encoder {name!r}: use one of {list(ENCODER_NAMES)} or the path of a local "
-            "sentence-transformers directory"
+            f"unknown encoder {name!r}: use one of {list(ENCODER_NAMES)}, the path of a local "
+            "sentence-transformers directory, or openai:MODEL@URL (an OpenAI-compatible embeddings server)"
         )
     if cache_dir is False:
         return encoder
@@ -97,6 +102,8 @@ __all__ = [
     "HashEncoder",
     "InBatchContrastiveLoss",
     "LookupEncoder",
+    "OpenAIEncoder",
+    "RemoteEncoderError",
     "SentenceTransformerEncoder",
     "WeightingConfig",
     "arm_embeddings",

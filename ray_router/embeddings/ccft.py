@@ -259,7 +259,11 @@ class CCFTResult:
 
 
 def _base_encoder(base_model: Any) -> SentenceTransformerEncoder:
+    from ray_router.embeddings.openai_encoder import OpenAIEncoder, cannot_fine_tune, is_openai_name
+
     inner = getattr(base_model, "encoder", None)  # a CachedEncoder wrapping a real encoder
+    if is_openai_name(base_model) or isinstance(inner or base_model, OpenAIEncoder):
+        raise cannot_fine_tune(f"{getattr(base_model, 'identity', base_model)!r}".partition("#")[0])
     if isinstance(inner, SentenceTransformerEncoder):
         base_model = inner
     if isinstance(base_model, SentenceTransformerEncoder):

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, get_args
 import numpy as np
 from pydantic import BeforeValidator, Field
 
-from ray_router.config import config_dataclass
+from ray_router.config import StrictModel, config_dataclass
 
 
 def _python_scalar(value: Any) -> Any:
@@ -59,3 +59,26 @@ class CategoryLookupOptions:
     dim: PositiveInt = 16
     noise: Annotated[Real, Field(ge=0)] = 0.3
     seed: Int = 0
+
+
+class OpenAIEncoderOptions(StrictModel):
+    """Options of an encoder served by an OpenAI-compatible ``POST {base_url}/embeddings``
+    (:mod:`ray_router.embeddings.openai_encoder`).
+
+    ``api_key_env``: the environment variable holding the API key, sent as ``Authorization: Bearer``
+    (None: ``RAY_ROUTER_EMBEDDINGS_API_KEY``, and no header when that is unset; a variable named here
+    must be set); ``dim``: the vector length the server must return (None: learnt from the first
+    response); ``dimensions``: sent to the server (OpenAI's text-embedding-3 models shorten their
+    vectors to it) and part of the identity; ``max_batch_size``: texts per request; ``timeout_s``:
+    per request; ``max_retries``: retries after the first attempt (429, 5xx, timeouts, connection
+    errors); ``backoff_s``: the first retry's base wait, doubled each retry; ``max_backoff_s``: the
+    cap of one wait, a server's ``Retry-After`` included."""
+
+    api_key_env: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    dim: PositiveInt | None = None
+    dimensions: PositiveInt | None = None
+    max_batch_size: PositiveInt = 128
+    timeout_s: PositiveReal = 30.0
+    max_retries: Annotated[Int, Field(ge=0, le=20)] = 5
+    backoff_s: Annotated[Real, Field(ge=0)] = 0.5
+    max_backoff_s: Annotated[Real, Field(ge=0)] = 30.0

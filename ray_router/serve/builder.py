@@ -33,7 +33,7 @@ def embedder_resources(args: AppArgs) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": spec.num_cpus}
     if spec.resources:
         opts["resources"] = dict(spec.resources)
-    if spec.gpu == "never" or spec.num_gpus <= 0:
+    if spec.gpu == "never" or spec.num_gpus <= 0 or args.encoder.remote:  # a remote encoder computes nothing here
         return opts
     if spec.gpu == "require":
         return {**opts, "num_gpus": spec.num_gpus}

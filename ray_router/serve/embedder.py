@@ -2,17 +2,24 @@
 
 Each batch window is encoded length-aware (:mod:`ray_router.serve.batching`): sorted by token count
 and split into the sub-batches a cost model fitted on the replica's own threads at start-up says are
-cheapest, so a window of mixed queries never pays for padding every query to the longest."""
+cheapest, so a window of mixed queries never pays for padding every query to the longest.
+
+A remote encoder (``encoder.name: openai:MODEL@URL``) loads no model here: each window is one
+request to its server (split at its ``max_batch_size``), retried by the encoder; when it still
+fails, the callers get a 502 ``embeddings_error`` that names no internals (the log has the cause)."""
 
 import asyncio
 import dataclasses
+import logging
 import os
+import sys
 import time
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from ray_router.embeddings.openai_encoder import RemoteEncoderError
 from ray_router.embeddings.spec import EncoderSpec
 from ray_router.errors import ConfigError
 from ray_router.serve.batching import LengthAwareEncoder
@@ -20,6 +27,7 @@ from ray_router.serve.batching import LengthAwareEncoder
 # a replica with nothing to finish stops at once (the posterior's differ: it writes a last snapshot)
 QUICK_SHUTDOWN: dict[str, Any] = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s")
+logger = logging.getLogger("ray.serve")
 
 
 @serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN)
@@ -62,7 +70,13 @@ class Embedder:
     async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, float, int]]:
         """Each text's (embedding, seconds the batch's encode took, batch size), in the callers' order."""
         t0 = time.perf_counter()
-        X = await asyncio.to_thread(self.batcher.encode, texts)
+        try:
+            X = await asyncio.to_thread(self.batcher.encode, texts)
+        except RemoteEncoderError as e:  # its message names the server: log it, tell the client less
+            logger.error(f"embedder: a window of {len(texts)} queries failed: {e}")
+            raise RemoteEncoderError(
+                "the query could not be embedded: the embeddings server failed or refused the request; retry later"
+            ) from None
         seconds = time.perf_counter() - t0
         return [(x, seconds, len(texts)) for x in X]
 
@@ -77,4 +91,6 @@ class Embedder:
             "length_aware": self.batcher.length_aware,
             "cost_model": None if self.batcher.cost is None else dataclasses.asdict(self.batcher.cost),
             "pid": os.getpid(),
+            # model libraries this replica has imported (none for a remote encoder)
+            "model_libraries": [m for m in ("torch", "sentence_transformers", "onnxruntime") if m in sys.modules],
         }

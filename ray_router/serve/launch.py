@@ -387,6 +387,8 @@ def serve_main(args) -> int:
         overrides["state"] = {"dir": str(Path(state).expanduser().resolve())}
     if args.data_dir and ((apps[0].get("args") or {}).get("arm_embeddings") or {}).get("from_dataset") is not None:
         overrides["arm_embeddings"] = {"from_dataset": {"data_dir": str(Path(args.data_dir).expanduser().resolve())}}
+    if getattr(args, "encoder", None):  # --encoder: the config's other encoder fields stay
+        overrides["encoder"] = {"name": args.encoder}
     cfg = with_overrides(cfg, host=args.host, port=args.port, args=overrides)
     validate_config(cfg)
     _check_data_dir(cfg, args.data_dir)

@@ -141,6 +141,7 @@ def prepare(
     """Load, split, fine-tune and embed everything the sweep's trials and report need."""
     from ray_router.data import load_dataset, resolve_data_dir
     from ray_router.embeddings import get_encoder
+    from ray_router.embeddings.openai_encoder import cannot_fine_tune
     from ray_router.evaluation.experiment import EvalConfig, make_split
 
     t_start = time.perf_counter()
@@ -148,6 +149,8 @@ def prepare(
     counter = _Counter()
     needs_ccft = "ccft" in spec.encoders_needed()
     device = device or spec.encoder.device
+    if needs_ccft and spec.encoder.remote:
+        raise cannot_fine_tune(f"the sweep's encoder.name {spec.encoder.name.partition('#')[0]!r}")
     base = get_encoder(spec.encoder.name, cache_dir=cache_dir, device=device, **spec.encoder.encoder_options())
     if needs_ccft and spec.encoder.name in ("hash", "lookup"):
         raise ConfigError(

@@ -313,6 +313,8 @@ def serve_config(
         encoder["max_seq_length"] = spec.encoder.max_seq_length
     if spec.encoder.backend != "torch":
         encoder["backend"] = spec.encoder.backend
+    if spec.encoder.openai is not None:  # a remote encoder's options (never the key: only its variable's name)
+        encoder["openai"] = spec.encoder.openai.model_dump(exclude_defaults=True)
     args["encoder"] = encoder
     measured = dataclasses.asdict(parse(FGTSConfig, section_values(spec, config, "fgts_cdb"), where="fgts_cdb"))
     old = dict((args.get("policy") or {}).get("config") or {})

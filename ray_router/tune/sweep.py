@@ -299,9 +299,17 @@ def run_sweep(
     artifacts_dir: str | Path | None = None,
     make_report: bool = True,
     log: Callable[[str], None] = _log,
+    encoder: str | None = None,
 ) -> SweepOutcome:
-    """The steps of the module docstring; ``KeyboardInterrupt`` when Ctrl-C left trials unfinished."""
+    """The steps of the module docstring; ``KeyboardInterrupt`` when Ctrl-C left trials unfinished.
+    ``encoder``: another base encoder name than the file's ``encoder.name`` (e.g. ``openai:MODEL@URL``)."""
     spec = load_sweep(path, smoke_test=smoke_test)  # a bad file fails here, before Ray is imported
+    if encoder is not None:
+        from ray_router.config import parse
+        from ray_router.embeddings.spec import EncoderSpec
+
+        values = {**spec.encoder.model_dump(exclude_defaults=True), "name": encoder}
+        spec = spec.model_copy(update={"encoder": parse(EncoderSpec, values, where="--encoder")})
     ray_env()
     exp_dir = Path(storage_path or "runs/tune").expanduser().resolve() / spec.name
     resumable = _check_storage(spec, exp_dir, fresh, log)
