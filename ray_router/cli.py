@@ -187,6 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="replay policies on a logged benchmark; writes summary.json, curves, plot")
     _add_eval_args(p, seeds=5, rounds=2000)
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--duels",
+        default=None,
+        metavar="FILE.parquet",
+        help="progressive validation on logged duels (`ray-router log export`) instead of a replay: each policy "
+        "predicts every duel before learning from it; --dataset and the split flags build its arm embeddings "
+        "and offline data; --rounds is unused",
+    )
+    p.add_argument("--refresh-every", type=int, default=1, help="--duels: posterior refresh after this many updates")
+    p.add_argument("--any-encoder", action="store_true", help="--duels: allow a log embedded by another encoder")
 
     p = sub.add_parser("run", help="the main job: a short FGTS.CDB vs uniform experiment on real RouterBench")
     _add_eval_args(p, seeds=5, rounds=2000)
@@ -398,7 +408,7 @@ def cmd_grafana(args) -> int:
 
 
 # ---------------------------------------------------------------------------- commands
-def _load_embedded(args) -> tuple[Any, Any, str]:
+def _load_embedded(args, identity: list[str] | None = None) -> tuple[Any, Any, str]:
     from ray_router.data import load_dataset, resolve_data_dir
     from ray_router.embeddings import get_encoder
 
@@ -414,6 +424,8 @@ def _load_embedded(args) -> tuple[Any, Any, str]:
         f"({getattr(encoder, 'n_encoded', '?')} texts encoded, the rest from the cache)",
         file=sys.stderr,
     )
+    if identity is not None:
+        identity.append(str(getattr(encoder, "identity", "")))
     label = args.encoder if args.encoder in ("minilm", "hash", "lookup") else "custom"
     label = "openai" if args.encoder.startswith("openai:") else label
     label = "base" if label == "minilm" else label
@@ -453,6 +465,8 @@ def cmd_evaluate(args) -> int:
     from ray_router.evaluation import evaluate, format_table, write_outputs
 
     cfg = _eval_config(args)  # validate before any slow work
+    if getattr(args, "duels", None) is not None:
+        return _evaluate_duels(args, cfg)
     table, X, encoder_label = _load_embedded(args)
     progress = not args.no_progress and sys.stderr.isatty()
     done = []
@@ -465,6 +479,31 @@ def cmd_evaluate(args) -> int:
     paths = write_outputs(result, args.out, title=f"{table.name}: cumulative regret, mean and 95% CI")
     print(format_table(result.records))
     print(f"\nwrote {paths['summary']}, {paths['curves']}, {paths['plot']}, {paths['served_plot']}")
+    return 0
+
+
+def _evaluate_duels(args, cfg) -> int:
+    """``evaluate --duels``: progressive validation of the policies on a logged-duel file."""
+    from ray_router.evaluation import progressive
+    from ray_router.evaluation.duels import read_duels
+
+    log = read_duels(args.duels)  # a bad file fails before any slow work
+    identity: list[str] = []
+    table, X, encoder_label = _load_embedded(args, identity)
+    if log.encoder and identity and identity[0] and log.encoder != identity[0] and not args.any_encoder:
+        raise ConfigError(
+            f"the duel log was embedded by {log.encoder!r}, the policies would use {identity[0]!r}: pass the same "
+            "--encoder (or --any-encoder to compare anyway)"
+        )
+
+    def on_run(name: str, seed: int) -> None:
+        print(f"[ray-router] {name} seed {seed}: {len(log)} duels", file=sys.stderr)
+
+    summaries = progressive.evaluate_duels(table, X, cfg, log, refresh_every=args.refresh_every, on_run=on_run)
+    meta = {"duels": str(args.duels), "n_duels": len(log), "dataset": table.name, "encoder": encoder_label}
+    paths = progressive.write_outputs(summaries, args.out, meta)
+    print(progressive.format_table(summaries))
+    print(f"\nwrote {paths['summary']}, {paths['plot']}")
     return 0
 
 
