@@ -247,7 +247,9 @@ class ResilienceSpec(StrictModel):
     (``ray_router/serve/resilience.py``; ``serve_configs/README.md``, *Resilience*)."""
 
     attempts: int = Field(3, ge=1, le=10, description="calls to one arm per request (1 = no retry)")
-    backoff_base_s: float = Field(0.2, ge=0, allow_inf_nan=False, description="first retry's backoff (doubles each retry)")
+    backoff_base_s: float = Field(
+        0.2, ge=0, allow_inf_nan=False, description="first retry's backoff (doubles each retry)"
+    )
     backoff_max_s: float = Field(2.0, ge=0, allow_inf_nan=False, description="cap on one backoff (before jitter)")
     retry_after_max_s: float = Field(
         5.0,

@@ -165,14 +165,14 @@ class RouteDecider:
             offered = tuple(i for i in range(len(self.arm_ids)) if i not in failed or i in picked)
         mode = "duel" if len(picked) == 2 else "single"
         picked = tuple(int(i) for i in picked)
-        out = replace(
-            dec, mode=mode, picked=picked, arms=tuple(self.arm_ids[i] for i in picked), offered=offered
-        )
+        out = replace(dec, mode=mode, picked=picked, arms=tuple(self.arm_ids[i] for i in picked), offered=offered)
         return self._sign(out)
 
     def ranked(self, dec: Decision, slot: int = 0) -> list[int]:
         """The arms ``dec`` offered, best first, as its slot ``slot`` ranks them under the current
         samples: where a failed arm's fallback comes from."""
+        if dec.x is None:
+            raise ValueError("the decision carries no query embedding")
         return self.view.ranked(dec.x, dec.offered, dec.mode, dec.cost_weight, slot)
 
     def feedback_claims(self, decision_id: str) -> DecisionClaims:
