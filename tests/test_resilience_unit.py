@@ -436,3 +436,29 @@ def test_a_stream_that_breaks_mid_way_ends_with_an_error_event_and_counts_agains
     assert metrics.errors.total(arm=ARMS[arm], kind="stream_broken") == 1
     assert res.breakers[arm].state == "open"  # failure_threshold 1
     server.sock.close()
+
+
+# ---------------------------------------------------------------- ranking, purity
+@pytest.mark.parametrize("cost_weight", [0.0, 0.5])
+def test_the_fallback_order_starts_with_the_arm_each_slot_chose(cost_weight):
+    decider = make_decider()
+    enc = hash_encoder(arm_embeddings().shape[1])
+    for i, text in enumerate(["sort a list", "integrate x", "a poem", "the capital of France", "prime numbers"]):
+        x = enc.encode([text])[0]
+        offered = None if i % 2 else [0, 1, 3]
+        single = decider.decide(x, offered, "single", cost_weight, sign=False)
+        order = decider.ranked(single, 0)
+        assert order[0] == single.picked[0] and sorted(order) == sorted(offered or range(len(ARMS)))
+        duel = decider.decide(x, offered, "duel", cost_weight, sign=False)
+        first, second = duel.picked
+        assert decider.ranked(duel, 0)[0] == first  # exploit-first: the posterior mean's best
+        assert [a for a in decider.ranked(duel, 1) if a != first][0] == second  # θ²'s best other than the first
+
+
+def test_the_resilience_module_imports_no_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, ray_router.serve.resilience\nprint(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
