@@ -452,13 +452,15 @@ def test_the_fallback_order_starts_with_the_arm_each_slot_chose(cost_weight):
         duel = decider.decide(x, offered, "duel", cost_weight, sign=False)
         first, second = duel.picked
         assert decider.ranked(duel, 0)[0] == first  # exploit-first: the posterior mean's best
-        assert [a for a in decider.ranked(duel, 1) if a != first][0] == second  # θ²'s best other than the first
+        assert next(a for a in decider.ranked(duel, 1) if a != first) == second  # θ²'s best other than the first
 
 
 def test_the_resilience_module_imports_no_ray():
     import subprocess
     import sys
 
-    code = "import sys, ray_router.serve.resilience\nprint(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    code = (
+        "import sys, ray_router.serve.resilience\nprint(any(m == 'ray' or m.startswith('ray.') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
