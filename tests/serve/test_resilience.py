@@ -291,6 +291,10 @@ def test_a_killed_upstream_costs_no_user_errors_its_breaker_opens_and_it_comes_b
     wait_for(lambda: metric(app, "ray_router_arm_breaker_state", arm=victim) == 2, 60, 1, what="the breaker gauge")
     assert metric(app, "ray_router_arm_errors_total", arm=victim, kind="breaker_open") >= 1
     assert n_updates(client) == n0  # no verdict from any of it
+    print(
+        f"\nkilled {victim}: {len(statuses)} requests, 0 errors, {fallbacks} fell back; its breaker opened after "
+        f"{THRESHOLD} failed calls (attempts {ATTEMPTS})"
+    )
     # the upstream returns on the same port; after the cooldown a probe finds it and closes the breaker
     ups.restart(victim)
     probe_query = QUERIES[served.index(victim)]
