@@ -28,7 +28,7 @@ from pydantic import Field
 from ray_router.config import config_dataclass, parse
 
 DASHBOARD_UID = "ray-router"
-TITLE = "ray-router: routing, feedback, posterior, Serve health"
+TITLE = "ray-router: routing, feedback, posterior, arms, Serve health"
 SCHEMA_VERSION = 39  # Grafana 10.4 / 11.x dashboard JSON; newer Grafana migrates it on load
 
 # Grafana substitutes these before sending a query to Prometheus.
@@ -45,6 +45,12 @@ FEEDBACK = "ray_router_feedback_total"
 REFRESH = "ray_router_posterior_refresh_seconds"
 LOG_BYTES = "ray_router_feedback_log_bytes"
 POSTERIOR_VERSION = "ray_router_posterior_version"
+# per arm, the chat path's upstream calls (tag arm)
+ARM_REQUESTS = "ray_router_arm_requests_total"
+ARM_ERRORS = "ray_router_arm_errors_total"
+ARM_LATENCY = "ray_router_arm_latency_seconds"
+ARM_COST = "ray_router_arm_cost_usd_total"
+ARM_BREAKER = "ray_router_arm_breaker_state"
 
 # Ray Serve's built-in series (ray/serve/_private: deployment_state.py, replica.py, metrics_utils.py).
 SERVE_HEALTHY = "ray_serve_deployment_replica_healthy"
@@ -207,7 +213,8 @@ def build_dashboard() -> dict[str, Any]:
         "uid": DASHBOARD_UID,
         "title": TITLE,
         "description": "ray-router on Ray Serve: routes per arm, feedback and win rates, route latency, "
-        "posterior refresh, feedback-log growth, Serve replica health.",
+        "posterior refresh, feedback-log growth, per-arm upstream calls (errors, retries, fallbacks, latency, "
+        "tokens, spend, circuit breakers), Serve replica health.",
         "tags": ["ray-router", "ray-serve"],
         "timezone": "browser",
         "editable": True,

@@ -78,6 +78,7 @@ def ingress_spec(args: AppArgs, table: ArmTable, state_dir: str) -> IngressSpec:
         auth=args.auth,
         limits=args.limits,
         service=args.service,
+        resilience=args.resilience,
     )
 
 

@@ -241,6 +241,40 @@ class ServiceSpec(StrictModel):
     upstream_timeout_s: float = Field(120.0, gt=0)
 
 
+class ResilienceSpec(StrictModel):
+    """How the ingress calls the arms' upstreams for ``/v1/chat/completions``: per-attempt timeouts,
+    retries with backoff, fallback to the next best arm, and a circuit breaker per arm
+    (``ray_router/serve/resilience.py``; ``serve_configs/README.md``, *Resilience*)."""
+
+    attempts: int = Field(3, ge=1, le=10, description="calls to one arm per request (1 = no retry)")
+    backoff_base_s: float = Field(
+        0.2, ge=0, allow_inf_nan=False, description="first retry's backoff (doubles each retry)"
+    )
+    backoff_max_s: float = Field(2.0, ge=0, allow_inf_nan=False, description="cap on one backoff (before jitter)")
+    retry_after_max_s: float = Field(
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="an upstream's Retry-After up to this long is waited out before the retry; a longer one "
+        "gives up on the arm for this request (fallback)",
+    )
+    attempt_timeout_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="limit of one call (null: service.upstream_timeout_s)"
+    )
+    connect_timeout_s: float = Field(5.0, gt=0, allow_inf_nan=False, description="limit of one TCP/TLS connect")
+    failure_threshold: int = Field(5, ge=1, description="consecutive failed calls that open an arm's breaker")
+    cooldown_s: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="an open breaker lets one probe request through after this long"
+    )
+    fallback: bool = Field(True, description="answer from the next best offered arm when an arm fails")
+    max_fallbacks: int = Field(2, ge=0, description="at most this many other arms per failed slot")
+    stream_usage: bool = Field(
+        True,
+        description="ask upstreams for a stream's token usage (stream_options.include_usage) when the client "
+        "did not set stream_options (the usage chunk is then not relayed); false for upstreams that reject it",
+    )
+
+
 class AppArgs(StrictModel):
     """Everything ``build_app`` needs; see ``serve_configs/README.md`` for a field-by-field guide."""
 
@@ -253,6 +287,7 @@ class AppArgs(StrictModel):
     auth: AuthSpec = AuthSpec()
     limits: LimitsSpec = LimitsSpec()
     service: ServiceSpec = ServiceSpec()
+    resilience: ResilienceSpec = ResilienceSpec()
 
     @field_validator("arms")
     @classmethod

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -36,6 +36,11 @@ class Decision:
     arms: tuple[str, ...]  # the ids of ``picked``
     posterior_version: int  # of the samples the choice was made on
     expires_at: int
+    # what the choice was made on: a chat decision is signed only once its arms have answered
+    # (:meth:`RouteDecider.served`), so it keeps them
+    offered: tuple[int, ...] | None = None
+    cost_weight: float = 0.0
+    x: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def slots(self) -> tuple[tuple[str, str], ...]:
@@ -74,10 +79,16 @@ class RouteDecider:
         return text
 
     def offered(
-        self, candidates: Sequence[str] | None, mode: str, restrict: Sequence[int] | None = None
+        self,
+        candidates: Sequence[str] | None,
+        mode: str,
+        restrict: Sequence[int] | None = None,
+        exclude: Collection[int] = (),
     ) -> list[int] | None:
         """Indices of the arms the request offers (None: every arm), within ``restrict`` when given
-        (e.g. the arms that answer chat completions)."""
+        (e.g. the arms that answer chat completions). ``exclude`` (arms whose circuit breaker is
+        open) leaves the list after the request's own checks: the result may then be shorter than
+        a duel needs, or empty, which the caller handles (a single arm, or no arm to answer)."""
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {list(MODES)}, got {mode!r}")
         if candidates is None:
@@ -99,6 +110,8 @@ class RouteDecider:
         n = len(self.arm_ids) if idx is None else len(idx)
         if mode == "duel" and n < 2:
             raise InvalidRequest("duel mode needs at least two candidate arms")
+        if exclude:
+            idx = [i for i in (range(len(self.arm_ids)) if idx is None else idx) if i not in exclude]
         return idx
 
     def cost_weight(self, value: float) -> float:
@@ -108,24 +121,59 @@ class RouteDecider:
         return v
 
     # ---------------------------------------------------------------- decision
-    def decide(self, x: np.ndarray, offered: Sequence[int] | None, mode: str, cost_weight: float) -> Decision:
+    def decide(
+        self, x: np.ndarray, offered: Sequence[int] | None, mode: str, cost_weight: float, sign: bool = True
+    ) -> Decision:
         """Choose for the query embedding ``x`` (checked ``offered``, ``mode`` and ``cost_weight``)
-        and sign the decision; a duel's id carries the embedding its choice was made on."""
+        and sign the decision; a duel's id carries the embedding its choice was made on. ``sign=False``
+        leaves ``decision_id`` empty: a chat request's decision is signed by :meth:`served` for the
+        arms that actually answered, so no id ever names an arm whose call failed."""
         x = quantise(x)  # the decision id carries float16; rank on exactly that
         first, second, version = self.view.choose(x, offered, mode, cost_weight)
         expires = int(self.clock() + self.ttl_s)
-        decision_id = self.signer.issue(
-            new_nonce(), expires, mode, first, second, offered, x if mode == "duel" else None
-        )
         picked = (first,) if mode == "single" else (first, int(second))  # type: ignore[arg-type]
-        return Decision(
-            decision_id=decision_id,
+        dec = Decision(
+            decision_id="",
             mode=mode,
             picked=picked,
             arms=tuple(self.arm_ids[i] for i in picked),
             posterior_version=version,
             expires_at=expires,
+            offered=None if offered is None else tuple(int(i) for i in offered),
+            cost_weight=float(cost_weight),
+            x=x,
         )
+        return self._sign(dec) if sign else dec
+
+    def _sign(self, dec: Decision) -> Decision:
+        second = dec.picked[1] if dec.mode == "duel" else None
+        x = dec.x if dec.mode == "duel" else None
+        token = self.signer.issue(new_nonce(), dec.expires_at, dec.mode, dec.picked[0], second, dec.offered, x)
+        return replace(dec, decision_id=token)
+
+    def served(self, dec: Decision, picked: Sequence[int], failed: Sequence[int] = ()) -> Decision:
+        """The signed decision for the arms that actually answered (``picked``, in slot order: two
+        make a duel, one a ``single`` decision that takes no feedback) on ``dec``'s query embedding;
+        the arms in ``failed`` leave the offered set (they were not available this round). A failed
+        call thus never reaches the posterior as a preference."""
+        if not 1 <= len(picked) <= 2 or len(set(picked)) != len(picked):
+            raise ValueError(f"a decision serves one arm or two different arms, got {list(picked)}")
+        offered = dec.offered
+        if failed and offered is not None:
+            offered = tuple(i for i in offered if i not in failed or i in picked)
+        elif failed:
+            offered = tuple(i for i in range(len(self.arm_ids)) if i not in failed or i in picked)
+        mode = "duel" if len(picked) == 2 else "single"
+        picked = tuple(int(i) for i in picked)
+        out = replace(dec, mode=mode, picked=picked, arms=tuple(self.arm_ids[i] for i in picked), offered=offered)
+        return self._sign(out)
+
+    def ranked(self, dec: Decision, slot: int = 0) -> list[int]:
+        """The arms ``dec`` offered, best first, as its slot ``slot`` ranks them under the current
+        samples: where a failed arm's fallback comes from."""
+        if dec.x is None:
+            raise ValueError("the decision carries no query embedding")
+        return self.view.ranked(dec.x, dec.offered, dec.mode, dec.cost_weight, slot)
 
     def feedback_claims(self, decision_id: str) -> DecisionClaims:
         """The claims of a genuine, live duel decision of this arm table (the 4xx errors otherwise)."""

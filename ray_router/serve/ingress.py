@@ -34,6 +34,7 @@ from ray_router.serve.embedder import QUICK_SHUTDOWN
 from ray_router.serve.errors import InvalidRequest, Overloaded, ServiceUnavailable
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
+from ray_router.serve.resilience import Resilience
 from ray_router.serve.schemas import (
     AdminRefreshRequest,
     ChatRequest,
@@ -82,7 +83,10 @@ class Ingress:
         self.view = view
         self.metrics = IngressMetrics()
         http_errors.use_metrics(self.metrics)
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
+        res = spec.resilience
+        timeout_s = res.attempt_timeout_s or spec.service.upstream_timeout_s
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=res.connect_timeout_s))
+        self.resilience = Resilience(spec.arm_ids, spec.upstreams, res, self.http, timeout_s, self.metrics.arm)
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
@@ -126,10 +130,11 @@ class Ingress:
         self._client(request, self.spec.auth.protect_reads)
 
     async def _decide(
-        self, text: str, offered: list[int] | None, mode: str, cost_weight: float
+        self, text: str, offered: list[int] | None, mode: str, cost_weight: float, sign: bool = True
     ) -> tuple[Decision, str]:
         """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
-        the ingress saw it, the encode inside it (its batch's), the choice)."""
+        the ingress saw it, the encode inside it (its batch's), the choice). ``sign=False`` (chat):
+        the decision is signed, and its arms counted, once they have answered."""
         t0 = time.perf_counter()
         # admission: past the limit a request is shed at once, before it can queue anywhere
         if self._embedding >= self.spec.limits.max_inflight_routes:
@@ -141,15 +146,19 @@ class Ingress:
         finally:
             self._embedding -= 1
         t1 = time.perf_counter()
-        dec = self.decider.decide(x, offered, mode, cost_weight)
-        for slot, arm in dec.slots:
-            self.metrics.routes.inc(1, tags={"arm": arm, "slot": slot})
+        dec = self.decider.decide(x, offered, mode, cost_weight, sign=sign)
+        if sign:
+            self._count_routes(dec)
         self.routes[mode] += 1
         timing = (
             f'embed;dur={(t1 - t0) * 1000:.2f}, encode;dur={encode_s * 1000:.2f};desc="batch of {batch}", '
             f"choose;dur={(time.perf_counter() - t1) * 1000:.2f}"
         )
         return dec, timing
+
+    def _count_routes(self, dec: Decision) -> None:
+        for slot, arm in dec.slots:
+            self.metrics.routes.inc(1, tags={"arm": arm, "slot": slot})
 
     # ----------------------------------------------------------------- routes
     @api.post("/v1/route")
@@ -269,6 +278,7 @@ class Ingress:
                     "credentials": dict(self.sources),  # where each came from, never the secret
                     "samples_version": self.view.version,
                     "samples_epoch": self.epoch,
+                    "breakers": self.resilience.status(),  # this replica's, per chat arm
                 },
             }
         )
@@ -293,21 +303,23 @@ class Ingress:
         chat_arms = [i for i, u in enumerate(self.spec.upstreams) if u is not None]
         if not chat_arms:
             raise InvalidRequest("no arm of this router has an upstream configured")
-        offered = self.decider.offered(opts.candidates if opts else None, mode, restrict=chat_arms)
+        # the request's checks, then arms with an open circuit breaker out (a duel left with one: single)
+        offered, served_mode = self.resilience.offer(self.decider, opts.candidates if opts else None, mode, chat_arms)
         cost_weight = self.decider.cost_weight(opts.cost_weight if opts else 0.0)
-        dec, _ = await self._decide(text, offered, mode, cost_weight)
+        dec, _ = await self._decide(text, offered, served_mode, cost_weight, sign=False)
         body = req.model_dump(exclude_unset=True)  # forward what the client sent, nothing more
         body.pop("router", None)
-        ids = list(dec.arms)
-        info = {"decision_id": dec.decision_id, "mode": mode, "arms": ids, "posterior_version": dec.posterior_version}
-        headers = {"X-Router-Decision-Id": dec.decision_id, "X-Router-Model": ids[0], "X-Router-Arms": ",".join(ids)}
-        ups = [u for i in dec.picked if (u := self.spec.upstreams[i]) is not None]  # all: offered were chat arms
+        # retries, fallbacks, breakers (resilience.py); the decision comes back signed for the arms that answered
         if req.stream:
-            resp = await upstream.open_stream(self.http, ups[0], body)
-            return StreamingResponse(
-                upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream", headers=headers
-            )
-        answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
-        out = upstream.merge_answers(ids, list(answers))
+            served = await self.resilience.open_stream(self.decider, dec, body)
+        else:
+            served = await self.resilience.complete(self.decider, dec, body)
+        self._count_routes(served.decision)
+        info, headers = self.resilience.router_info(served)
+        if served.stream is not None:
+            arm = served.decision.picked[0]
+            relay = upstream.relay_stream(served.stream, self.spec.arm_ids[arm], info, self.resilience.stream_done(arm))
+            return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
+        out = upstream.merge_answers(list(served.decision.arms), served.answers)
         out["router"] = info
         return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything

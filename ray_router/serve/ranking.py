@@ -58,6 +58,13 @@ def choose_duel(
     return first, int(second_arm(obj[1], first, distinct, int(mask.sum())))
 
 
+def rank(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None) -> list[int]:
+    """The offered arms (``mask``) from best to worst under utilities ``u`` (K,) (ties: lower index first)."""
+    obj = _objective(u, mask, penalty)
+    order = np.argsort(-obj, kind="stable")
+    return [int(i) for i in order if mask[i]]
+
+
 def choose_best(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = None) -> int:
     """The exploit arm: ``u`` (K,) utilities under the posterior mean."""
     return int(_objective(u, mask, penalty).argmax())
@@ -102,3 +109,18 @@ class SampleView:
         first = choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty) if self.exploit_first else None
         first, second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
         return first, second, version
+
+    def ranked(self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0, slot: int = 0) -> list[int]:
+        """The offered arms from best to worst as slot ``slot`` of a ``mode`` decision ranks them now:
+        ``single`` (and a duel's first slot under ``exploit_first``) by the posterior mean, a duel's
+        slots otherwise by their own sample θ¹, θ². The order a failed arm's fallback is taken from."""
+        theta, theta_mean = self.theta, self.theta_mean
+        mask = np.zeros(self.n_arms, dtype=bool)
+        if offered is None:
+            mask[:] = True
+        else:
+            mask[list(offered)] = True
+        penalty = float(cost_weight) * self.price_norm if cost_weight else None
+        if mode == "single" or (slot == 0 and self.exploit_first):
+            return rank(self.scorer.arm_scores(x, theta_mean), mask, penalty)
+        return rank(self.scorer.arm_scores(x, theta)[1 if slot else 0], mask, penalty)

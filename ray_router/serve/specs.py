@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_router.serve.config import AuthSpec, LimitsSpec, ServiceSpec, UpstreamSpec
+from ray_router.serve.config import AuthSpec, LimitsSpec, ResilienceSpec, ServiceSpec, UpstreamSpec
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,4 @@ class IngressSpec:
     auth: AuthSpec = field(default_factory=AuthSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     service: ServiceSpec = field(default_factory=ServiceSpec)
+    resilience: ResilienceSpec = field(default_factory=ResilienceSpec)

@@ -7,6 +7,10 @@ and the hash encoder: the metrics are the same), and Debian's ``prometheus`` scr
 every second. A little real HTTP traffic (duels with feedback of each outcome, single routes, two
 rejected requests) runs in two waves, and the second wave waits until Prometheus holds a sample of
 every app series taken after the first, so that rates and quantiles have two samples to work on.
+Chat completions go to three arms answered by a loopback OpenAI stub (``tests/openai_stub.py``),
+with a 429 that is retried and a 500 run that falls back to another arm in each wave, so that the
+per-arm panels (errors, retries, fallbacks, latency, time to first token, tokens, spend, breakers)
+have data too.
 Then each expression, with Grafana's variables substituted, goes to ``/api/v1/query``: none may
 error, and each one on the app's own ``ray_router_*`` series must return a finite value.
 """
@@ -29,6 +33,7 @@ from tests.grafana.promstack import (
     prometheus_binary,
     start_prometheus,
 )
+from tests.openai_stub import StubModel, StubServer
 from tests.serve.conftest import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -37,13 +42,42 @@ REPO = Path(__file__).resolve().parents[2]
 TOKEN = "grafana-test-token-0123456789abcdef"
 ENV = {"RAY_ROUTER_TOKEN": TOKEN, "RAY_ROUTER_HMAC_KEY": "grafana-test-hmac-0123456789abcdef"}
 PAIR = ["claude-v2", "meta/llama-2-70b-chat"]
+CHAT = {"claude-v2": "stub-claude", "meta/llama-2-70b-chat": "stub-llama", "gpt-4-1106-preview": "stub-gpt"}
+PRICE = {"prompt_usd_per_1m": 3.0, "completion_usd_per_1m": 15.0}
+ATTEMPTS = 2
 
 
 def _wait(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
     return wait_for(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
-def _traffic(client: httpx.Client, wave: int, n_duels: int = 9) -> None:
+def _chat(client: httpx.Client, query: str, **body) -> httpx.Response:
+    body = {"model": "router", "messages": [{"role": "user", "content": query}], **body}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _chat_traffic(client: httpx.Client, stub: StubServer, wave: int) -> None:
+    """Chat completions with each per-arm event: answers, a stream, a retried 429, a fallback."""
+    for i in range(3):
+        _chat(client, f"wave {wave}: tell me about rivers {i}")
+    for arm in CHAT:
+        _chat(client, f"wave {wave}: hello {arm}", router={"candidates": [arm]})
+    body = {"model": "router", "stream": True, "messages": [{"role": "user", "content": f"wave {wave}: a joke"}]}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert "data: [DONE]" in list(r.iter_lines())
+    stub.models[CHAT["claude-v2"]].fail_next(1, 429, retry_after=0.1)
+    _chat(client, f"wave {wave}: retried", router={"candidates": ["claude-v2"]})
+    query, pair = f"wave {wave}: falls back", ["claude-v2", "gpt-4-1106-preview"]
+    picked = _chat(client, query, router={"candidates": pair}).headers["x-router-model"]
+    stub.models[CHAT[picked]].fail_next(ATTEMPTS, 500)
+    r = _chat(client, query, router={"candidates": pair})
+    assert r.headers["x-router-fallback"] == picked, dict(r.headers)
+
+
+def _traffic(client: httpx.Client, stub: StubServer, wave: int, n_duels: int = 9) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     outcomes = ("first", "second", "tie")
     for i in range(n_duels):
@@ -58,6 +92,7 @@ def _traffic(client: httpx.Client, wave: int, n_duels: int = 9) -> None:
     for i in range(3):
         r = client.post("/v1/route", json={"query": f"wave {wave}: a haiku about the sea {i}", "mode": "single"})
         assert r.status_code == 200, r.text
+    _chat_traffic(client, stub, wave)
     # two rejected requests feed ray_router_http_errors_total
     assert client.post("/v1/route", json={"query": "x", "unknown_field": 1}).status_code in (400, 422)
     assert client.post("/v1/feedback", json={"decision_id": "x", "outcome": "first"}).status_code == 401
@@ -77,6 +112,12 @@ GROWING = (
     "ray_router_posterior_refresh_seconds_count",
     "ray_router_feedback_apply_lag_seconds_count",
     "ray_router_feedback_log_bytes",
+    "ray_router_arm_requests_total",
+    "ray_router_arm_latency_seconds_count",
+    "ray_router_arm_ttft_seconds_count",
+    "ray_router_arm_fallbacks_total",
+    "ray_router_arm_retries_total",
+    "ray_router_arm_cost_usd_total",
 )
 
 
@@ -88,6 +129,19 @@ def _sums(prom) -> dict[str, float]:
         result = res.get("data", {}).get("result") if res.get("status") == "success" else None
         out[series] = float(result[0]["value"][1]) if result else math.nan
     return out
+
+
+def _chat_args(app_args: dict, base_url: str) -> dict:
+    """Upstreams (the stub, priced) for the chat arms; chat without a client key; quick retries."""
+    arms = [
+        {
+            **a,
+            **({"upstream": {"base_url": base_url, "model": CHAT[a["id"]], "price": PRICE}} if a["id"] in CHAT else {}),
+        }
+        for a in app_args["arms"]
+    ]
+    resilience = {"attempts": ATTEMPTS, "backoff_base_s": 0.05, "backoff_max_s": 0.1, "attempt_timeout_s": 10}
+    return {"arms": arms, "auth": {"chat_requires_key": False}, "resilience": resilience}
 
 
 def _arm_table_args(tmp: Path, app_args: dict) -> dict:
@@ -124,13 +178,13 @@ def stack(tmp_path_factory):
         env.setenv(k, v)  # Ray workers inherit the driver's environment
     http_port, metrics_port = free_port(), free_port()
     prom = None
+    stub = StubServer({m: StubModel(m, 0.8, ttft_s=0.01) for m in CHAT.values()}).start()
     launch.init_ray(num_cpus=2, object_store_mb=256, metrics_export_port=metrics_port)
     try:
         base = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
         (app,) = launch.our_apps(base)
-        cfg = launch.with_overrides(
-            base, port=http_port, args={**_arm_table_args(tmp, app["args"]), "state": {"dir": str(tmp / "state")}}
-        )
+        args = {**_arm_table_args(tmp, app["args"]), **_chat_args(app["args"], stub.base_url)}
+        cfg = launch.with_overrides(base, port=http_port, args={**args, "state": {"dir": str(tmp / "state")}})
         # the scrape config shipped in k8s/, its pod discovery swapped for this node (promstack.py)
         k8s_cfg = (REPO / "k8s" / "base" / "prometheus" / "prometheus.yml").read_text()
         prom = start_prometheus(
@@ -139,7 +193,7 @@ def stack(tmp_path_factory):
         )
         url = launch.deploy(cfg, timeout_s=240)
         with httpx.Client(base_url=url, timeout=60) as client:
-            _traffic(client, wave=1)
+            _traffic(client, stub, wave=1)
             # wave 2 once Prometheus holds a first sample of every own series, so rates see an increase
             _wait(
                 lambda: all(
@@ -153,6 +207,13 @@ def stack(tmp_path_factory):
                         'ray_router_posterior_role{role="writer"} == 1',
                         "ray_router_feedback_log_bytes",
                         "ray_router_http_errors_total",
+                        "ray_router_arm_requests_total",
+                        "ray_router_arm_errors_total",
+                        "ray_router_arm_latency_seconds_bucket",
+                        "ray_router_arm_ttft_seconds_bucket",
+                        "ray_router_arm_fallbacks_total",
+                        "ray_router_arm_cost_usd_total",
+                        "ray_router_arm_breaker_state",
                         SERVE_HEALTHY,
                     )
                 ),
@@ -160,7 +221,7 @@ def stack(tmp_path_factory):
                 "the app's series in Prometheus",
             )
             first = _sums(prom)
-            _traffic(client, wave=2)
+            _traffic(client, stub, wave=2)
             n_fb = client.get("/v1/stats").json()["posterior"]["n_updates"]
             _wait(
                 lambda: client.get("/v1/stats").json()["posterior"]["refreshed_at_update"] >= n_fb,
@@ -181,6 +242,7 @@ def stack(tmp_path_factory):
         if prom is not None:
             prom.stop()
         launch.shutdown()
+        stub.stop()
         env.undo()
 
 
