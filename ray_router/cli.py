@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/main", help="output folder")
     p.set_defaults(policies=("fgts_cdb", "uniform", "best_fixed"), workers=2)
 
+    p = sub.add_parser("log", help="a service's feedback log: export")
+    lsub = p.add_subparsers(dest="log_command", required=True)
+    le = lsub.add_parser("export", help="every logged duel as a Parquet table (for evaluate --duels); read-only")
+    le.add_argument("state_dir", help="the service's state directory (state.dir of its Serve config)")
+    le.add_argument("--out", required=True, help="Parquet file to write, e.g. duels.parquet")
+
     p = sub.add_parser("data", help="dataset files: download, info")
     dsub = p.add_subparsers(dest="data_command", required=True)
     d = dsub.add_parser(
@@ -544,6 +550,17 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_log(args) -> int:
+    from ray_router.serve.log_export import export
+
+    res = export(args.state_dir, args.out)
+    print(
+        f"wrote {res.path}: {res.n_duels} duels (seq {res.first_seq}..{res.last_seq})"
+        + (f"; {res.compacted} earlier records were compacted into the snapshot" if res.compacted else "")
+    )
+    return 0
+
+
 def cmd_data(args) -> int:
     from ray_router.data import load_dataset, resolve_data_dir
 
@@ -585,6 +602,7 @@ def cmd_policies(args) -> int:
 
 COMMANDS = {
     "evaluate": cmd_evaluate,
+    "log": cmd_log,
     "run": cmd_evaluate,
     "data": cmd_data,
     "policies": cmd_policies,
