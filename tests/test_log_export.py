@@ -92,7 +92,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no state directory"):
         read_log(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no meta.json"):
+    with pytest.raises(DataError, match=r"no meta\.json"):
         read_log(tmp_path / "empty")
     root, j = state_dir(tmp_path, 0)
     with pytest.raises(DataError, match="holds no duels"):
