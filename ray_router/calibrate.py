@@ -626,7 +626,9 @@ def calibrate(
     import yaml
 
     (outdir / CONFIG_FILE).write_text(
-        "# written by ray-router calibrate: ray-router serve --config " + str(outdir / CONFIG_FILE) + "\n"
+        "# written by ray-router calibrate: ray-router serve --config "
+        + str(outdir / CONFIG_FILE)
+        + "\n"
         + yaml.safe_dump(full, sort_keys=False),
         encoding="utf-8",
     )

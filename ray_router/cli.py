@@ -334,7 +334,9 @@ def _add_calibrate_parser(sub) -> None:
     p.add_argument("--prompts", default="starter", help="'starter' (ships with ray-router) or a .jsonl file")
     p.add_argument("--per-category", type=int, default=5, help="prompts per category (first N in file order)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--judge-base-url", default=None, help="OpenAI-compatible URL of the judge (prompts without reference)")
+    p.add_argument(
+        "--judge-base-url", default=None, help="OpenAI-compatible URL of the judge (prompts without reference)"
+    )
     p.add_argument("--judge-model", default=None, help="the judge's model name")
     p.add_argument("--judge-api-key-env", default=None, metavar="NAME", help="env var holding the judge's API key")
     p.add_argument("--no-judge", action="store_true", help="leave out the prompts that have no reference answer")
