@@ -62,14 +62,25 @@ def stub_pool(extra_prompts: dict[str, str] | None = None, seed: int = 0) -> Gra
     return GradingStub(models, categories=categories, references=references, seed=seed)
 
 
-def write_config(path: Path, base_url: str, *, encoder: dict | None = None, price: bool = True, **args) -> Path:
-    """``serve_configs/local.yaml`` with the stub arms (no arm_embeddings yet: calibrate makes them)."""
+def write_config(
+    path: Path,
+    base_url: str,
+    *,
+    encoder: dict | None = None,
+    price: bool = True,
+    price_usd: float | None = None,
+    **args,
+) -> Path:
+    """``serve_configs/local.yaml`` with the stub arms (no arm_embeddings yet, no ``price_usd``:
+    calibrate makes them) and ``args`` over the rest."""
     cfg = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
     app = cfg["applications"][0]["args"]
     app["arms"] = [
         {"id": f"arm-{m}", "upstream": {"base_url": base_url, "model": m, **({"price": PRICE} if price else {})}}
         for m in ARM_MODELS
     ]
+    if price_usd is not None:
+        app["arms"] = [{**a, "price_usd": price_usd} for a in app["arms"]]
     app.pop("arm_embeddings")
     if encoder is not None:
         app["encoder"] = encoder
@@ -379,7 +390,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys, argv, message):
 
 
 # --------------------------------------------------------------------------- cold start
-def test_cold_start_arms_are_equal_but_distinct_and_the_state_says_so(tmp_path):
+def test_cold_start_arms_are_equal_but_distinct_and_the_state_says_so(tmp_path, caplog):
     from ray_router.serve.arms import resolve_arm_table
     from ray_router.serve.builder import posterior_spec
     from ray_router.serve.config import AppArgs
@@ -387,7 +398,9 @@ def test_cold_start_arms_are_equal_but_distinct_and_the_state_says_so(tmp_path):
 
     arms = [{"id": f"arm-{m}", "price_usd": 0.001} for m in ARM_MODELS]
     args = AppArgs.model_validate({"arms": arms, "arm_embeddings": {"cold_start": True}, "encoder": {"name": "hash"}})
-    table = resolve_arm_table(args)
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        table = resolve_arm_table(args)
+    assert "cold start: no offline data" in caplog.text  # the start-up log line
     A = table.embeddings
     assert table.cold_start and A.shape == (3, table.embeddings.shape[1])
     np.testing.assert_allclose(np.linalg.norm(A, axis=1), 1.0)  # no arm favoured by its norm
