@@ -8,6 +8,7 @@ the answer is the stub's wrong one."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -398,8 +399,13 @@ def test_cold_start_arms_are_equal_but_distinct_and_the_state_says_so(tmp_path, 
 
     arms = [{"id": f"arm-{m}", "price_usd": 0.001} for m in ARM_MODELS]
     args = AppArgs.model_validate({"arms": arms, "arm_embeddings": {"cold_start": True}, "encoder": {"name": "hash"}})
-    with caplog.at_level("WARNING", logger="ray.serve"):
-        table = resolve_arm_table(args)
+    serve_log = logging.getLogger("ray.serve")  # Ray's loggers may not propagate to the root's capture
+    serve_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="ray.serve"):
+            table = resolve_arm_table(args)
+    finally:
+        serve_log.removeHandler(caplog.handler)
     assert "cold start: no offline data" in caplog.text  # the start-up log line
     A = table.embeddings
     assert table.cold_start and A.shape == (3, table.embeddings.shape[1])
