@@ -300,6 +300,39 @@ def test_an_arm_without_a_price_costs_nothing(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- failures
+class MumblingJudge(GradingStub):
+    """A grader whose reply for one arm's answers holds no grade."""
+
+    def answer(self, model, prompt):
+        if model.name == "grader" and "[stub:gamma]" in prompt:
+            return "What a lovely answer!", True
+        return super().answer(model, prompt)
+
+
+def test_answers_the_judge_does_not_grade_are_left_out_and_counted(tmp_path, capsys):
+    pool = stub_pool()
+    with MumblingJudge(pool.models, categories=pool.categories, references=pool.references) as up:
+        cfg = write_config(tmp_path / "s.yaml", up.base_url, encoder={"name": "hash"})
+        rc, _, err = run_cli(
+            capsys,
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "o"),
+            "--judge-base-url",
+            up.base_url,
+            "--judge-model",
+            "grader",
+        )
+    assert rc == 0, err
+    assert "5 answer(s) got no grade from the judge" in err
+    df = pd.read_parquet(tmp_path / "o" / "table.parquet")
+    assert df.loc[df.category == "writing", "arm-gamma"].isna().all()  # the table keeps the gap
+    with np.load(tmp_path / "o" / "arm_embeddings.npz") as z:  # the profile rests on graded rows only
+        assert "writing" not in [str(c) for c in z["prior_categories"]]
+        assert len(z["prior_categories"]) == 5
+
+
 def test_one_failing_prompt_is_recorded_not_fatal(tmp_path, capsys):
     with stub_pool() as up:
         up.models["beta"].fail_next(1, status=500, message="upstream exploded")
