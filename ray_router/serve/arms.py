@@ -1,5 +1,9 @@
 """The arm table: ids, prices, upstreams and model embeddings a_k, resolved once by the builder.
 
+Three sources (``arm_embeddings``): a file (``ray-router calibrate`` writes one, with a per-category
+profile), a dataset's offline split, or a cold start (no offline data: :func:`cold_start_embeddings`
+and the neutral :func:`cold_start_prior`).
+
 Arm embeddings come from a file or are computed from a dataset's offline split with the core
 function ``offline_arm_embeddings`` the replay evaluation uses (costs divided by the largest
 category mean: the service applies each request's own cost weight at ranking time), with the same encoder the embedder replicas serve (so query and arm

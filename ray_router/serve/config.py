@@ -111,7 +111,7 @@ class ArmEmbeddingsSpec(StrictModel):
     calibrate`` writes), ``from_dataset``, and ``cold_start: true``.
 
     ``cold_start: true``: no offline data at all. Every arm starts equal (no preference before
-    feedback) and the router learns online only (:func:`ray_router.serve.arms.cold_start_table`
+    feedback) and the router learns online only (:func:`ray_router.serve.arms.cold_start_embeddings`
     says how the arms still get distinct, learnable features). Leaving ``arm_embeddings`` out is an
     error rather than a silent cold start: an operator who forgot the calibration file should hear so."""
 
