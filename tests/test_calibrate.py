@@ -366,6 +366,29 @@ def test_an_unreachable_upstream_is_a_message_not_a_traceback(tmp_path, capsys):
     assert last.startswith("error: arm 'arm-alpha' answered none of") and "ConnectError" in last
 
 
+def test_a_slow_upstream_times_out_with_a_message(tmp_path, capsys):
+    with stub_pool() as up:
+        up.models["gamma"].latency_s = 3.0
+        cfg = write_config(tmp_path / "s.yaml", up.base_url, encoder={"name": "hash"})
+        rc, _, err = run_cli(
+            capsys,
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-judge",
+            "--retries",
+            "0",
+            "--per-category",
+            "1",
+            "--timeout",
+            "0.3",
+        )
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and "Traceback" not in err
+    assert last.startswith("error: arm 'arm-gamma' answered none of 5 prompts") and "timed out after 0.3s" in last
+
+
 def test_a_judge_that_grades_nothing_is_an_error(tmp_path, capsys):
     with stub_pool() as up:
         cfg = write_config(tmp_path / "s.yaml", up.base_url, encoder={"name": "hash"})
