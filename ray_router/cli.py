@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune_parser(sub)
     _add_serve_parser(sub)
     _add_grafana_parser(sub)
+    _add_calibrate_parser(sub)
     return parser
 
 
@@ -345,6 +346,59 @@ def cmd_serve(args) -> int:
     from ray_router.serve.launch import serve_main  # imports Ray only when the command runs
 
     return serve_main(args)
+
+
+# ------------------------------------------------------------ calibrate (ray_router.calibrate)
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="ask each arm's upstream a category-labelled prompt set; write a routing table, the arm "
+        "embeddings with a per-category profile, and the Serve config that uses them",
+    )
+    p.add_argument("--config", required=True, help="Serve config YAML whose arms have upstreams")
+    p.add_argument("--prompts", default="starter", help="'starter' (ships with ray-router) or a .jsonl file")
+    p.add_argument("--per-category", type=int, default=5, help="prompts per category (first N in file order)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--judge-base-url", default=None, help="OpenAI-compatible URL of the judge (prompts without reference)"
+    )
+    p.add_argument("--judge-model", default=None, help="the judge's model name")
+    p.add_argument("--judge-api-key-env", default=None, metavar="NAME", help="env var holding the judge's API key")
+    p.add_argument("--no-judge", action="store_true", help="leave out the prompts that have no reference answer")
+    p.add_argument("--concurrency", type=int, default=8, help="upstream calls at once")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per upstream call")
+    p.add_argument("--max-tokens", type=int, default=512, help="max_tokens of each answer")
+    p.add_argument("--retries", type=int, default=1, help="retries of a call on 429/5xx/connection errors")
+
+
+def cmd_calibrate(args) -> int:
+    import yaml
+
+    from ray_router.calibrate import calibrate, judge_endpoint
+
+    for name, low in (("concurrency", 1), ("max_tokens", 1), ("retries", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
+    if not args.timeout > 0:
+        raise ConfigError("--timeout must be positive")
+    judge = judge_endpoint(args.judge_base_url, args.judge_model, args.judge_api_key_env)
+    result = calibrate(
+        args.config,
+        args.out,
+        args.prompts,
+        args.per_category,
+        judge,
+        no_judge=args.no_judge,
+        concurrency=args.concurrency,
+        timeout_s=args.timeout,
+        max_tokens=args.max_tokens,
+        retries=args.retries,
+    )
+    paths = result["paths"]
+    print(f"# ray-router calibrate: table {paths['table']}, answers {paths['answers']}")
+    print(f"# the ray-router application's args (complete config: ray-router serve --config {paths['serve_config']})")
+    print(yaml.safe_dump(result["config"], sort_keys=False), end="")
+    return 0
 
 
 # --------------------------------------------------------------- grafana (ray_router.grafana)
@@ -611,6 +665,7 @@ COMMANDS = {
 }
 COMMANDS["serve"] = cmd_serve
 COMMANDS["grafana"] = cmd_grafana
+COMMANDS["calibrate"] = cmd_calibrate
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """The arm table: ids, prices, upstreams and model embeddings a_k, resolved once by the builder.
 
+Three sources (``arm_embeddings``): a file (``ray-router calibrate`` writes one, with a per-category
+profile), a dataset's offline split, or a cold start (no offline data: :func:`cold_start_embeddings`
+and the neutral :func:`cold_start_prior`).
+
 Arm embeddings come from a file or are computed from a dataset's offline split with the core
 function ``offline_arm_embeddings`` the replay evaluation uses (costs divided by the largest
 category mean: the service applies each request's own cost weight at ranking time), with the same encoder the embedder replicas serve (so query and arm
@@ -9,7 +13,9 @@ first start of a given encoder pays for encoding them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,9 @@ import numpy as np
 from ray_router.errors import ConfigError, DataError, RouterError, UnknownArmError
 from ray_router.serve.config import AppArgs, DatasetEmbeddingsSpec, UpstreamSpec
 from ray_router.serve.ranking import normalised_prices
+from ray_router.serve.specs import COLD_START_NOTE
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ArmTable:
     source: str
     upstreams: tuple[UpstreamSpec | None, ...] = field(default=())
     offline_prior: dict | None = None  # OfflinePrior.to_dict(): what the offline rows know (ALGORITHM.md s.5)
+    cold_start: bool = False  # arm_embeddings.cold_start: no offline data, all arms equal, online learning only
 
     @property
     def n_arms(self) -> int:
@@ -157,15 +167,56 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
     return A, source, prior
 
 
+def cold_start_embeddings(arm_ids, dim: int) -> np.ndarray:
+    """``(K, d)`` arm embeddings for a cold start: each arm a fixed random sign vector ``±1/sqrt(d)``
+    seeded by its id (unit norm; the same vector whatever the arm's position in the table).
+
+    Why not one vector for every arm: under the Hadamard map φ = x ⊙ a_k, equal a_k give every
+    arm the same features, so no duel could ever tell two arms apart. Why not one-hot e_k: arm k's
+    score would be θ_k·x_k, one coordinate of the query, which says nothing about the query and
+    flips sign between queries. Independent random signs give each arm its own direction over
+    the whole query (<θ ⊙ a_k, x>), with no arm favoured: nearly orthogonal for K << d, all the same
+    norm, no structure that a benchmark would have put there."""
+    rows = []
+    for arm in arm_ids:
+        seed = int.from_bytes(hashlib.blake2b(str(arm).encode(), digest_size=8).digest(), "big")
+        rows.append(np.random.default_rng(seed).choice([-1.0, 1.0], size=dim))
+    return np.stack(rows) / np.sqrt(dim)
+
+
+def cold_start_prior(n_arms: int, dim: int) -> dict:
+    """The neutral per-category profile of a cold start: one category, every arm the same utility,
+    resting on one pseudo-row. Its prior feature û_k(x) is equal for every arm (no preference), and
+    it switches on the offline prior's per-arm terms (the correction block and ``arm_bias``, prior
+    sd = correction_scale · w0 · 0.5): without them FGTS.CDB's Hadamard map has no way to learn
+    that one arm is better on every query (ALGORITHM_NOTES: reachability)."""
+    from ray_router.policies.offline_prior import OfflinePrior
+
+    centroid = np.full((1, dim), 1.0 / np.sqrt(dim))
+    return OfflinePrior.from_profile(centroid, np.zeros((1, n_arms)), [1.0], ["cold-start"]).to_dict()
+
+
 def resolve_arm_table(args: AppArgs) -> ArmTable:
     identity, dim = encoder_identity(args)
     spec = args.arm_embeddings
+    if spec.cold_start:
+        logger.warning(f"ray-router: {COLD_START_NOTE} ({len(args.arms)} arms)")
+        return ArmTable(
+            ids=args.arm_ids,
+            prices=np.array([a.price_usd for a in args.arms], dtype=np.float64),
+            embeddings=cold_start_embeddings(args.arm_ids, dim),
+            encoder_identity=identity,
+            source=COLD_START_NOTE,
+            upstreams=tuple(a.upstream for a in args.arms),
+            offline_prior=cold_start_prior(len(args.arms), dim),
+            cold_start=True,
+        )
     if spec.file is not None:
         A, source, prior = _from_file(args, spec.file, identity)
     elif spec.from_dataset is not None:
         A, source, prior = _from_dataset(args, spec.from_dataset)
     else:  # ArmEmbeddingsSpec's validator rules this out
-        raise ConfigError("set exactly one of arm_embeddings.file and arm_embeddings.from_dataset")
+        raise ConfigError("set exactly one of arm_embeddings.file, from_dataset and cold_start")
     if A.shape[1] != dim:
         raise ConfigError(f"arm embeddings have dim {A.shape[1]}, the encoder {identity!r} gives {dim}")
     if not np.isfinite(A).all():

@@ -63,6 +63,7 @@ def posterior_spec(args: AppArgs, table: ArmTable, state_dir: str) -> PosteriorS
         lock_timeout_s=st.lock_timeout_s,
         offline_prior=table.offline_prior,
         hmac_key_env=args.auth.hmac_key_env,
+        cold_start=table.cold_start,
     )
 
 

@@ -107,15 +107,25 @@ class DatasetEmbeddingsSpec(StrictModel):
 
 class ArmEmbeddingsSpec(StrictModel):
     """Exactly one of ``file`` (``.npy`` (K, d) in arm-table order, or ``.npz`` with ``embeddings``
-    and optionally ``arm_ids`` / ``encoder_identity``) and ``from_dataset``."""
+    and optionally ``arm_ids`` / ``encoder_identity`` / a per-category profile: what ``ray-router
+    calibrate`` writes), ``from_dataset``, and ``cold_start: true``.
+
+    ``cold_start: true``: no offline data at all. Every arm starts equal (no preference before
+    feedback) and the router learns online only (:func:`ray_router.serve.arms.cold_start_embeddings`
+    says how the arms still get distinct, learnable features). Leaving ``arm_embeddings`` out is an
+    error rather than a silent cold start: an operator who forgot the calibration file should hear so."""
 
     file: str | None = None
     from_dataset: DatasetEmbeddingsSpec | None = None
+    cold_start: bool = Field(False, description="no offline data: all arms equal, learn online only")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ArmEmbeddingsSpec:
-        if (self.file is None) == (self.from_dataset is None):
-            raise ValueError("set exactly one of arm_embeddings.file and arm_embeddings.from_dataset")
+        given = [self.file is not None, self.from_dataset is not None, self.cold_start]
+        if sum(given) != 1:
+            raise ValueError(
+                "set exactly one of arm_embeddings.file, arm_embeddings.from_dataset and arm_embeddings.cold_start: true"
+            )
         if self.file is not None and not self.file.endswith((".npy", ".npz")):
             raise ValueError("arm_embeddings.file must be a .npy or .npz file")
         return self

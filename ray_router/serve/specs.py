@@ -10,6 +10,8 @@ import numpy as np
 
 from ray_router.serve.config import AuthSpec, LimitsSpec, ResilienceSpec, ServiceSpec, UpstreamSpec
 
+COLD_START_NOTE = "cold start: no offline data; all arms equal, learning online only"
+
 
 @dataclass(frozen=True)
 class PosteriorSpec:
@@ -31,6 +33,7 @@ class PosteriorSpec:
     # the decision-id key's env var (else <state_dir>/secrets/hmac_key): the posterior can check each
     # feedback's signature itself (tokens.decision_signer(...).verify_duel), trusting no caller
     hmac_key_env: str = "RAY_ROUTER_HMAC_KEY"
+    cold_start: bool = False  # arm_embeddings.cold_start: said in /v1/stats (posterior.cold_start)
 
 
 @dataclass(frozen=True)

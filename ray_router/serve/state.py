@@ -72,7 +72,7 @@ from ray_router.serve.durable import (
     write_meta,
 )
 from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel, Standby
-from ray_router.serve.specs import PosteriorSpec
+from ray_router.serve.specs import COLD_START_NOTE, PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
@@ -611,7 +611,8 @@ class PosteriorState:
                 "history_size": int(getattr(getattr(p, "history", None), "n", p.n_updates)),
                 "last_refresh_at": self.last_refresh_at,
                 "last_refresh_seconds": self.last_refresh_s,
-                "offline_prior": getattr(p, "prior_note", ""),
+                "offline_prior": COLD_START_NOTE if self.spec.cold_start else getattr(p, "prior_note", ""),
+                "cold_start": bool(self.spec.cold_start),
                 "unreachable_arms": self.unreachable_arms,
                 "arm_selection": getattr(p.config, "arm_selection", "thompson"),
             },
