@@ -64,6 +64,7 @@ def posterior_spec(args: AppArgs, table: ArmTable, state_dir: str) -> PosteriorS
         offline_prior=table.offline_prior,
         hmac_key_env=args.auth.hmac_key_env,
         cold_start=table.cold_start,
+        sample_pool=st.sample_pool,
     )
 
 

@@ -172,6 +172,13 @@ class StateSpec(StrictModel):
     snapshot_every_s: float = Field(60.0, gt=0, description="... or this long after the first unsnapshotted one")
     fsync: bool = Field(True, description="fsync the feedback log before acknowledging (leave on)")
     refresh_min_interval_s: float = Field(0.02, ge=0, description="pause between two background SGLD refreshes")
+    sample_pool: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="the posterior publishes its last N refreshes' samples; a duel route draws one uniformly, "
+        "so each decision's propensity is a count out of N (1: the last sample only, propensity 1)",
+    )
     lock_timeout_s: float = Field(
         60.0,
         gt=0,

@@ -41,6 +41,13 @@ class Decision:
     offered: tuple[int, ...] | None = None
     cost_weight: float = 0.0
     x: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # (count, pool size): the served arms were the choice of count of the pool's samples, one drawn
+    # uniformly (SampleView.choose_with_propensity); None: unknown (a fallback replaced an arm)
+    propensity: tuple[int, int] | None = None
+
+    @property
+    def propensity_value(self) -> float | None:
+        return None if self.propensity is None else self.propensity[0] / self.propensity[1]
 
     @property
     def slots(self) -> tuple[tuple[str, str], ...]:
@@ -129,7 +136,7 @@ class RouteDecider:
         leaves ``decision_id`` empty: a chat request's decision is signed by :meth:`served` for the
         arms that actually answered, so no id ever names an arm whose call failed."""
         x = quantise(x)  # the decision id carries float16; rank on exactly that
-        first, second, version = self.view.choose(x, offered, mode, cost_weight)
+        first, second, version, propensity = self.view.choose_with_propensity(x, offered, mode, cost_weight)
         expires = int(self.clock() + self.ttl_s)
         picked = (first,) if mode == "single" else (first, int(second))  # type: ignore[arg-type]
         dec = Decision(
@@ -142,13 +149,15 @@ class RouteDecider:
             offered=None if offered is None else tuple(int(i) for i in offered),
             cost_weight=float(cost_weight),
             x=x,
+            propensity=propensity,
         )
         return self._sign(dec) if sign else dec
 
     def _sign(self, dec: Decision) -> Decision:
         second = dec.picked[1] if dec.mode == "duel" else None
         x = dec.x if dec.mode == "duel" else None
-        token = self.signer.issue(new_nonce(), dec.expires_at, dec.mode, dec.picked[0], second, dec.offered, x)
+        propensity = dec.propensity if dec.mode == "duel" else None  # a single id takes no feedback: keep it short
+        token = self.signer.issue(new_nonce(), dec.expires_at, dec.mode, dec.picked[0], second, dec.offered, x, propensity)
         return replace(dec, decision_id=token)
 
     def served(self, dec: Decision, picked: Sequence[int], failed: Sequence[int] = ()) -> Decision:
@@ -165,7 +174,16 @@ class RouteDecider:
             offered = tuple(i for i in range(len(self.arm_ids)) if i not in failed or i in picked)
         mode = "duel" if len(picked) == 2 else "single"
         picked = tuple(int(i) for i in picked)
-        out = replace(dec, mode=mode, picked=picked, arms=tuple(self.arm_ids[i] for i in picked), offered=offered)
+        # the sampling probability is that of the pair the route chose; a fallback's pair has none
+        propensity = dec.propensity if picked == dec.picked and mode == dec.mode else None
+        out = replace(
+            dec,
+            mode=mode,
+            picked=picked,
+            arms=tuple(self.arm_ids[i] for i in picked),
+            offered=offered,
+            propensity=propensity,
+        )
         return self._sign(out)
 
     def ranked(self, dec: Decision, slot: int = 0) -> list[int]:

@@ -96,7 +96,7 @@ class Ingress:
     # ------------------------------------------------------------- the samples
     async def _pull_samples(self, wait_s: float, retry_s: float) -> None:
         s = await call(self.posterior, "samples", self.epoch, self.view.version, wait_s, retry_s=retry_s)
-        self.view.update(s["version"], s["theta"], s["theta_mean"])
+        self.view.update(s["version"], s["theta"], s["theta_mean"], s.get("pool"))
         self.epoch = s["epoch"]
 
     async def _follow_posterior(self) -> None:
@@ -182,6 +182,7 @@ class Ingress:
                 "cost_weight": cost_weight,
                 "posterior_version": dec.posterior_version,
                 "expires_at": dec.expires_at,
+                "propensity": dec.propensity_value,
             },
         )
 

@@ -78,8 +78,9 @@ class SampleView:
     posterior's config and arm embeddings; only its public ``arm_scores(x, theta)`` is used, with
     the published θ, so the scores are the posterior's own to the last bit."""
 
-    def __init__(self, scorer, prices) -> None:
+    def __init__(self, scorer, prices, seed: int | None = None) -> None:
         self.scorer = scorer
+        self.rng = np.random.default_rng(seed)  # draws a pool member per duel route
         self.n_arms = int(scorer.n_arms)
         self.distinct = bool(scorer.config.distinct_arms)
         self.exploit_first = getattr(scorer.config, "arm_selection", "thompson") == "exploit_first"
@@ -87,17 +88,40 @@ class SampleView:
         self.version = -1
         self.theta: np.ndarray | None = None
         self.theta_mean: np.ndarray | None = None
+        self.pool: np.ndarray | None = None  # (M, 2, p) published samples; None: just ``theta`` (M = 1)
 
     @property
     def ready(self) -> bool:
         return self.theta is not None
 
-    def update(self, version: int, theta: np.ndarray, theta_mean: np.ndarray) -> None:
-        self.theta, self.theta_mean, self.version = np.asarray(theta), np.asarray(theta_mean), int(version)
+    def update(
+        self, version: int, theta: np.ndarray, theta_mean: np.ndarray, pool: np.ndarray | None = None
+    ) -> None:
+        """New samples: ``theta`` (2, p) of the last refresh, ``theta_mean``, and optionally ``pool``
+        (M, 2, p), the last M refreshes' samples (``theta`` among them), which duel routes draw from."""
+        pool = None if pool is None or len(pool) <= 1 else np.asarray(pool)
+        self.theta, self.theta_mean, self.pool, self.version = (
+            np.asarray(theta),
+            np.asarray(theta_mean),
+            pool,
+            int(version),
+        )
 
     def choose(self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0) -> tuple[int, int | None, int]:
         """``(first, second or None, version)`` for context ``x`` among ``offered`` (None = all)."""
-        theta, theta_mean, version = self.theta, self.theta_mean, self.version  # one consistent read
+        first, second, version, _ = self.choose_with_propensity(x, offered, mode, cost_weight)
+        return first, second, version
+
+    def choose_with_propensity(
+        self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0
+    ) -> tuple[int, int | None, int, tuple[int, int]]:
+        """:meth:`choose` and the propensity of the choice as ``(count, M)``: a duel draws one of the
+        pool's M samples uniformly and plays its arms, so the pair it plays had probability
+        ``count / M``, ``count`` = how many of the M samples choose that same pair for ``x``. The
+        exploit arm (a single route; a duel's first arm under ``exploit_first``) comes from the
+        posterior mean, the same for every draw. Without a pool (M = 1) the choice is that of
+        ``theta`` and its propensity 1 given the published samples."""
+        theta, theta_mean, pool, version = self.theta, self.theta_mean, self.pool, self.version  # one read
         mask = np.zeros(self.n_arms, dtype=bool)
         if offered is None:
             mask[:] = True
@@ -105,10 +129,14 @@ class SampleView:
             mask[list(offered)] = True
         penalty = float(cost_weight) * self.price_norm if cost_weight else None
         if mode == "single":
-            return choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty), None, version
+            return choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty), None, version, (1, 1)
         first = choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty) if self.exploit_first else None
-        first, second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
-        return first, second, version
+        if pool is None:
+            pair = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
+            return pair[0], pair[1], version, (1, 1)
+        pairs = [choose_duel(self.scorer.arm_scores(x, th), mask, penalty, self.distinct, first) for th in pool]
+        pick = pairs[int(self.rng.integers(len(pairs)))]
+        return pick[0], pick[1], version, (pairs.count(pick), len(pairs))
 
     def ranked(self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0, slot: int = 0) -> list[int]:
         """The offered arms from best to worst as slot ``slot`` of a ``mode`` decision ranks them now:

@@ -34,6 +34,7 @@ class PosteriorSpec:
     # feedback's signature itself (tokens.decision_signer(...).verify_duel), trusting no caller
     hmac_key_env: str = "RAY_ROUTER_HMAC_KEY"
     cold_start: bool = False  # arm_embeddings.cold_start: said in /v1/stats (posterior.cold_start)
+    sample_pool: int = 16  # state.sample_pool: samples published for duel routes to draw from
 
 
 @dataclass(frozen=True)

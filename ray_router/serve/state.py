@@ -47,6 +47,8 @@ and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`
 
 from __future__ import annotations
 
+import collections
+
 import os
 import time
 from collections.abc import Callable
@@ -143,6 +145,8 @@ class PosteriorState:
         self.reloads = 0  # times the policy was rebuilt from a snapshot while following
         self._last_nonce: str | None = None  # nonce of the last applied record
         self._serving = self.policy  # the policy whose samples are published (the last refreshed)
+        # the last sample_pool refreshes' samples, published with them: duel routes draw one each
+        self._pool: collections.deque[np.ndarray] = collections.deque(maxlen=max(1, int(spec.sample_pool)))
         self._pruned_at = self.clock()  # a standby's last pruning of expired nonces
 
     # ------------------------------------------------------------------ startup
@@ -454,7 +458,10 @@ class PosteriorState:
         refresh (``_serving``; a standby's re-read of a snapshot replaces ``policy`` before that)."""
         p = self._serving
         theta, theta_mean, version = p.theta, p.theta_mean, int(p.n_refreshes)
-        return {"version": version, "theta": theta, "theta_mean": theta_mean}
+        pool = [s for s in self._pool if s.shape == theta.shape]  # after a rebuild, only the new samples
+        if not pool or pool[-1] is not theta:
+            pool.append(theta)
+        return {"version": version, "theta": theta, "theta_mean": theta_mean, "pool": np.stack(pool)}
 
     # ----------------------------------------------------------------- feedback
     def begin_feedback(self, claims: DecisionClaims, outcome: str, request_id: str) -> dict | tuple[str, dict]:
@@ -550,6 +557,7 @@ class PosteriorState:
         t0 = time.perf_counter()
         self.policy.refresh(n_steps)
         self._serving = self.policy
+        self._pool.append(self.policy.theta)  # refresh assigns a new array: the old one stays as it was
         self.last_refresh_s = time.perf_counter() - t0
         self.last_refresh_at = self.clock()
         return self.last_refresh_s

@@ -6,7 +6,9 @@ that await feedback and a restart loses none of them::
     d2.<payload, base64url>.<HMAC-SHA256 of "d2.<payload>", base64url>
 
 payload (big-endian): version, mode (duel/single), 96-bit random nonce, expiry (unix seconds),
-first and second arm index, number of arms, a 4-byte fingerprint of the arm-id table, the offered
+first and second arm index, number of arms, a 4-byte fingerprint of the arm-id table, the
+embedding's dim, the propensity of the served arms as a count out of a sample-pool size (version
+3; an id without one, e.g. a single route or a duel after a fallback, is version 2), the offered
 arms as a bitmask, and for a duel the query embedding as float16 (384-d: 768 bytes, so a duel id
 is about 1.1 kB; a single id about 60 bytes). The ingress ranks on the float16-rounded embedding,
 so the update replays exactly the context the choice was made on.
@@ -37,10 +39,12 @@ from ray_router.errors import ConfigError
 from ray_router.serve.errors import ExpiredDecision, ForgedDecision, MalformedRequest, NotADuel, StaleDecision
 
 PREFIX = "d2"
-_VERSION = 2
+_VERSION = 3
+_OLD_VERSIONS = (2,)  # still verified (ids issued before an upgrade stay valid until they expire)
 _MODES = {"duel": 0, "single": 1}
 _MODE_NAMES = {v: k for k, v in _MODES.items()}
-_HEAD = struct.Struct(">BB12sQHHH4sH")  # version, mode, nonce, expires, first, second, K, arm fp, dim
+_HEAD2 = struct.Struct(">BB12sQHHH4sH")  # version, mode, nonce, expires, first, second, K, arm fp, dim
+_PROP = struct.Struct(">HH")  # version 3: propensity count, pool size (0, 0: unknown)
 _NONE = 0xFFFF
 MIN_SECRET_CHARS = 16
 MAX_TOKEN_CHARS = 16384
@@ -78,6 +82,7 @@ class DecisionClaims:
     second: int | None
     offered: tuple[int, ...] | None  # None: every arm was offered
     x: np.ndarray | None  # float32 (dim,), duels only
+    propensity: float | None = None  # P(these arms | context, published samples); None: unknown
 
     def to_dict(self) -> dict:
         return {
@@ -88,6 +93,7 @@ class DecisionClaims:
             "second": self.second,
             "offered": None if self.offered is None else list(self.offered),
             "x": self.x,
+            "propensity": self.propensity,
         }
 
 
@@ -114,15 +120,21 @@ class DecisionSigner:
         second: int | None = None,
         offered: Sequence[int] | None = None,
         x: np.ndarray | None = None,
+        propensity: tuple[int, int] | None = None,
     ) -> str:
+        """A signed id; ``propensity`` = ``(count, pool size)``: the served arms were the choice of
+        ``count`` of the ``pool size`` published samples, one of which the route drew uniformly."""
         K = self.n_arms
         mask = bytearray((K + 7) // 8)
         for i in range(K) if offered is None else offered:
             mask[i // 8] |= 1 << (i % 8)
         xb = b"" if x is None else np.asarray(x, dtype="<f2").tobytes()
         dim = 0 if x is None else int(np.asarray(x).shape[0])
-        head = _HEAD.pack(
-            _VERSION,
+        count, pool = (0, 0) if propensity is None else (int(propensity[0]), int(propensity[1]))
+        if not (0 <= count <= pool <= 0xFFFF and (pool == 0) == (count == 0)):
+            raise ValueError(f"propensity must be (count, pool) with 1 <= count <= pool, got {propensity}")
+        head = _HEAD2.pack(
+            _VERSION if propensity is not None else 2,  # no propensity: the shorter version 2 payload
             _MODES[mode],
             bytes.fromhex(nonce),
             int(expires_at),
@@ -131,7 +143,7 @@ class DecisionSigner:
             K,
             self.arm_fp,
             dim,
-        )
+        ) + (_PROP.pack(count, pool) if propensity is not None else b"")
         body = f"{PREFIX}.{_b64(head + bytes(mask) + xb)}"
         return f"{body}.{self._sig(body)}"
 
@@ -148,9 +160,16 @@ class DecisionSigner:
             raise ForgedDecision("decision_id signature does not verify")
         try:
             raw = _unb64(parts[1])
-            version, mode, nonce, expires, first, second, K, fp, dim = _HEAD.unpack_from(raw)
+            version, mode, nonce, expires, first, second, K, fp, dim = _HEAD2.unpack_from(raw)
+            head = _HEAD2.size
+            count, pool = 0, 0
+            if version == _VERSION:
+                count, pool = _PROP.unpack_from(raw, head)
+                head += _PROP.size
+            elif version not in _OLD_VERSIONS:
+                raise ValueError("unknown version")
             n_mask = (K + 7) // 8
-            if version != _VERSION or mode not in _MODE_NAMES or len(raw) != _HEAD.size + n_mask + 2 * dim:
+            if mode not in _MODE_NAMES or len(raw) != head + n_mask + 2 * dim or count > pool:
                 raise ValueError("inconsistent payload")
         except (binascii.Error, struct.error, ValueError):
             raise MalformedRequest("decision_id payload is malformed") from None
@@ -158,11 +177,11 @@ class DecisionSigner:
             raise ExpiredDecision("decision_id has expired")
         if self.n_arms != K or fp != self.arm_fp:
             raise StaleDecision("decision_id was issued for another arm table of this router")
-        mask = raw[_HEAD.size : _HEAD.size + n_mask]
+        mask = raw[head : head + n_mask]
         offered = tuple(i for i in range(K) if mask[i // 8] >> (i % 8) & 1)
         x = None
         if dim:
-            x = np.frombuffer(raw[_HEAD.size + n_mask :], dtype="<f2").astype(np.float32)
+            x = np.frombuffer(raw[head + n_mask :], dtype="<f2").astype(np.float32)
         return DecisionClaims(
             nonce=nonce.hex(),
             expires_at=int(expires),
@@ -171,6 +190,7 @@ class DecisionSigner:
             second=None if second == _NONE else int(second),
             offered=None if len(offered) == K else offered,
             x=x,
+            propensity=count / pool if pool else None,
         )
 
     def verify_duel(self, token: str, now: float | None = None) -> DecisionClaims:
