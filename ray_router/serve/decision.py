@@ -157,7 +157,9 @@ class RouteDecider:
         second = dec.picked[1] if dec.mode == "duel" else None
         x = dec.x if dec.mode == "duel" else None
         propensity = dec.propensity if dec.mode == "duel" else None  # a single id takes no feedback: keep it short
-        token = self.signer.issue(new_nonce(), dec.expires_at, dec.mode, dec.picked[0], second, dec.offered, x, propensity)
+        token = self.signer.issue(
+            new_nonce(), dec.expires_at, dec.mode, dec.picked[0], second, dec.offered, x, propensity
+        )
         return replace(dec, decision_id=token)
 
     def served(self, dec: Decision, picked: Sequence[int], failed: Sequence[int] = ()) -> Decision:

@@ -94,9 +94,7 @@ class SampleView:
     def ready(self) -> bool:
         return self.theta is not None
 
-    def update(
-        self, version: int, theta: np.ndarray, theta_mean: np.ndarray, pool: np.ndarray | None = None
-    ) -> None:
+    def update(self, version: int, theta: np.ndarray, theta_mean: np.ndarray, pool: np.ndarray | None = None) -> None:
         """New samples: ``theta`` (2, p) of the last refresh, ``theta_mean``, and optionally ``pool``
         (M, 2, p), the last M refreshes' samples (``theta`` among them), which duel routes draw from."""
         pool = None if pool is None or len(pool) <= 1 else np.asarray(pool)

@@ -48,7 +48,6 @@ and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`
 from __future__ import annotations
 
 import collections
-
 import os
 import time
 from collections.abc import Callable

@@ -32,9 +32,7 @@ def pool_view(M: int, seed: int = 0, config=CONFIG) -> SampleView:
 def test_the_count_is_the_share_of_samples_that_choose_the_pair():
     view = pool_view(12)
     x = quantise(hash_encoder().encode(["what is the capital of France?"])[0])
-    pairs = [
-        choose_duel(view.scorer.arm_scores(x, th), np.ones(len(ARMS), bool), None, True) for th in view.pool
-    ]
+    pairs = [choose_duel(view.scorer.arm_scores(x, th), np.ones(len(ARMS), bool), None, True) for th in view.pool]
     seen: dict[tuple[int, int], int] = {}
     for _ in range(3000):
         first, second, version, (count, M) = view.choose_with_propensity(x, None, "duel")
