@@ -26,12 +26,13 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ray_router.errors import RouterError
 from ray_router.serve import http_errors, upstream
 from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
-from ray_router.serve.errors import InvalidRequest, Overloaded, ServiceUnavailable
+from ray_router.serve.errors import NO_RETRY, InvalidRequest, Overloaded, ServiceUnavailable, UnknownModel
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.schemas import (
@@ -84,6 +85,7 @@ class Ingress:
         http_errors.use_metrics(self.metrics)
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(spec.service.upstream_timeout_s, connect=10.0))
         self.epoch = ""
+        self.started = int(time.time())  # /v1/models' ``created``
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
@@ -206,6 +208,23 @@ class Ingress:
             }
         )
 
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        """OpenAI's model list: ``router`` (the model a chat request names) and each arm (for
+        discovery: a request picks among arms with ``router.candidates``, not ``model``)."""
+        self._reads_allowed(request)
+        return JSONResponse({"object": "list", "data": [self._model(m) for m in ("router", *self.spec.arm_ids)]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str) -> JSONResponse:
+        self._reads_allowed(request)
+        if model_id != "router" and model_id not in self.spec.arm_ids:
+            raise UnknownModel(f"no model {model_id[:200]!r}: GET /v1/models lists them", param="model")
+        return JSONResponse(self._model(model_id))
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self.started, "owned_by": "ray-router"}
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 ``ok`` (writer), 200 ``standby``, or 503 ``degraded`` (posterior unreachable).
@@ -225,10 +244,12 @@ class Ingress:
                 ServiceUnavailable.code,
                 f"posterior not reachable: {type(e).__name__}",
                 ServiceUnavailable.headers,
-                status="degraded",
-                routes="ok",
-                feedback="unavailable",
-                samples_version=self.view.version,
+                top={
+                    "status": "degraded",
+                    "routes": "ok",
+                    "feedback": "unavailable",
+                    "samples_version": self.view.version,
+                },
             )
         body = {"posterior_version": health["version"], "samples_version": self.view.version, "role": health["role"]}
         if health["role"] == "standby":
@@ -279,16 +300,18 @@ class Ingress:
         self._client(request, self.spec.auth.chat_requires_key)
         req: ChatRequest = await self._read(request, ChatRequest)
         if req.model != "router":
-            raise InvalidRequest(f"model must be 'router' (the router picks the arm), got {req.model[:100]!r}")
+            raise InvalidRequest(
+                f"model must be 'router' (the router picks the arm), got {req.model[:100]!r}", param="model"
+            )
         lim = self.spec.limits
         for name, cap in (("max_tokens", lim.max_tokens), ("max_completion_tokens", lim.max_tokens), ("n", lim.max_n)):
             value = getattr(req, name)
             if value is not None and value > cap:
-                raise InvalidRequest(f"{name} is {value}; this router's limit is {cap}")
+                raise InvalidRequest(f"{name} is {value}; this router's limit is {cap}", param=name)
         opts = req.router
         mode = (opts.mode if opts and opts.mode else None) or self.spec.service.chat_default_mode
         if req.stream and mode == "duel":
-            raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false")
+            raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false", param="stream")
         text = self.decider.check_query(routing_text(req))
         chat_arms = [i for i, u in enumerate(self.spec.upstreams) if u is not None]
         if not chat_arms:
@@ -302,12 +325,15 @@ class Ingress:
         info = {"decision_id": dec.decision_id, "mode": mode, "arms": ids, "posterior_version": dec.posterior_version}
         headers = {"X-Router-Decision-Id": dec.decision_id, "X-Router-Model": ids[0], "X-Router-Arms": ",".join(ids)}
         ups = [u for i in dec.picked if (u := self.spec.upstreams[i]) is not None]  # all: offered were chat arms
-        if req.stream:
-            resp = await upstream.open_stream(self.http, ups[0], body)
-            return StreamingResponse(
-                upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream", headers=headers
-            )
-        answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
+        try:
+            if req.stream:
+                resp = await upstream.open_stream(self.http, ups[0], body)
+                return StreamingResponse(
+                    upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream", headers=headers
+                )
+            answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
+        except RouterError as e:  # the decision exists: its headers and id go with the error too
+            raise e.attach({**headers, **NO_RETRY}, decision_id=dec.decision_id) from None
         out = upstream.merge_answers(ids, list(answers))
         out["router"] = info
         return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from ray_router.serve.config import UpstreamSpec
-from ray_router.serve.errors import UpstreamError
+from ray_router.serve.errors import UpstreamError, error_body
 
 HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "content-encoding")
 
@@ -106,6 +106,10 @@ async def relay_stream(resp: httpx.Response, arm_id: str, router_info: dict[str,
                         obj = json.loads(data)
                     except ValueError:
                         obj = None
+                    if isinstance(obj, dict) and obj.get("error"):  # its text is the log's, not the client's
+                        logger.warning(f"upstream {resp.request.url} sent an error mid-stream: {data[:500]}")
+                        yield _sse_error("the arm's upstream reported an error mid-stream", router_info)
+                        return
                     if isinstance(obj, dict):
                         obj["model"] = arm_id
                         if first:
@@ -116,10 +120,15 @@ async def relay_stream(resp: httpx.Response, arm_id: str, router_info: dict[str,
             else:
                 yield f"{line}\n".encode()
     except httpx.HTTPError as e:
-        err = {"error": {"type": "upstream_error", "message": f"upstream stream broke: {type(e).__name__}"}}
-        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield _sse_error(f"upstream stream broke: {type(e).__name__}", router_info)
     finally:
         await resp.aclose()
+
+
+def _sse_error(message: str, router_info: dict[str, Any]) -> bytes:
+    """A broken stream's last event: the error object of a 502 ``upstream_error`` answer."""
+    err = error_body(UpstreamError.http_status, UpstreamError.code, message, decision_id=router_info.get("decision_id"))
+    return f"data: {json.dumps(err)}\n\n".encode()
 
 
 def merge_answers(arm_ids: list[str], answers: list[dict[str, Any]]) -> dict[str, Any]:
