@@ -11,6 +11,8 @@ status (:func:`error_type`); ``code`` is ours (``invalid_request``, ``upstream_e
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 from ray_router.errors import RouterError
@@ -43,6 +45,18 @@ def body_of(exc: RouterError) -> dict[str, Any]:
     if details := getattr(exc, "details", None):
         fields["details"] = details
     return error_body(exc.http_status, exc.code, str(exc), getattr(exc, "param", None), **fields)
+
+
+@contextmanager
+def blame(param: str) -> Iterator[None]:
+    """A :class:`RouterError` raised inside names ``param`` as the field at fault (unless it names
+    one already): ``with blame("query"): decider.check_query(req.query)``."""
+    try:
+        yield
+    except RouterError as e:
+        if getattr(e, "param", None) is None:
+            e.param = param
+        raise
 
 
 def headers_of(exc: RouterError) -> dict[str, str]:

@@ -32,7 +32,14 @@ from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
-from ray_router.serve.errors import NO_RETRY, InvalidRequest, Overloaded, ServiceUnavailable, UnknownModel
+from ray_router.serve.errors import (
+    NO_RETRY,
+    InvalidRequest,
+    Overloaded,
+    ServiceUnavailable,
+    UnknownModel,
+    blame,
+)
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.schemas import (
@@ -159,9 +166,12 @@ class Ingress:
         t0 = time.perf_counter()
         self._reads_allowed(request)
         req: RouteRequest = await self._read(request, RouteRequest)
-        text = self.decider.check_query(req.query)
-        offered = self.decider.offered(req.candidates, req.mode)
-        cost_weight = self.decider.cost_weight(req.cost_weight)
+        with blame("query"):
+            text = self.decider.check_query(req.query)
+        with blame("candidates"):
+            offered = self.decider.offered(req.candidates, req.mode)
+        with blame("cost_weight"):
+            cost_weight = self.decider.cost_weight(req.cost_weight)
         dec, timing = await self._decide(text, offered, req.mode, cost_weight)
         seconds = time.perf_counter() - t0
         self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
@@ -182,7 +192,8 @@ class Ingress:
     async def feedback(self, request: Request) -> JSONResponse:
         self._require(request, "feedback")
         req: FeedbackRequest = await self._read(request, FeedbackRequest)
-        self.decider.feedback_claims(req.decision_id)  # refuse a bad id here, before any call
+        with blame("decision_id"):
+            self.decider.feedback_claims(req.decision_id)  # refuse a bad id here, before any call
         request_id = uuid.uuid4().hex  # idempotency key of this HTTP request across internal retries
         ack = await self._posterior("feedback", req.decision_id, req.outcome, request_id)
         return JSONResponse({**ack, "decision_id": req.decision_id})

@@ -269,6 +269,19 @@ def test_an_error_can_carry_headers_fields_and_param_through_the_mapping(client)
     }
 
 
+def test_blame_names_the_field_unless_the_error_names_one():
+    from ray_router.serve.errors import InvalidRequest, blame
+
+    with pytest.raises(InvalidRequest) as e, blame("query"):
+        raise InvalidRequest("query is empty")
+    assert e.value.param == "query"
+    with pytest.raises(InvalidRequest) as e, blame("query"):
+        raise InvalidRequest("bad", param="messages[0].role")
+    assert e.value.param == "messages[0].role"
+    with pytest.raises(KeyError), blame("query"):  # not ours: untouched
+        raise KeyError("x")
+
+
 def test_attached_fields_survive_pickling():
     """Errors raised in another deployment reach the ingress pickled (Ray)."""
     import pickle

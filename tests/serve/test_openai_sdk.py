@@ -525,6 +525,12 @@ def test_param_names_the_first_failing_field(sdk):
     assert e.param == "messages[0].role" and e.body["details"][0]["loc"] == ["messages", 0, "role"]
     e = _raises(lambda: _chat(sdk, max_tokens=10**6))
     assert e.param == "max_tokens"
+    e = _raises(lambda: _route(sdk, {"query": "  "}))
+    assert (e.code, e.param) == ("invalid_request", "query")
+    e = _raises(lambda: _route(sdk, {"query": "x", "candidates": [CLAUDE2, "gpt-5"]}))
+    assert (e.code, e.param) == ("unknown_arm", "candidates")
+    e = _raises(lambda: _feedback(sdk, "nonsense"))
+    assert (e.code, e.param) == ("malformed_request", "decision_id")
 
 
 def test_the_readme_example_error_is_what_the_service_answers(sdk):
