@@ -13,7 +13,7 @@ module, with ``protect_reads: true`` (the SDK's key opens ``/v1/models`` as it d
 ``limits.max_inflight_routes: 1`` (so a burst is shed: the ``overloaded`` row). It starts beside a
 process that holds its state's lock (this test's own ``flock``): its Posterior is a standby, the
 ``standby`` row is taken then, and the lock is released before any other test runs. The ``unavailable``
-row kills the Embedder replica (``ray.kill``) and routes at once; the catch-all's ``internal`` row
+row makes the Posterior's snapshot unwritable for one admin call; the catch-all's ``internal`` row
 cannot be provoked in a correct service, so it runs the real error mapping
 (``http_errors.install``) in a FastAPI app under uvicorn on loopback with a route that raises.
 """
@@ -397,21 +397,20 @@ def _case_upstream(s):
 
 
 def _case_unavailable(s):
-    def route_while_the_embedder_restarts():
-        import ray
+    """A posterior call that fails (its snapshot cannot be written: a directory stands where the
+    snapshot's temp file goes; even root cannot open that for writing), then the path is cleared."""
+    admin = s.client(s.secret("admin_token"))
 
-        def attempt():
-            (name,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "#Embedder#" in a["name"]]
-            ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
-            try:  # at once: the ingress's handle still names the dead replica
-                _route(s, {"query": "while the embedder restarts"})
-            except openai.APIStatusError as e:
-                return e
-            return None  # the handle had already heard: it waited for the new replica; kill again
+    def snapshot_that_cannot_be_written():
+        pid = admin.get("/admin/status", cast_to=object)["posterior"]["pid"]
+        blocker = s.app.state_dir / f".posterior.snapshot.npz.{pid}.tmp"
+        blocker.mkdir()
+        try:
+            admin.post("/admin/snapshot", cast_to=object)
+        finally:
+            blocker.rmdir()
 
-        raise wait_for(attempt, timeout_s=300, interval_s=0.0, what="a route answered 503 unavailable")
-
-    return [(503, "unavailable", route_while_the_embedder_restarts)]
+    return [(503, "unavailable", snapshot_that_cannot_be_written)]
 
 
 def _case_standby(s):
