@@ -87,9 +87,10 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 
 class CatchAll:
     """The one catch-all: an exception that no handler above maps (a bug, by definition) answers
-    500 (code ``internal``, type ``server_error``) with a reference id; the traceback goes to the replica's log under that id.
-    A pure ASGI middleware (inside Starlette's ``ServerErrorMiddleware``, outside the handlers of
-    :func:`install`), so nothing is re-raised into Serve. When the response had already started
+    500 (code ``internal``, type ``server_error``) with a reference id; the traceback goes to the
+    replica's log under that id. A pure ASGI middleware (inside Starlette's
+    ``ServerErrorMiddleware``, outside the handlers of :func:`install`), so nothing is re-raised
+    into Serve. When the response had already started
     (a stream), the connection is closed instead."""
 
     def __init__(self, app: ASGIApp) -> None:
