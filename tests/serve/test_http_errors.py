@@ -4,6 +4,8 @@ in-process: no Ray)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from fastapi import FastAPI, Request
@@ -331,3 +333,55 @@ def test_bodies_must_be_declared_json(client, content_type, status):
     assert r.status_code == status, r.text
     if status == 415:
         assert r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def _relay(chunks: list[bytes], fail: bool) -> list[dict]:
+    """The events :func:`upstream.relay_stream` makes of an upstream stream of ``chunks`` (then a
+    cut connection when ``fail``), parsed."""
+    import asyncio
+    import json
+
+    from ray_router.serve import upstream
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for c in chunks:
+                yield c
+            if fail:
+                raise httpx.ReadError("connection reset by peer at 10.0.0.7")
+
+    async def go() -> list[bytes]:
+        transport = httpx.MockTransport(lambda req: httpx.Response(200, stream=Stream()))
+        async with httpx.AsyncClient(transport=transport) as c:
+            resp = await c.send(c.build_request("POST", "http://upstream/v1/chat/completions"), stream=True)
+            return [e async for e in upstream.relay_stream(resp, "arm-a", {"decision_id": "d2.x"})]
+
+    return [json.loads(e.decode()[len("data: ") :]) for e in asyncio.run(go())]
+
+
+def test_a_stream_cut_mid_way_ends_with_the_error_object_of_a_502():
+    events = _relay([b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'], fail=True)
+    assert events[0]["model"] == "arm-a" and events[0]["router"] == {"decision_id": "d2.x"}
+    assert events[-1] == {
+        "error": {
+            "message": "upstream stream broke: ReadError",
+            "type": "server_error",
+            "code": "upstream_error",
+            "param": None,
+            "decision_id": "d2.x",
+        }
+    }
+
+
+def test_an_upstreams_error_event_is_replaced_by_ours_without_its_text():
+    events = _relay(
+        [
+            b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n',
+            b'data: {"error": {"message": "quota of key sk-123 exceeded", "type": "x"}}\n\n',
+            b'data: {"choices": [{"index": 0, "delta": {"content": "never relayed"}}]}\n\n',
+        ],
+        fail=False,
+    )
+    assert len(events) == 2 and "sk-123" not in json.dumps(events)
+    assert events[-1]["error"]["code"] == "upstream_error" and events[-1]["error"]["decision_id"] == "d2.x"
+    assert events[-1]["error"]["message"] == "the arm's upstream reported an error mid-stream"
