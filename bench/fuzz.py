@@ -18,7 +18,8 @@ real HTTP to the real service.
 Each case is sent with the credential its endpoint needs (feedback token, client key, admin token;
 ``/v1/admin/refresh`` gets none: a valid refresh pins the posterior's CPU and proves nothing about
 input handling, so its cases stop at the 401), and every answer is checked by
-:func:`problem`: a status below 500 and, for an error, a JSON body ``{"error", "message"}``. The
+:func:`problem`: a status below 500 and, for an error, OpenAI's JSON error shape
+``{"error": {"message", "type", "code", "param"}}``. The
 run prints the count of each status and every problem it found (at most 20 shown).
 
 ``tests/serve/test_fuzz.py`` runs the same property with a small budget in ``make test``.
@@ -93,20 +94,26 @@ def headers_for(case: Any, secrets: dict[str, str]) -> dict[str, str]:
 
 def problem(status: int, headers: dict[str, Any], content: bytes) -> str | None:
     """What is wrong with an answer, or None: no 5xx (a 503 only as ``overloaded``/``unavailable``
-    with ``Retry-After``), and every error a JSON ``{"error", "message"}``."""
+    with ``Retry-After``), and every error in OpenAI's JSON shape ``{"error": {"message", "type",
+    "code", "param"}}``."""
     if status < 400:
         return None
     try:
         body = json.loads(content)
     except ValueError:
         return f"{status} with a body that is not JSON: {content[:200]!r}"
-    if not (isinstance(body, dict) and isinstance(body.get("error"), str) and isinstance(body.get("message"), str)):
-        return f"{status} without error/message: {content[:200]!r}"
+    err = body.get("error") if isinstance(body, dict) else None
+    if not (
+        isinstance(err, dict)
+        and all(isinstance(err.get(k), str) for k in ("message", "type", "code"))
+        and isinstance(err.get("param", 0), (str, type(None)))
+    ):
+        return f"{status} without error.message/type/code/param: {content[:200]!r}"
     lower = {k.lower(): v for k, v in headers.items()}
-    if status == 503 and body["error"] in ("overloaded", "unavailable") and "retry-after" in lower:
+    if status == 503 and err["code"] in ("overloaded", "unavailable") and "retry-after" in lower:
         return None
     if status >= 500 and status != 502:  # 502: an upstream failed (the fake upstream's broken arm)
-        return f"{status} {body['error']}: {body['message'][:200]}"
+        return f"{status} {err['code']}: {err['message'][:200]}"
     return None
 
 

@@ -108,7 +108,8 @@ async def open_loop(url: str, queries: list[str], rate: float, duration_s: float
                 accepted.append(took)
             elif r.status == 503:
                 rejected.append(took)
-                errors[r.json().get("error", "?")] += 1
+                err = r.json().get("error")
+                errors[err.get("code", "?") if isinstance(err, dict) else str(err)] += 1
             else:
                 other.append(took)
 

@@ -1,10 +1,18 @@
 """One small error family: the CLI prints these as messages and the HTTP layer maps them to 4xx.
 
 Every class carries ``http_status`` (the HTTP status the service answers with) and ``code`` (the
-stable, machine-readable ``error`` field of the JSON body); subclasses override them.
+stable, machine-readable ``error.code`` of the JSON body); subclasses override them. An instance
+may carry more for its answer: ``param`` (the offending request field, when known), and, through
+:meth:`RouterError.attach`, extra response headers and extra fields of the body's error object
+(e.g. the decision id of a chat request whose upstream failed).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from typing_extensions import Self
 
 
 class RouterError(Exception):
@@ -20,6 +28,18 @@ class RouterError(Exception):
             cls.http_status = http_status
         if code is not None:
             cls.code = code
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        """``param``: the request field at fault (``error.param`` of the answer), when known."""
+        super().__init__(*args)
+        self.param = param
+
+    def attach(self, headers: Mapping[str, str] | None = None, **fields: Any) -> Self:
+        """Add response ``headers`` and error-object ``fields`` to this error's answer (later
+        values win); returns the error, so that ``raise err.attach(...)`` reads as one step."""
+        self.extra_headers: dict[str, str] = {**getattr(self, "extra_headers", {}), **(headers or {})}
+        self.extra_fields: dict[str, Any] = {**getattr(self, "extra_fields", {}), **fields}
+        return self
 
 
 class ConfigError(RouterError, ValueError, http_status=400, code="bad_request"):

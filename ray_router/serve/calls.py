@@ -58,5 +58,9 @@ async def call(handle: DeploymentHandle, method: str, *args: Any, retry_s: float
                 raise ServiceUnavailable(f"{method}: the service is restarting; retry") from None
         except RequestCancelledError:
             raise
+        except Exception as e:  # noqa: BLE001 - the callee failed: with gRPC between deployments (the
+            # shipped configs) its exception arrives as it is, not as a RayTaskError
+            logger.error(f"{method} failed: {e!r}")
+            raise ServiceUnavailable(f"{method} failed; retry later") from None
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)

@@ -1,10 +1,12 @@
-"""The HTTP error mapping: every error answer of the service is ``{"error": code, "message": ...}``.
+"""The HTTP error mapping: every error answer of the service is OpenAI's
+``{"error": {"message", "type", "code", "param"}}`` (:func:`ray_router.serve.errors.error_body`).
 
 A :class:`~ray_router.errors.RouterError` answers with its class's ``http_status``, ``code`` and
-``headers`` (plus ``details`` when it has them); Starlette's own 404/405 become ``not_found`` and
-``method_not_allowed``; anything else that escapes a route is caught by the one catch-all
-(:class:`CatchAll`): a 500 ``{"error": "internal", "message": ...}`` that names a reference to
-the logged traceback and nothing of the internals. Each error answer is counted in
+``headers``, its ``param``, ``details`` (schema errors) and whatever it was given with
+:meth:`~ray_router.errors.RouterError.attach` (headers, error fields); Starlette's own 404/405
+become ``not_found`` and ``method_not_allowed``; anything else that escapes a route is caught by
+the one catch-all (:class:`CatchAll`): a 500 with code ``internal`` whose message names a
+reference to the logged traceback and nothing of the internals. Each error answer is counted in
 ``router_http_errors`` by status and code.
 
 Error bodies are rendered with ASCII escapes (:class:`SafeJSONResponse`), so a message that quotes
@@ -22,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ray_router.errors import RouterError
+from ray_router.serve.errors import body_of, error_body, headers_of
 
 logger = logging.getLogger("ray.serve")
 
@@ -37,10 +40,19 @@ class SafeJSONResponse(JSONResponse):
 
 
 def error_response(
-    http_status: int, code: str, message: str, headers: dict[str, str] | None = None, /, **extra: Any
+    http_status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    /,
+    param: str | None = None,
+    top: dict[str, Any] | None = None,
+    **fields: Any,
 ) -> JSONResponse:
-    """``{"error": code, "message": message, **extra}``; ``extra`` may hold any name (``status`` too)."""
-    return SafeJSONResponse({"error": code, "message": message, **extra}, status_code=http_status, headers=headers)
+    """``{"error": {"message", "type", "code", "param", **fields}, **top}``: ``fields`` go into the
+    error object, ``top`` beside it (``/healthz``'s degraded answer keeps its ``status``, ...)."""
+    body = {**error_body(http_status, code, message, param, **fields), **(top or {})}
+    return SafeJSONResponse(body, status_code=http_status, headers=headers)
 
 
 _metrics: Any = None  # the replica's IngressMetrics (use_metrics); one Ingress replica per process
@@ -63,23 +75,22 @@ def count(app: Any, status: int, code: str) -> None:
 
 async def router_error(request: Request, exc: RouterError) -> JSONResponse:
     count(request.app, exc.http_status, exc.code)
-    details = getattr(exc, "details", None)
-    return error_response(
-        exc.http_status, exc.code, str(exc), getattr(exc, "headers", None), **({"details": details} if details else {})
-    )
+    return SafeJSONResponse(body_of(exc), status_code=exc.http_status, headers=headers_of(exc) or None)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     count(request.app, exc.status_code, code)
-    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    message = f"{exc.detail}: {request.method} {request.url.path[:200]}"  # e.g. "Not Found: GET /v1/nope"
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
 
 class CatchAll:
     """The one catch-all: an exception that no handler above maps (a bug, by definition) answers
-    500 ``internal`` with a reference id; the traceback goes to the replica's log under that id.
-    A pure ASGI middleware (inside Starlette's ``ServerErrorMiddleware``, outside the handlers of
-    :func:`install`), so nothing is re-raised into Serve. When the response had already started
+    500 (code ``internal``, type ``server_error``) with a reference id; the traceback goes to the
+    replica's log under that id. A pure ASGI middleware (inside Starlette's
+    ``ServerErrorMiddleware``, outside the handlers of :func:`install`), so nothing is re-raised
+    into Serve. When the response had already started
     (a stream), the connection is closed instead."""
 
     def __init__(self, app: ASGIApp) -> None:

@@ -26,12 +26,20 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from ray_router.errors import RouterError
 from ray_router.serve import http_errors, upstream
 from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
-from ray_router.serve.errors import InvalidRequest, Overloaded, ServiceUnavailable
+from ray_router.serve.errors import (
+    NO_RETRY,
+    InvalidRequest,
+    Overloaded,
+    ServiceUnavailable,
+    UnknownModel,
+    blame,
+)
 from ray_router.serve.ranking import SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.resilience import Resilience
@@ -88,6 +96,7 @@ class Ingress:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=res.connect_timeout_s))
         self.resilience = Resilience(spec.arm_ids, spec.upstreams, res, self.http, timeout_s, self.metrics.arm)
         self.epoch = ""
+        self.started = int(time.time())  # /v1/models' ``created``
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
@@ -166,9 +175,12 @@ class Ingress:
         t0 = time.perf_counter()
         self._reads_allowed(request)
         req: RouteRequest = await self._read(request, RouteRequest)
-        text = self.decider.check_query(req.query)
-        offered = self.decider.offered(req.candidates, req.mode)
-        cost_weight = self.decider.cost_weight(req.cost_weight)
+        with blame("query"):
+            text = self.decider.check_query(req.query)
+        with blame("candidates"):
+            offered = self.decider.offered(req.candidates, req.mode)
+        with blame("cost_weight"):
+            cost_weight = self.decider.cost_weight(req.cost_weight)
         dec, timing = await self._decide(text, offered, req.mode, cost_weight)
         seconds = time.perf_counter() - t0
         self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
@@ -190,7 +202,8 @@ class Ingress:
     async def feedback(self, request: Request) -> JSONResponse:
         self._require(request, "feedback")
         req: FeedbackRequest = await self._read(request, FeedbackRequest)
-        self.decider.feedback_claims(req.decision_id)  # refuse a bad id here, before any call
+        with blame("decision_id"):
+            self.decider.feedback_claims(req.decision_id)  # refuse a bad id here, before any call
         request_id = uuid.uuid4().hex  # idempotency key of this HTTP request across internal retries
         ack = await self._posterior("feedback", req.decision_id, req.outcome, request_id)
         return JSONResponse({**ack, "decision_id": req.decision_id})
@@ -216,6 +229,23 @@ class Ingress:
             }
         )
 
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        """OpenAI's model list: ``router`` (the model a chat request names) and each arm (for
+        discovery: a request picks among arms with ``router.candidates``, not ``model``)."""
+        self._reads_allowed(request)
+        return JSONResponse({"object": "list", "data": [self._model(m) for m in ("router", *self.spec.arm_ids)]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, request: Request, model_id: str) -> JSONResponse:
+        self._reads_allowed(request)
+        if model_id != "router" and model_id not in self.spec.arm_ids:
+            raise UnknownModel(f"no model {model_id[:200]!r}: GET /v1/models lists them", param="model")
+        return JSONResponse(self._model(model_id))
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": self.started, "owned_by": "ray-router"}
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 ``ok`` (writer), 200 ``standby``, or 503 ``degraded`` (posterior unreachable).
@@ -235,10 +265,12 @@ class Ingress:
                 ServiceUnavailable.code,
                 f"posterior not reachable: {type(e).__name__}",
                 ServiceUnavailable.headers,
-                status="degraded",
-                routes="ok",
-                feedback="unavailable",
-                samples_version=self.view.version,
+                top={
+                    "status": "degraded",
+                    "routes": "ok",
+                    "feedback": "unavailable",
+                    "samples_version": self.view.version,
+                },
             )
         body = {"posterior_version": health["version"], "samples_version": self.view.version, "role": health["role"]}
         if health["role"] == "standby":
@@ -290,16 +322,18 @@ class Ingress:
         self._client(request, self.spec.auth.chat_requires_key)
         req: ChatRequest = await self._read(request, ChatRequest)
         if req.model != "router":
-            raise InvalidRequest(f"model must be 'router' (the router picks the arm), got {req.model[:100]!r}")
+            raise InvalidRequest(
+                f"model must be 'router' (the router picks the arm), got {req.model[:100]!r}", param="model"
+            )
         lim = self.spec.limits
         for name, cap in (("max_tokens", lim.max_tokens), ("max_completion_tokens", lim.max_tokens), ("n", lim.max_n)):
             value = getattr(req, name)
             if value is not None and value > cap:
-                raise InvalidRequest(f"{name} is {value}; this router's limit is {cap}")
+                raise InvalidRequest(f"{name} is {value}; this router's limit is {cap}", param=name)
         opts = req.router
         mode = (opts.mode if opts and opts.mode else None) or self.spec.service.chat_default_mode
         if req.stream and mode == "duel":
-            raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false")
+            raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false", param="stream")
         text = self.decider.check_query(routing_text(req))
         chat_arms = [i for i, u in enumerate(self.spec.upstreams) if u is not None]
         if not chat_arms:
@@ -311,10 +345,16 @@ class Ingress:
         body = req.model_dump(exclude_unset=True)  # forward what the client sent, nothing more
         body.pop("router", None)
         # retries, fallbacks, breakers (resilience.py); the decision comes back signed for the arms that answered
-        if req.stream:
-            served = await self.resilience.open_stream(self.decider, dec, body)
-        else:
-            served = await self.resilience.complete(self.decider, dec, body)
+        try:
+            if req.stream:
+                served = await self.resilience.open_stream(self.decider, dec, body)
+            else:
+                served = await self.resilience.complete(self.decider, dec, body)
+        except RouterError as e:
+            # no arm answered: the arms it tried go with the error, but no decision id (there is no
+            # answer to give feedback on), and the SDK must not re-send (the router retried already)
+            ids = list(dec.arms)
+            raise e.attach({"X-Router-Model": ids[0], "X-Router-Arms": ",".join(ids), **NO_RETRY}) from None
         self._count_routes(served.decision)
         info, headers = self.resilience.router_info(served)
         if served.stream is not None:

@@ -7,6 +7,7 @@ the size limit first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -19,13 +20,22 @@ if TYPE_CHECKING:
 M = TypeVar("M", bound=BaseModel)
 
 
+def field_path(loc: Sequence[int | str]) -> str | None:
+    """A pydantic error location as a field path (``messages[0].role``); None for the body itself."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
 def invalid_request(e: ValidationError) -> InvalidRequest:
-    """A schema failure as a 422, with each error's location, message and type as ``details``."""
+    """A schema failure as a 422, with each error's location, message and type as ``details`` and
+    the first failing field's path as ``param``."""
     details = [
         {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")} for err in e.errors()
     ]
     text = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details)
-    return InvalidRequest(text, details=details)
+    return InvalidRequest(text, details=details, param=field_path(details[0]["loc"]) if details else None)
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from ray_router.serve.config import UpstreamSpec
-from ray_router.serve.errors import UpstreamError
+from ray_router.serve.errors import UpstreamError, error_body
 
 HOP_HEADERS = ("content-length", "transfer-encoding", "connection", "content-encoding")
 # failures worth another call to the same arm (the brief of issue 14: 429, 5xx, timeouts,
@@ -233,6 +233,11 @@ async def relay_stream(
                     obj = json.loads(data)
                 except ValueError:
                     obj = None
+                if isinstance(obj, dict) and obj.get("error"):  # its text is the log's, not the client's
+                    outcome = False
+                    logger.warning(f"upstream {stream.resp.request.url} sent an error mid-stream: {data[:500]}")
+                    yield _sse_error("the arm's upstream reported an error mid-stream", router_info)
+                    return
                 if isinstance(obj, dict):
                     if isinstance(obj.get("usage"), dict):
                         stream.usage = obj["usage"]
@@ -250,12 +255,17 @@ async def relay_stream(
     except httpx.HTTPError as e:
         outcome = False
         logger.warning(f"upstream stream of {arm_id} broke: {e!r}")
-        err = {"error": {"type": "upstream_error", "message": f"upstream stream broke: {type(e).__name__}"}}
-        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield _sse_error(f"upstream stream broke: {type(e).__name__}", router_info)
     finally:
         await stream.resp.aclose()
         if on_done is not None:
             on_done(outcome, stream)
+
+
+def _sse_error(message: str, router_info: dict[str, Any]) -> bytes:
+    """A broken stream's last event: the error object of a 502 ``upstream_error`` answer."""
+    err = error_body(UpstreamError.http_status, UpstreamError.code, message, decision_id=router_info.get("decision_id"))
+    return f"data: {json.dumps(err)}\n\n".encode()
 
 
 def merge_answers(arm_ids: list[str], answers: list[dict[str, Any]]) -> dict[str, Any]:

@@ -72,3 +72,16 @@ def write_synthetic_arm_table(directory: Path, arm_ids: list[str], encoder: str 
     }
     out = Path(directory) / f"arms-{encoder}.npz"
     return save_arm_embeddings(out, list(arm_ids), unit(len(arm_ids)), enc.identity, profile=profile)
+
+
+def error_code(body: Any) -> str:
+    """The machine-readable code of an error answer's body: ``error.code`` of OpenAI's shape
+    ``{"error": {"message", "type", "code", "param"}}`` (the old flat ``{"error": code}`` read too)."""
+    err = body["error"]
+    return err["code"] if isinstance(err, dict) else err
+
+
+def error_message(body: Any) -> str:
+    """The message of an error answer's body (``error.message``; the old flat ``message`` too)."""
+    err = body["error"]
+    return err["message"] if isinstance(err, dict) else body["message"]

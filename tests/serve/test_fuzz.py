@@ -1,5 +1,5 @@
 """Property: no request, however generated from the service's own OpenAPI schema, gets a 5xx; every
-error is a JSON ``{"error", "message"}``. Real Ray Serve, real HTTP (``serve_configs/local.yaml``
+error is OpenAI's JSON ``{"error": {"message", "type", "code", "param"}}``. Real Ray Serve, real HTTP (``serve_configs/local.yaml``
 with the synthetic arm table and the hash encoder, a fake upstream for three chat arms).
 
 schemathesis generates the cases (positive: bodies that fit the schema and reach the decision,

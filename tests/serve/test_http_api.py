@@ -25,6 +25,7 @@ from tests.serve.conftest import (
     synthetic_arm_args,
     wait_for,
 )
+from tests.serve.helpers import error_code, error_message
 
 pytestmark = pytest.mark.integration
 
@@ -185,7 +186,7 @@ def test_feedback_needs_the_token(client, app):
     others = [secret(app, "admin_token"), secret(app, "client_default")]  # other powers do not open it
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, *others):
         r = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "first"}, headers=headers)
-        assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+        assert r.status_code == 401 and error_code(r.json()) == "unauthorized"
         assert r.headers.get("www-authenticate") == "Bearer"
 
 
@@ -203,14 +204,14 @@ def test_admin_endpoints_need_the_admin_token(client, app):
     assert TOKEN not in status.text and HMAC_KEY not in status.text
     assert client.post("/v1/admin/refresh", headers=admin).status_code == 200  # an empty body: one refresh
     r = client.post("/v1/admin/refresh", json={"times": 10**40}, headers=admin)
-    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.status_code == 422 and error_code(r.json()) == "invalid_request"
 
 
 def test_a_client_key_over_its_rate_limit_gets_429(client, app):
     tight = secret(app, "client_tight")  # burst 2, then one per 1000 s
     assert [client.get("/v1/arms", headers=tight).status_code for _ in range(2)] == [200, 200]
     r = client.get("/v1/arms", headers=tight)
-    assert r.status_code == 429 and r.json()["error"] == "rate_limited" and int(r.headers["retry-after"]) >= 1
+    assert r.status_code == 429 and error_code(r.json()) == "rate_limited" and int(r.headers["retry-after"]) >= 1
     assert client.get("/v1/arms", headers=secret(app, "client_default")).status_code == 200  # its own bucket
     assert client.get("/v1/arms").status_code == 200  # reads are open by default (protect_reads: false)
 
@@ -236,26 +237,26 @@ def test_forged_replayed_and_stale_ids_do_not_touch_the_posterior(client, app):
     ]
     for f in forged:
         r = client.post("/v1/feedback", json=body(f), headers=app.auth)
-        assert r.status_code == 403 and r.json()["error"] == "invalid_signature", r.text
+        assert r.status_code == 403 and error_code(r.json()) == "invalid_signature", r.text
     signer = DecisionSigner(HMAC_KEY, arm_ids)
     r = client.post(
         "/v1/feedback", json=body(signer.issue(new_nonce(), time.time() - 1, "duel", 0, 1, None, x)), headers=app.auth
     )
-    assert r.status_code == 410 and r.json()["error"] == "expired_decision"
+    assert r.status_code == 410 and error_code(r.json()) == "expired_decision"
     other_table = DecisionSigner(HMAC_KEY, [*arm_ids[:-1], "renamed"])
     r = client.post(
         "/v1/feedback",
         json=body(other_table.issue(new_nonce(), time.time() + 60, "duel", 0, 1, None, x)),
         headers=app.auth,
     )
-    assert r.status_code == 410 and r.json()["error"] == "stale_decision"
+    assert r.status_code == 410 and error_code(r.json()) == "stale_decision"
     assert client.post("/v1/feedback", json=body(tok), headers=app.auth).status_code == 200
     r = client.post("/v1/feedback", json={"decision_id": tok, "outcome": "second"}, headers=app.auth)
-    assert r.status_code == 409 and r.json()["error"] == "duplicate_feedback"
+    assert r.status_code == 409 and error_code(r.json()) == "duplicate_feedback"
     assert client.post("/v1/feedback", json=body(tok), headers=app.auth).status_code == 409
     single = route(client, query="single decisions take no duel feedback", mode="single")
     r = client.post("/v1/feedback", json=body(single["decision_id"]), headers=app.auth)
-    assert r.status_code == 409 and r.json()["error"] == "not_a_duel"
+    assert r.status_code == 409 and error_code(r.json()) == "not_a_duel"
     # every record is in the log before its answer: once the log is applied, nothing else can come
     s1 = wait_for(
         lambda: (s := stats(client))["durability"]["last_applied_seq"] == s["durability"]["last_seq"] and s,
@@ -297,13 +298,14 @@ def test_bad_route_input_is_a_4xx_json_error(request, path, name, raw, status, c
     client = request.getfixturevalue("client" if path == "proxy" else "direct_client")
     r = client.post("/v1/route", content=raw, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"] == code and body["message"]
+    err = r.json()["error"]  # OpenAI's shape, with the router's code
+    assert set(err) >= {"message", "type", "code", "param"} and err["code"] == code and err["message"]
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
 
 
 def test_nan_cost_weight_is_refused(client):
     r = client.post("/v1/route", content=b'{"query": "x", "cost_weight": NaN}')
-    assert r.status_code in (400, 422) and r.json()["error"] in ("malformed_request", "invalid_request")
+    assert r.status_code in (400, 422) and error_code(r.json()) in ("malformed_request", "invalid_request")
 
 
 def test_bad_feedback_input_is_a_4xx_json_error(client, app):
@@ -322,7 +324,7 @@ def test_bad_feedback_input_is_a_4xx_json_error(client, app):
     ]
     for raw, status, code in cases:
         r = client.post("/v1/feedback", content=raw, headers=app.auth)
-        assert (r.status_code, r.json()["error"]) == (status, code), (raw[:80], r.text)
+        assert (r.status_code, error_code(r.json())) == (status, code), (raw[:80], r.text)
     # none of that consumed the decision: its genuine feedback is still accepted
     ok = client.post("/v1/feedback", json={"decision_id": d["decision_id"], "outcome": "tie"}, headers=app.auth)
     assert ok.status_code == 200, ok.text
@@ -342,7 +344,7 @@ def test_hostile_feedback_input_is_a_4xx(client, app):
     ]
     for raw in cases:
         r = client.post("/v1/feedback", content=raw, headers={**app.auth, "content-type": "application/json"})
-        assert (r.status_code, r.json()["error"]) == (400, "malformed_request"), (raw[:60], r.text)
+        assert (r.status_code, error_code(r.json())) == (400, "malformed_request"), (raw[:60], r.text)
     r = client.post("/v1/feedback", content=b'{"decision_id": "\\ud800", "outcome": "first"}', headers=app.auth)
     assert r.status_code == 400, r.text  # a lone surrogate is not valid JSON text
     # none of that consumed the decision
@@ -377,7 +379,7 @@ def test_hostile_route_input_is_answered_in_json(client, name, raw, statuses):
     assert r.status_code in statuses, r.text
     assert r.headers["content-type"] == "application/json"
     if r.status_code != 200:
-        assert r.json()["error"] and r.json()["message"]
+        assert error_code(r.json()) and error_message(r.json())
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
@@ -389,14 +391,30 @@ def test_non_json_bodies_are_415(client, app, path, content_type):
     if path == "/v1/admin/refresh":
         headers.update(secret(app, "admin_token"))
     r = client.post(path, content=b'{"query": "x"}', headers=headers)
-    assert (r.status_code, r.json()["error"]) == (415, "unsupported_media_type"), r.text
+    assert (r.status_code, error_code(r.json())) == (415, "unsupported_media_type"), r.text
 
 
 def test_unknown_paths_and_methods_are_json(client):
     r = client.get("/v1/nope")
-    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    assert r.status_code == 404 and error_code(r.json()) == "not_found"
     r = client.get("/v1/route")
-    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    assert r.status_code == 405 and error_code(r.json()) == "method_not_allowed"
+
+
+def test_models_lists_the_router_and_every_arm(client):
+    r = client.get("/v1/models")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [a["id"] for a in config_args()["arms"]]
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["router", *ids]
+    for m in body["data"]:
+        assert m["object"] == "model" and m["owned_by"] == "ray-router" and isinstance(m["created"], int)
+    one = client.get(f"/v1/models/{MISTRAL}")  # an arm id with a slash
+    assert one.status_code == 200 and one.json() == next(m for m in body["data"] if m["id"] == MISTRAL)
+    assert client.get("/v1/models/router").json()["id"] == "router"
+    r = client.get("/v1/models/gpt-5")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert r.json()["error"]["param"] == "model" and "gpt-5" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------- chat completions
@@ -422,7 +440,7 @@ def test_chat_needs_a_client_key(client, app, fake_upstream):
     n = len(seen)
     for headers in ({"Authorization": ""}, app.auth, secret(app, "admin_token"), {"Authorization": "Bearer nope"}):
         r = _chat(client, headers=headers)
-        assert (r.status_code, r.json()["error"]) == (401, "unauthorized"), r.text
+        assert (r.status_code, error_code(r.json())) == (401, "unauthorized"), r.text
     assert len(seen) == n  # no upstream was called
 
 
@@ -431,13 +449,18 @@ def test_chat_caps_and_no_upstream_internals_in_errors(client, fake_upstream):
     n = len(seen)
     for extra in ({"max_tokens": 4097}, {"max_completion_tokens": 10**30}, {"n": 3}, {"n": 1.5}, {"max_tokens": "9"}):
         r = _chat(client, **extra)
-        assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), (extra, r.text)
+        assert (r.status_code, error_code(r.json())) == (422, "invalid_request"), (extra, r.text)
     assert len(seen) == n
     r = _chat(client, max_tokens=16, n=2, router={"candidates": [CLAUDE2]})
     assert r.status_code == 200 and seen[-1]["body"]["max_tokens"] == 16 and seen[-1]["body"]["n"] == 2
     r = _chat(client, router={"candidates": [MISTRAL]})  # that upstream answers 500 "upstream exploded"
-    assert (r.status_code, r.json()["error"]) == (502, "upstream_error")
+    assert (r.status_code, error_code(r.json())) == (502, "upstream_error")
     assert "exploded" not in r.text and base_url not in r.text and "127.0.0.1" not in r.text
+    # the decision exists: its headers and id come with the error, and the SDKs are told not to retry
+    assert r.headers["x-router-model"] == MISTRAL and r.headers["x-router-arms"] == MISTRAL
+    assert r.json()["error"]["decision_id"] == r.headers["x-router-decision-id"]
+    assert _claims(r.headers["x-router-decision-id"]).mode == "single"
+    assert r.headers["x-should-retry"] == "false"
 
 
 def test_chat_completion_single(client, fake_upstream):
@@ -502,7 +525,7 @@ def test_chat_completion_duel_returns_both_answers_and_takes_feedback(client, ap
 )
 def test_chat_completion_errors(client, extra, status, code):
     r = _chat(client, **extra)
-    assert (r.status_code, r.json()["error"]) == (status, code), r.text
+    assert (r.status_code, error_code(r.json())) == (status, code), r.text
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -1,7 +1,10 @@
 """Every error of the family carries its HTTP status and a stable code, and the mapping answers
-with them (a FastAPI app in-process: no Ray)."""
+with them in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}`` (a FastAPI app
+in-process: no Ray)."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 import pytest
@@ -11,7 +14,7 @@ import ray_router.errors as core_errors
 import ray_router.serve.errors as serve_errors
 from ray_router.errors import RouterError
 from ray_router.serve import http_errors
-from ray_router.serve.request_body import parse_body
+from ray_router.serve.request_body import field_path, parse_body
 from ray_router.serve.schemas import RouteRequest
 
 # the contract of serve_configs/README.md: status and code of every error class
@@ -21,6 +24,7 @@ EXPECTED = {
     "DataError": (400, "bad_request"),
     "OfflineError": (400, "bad_request"),
     "UnknownArmError": (404, "unknown_arm"),
+    "UnknownModel": (404, "model_not_found"),
     "MalformedRequest": (400, "malformed_request"),
     "InvalidRequest": (422, "invalid_request"),
     "Unauthorized": (401, "unauthorized"),
@@ -36,6 +40,22 @@ EXPECTED = {
     "ServiceUnavailable": (503, "unavailable"),
     "Overloaded": (503, "overloaded"),
     "Standby": (503, "standby"),
+}
+
+
+OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    410: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "server_error",
+    503: "server_error",
 }
 
 
@@ -104,6 +124,18 @@ def client(counter):
 
         raise InvalidRequest("echoes client input: \ud800 \x00 \u00e9")  # not encodable as UTF-8
 
+    @api.get("/attached")
+    async def attached():
+        from ray_router.serve.errors import UpstreamError
+
+        raise UpstreamError("the arm's upstream timed out").attach(
+            {"X-Router-Decision-Id": "d2.abc"}, decision_id="d2.abc"
+        )
+
+    @api.get("/with-param")
+    async def with_param():
+        raise serve_errors.RateLimited("slow down", retry_after_s=2.5, param="x")
+
     @api.post("/body")
     async def body(request: Request):
         return (await read_body(request, RouteRequest, 1000)).model_dump()
@@ -129,25 +161,54 @@ def client(counter):
 def test_the_mapping_answers_with_the_class_status_and_code(client, name):
     r = client("GET", f"/raise/{name}")
     status, code = EXPECTED[name]
-    assert r.status_code == status and r.json() == {"error": code, "message": f"message of {name}"}
+    assert r.status_code == status
+    assert r.json() == {
+        "error": {"message": f"message of {name}", "type": OPENAI_TYPES[status], "code": code, "param": None}
+    }
+    # a retry cannot help a 409, and a 502 comes after the router's own handling of the upstream
+    assert r.headers.get("x-should-retry") == ("false" if status in (409, 502) else None)
     if status == 401:
         assert r.headers["www-authenticate"] == "Bearer"
     if status == 503:  # a standby takes over once the old writer's cluster is gone: longer than a shed
         assert r.headers["retry-after"] == (str(serve_errors.STANDBY_RETRY_AFTER_S) if name == "Standby" else "1")
 
 
-def test_schema_errors_carry_their_details(client):
+def test_schema_errors_carry_their_details_and_the_first_failing_field(client):
     r = client("POST", "/route", json={"query": 1, "extra": True})
-    body = r.json()
-    assert r.status_code == 422 and body["error"] == "invalid_request"
-    assert {tuple(d["loc"]) for d in body["details"]} == {("query",), ("extra",)}
-    assert "query: Input should be a valid string" in body["message"]
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["code"] == "invalid_request" and err["type"] == "invalid_request_error"
+    assert {tuple(d["loc"]) for d in err["details"]} == {("query",), ("extra",)}
+    assert err["param"] == err["details"][0]["loc"][0]
+    assert "query: Input should be a valid string" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "loc, path",
+    [((), None), (("query",), "query"), (("messages", 0, "role"), "messages[0].role"), (("a", 2, 3, "b"), "a[2][3].b")],
+)
+def test_field_paths(loc, path):
+    assert field_path(loc) == path
+
+
+def test_a_nested_field_is_named_by_its_path():
+    from ray_router.serve.errors import InvalidRequest
+    from ray_router.serve.schemas import ChatRequest
+
+    with pytest.raises(InvalidRequest) as e:
+        parse_body(b'{"model": "router", "messages": [{"content": "x"}]}', ChatRequest)
+    assert e.value.param == "messages[0].role"
 
 
 def test_starlette_errors_are_json_too(client):
-    assert client("GET", "/nope").json()["error"] == "not_found"
+    r = client("GET", "/nope")
+    assert (
+        r.status_code == 404
+        and r.json()["error"]["code"] == "not_found"
+        and "GET /nope" in r.json()["error"]["message"]
+    )
     r = client("DELETE", "/route")
-    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+    err = r.json()["error"]
+    assert r.status_code == 405 and err["code"] == "method_not_allowed" and err["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize(
@@ -164,34 +225,89 @@ def test_parse_body_errors(raw, cls):
         parse_body(raw, RouteRequest)
 
 
-def test_an_error_answer_may_carry_a_status_field():
-    """/healthz's degraded answer: ``{"error": "unavailable", "status": "degraded", ...}``."""
+def test_an_error_answer_may_carry_fields_beside_and_inside_its_error():
+    """/healthz's degraded answer: ``{"error": {..., "code": "unavailable"}, "status": "degraded", ...}``."""
     import json
 
     r = http_errors.error_response(
-        503, "unavailable", "posterior not reachable", {"Retry-After": "1"}, status="degraded", routes="ok"
+        503, "unavailable", "posterior not reachable", {"Retry-After": "1"}, top={"status": "degraded", "routes": "ok"}
     )
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert json.loads(r.body) == {
-        "error": "unavailable",
-        "message": "posterior not reachable",
+        "error": {"message": "posterior not reachable", "type": "server_error", "code": "unavailable", "param": None},
         "status": "degraded",
         "routes": "ok",
     }
+    r = http_errors.error_response(422, "invalid_request", "m", None, "model", decision_id="d2.x")
+    assert json.loads(r.body)["error"] == {
+        "message": "m",
+        "type": "invalid_request_error",
+        "code": "invalid_request",
+        "param": "model",
+        "decision_id": "d2.x",
+    }
+
+
+def test_an_error_can_carry_headers_fields_and_param_through_the_mapping(client):
+    r = client("GET", "/attached")
+    assert r.status_code == 502
+    assert r.headers["x-router-decision-id"] == "d2.abc" and r.headers["x-should-retry"] == "false"
+    assert r.json() == {
+        "error": {
+            "message": "the arm's upstream timed out",
+            "type": "server_error",
+            "code": "upstream_error",
+            "param": None,
+            "decision_id": "d2.abc",
+        }
+    }
+    r = client("GET", "/with-param")
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.json()["error"] == {
+        "message": "slow down",
+        "type": "rate_limit_error",
+        "code": "rate_limited",
+        "param": "x",
+    }
+
+
+def test_blame_names_the_field_unless_the_error_names_one():
+    from ray_router.serve.errors import InvalidRequest, blame
+
+    with pytest.raises(InvalidRequest) as e, blame("query"):
+        raise InvalidRequest("query is empty")
+    assert e.value.param == "query"
+    with pytest.raises(InvalidRequest) as e, blame("query"):
+        raise InvalidRequest("bad", param="messages[0].role")
+    assert e.value.param == "messages[0].role"
+    with pytest.raises(KeyError), blame("query"):  # not ours: untouched
+        raise KeyError("x")
+
+
+def test_attached_fields_survive_pickling():
+    """Errors raised in another deployment reach the ingress pickled (Ray)."""
+    import pickle
+
+    from ray_router.serve.errors import DuplicateFeedback
+
+    e = pickle.loads(pickle.dumps(DuplicateFeedback("twice", param="decision_id").attach({"h": "v"}, seq=3)))
+    assert (str(e), e.param, e.extra_headers, e.extra_fields) == ("twice", "decision_id", {"h": "v"}, {"seq": 3})
 
 
 def test_the_catch_all_answers_a_counted_json_500_without_internals(client, counter):
     r = client("GET", "/bug")
     body = r.json()
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
-    assert set(body) == {"error", "message"} and body["error"] == "internal"
-    assert "secret" not in body["message"] and "KeyError" not in body["message"] and "reference" in body["message"]
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "code", "param"}
+    err = body["error"]
+    assert (err["code"], err["type"], err["param"]) == ("internal", "server_error", None)
+    assert "secret" not in err["message"] and "KeyError" not in err["message"] and "reference" in err["message"]
     assert counter.seen == [{"status": "500", "error": "internal"}]
 
 
 def test_an_error_message_with_any_characters_renders(client, counter):
     r = client("GET", "/bug-in-message")
-    assert r.status_code == 422 and r.json()["message"] == "echoes client input: \ud800 \x00 \u00e9"
+    assert r.status_code == 422 and r.json()["error"]["message"] == "echoes client input: \ud800 \x00 \u00e9"
     assert counter.seen == [{"status": "422", "error": "invalid_request"}]
 
 
@@ -216,4 +332,56 @@ def test_bodies_must_be_declared_json(client, content_type, status):
     r = client("POST", "/body", content=b'{"query": "x"}', headers=headers)
     assert r.status_code == status, r.text
     if status == 415:
-        assert r.json()["error"] == "unsupported_media_type"
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def _relay(chunks: list[bytes], fail: bool) -> list[dict]:
+    """The events :func:`upstream.relay_stream` makes of an upstream stream of ``chunks`` (then a
+    cut connection when ``fail``), parsed."""
+    import asyncio
+    import json
+
+    from ray_router.serve import upstream
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            for c in chunks:
+                yield c
+            if fail:
+                raise httpx.ReadError("connection reset by peer at 10.0.0.7")
+
+    async def go() -> list[bytes]:
+        transport = httpx.MockTransport(lambda req: httpx.Response(200, stream=Stream()))
+        async with httpx.AsyncClient(transport=transport) as c:
+            resp = await c.send(c.build_request("POST", "http://upstream/v1/chat/completions"), stream=True)
+            return [e async for e in upstream.relay_stream(resp, "arm-a", {"decision_id": "d2.x"})]
+
+    return [json.loads(e.decode()[len("data: ") :]) for e in asyncio.run(go())]
+
+
+def test_a_stream_cut_mid_way_ends_with_the_error_object_of_a_502():
+    events = _relay([b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'], fail=True)
+    assert events[0]["model"] == "arm-a" and events[0]["router"] == {"decision_id": "d2.x"}
+    assert events[-1] == {
+        "error": {
+            "message": "upstream stream broke: ReadError",
+            "type": "server_error",
+            "code": "upstream_error",
+            "param": None,
+            "decision_id": "d2.x",
+        }
+    }
+
+
+def test_an_upstreams_error_event_is_replaced_by_ours_without_its_text():
+    events = _relay(
+        [
+            b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n',
+            b'data: {"error": {"message": "quota of key sk-123 exceeded", "type": "x"}}\n\n',
+            b'data: {"choices": [{"index": 0, "delta": {"content": "never relayed"}}]}\n\n',
+        ],
+        fail=False,
+    )
+    assert len(events) == 2 and "sk-123" not in json.dumps(events)
+    assert events[-1]["error"]["code"] == "upstream_error" and events[-1]["error"]["decision_id"] == "d2.x"
+    assert events[-1]["error"]["message"] == "the arm's upstream reported an error mid-stream"

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.serve.conftest import RouterApp, delete_router, deploy_router, synthetic_arm_args, wait_for
+from tests.serve.helpers import error_code, error_message
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +61,7 @@ def test_a_saturated_embedder_sheds_routes_with_503_and_retry_after(app):
 
     def both() -> bool:  # the ingress's admission limit and the embedder's full queue
         shed()
-        messages = [r.json()["message"] for r in seen if r.status_code == 503]
+        messages = [error_message(r.json()) for r in seen if r.status_code == 503]
         return any("max_inflight_routes" in m for m in messages) and any(
             "max_inflight_routes" not in m for m in messages
         )
@@ -72,9 +73,10 @@ def test_a_saturated_embedder_sheds_routes_with_503_and_retry_after(app):
     for r in seen:
         if r.status_code == 503:
             body = r.json()
-            assert body["error"] == "overloaded" and body["message"], body
+            assert error_code(body) == "overloaded" and error_message(body), body
+            assert body["error"]["type"] == "server_error"
             assert r.headers["retry-after"] == "1"
-            assert "BackPressure" not in body["message"]  # no internals
+            assert "BackPressure" not in error_message(body)  # no internals
     # once the burst is over, routes and the health check answer as before
     assert httpx.post(f"{app.url}/v1/route", json={"query": "after the burst"}, timeout=60).status_code == 200
     assert httpx.get(f"{app.url}/healthz", timeout=60).json()["status"] == "ok"

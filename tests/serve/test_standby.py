@@ -245,6 +245,7 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
 
     from ray_router.serve import launch
     from tests.serve.conftest import REPO, SECRET_ENV, delete_router, deploy_router, synthetic_arm_args, wait_for
+    from tests.serve.helpers import error_code
     from tests.serve.test_recovery import _log_records, _nonce, _status
 
     state_dir = tmp_path / "state"
@@ -276,10 +277,10 @@ def test_a_serve_app_beside_a_live_writer_is_a_standby_and_takes_over_when_it_is
         refused = httpx.post(
             f"{app.url}/v1/feedback", json={"decision_id": refused_id, "outcome": "first"}, headers=app.auth, timeout=60
         )
-        assert refused.status_code == 503 and refused.json()["error"] == "standby", refused.text
+        assert refused.status_code == 503 and error_code(refused.json()) == "standby", refused.text
         assert int(refused.headers["retry-after"]) >= 1
         snap = httpx.post(f"{app.url}/v1/admin/snapshot", headers=app.admin, timeout=60)
-        assert snap.status_code == 503 and snap.json()["error"] == "standby", snap.text
+        assert snap.status_code == 503 and error_code(snap.json()) == "standby", snap.text
 
         # the standby follows the live writer: its applied seq passes what the holder had acknowledged
         seen = max(_acked_by_holder(acked_path).values())
