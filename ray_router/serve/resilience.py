@@ -239,8 +239,7 @@ class Resilience:
         if not offered:
             wait = min(self.breakers[i].retry_in_s() for i in shut) if shut else 1.0
             err = UpstreamError("every offered arm's upstream is failing (circuit breaker open); retry later")
-            err.headers = {"Retry-After": str(max(1, math.ceil(wait)))}  # type: ignore[attr-defined]
-            raise err
+            raise err.attach({"Retry-After": str(max(1, math.ceil(wait)))})
         if mode == "duel" and len(offered) < 2:
             mode = "single"
         return offered, mode
@@ -316,9 +315,7 @@ class Resilience:
         message = str(last) if last is not None else "the arm's upstream failed"
         if len(failed) > 1:
             message = f"none of the {len(failed)} arms tried could answer; the last: {message}"
-        err = UpstreamError(message)
-        err.headers = {"X-Router-Fallback": ",".join(self.arm_ids[i] for i in failed)}  # type: ignore[attr-defined]
-        return err
+        return UpstreamError(message).attach({"X-Router-Fallback": ",".join(self.arm_ids[i] for i in failed)})
 
     # ------------------------------------------------------------ requests
     async def complete(self, decider: RouteDecider, dec: Decision, body: dict[str, Any]) -> Served:
