@@ -4,7 +4,7 @@ limits. Pure (no HTTP, no Ray): the ingress hands it the ``Authorization`` heade
 - the **feedback token** opens ``POST /v1/feedback`` only;
 - the **admin token** opens ``/v1/admin/*`` only;
 - each **client key** (``auth.clients``) opens ``/v1/chat/completions`` (required there by
-  default) and, with ``protect_reads``, ``/v1/route``, ``/v1/arms`` and ``/v1/stats``; a request
+  default) and, with ``protect_reads``, ``/v1/route``, ``/v1/arms``, ``/v1/models`` and ``/v1/stats``; a request
   that presents a client key is charged to that key's token bucket wherever it goes (429 when
   empty). The buckets live in each ingress replica: N replicas allow up to N times the rate.
 

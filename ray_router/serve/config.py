@@ -212,7 +212,9 @@ class AuthSpec(StrictModel):
     chat_requires_key: bool = Field(
         True, description="/v1/chat/completions needs a client key (it spends upstream keys)"
     )
-    protect_reads: bool = Field(False, description="also require a client key for /v1/route, /v1/arms and /v1/stats")
+    protect_reads: bool = Field(
+        False, description="also require a client key for /v1/route, /v1/arms, /v1/models and /v1/stats"
+    )
 
     @field_validator("clients")
     @classmethod
