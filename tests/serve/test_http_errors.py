@@ -354,7 +354,8 @@ def _relay(chunks: list[bytes], fail: bool) -> list[dict]:
         transport = httpx.MockTransport(lambda req: httpx.Response(200, stream=Stream()))
         async with httpx.AsyncClient(transport=transport) as c:
             resp = await c.send(c.build_request("POST", "http://upstream/v1/chat/completions"), stream=True)
-            return [e async for e in upstream.relay_stream(resp, "arm-a", {"decision_id": "d2.x"})]
+            stream = upstream.OpenStream(resp, resp.aiter_lines(), head=[], started=0.0, first_event_s=0.0)
+            return [e async for e in upstream.relay_stream(stream, "arm-a", {"decision_id": "d2.x"})]
 
     return [json.loads(e.decode()[len("data: ") :]) for e in asyncio.run(go())]
 
