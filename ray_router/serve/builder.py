@@ -63,6 +63,7 @@ def posterior_spec(args: AppArgs, table: ArmTable, state_dir: str) -> PosteriorS
         lock_timeout_s=st.lock_timeout_s,
         offline_prior=table.offline_prior,
         hmac_key_env=args.auth.hmac_key_env,
+        judge_weight=args.judge.weight if args.judge is not None else 1.0,
     )
 
 
@@ -78,6 +79,7 @@ def ingress_spec(args: AppArgs, table: ArmTable, state_dir: str) -> IngressSpec:
         auth=args.auth,
         limits=args.limits,
         service=args.service,
+        judge=args.judge,
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class Decision:
     arms: tuple[str, ...]  # the ids of ``picked``
     posterior_version: int  # of the samples the choice was made on
     expires_at: int
+    x: np.ndarray | None = field(default=None, compare=False, repr=False)  # the (float16) query embedding chosen on
 
     @property
     def slots(self) -> tuple[tuple[str, str], ...]:
@@ -125,6 +126,7 @@ class RouteDecider:
             arms=tuple(self.arm_ids[i] for i in picked),
             posterior_version=version,
             expires_at=expires,
+            x=x,
         )
 
     def feedback_claims(self, decision_id: str) -> DecisionClaims:

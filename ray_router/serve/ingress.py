@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from ray_router.serve import http_errors, upstream
+from ray_router.serve import http_errors, judge, upstream
 from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
@@ -86,6 +86,7 @@ class Ingress:
         self.epoch = ""
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
+        self.judge = judge.ShadowJudge.for_ingress(self)  # shadow duels (judge: in the config), else a no-op
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
         self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
 
@@ -241,6 +242,7 @@ class Ingress:
         self._reads_allowed(request)
         stats = await self._posterior("stats", retry_s=5)
         stats["ingress"] = {"routes": dict(self.routes), "samples_version": self.view.version}
+        stats["judge"] = self.judge.stats()
         return JSONResponse(stats)
 
     # ----------------------------------------------------------------- admin
@@ -305,9 +307,12 @@ class Ingress:
         if req.stream:
             resp = await upstream.open_stream(self.http, ups[0], body)
             return StreamingResponse(
-                upstream.relay_stream(resp, ids[0], info), media_type="text/event-stream", headers=headers
+                self.judge.stream(upstream.relay_stream(resp, ids[0], info), req, dec, body),
+                media_type="text/event-stream",
+                headers=headers,
             )
         answers = await asyncio.gather(*(upstream.complete(self.http, u, body) for u in ups))
         out = upstream.merge_answers(ids, list(answers))
         out["router"] = info
+        self.judge.after_answer(req, dec, body, out)  # a sampled shadow duel starts once the answer is out
         return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_router.serve.config import AuthSpec, LimitsSpec, ServiceSpec, UpstreamSpec
+from ray_router.serve.config import AuthSpec, JudgeSpec, LimitsSpec, ServiceSpec, UpstreamSpec
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class PosteriorSpec:
     # the decision-id key's env var (else <state_dir>/secrets/hmac_key): the posterior can check each
     # feedback's signature itself (tokens.decision_signer(...).verify_duel), trusting no caller
     hmac_key_env: str = "RAY_ROUTER_HMAC_KEY"
+    # how much a judge's verdict weighs in the likelihood relative to a human's (judge.weight)
+    judge_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -49,3 +51,4 @@ class IngressSpec:
     auth: AuthSpec = field(default_factory=AuthSpec)
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     service: ServiceSpec = field(default_factory=ServiceSpec)
+    judge: JudgeSpec | None = None  # shadow duels (ray_router.serve.judge); None: off
