@@ -518,3 +518,25 @@ def test_many_concurrent_duels_are_capped(router, stub):
     tasks = r.run(go())
     assert sum(t is not None for t in tasks) == 2
     assert judge.stats()["duels"]["busy"] == 2
+
+
+def test_the_readme_lists_every_judge_metric_and_the_app_args_take_a_judge():
+    from pathlib import Path
+
+    from ray_router.serve.config import AppArgs
+    from ray_router.serve.judge import METRICS
+
+    text = (Path(__file__).resolve().parents[1] / "serve_configs" / "README.md").read_text()
+    for name, (kind, tags, _) in METRICS.items():
+        assert f"ray_{name}{'_total' if kind == 'counter' else ''}" in text, name
+        for tag in tags:
+            assert f"`{tag}`" in text
+    arms = [{"id": "a", "price_usd": 0.0}, {"id": "b", "price_usd": 0.0}]
+    base = {"arms": arms, "arm_embeddings": {"file": "x.npy"}}
+    assert AppArgs.model_validate(base).judge is None
+    args = AppArgs.model_validate(
+        {**base, "judge": {"upstream": {"base_url": "http://j/v1", "model": "m"}, "weight": 0.5}}
+    )
+    assert args.judge is not None and args.judge.weight == 0.5 and args.judge.modes == ["single"]
+    with pytest.raises(ValidationError, match="base_url"):
+        AppArgs.model_validate({**base, "judge": {"upstream": {"base_url": "ftp://j", "model": "m"}}})
