@@ -463,6 +463,12 @@ def test_sources_weights_and_single_use_survive_a_restart_and_a_snapshot(router,
     assert r3.st.policy.history.arrays()["w"].tolist() == [0.25, 1.0]
     with pytest.raises(DuplicateFeedback):
         r3.run(r3.svc.feedback(dec.decision_id, "tie", "judge-again", "judge"))
+    r3.run(r3.svc.snapshot_now())
+    r3.close()
+    # a changed policy config rebuilds the posterior from the snapshot's duels: weights included
+    r4 = router(clock=clock, policy_config={"feature_map": "hadamard_bias", "n_steps": 6})
+    assert r4.st.recovery["rebuilt_from_history"] == 2
+    assert r4.st.policy.history.arrays()["w"].tolist() == [0.25, 1.0]
 
 
 def test_a_streamed_answer_is_judged_once_the_stream_has_ended(router, stub):
