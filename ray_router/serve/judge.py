@@ -451,6 +451,7 @@ class ShadowJudge:
 
     async def _duel(self, req: Any, dec: Any, body: dict, answers: list[str | None]) -> str | None:
         """One shadow duel (its judge calls are reserved): the outcome recorded, or None."""
+        await asyncio.sleep(0)  # one turn of the loop first: the user's response goes out before any of this
         try:
             if dec.mode == "duel":
                 decision_id, first_answer, second_answer = dec.decision_id, answers[0], answers[1]
