@@ -153,6 +153,7 @@ def lanes_potential_grad(
     scale: float = 1.0,
     prior: Prior | None = None,
     mu: float | None = None,
+    weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """∇U_j for independent lanes, each over its own batch of duels.
 
@@ -163,6 +164,8 @@ def lanes_potential_grad(
     compare the best offered arm with the *second* played arm, odd chains with the first.
     ``prior``: the Gaussian prior's (mean, precision), each broadcastable to ``theta`` (None = N(0, σ0² I));
     ``mu``: the feel-good weight per duel (None = ``c.mu``; the ``inv_sqrt`` schedule passes μ/√n).
+    ``weight``: each duel's weight, shaped like ``y`` (None = 1 for every duel): a duel of weight w
+    adds w times its loss and feel-good terms to U_j (w = 0: as if absent; w = 2: as if seen twice).
     """
     mu = c.mu if mu is None else mu
     lead, C = theta.shape[:-2], theta.shape[-2]
@@ -172,11 +175,15 @@ def lanes_potential_grad(
     Sf = S.reshape(-1)
     i1, i2 = base + first[..., None, :], base + second[..., None, :]
     g = c.eta * (sigmoid(Sf[i1] - Sf[i2]) - y[..., None, :])  # dℓ/dz, (*lead, C, B)
+    if weight is not None:
+        g = g * weight[..., None, :]
     idx, w = [i1, i2], [g, -g]
     if mu > 0:
         io = np.where((np.arange(C) % 2 == 0)[:, None], i2, i1)  # the other sampler's arm
         istar = base + (S if mask is None else np.where(mask[..., None, :, :], S, -np.inf)).argmax(axis=-1)
         active = (Sf[istar] - Sf[io] < c.feel_good_clip) * mu
+        if weight is not None:
+            active = active * weight[..., None, :]
         idx += [istar, io]
         w += [-active, active]
     # dU/dS: each duel's loss and feel-good weights summed onto the (lane, chain, row, arm) they touch
@@ -214,6 +221,7 @@ def sgld_lanes(
     rngs: Sequence[np.random.Generator],
     n_steps: int,
     prior: Prior | None = None,
+    weight: np.ndarray | None = None,
 ) -> np.ndarray:
     """Advance every lane's chains ``n_steps`` SGLD steps; returns the new θ, shaped like ``theta``.
 
@@ -225,11 +233,14 @@ def sgld_lanes(
     (uniform, with replacement, shared by its members and chains) rescaled by n/B. A group draws all
     of a refresh's minibatch rows, then all its noise, so each member's chains are exactly those of
     a lone :class:`FGTSCDB` seeded like the group's generator. ``prior``: (mean, precision) shaped
-    (G, [W,] 1, p), or None for the paper's N(0, σ0² I).
+    (G, [W,] 1, p), or None for the paper's N(0, σ0² I). ``weight``: each duel's weight, shaped like
+    ``y`` (None: every duel weighs 1; see :func:`lanes_potential_grad`).
     """
     X, first, second, y, mask = history
     if mask is not None and mask[..., :n, :].all():
         mask = None  # every arm offered in every duel: skip the masked argmax
+    if weight is not None and (weight[..., :n] == 1.0).all():
+        weight = None  # every duel weighs 1: the unweighted gradient
     n_groups, (C, p), B = theta.shape[0], theta.shape[-2:], c.batch_size
     step = delta * precond[..., None, :]  # (G, [W,] 1, p)
     noise_sd = np.sqrt(2.0 * step) * c.langevin_noise
@@ -243,6 +254,8 @@ def sgld_lanes(
         # every step's duels at once (small arrays), each step's contexts when it needs them (large)
         i = rows.reshape((n_groups, *members, n_steps * B))
         first, second, y = (np.take_along_axis(a, i, -1) for a in (first, second, y))
+        if weight is not None:
+            weight = np.take_along_axis(weight, i, -1)
         if mask is not None:
             mask = np.take_along_axis(mask, i[..., None], -2)
     xi = None
@@ -267,6 +280,7 @@ def sgld_lanes(
             Xf if minibatch else None,
             flat if minibatch else None,
             prior,
+            weight,
         )
     bad = ~np.isfinite(theta).all(axis=-1, keepdims=True)
     if bad.any():
@@ -277,9 +291,9 @@ def sgld_lanes(
     return theta
 
 
-def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi, Xf, flat, prior):
+def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noise_sd, xi, Xf, flat, prior, weight):
     """The SGLD loop of :func:`sgld_lanes`; ``Xf``/``flat`` (flat contexts, rows per step) or None
-    for the exact gradient."""
+    for the exact gradient; ``weight`` per duel or None."""
     B = c.batch_size
     mu = feel_good_weight(c, n)
     for t in range(n_steps):
@@ -297,6 +311,7 @@ def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noi
                 None if mask is None else mask[..., :n, :],
                 prior=prior,
                 mu=mu,
+                weight=None if weight is None else weight[..., :n],
             )
         else:
             b = slice(t * B, (t + 1) * B)
@@ -312,6 +327,7 @@ def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noi
                 n / B,
                 prior=prior,
                 mu=mu,
+                weight=None if weight is None else weight[..., b],
             )
         theta = theta - step * grad
         if xi is not None:
@@ -319,8 +335,12 @@ def _sgld_steps(fmap, c, theta, X, first, second, y, mask, n, n_steps, step, noi
     return theta
 
 
+_HISTORY_FIELDS = ("X", "first", "second", "y", "mask", "w")
+
+
 class DuelHistory:
-    """Growing (optionally bounded) buffer of duels: contexts, arms, outcomes, offered masks."""
+    """Growing (optionally bounded) buffer of duels: contexts, arms, outcomes, offered masks and
+    weights (``w``: 1 for a plain duel; e.g. a judge's verdict may weigh less than a human's)."""
 
     def __init__(self, dim: int, n_arms: int, max_len: int = 0, capacity: int = 256, dtype=np.float64):
         self.dim, self.n_arms, self.max_len, self.dtype = dim, n_arms, max_len, np.dtype(dtype)
@@ -337,28 +357,35 @@ class DuelHistory:
         self.second = make(cap, dtype=np.int64)
         self.y = make(cap)
         self.mask = make((cap, self.n_arms), dtype=bool)
+        self.w = make(cap)
         if touch:  # np.zeros maps lazily zeroed pages: write them so they are resident now
-            for arr in (self.X, self.first, self.second, self.y, self.mask):
+            for arr in (self.X, self.first, self.second, self.y, self.mask, self.w):
                 arr.fill(0)
 
-    def append(self, x: np.ndarray, first: int, second: int, y: float, mask: np.ndarray) -> None:
+    def append(self, x: np.ndarray, first: int, second: int, y: float, mask: np.ndarray, weight: float = 1.0) -> None:
         if self.max_len and self.n == self.max_len:
             self._drop_oldest(max(1, self.max_len // 4))
         if self.n == len(self.y):
             self._grow(2 * len(self.y))
         i = self.n
         self.X[i], self.first[i], self.second[i], self.y[i], self.mask[i] = x, first, second, y, mask
+        self.w[i] = weight
         self.n += 1
 
+    @property
+    def weighted(self) -> bool:
+        """Whether any duel held weighs other than 1."""
+        return bool((self.w[: self.n] != 1.0).any())
+
     def _grow(self, cap: int) -> None:
-        for name in ("X", "first", "second", "y", "mask"):
+        for name in _HISTORY_FIELDS:
             old = getattr(self, name)
             new = np.empty((cap, *old.shape[1:]), dtype=old.dtype)
             new[: self.n] = old[: self.n]
             setattr(self, name, new)
 
     def _drop_oldest(self, k: int) -> None:
-        for name in ("X", "first", "second", "y", "mask"):
+        for name in _HISTORY_FIELDS:
             arr = getattr(self, name)
             arr[: self.n - k] = arr[k : self.n]
         self.n -= k
@@ -370,12 +397,14 @@ class DuelHistory:
             "second": self.second[: self.n].copy(),
             "y": self.y[: self.n].copy(),
             "mask": self.mask[: self.n].copy(),
+            "w": self.w[: self.n].copy(),
         }
 
     def load(self, arrays: Mapping[str, np.ndarray]) -> None:
         """Replace the contents by ``arrays`` (as :meth:`arrays` returns them). A bounded history
         keeps its reserved buffer and, when given more than ``max_len`` duels (a snapshot taken
-        under a larger bound), the most recent ``max_len``."""
+        under a larger bound), the most recent ``max_len``. Arrays without ``w`` (snapshots of
+        earlier versions) load with every duel weighing 1."""
         n = len(arrays["y"])
         X = np.asarray(arrays["X"], dtype=self.dtype).reshape(n, self.dim)
         mask = np.asarray(arrays["mask"], dtype=bool).reshape(n, self.n_arms)
@@ -389,6 +418,7 @@ class DuelHistory:
             ("second", arrays["second"]),
             ("y", arrays["y"]),
             ("mask", mask),
+            ("w", arrays["w"] if "w" in arrays else np.ones(len(arrays["y"]))),
         ):
             getattr(self, name)[:n] = np.asarray(src)[keep]
         self.n = n
@@ -478,7 +508,7 @@ class FGTSSnapshot(PolicySnapshot):
 
     config: dict[str, Any]  # the FGTSConfig's fields
     arm_embeddings: np.ndarray  # (K, d)
-    history: dict[str, np.ndarray]  # DuelHistory.arrays(): X, first, second, y, mask
+    history: dict[str, np.ndarray]  # DuelHistory.arrays(): X, first, second, y, mask, w (absent before weights)
     theta: np.ndarray  # (2, p) the two chains
     theta_mean: np.ndarray  # (p,) the running mean best() plays
     counters: dict[str, int]  # n_updates, n_refreshes, refreshed_at
@@ -511,7 +541,7 @@ class FGTSCDB:
             mean, prec = self.moments
             self.theta = mean + self.rng.standard_normal((2, self.dim)) / np.sqrt(prec)
             self.theta_mean = mean.copy()
-        self._delta_sq = np.zeros(self.dim)  # Σ_s Δ_s² over the history, for the preconditioner
+        self._delta_sq = np.zeros(self.dim)  # Σ_s w_s·Δ_s² over the history, for the preconditioner
         self.n_updates = 0  # duels learned from (also counts ones dropped from a bounded history)
         self.n_refreshes = 0
         self.refreshed_at = 0  # n_updates at the last refresh
@@ -542,16 +572,19 @@ class FGTSCDB:
         return c.step_size
 
     def preconditioner(self) -> np.ndarray:
-        """P (p,): diag(H)⁻¹ with H = η·Σ_s ¼·Δ_s² + 1/σ0², or ones (see the module docstring)."""
+        """P (p,): diag(H)⁻¹ with H = η·Σ_s ¼·w_s·Δ_s² + 1/σ0², or ones (see the module docstring)."""
         c = self.config
         if c.preconditioner == "none":
             return np.ones(self.dim)
         prec = 1.0 / c.prior_sigma**2 if self.moments is None else self.moments[1]
         return 1.0 / (0.25 * c.eta * self._delta_sq + prec)
 
-    def _pair_sq(self, X: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-        """Σ_s Δ_s² (p,) for duels (first_s, second_s) on contexts X (n, d)."""
-        return (self.fmap.pair_features(X, first, second) ** 2).sum(axis=0)
+    def _pair_sq(
+        self, X: np.ndarray, first: np.ndarray, second: np.ndarray, weight: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Σ_s w_s·Δ_s² (p,) for duels (first_s, second_s) on contexts X (n, d), weights w (None: 1)."""
+        sq = self.fmap.pair_features(X, first, second) ** 2
+        return (sq if weight is None else sq * np.asarray(weight)[:, None]).sum(axis=0)
 
     def potential_grad(
         self,
@@ -562,12 +595,14 @@ class FGTSCDB:
         y: np.ndarray,
         mask: np.ndarray,
         scale: float = 1.0,
+        weight: np.ndarray | None = None,
     ) -> np.ndarray:
         """∇U_j for a stack of chains over one batch of duels.
 
         ``theta`` (C, p); the batch (X (B, d), first/second/y (B,), mask (B, K)) is shared by the
         chains. Chain c is sampler ``j = 1 + (c % 2)``: even chains compare the best offered arm with
         the *second* played arm, odd chains with the first. ``scale`` = n / B rescales a minibatch.
+        ``weight`` (B,): each duel's weight (None: 1).
         """
         return lanes_potential_grad(
             self.fmap,
@@ -581,10 +616,12 @@ class FGTSCDB:
             scale,
             prior=self._prior_lanes(),
             mu=feel_good_weight(self.config, self.history.n),
+            weight=None if weight is None else np.asarray(weight, dtype=np.float64)[None],
         )[0]
 
-    def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int) -> float:
-        """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis. For tests."""
+    def potential(self, theta: np.ndarray, X, first, second, y, mask, sampler: int, weight=None) -> float:
+        """U_j(θ) for one chain (θ of shape (p,)) over a batch without a chain axis (``weight``
+        (B,): each duel's weight, None: 1). For tests."""
         c = self.config
         S = self.fmap.scores(theta, X)
         rows = np.arange(len(y))
@@ -593,6 +630,9 @@ class FGTSCDB:
         other = second if sampler == 1 else first
         best = np.where(mask, S, -np.inf).max(axis=1)
         fg = np.minimum(c.feel_good_clip, best - S[rows, other])
+        if weight is not None:
+            w = np.asarray(weight, dtype=np.float64)
+            loss, fg = w * loss, w * fg
         if self.moments is None:
             log_prior = theta @ theta / (2 * c.prior_sigma**2)
         else:
@@ -619,6 +659,7 @@ class FGTSCDB:
             [self.rng],
             c.n_steps if n_steps is None else n_steps,
             self._prior_lanes(),
+            h.w[None] if h.weighted else None,
         )[0]
         self.theta = theta
         rho = c.exploit_ema
@@ -655,21 +696,35 @@ class FGTSCDB:
             first = int(S[0].argmax())
         return Duel(first, int(second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))))
 
-    def update(self, context: np.ndarray, duel: Duel, outcome: float, arms: Sequence[int] | None = None) -> None:
-        """Record one duel. ``arms`` = the arms offered that round (the feel-good max ranges over them)."""
+    def update(
+        self,
+        context: np.ndarray,
+        duel: Duel,
+        outcome: float,
+        arms: Sequence[int] | None = None,
+        weight: float = 1.0,
+    ) -> None:
+        """Record one duel. ``arms`` = the arms offered that round (the feel-good max ranges over them).
+        ``weight``: how much this duel counts in the likelihood (and the feel-good term and the
+        preconditioner) relative to a plain one: 0 is as if it were absent, 2 as if it were seen twice.
+        Counters and schedules (``n_updates``, the history size behind ``step_decay: sqrt`` and
+        ``feel_good_schedule: inv_sqrt``) count duels, not weights."""
         x = self._context(context)
         y = check_feedback(duel, outcome, self.n_arms)
+        w = float(weight)
+        if not math.isfinite(w) or w < 0:
+            raise ConfigError(f"a duel's weight must be a finite number >= 0, got {weight!r}")
         n_before = self.history.n
-        self.history.append(x, int(duel.first), int(duel.second), y, offered_mask(self.n_arms, arms))
+        self.history.append(x, int(duel.first), int(duel.second), y, offered_mask(self.n_arms, arms), w)
         if self.history.n == n_before + 1:
-            self._delta_sq += self._pair_sq(x[None], np.array([duel.first]), np.array([duel.second]))
+            self._delta_sq += w * self._pair_sq(x[None], np.array([duel.first]), np.array([duel.second]))
         else:  # the bounded history dropped its oldest duels: recount
             self._recount()
         self.n_updates += 1
 
     def _recount(self) -> None:
         h = self.history
-        self._delta_sq = self._pair_sq(h.X[: h.n], h.first[: h.n], h.second[: h.n])
+        self._delta_sq = self._pair_sq(h.X[: h.n], h.first[: h.n], h.second[: h.n], h.w[: h.n])
 
     def best(self, context: np.ndarray, arms: Sequence[int] | None = None) -> int:
         mask = offered_mask(self.n_arms, arms)

@@ -65,6 +65,7 @@ def posterior_spec(args: AppArgs, table: ArmTable, state_dir: str) -> PosteriorS
         hmac_key_env=args.auth.hmac_key_env,
         cold_start=table.cold_start,
         sample_pool=st.sample_pool,
+        judge_weight=args.judge.weight if args.judge is not None else 1.0,
     )
 
 
@@ -81,6 +82,7 @@ def ingress_spec(args: AppArgs, table: ArmTable, state_dir: str) -> IngressSpec:
         limits=args.limits,
         service=args.service,
         resilience=args.resilience,
+        judge=args.judge,
     )
 
 

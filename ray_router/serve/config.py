@@ -294,6 +294,78 @@ class ResilienceSpec(StrictModel):
     )
 
 
+JudgeMode = Literal["single", "duel"]
+
+
+def _single_only() -> list[JudgeMode]:
+    return ["single"]
+
+
+class JudgeBudgetSpec(StrictModel):
+    """What the shadow duels may spend per clock hour (each ingress replica on its own); once either
+    is spent, no new duel starts until the hour rolls. None: no limit of that kind."""
+
+    usd_per_hour: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="USD per hour: the judge's calls plus the second arms' answers"
+    )
+    calls_per_hour: int | None = Field(None, ge=0, description="judge calls per hour (a duel makes two)")
+
+
+class JudgeSpec(StrictModel):
+    """Shadow duels (:mod:`ray_router.serve.judge`): for a sampled share of chat requests, once the
+    user has the answer, the router asks the duel's second arm in the background, asks this judge
+    which answer is better (both orders), and records the verdict as feedback of source ``judge``."""
+
+    upstream: UpstreamSpec = Field(description="the judge: an OpenAI-compatible chat model (price: its token prices)")
+    prompt_template: str | None = Field(
+        None,
+        min_length=1,
+        max_length=20000,
+        description="pairwise prompt with {question}, {answer_a} and {answer_b}; null: the shipped default",
+    )
+    sample_rate: float = Field(0.1, ge=0, le=1, description="share of the chat requests that get a shadow duel")
+    modes: list[JudgeMode] = Field(
+        default_factory=_single_only,
+        min_length=1,
+        description="which chat requests are judged: single (a second arm is asked in the background) and/or "
+        "duel (the two answers the user got: the judge's verdict sits beside a human's, for agreement)",
+    )
+    budget: JudgeBudgetSpec = JudgeBudgetSpec()
+    weight: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="a judge verdict's weight in the posterior; 1.0 = a human one's"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="each judge call's timeout")
+    params: dict[str, Any] = Field(
+        default_factory=lambda: {"temperature": 0, "max_tokens": 16},
+        description="extra fields of the judge's chat request (e.g. temperature, max_tokens)",
+    )
+    max_inflight: int = Field(64, ge=1, description="shadow duels in flight per ingress replica; more are skipped")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _placeholders(cls, v: str | None) -> str | None:
+        if v is not None:
+            missing = [p for p in ("{question}", "{answer_a}", "{answer_b}") if p not in v]
+            if missing:
+                raise ValueError(f"prompt_template lacks {', '.join(missing)}")
+        return v
+
+    @field_validator("modes")
+    @classmethod
+    def _distinct_modes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("modes: each mode once")
+        return v
+
+    @field_validator("params")
+    @classmethod
+    def _own_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted({"model", "messages", "stream"} & set(v))
+        if taken:
+            raise ValueError(f"params may not set {taken} (the router sets them)")
+        return v
+
+
 class AppArgs(StrictModel):
     """Everything ``build_app`` needs; see ``serve_configs/README.md`` for a field-by-field guide."""
 
@@ -307,6 +379,7 @@ class AppArgs(StrictModel):
     limits: LimitsSpec = LimitsSpec()
     service: ServiceSpec = ServiceSpec()
     resilience: ResilienceSpec = ResilienceSpec()
+    judge: JudgeSpec | None = Field(None, description="shadow duels judged by an LLM; null: off")
 
     @field_validator("arms")
     @classmethod

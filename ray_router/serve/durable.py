@@ -18,10 +18,17 @@ record, little-endian::
 
     u32 FRAME_MAGIC | u32 payload length | u32 crc32(length field + payload) | payload
 
-    payload: u8 version (1), u64 seq, f64 ts, i64 expires_at, u8 outcome (0 first, 1 second, 2 tie),
+    payload: u8 version (1 or 2), u64 seq, f64 ts, i64 expires_at, u8 outcome (0 first, 1 second, 2 tie),
              u16 first, u16 second, u16 n_offered (0xFFFF: every arm), u16 dim,
              u16 |nonce|, u32 |request_id|, u16 |first_id|, u16 |second_id|,
+             [version 2 only: u8 source (0 human, 1 judge), f64 weight]
              n_offered x u16, dim x f32 (the embedding, raw), then the four strings (UTF-8)
+
+A record's ``source`` says who gave the verdict (``human``: ``POST /v1/feedback``; ``judge``: the
+router's shadow duels, :mod:`ray_router.serve.judge`) and ``weight`` how much it counts in the
+posterior's likelihood. A human verdict of weight 1 is written as version 1 (the log of a router
+without a judge stays readable by the versions before judges); anything else as version 2.
+Version-1 records read as ``source: human, weight: 1``.
 
 About 1.7 kB a record at d = 384 (the JSON line was ~2.3 kB). Seqs are 1, 2, 3, ... without gaps
 across segments; a segment's name and header carry its first seq.
@@ -88,7 +95,10 @@ _HEADER = struct.Struct("<8sQ")
 FRAME_MAGIC = 0x31465252  # b"RRF1"
 _FRAME = struct.Struct("<III")
 _REC = struct.Struct("<BQdqBHHHHHIHH")
+_REC_V2 = struct.Struct("<BQdqBHHHHHIHHBd")  # version 2: _REC, then source and weight
 _VERSION = 1
+_VERSION_SOURCES = 2
+SOURCES = ("human", "judge")  # who gave a verdict (the record's source byte is the index)
 _ALL_ARMS = 0xFFFF
 _LABELS = tuple(OUTCOMES)
 _SEGMENT_NAME = re.compile(r"^seg-(\d{20})\.log$")
@@ -123,8 +133,11 @@ def encode_record(rec: dict) -> bytes:
         xb = np.ascontiguousarray(x, dtype="<f4").reshape(-1)
         offered = rec["offered"]
         strings = [str(rec[k]).encode("utf-8") for k in ("nonce", "request_id", "first_id", "second_id")]
-        head = _REC.pack(
-            _VERSION,
+        source, weight = rec.get("source", "human"), float(rec.get("weight", 1.0))
+        plain = source == "human" and weight == 1.0
+        extra = () if plain else (SOURCES.index(source), weight)
+        head = (_REC if plain else _REC_V2).pack(
+            _VERSION if plain else _VERSION_SOURCES,
             int(rec["seq"]),
             float(rec["ts"]),
             int(rec["expires_at"]),
@@ -134,6 +147,7 @@ def encode_record(rec: dict) -> bytes:
             _ALL_ARMS if offered is None else len(offered),
             xb.shape[0],
             *(len(s) for s in strings),
+            *extra,
         )
     except (KeyError, ValueError, TypeError, struct.error) as e:
         raise DataError(f"cannot encode feedback record {rec.get('seq')}: {e!r}") from None
@@ -150,10 +164,20 @@ def encode_record(rec: dict) -> bytes:
 
 def decode_record(payload: bytes | memoryview) -> dict:
     """The record of one frame's payload (checksum already checked)."""
-    (version, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = _REC.unpack_from(payload, 0)
-    if version != _VERSION:
-        raise DataError(f"feedback record {seq} has format version {version}; this version reads {_VERSION}")
-    pos = _REC.size
+    version = payload[0]
+    if version == _VERSION:
+        (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = _REC.unpack_from(payload, 0)
+        source, weight, pos = "human", 1.0, _REC.size
+    elif version == _VERSION_SOURCES:
+        (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens, src, weight) = _REC_V2.unpack_from(payload, 0)
+        if src >= len(SOURCES):
+            raise DataError(f"feedback record {seq} has an unknown source {src}")
+        source, pos = SOURCES[src], _REC_V2.size
+    else:
+        seq = _seq_of_payload(memoryview(payload))
+        raise DataError(
+            f"feedback record {seq} has format version {version}; this version reads {_VERSION} and {_VERSION_SOURCES}"
+        )
     offered = None
     if n_off != _ALL_ARMS:
         offered = np.frombuffer(payload, dtype="<u2", count=n_off, offset=pos).tolist()
@@ -179,6 +203,8 @@ def decode_record(payload: bytes | memoryview) -> dict:
         "x": x,
         "expires_at": expires,
         "ts": ts,
+        "source": source,
+        "weight": float(weight),
     }
 
 

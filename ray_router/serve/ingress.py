@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ray_router.errors import RouterError
-from ray_router.serve import http_errors, upstream
+from ray_router.serve import http_errors, judge, upstream
 from ray_router.serve.access import load_access
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
@@ -99,6 +99,7 @@ class Ingress:
         self.started = int(time.time())  # /v1/models' ``created``
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
+        self.judge = judge.ShadowJudge.for_ingress(self)  # shadow duels (judge: in the config), else a no-op
         await self._pull_samples(wait_s=0.0, retry_s=600.0)
         self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
 
@@ -283,6 +284,7 @@ class Ingress:
         self._reads_allowed(request)
         stats = await self._posterior("stats", retry_s=5)
         stats["ingress"] = {"routes": dict(self.routes), "samples_version": self.view.version}
+        stats["judge"] = self.judge.stats()
         return JSONResponse(stats)
 
     # ----------------------------------------------------------------- admin
@@ -360,7 +362,9 @@ class Ingress:
         if served.stream is not None:
             arm = served.decision.picked[0]
             relay = upstream.relay_stream(served.stream, self.spec.arm_ids[arm], info, self.resilience.stream_done(arm))
+            relay = self.judge.stream(relay, req, served.decision, body)  # a sampled shadow duel starts after it
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
         out = upstream.merge_answers(list(served.decision.arms), served.answers)
         out["router"] = info
+        self.judge.after_answer(req, served.decision, body, out)  # a sampled shadow duel starts once the answer is out
         return http_errors.SafeJSONResponse(out, headers=headers)  # the upstream's text may hold anything

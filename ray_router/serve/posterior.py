@@ -25,9 +25,10 @@ from ray_router.serve.specs import PosteriorSpec
 class Posterior(PosteriorService):
     # Serve awaits an async constructor of a deployment class; mypy only knows plain classes
     async def __init__(self, spec: PosteriorSpec, refresh_min_interval_s: float = 0.02):  # type: ignore[misc]
+        from ray_router.serve.judge import AgreementMetrics
         from ray_router.serve.metrics import PosteriorMetrics
 
-        super().__init__(spec, refresh_min_interval_s, PosteriorMetrics())
+        super().__init__(spec, refresh_min_interval_s, PosteriorMetrics(), judge_metrics=AgreementMetrics())
         await self.start()
 
     def __del__(self) -> None:

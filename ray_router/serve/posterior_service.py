@@ -29,7 +29,9 @@ thread, so they never interleave with an apply or a refresh.
 
 ``metrics``: an object with ``feedback``, ``refresh``, ``apply_lag``, ``log_bytes``, ``version`` and
 ``role`` recorders (:class:`ray_router.serve.metrics.PosteriorMetrics` under Serve); without one
-nothing is recorded. ``apply_lag``: per feedback, the seconds from its durable acknowledgement (the
+nothing is recorded. ``judge_metrics``: an object with an ``agreement`` counter (tag ``result``:
+agree/disagree; :class:`ray_router.serve.judge.AgreementMetrics` under Serve), counted when a
+decision gets both a human and a judge verdict. ``apply_lag``: per feedback, the seconds from its durable acknowledgement (the
 log's fsync) to the publication of the first samples whose refresh included its update.
 """
 
@@ -50,7 +52,7 @@ from typing import Any
 from ray_router.serve.durable import GroupCommitter
 from ray_router.serve.errors import Standby
 from ray_router.serve.specs import PosteriorSpec
-from ray_router.serve.state import PosteriorState
+from ray_router.serve.state import PosteriorState, used_key
 from ray_router.serve.tokens import DecisionSigner, decision_signer
 
 logger = logging.getLogger("ray.serve")
@@ -64,7 +66,7 @@ class _NoRecorder:
 
 
 class _NoMetrics:
-    feedback = refresh = apply_lag = log_bytes = version = role = _NoRecorder()
+    feedback = refresh = apply_lag = log_bytes = version = role = agreement = _NoRecorder()
 
 
 ROLES = ("writer", "standby")
@@ -81,6 +83,7 @@ class PosteriorService:
         segment_bytes: int | None = None,
         signer: DecisionSigner | None = None,
         standby_poll_s: float = STANDBY_POLL_S,
+        judge_metrics: Any = None,
     ) -> None:
         self.state = PosteriorState(spec, clock=clock, segment_bytes=segment_bytes)
         # defence in depth: every feedback's decision id is verified here again, with the service's
@@ -89,6 +92,7 @@ class PosteriorService:
         self._clock = clock
         self.refresh_min_interval_s = refresh_min_interval_s
         self.metrics = metrics if metrics is not None else _NoMetrics()
+        self.judge_metrics = judge_metrics if judge_metrics is not None else _NoMetrics()
         self.instance = uuid.uuid4().hex  # this posterior instance: a restart is a new epoch
         self.standby_poll_s = standby_poll_s
         self.standby_since: float | None = None
@@ -249,26 +253,30 @@ class PosteriorService:
                 await asyncio.wait_for(event.wait(), wait_s)
         return {**self.state.view(), "epoch": self.epoch}
 
-    async def feedback(self, decision_id: str, outcome: str, request_id: str) -> dict:
+    async def feedback(self, decision_id: str, outcome: str, request_id: str, source: str = "human") -> dict:
         """Record a decision's feedback; the acknowledgement comes once it is durable. The decision id
-        is verified here (signature, expiry, a duel): the posterior trusts no caller."""
+        is verified here (signature, expiry, a duel): the posterior trusts no caller. ``source``:
+        ``human`` (``POST /v1/feedback``) or ``judge`` (the ingress's shadow duels; weighs
+        ``spec.judge_weight``): a decision takes one verdict of each."""
         claims = self.signer.verify_duel(decision_id, self._clock())
         self._refuse_on_standby("feedback")
-        nonce = claims.nonce
-        res = self.state.begin_feedback(claims, outcome, request_id)
+        key = used_key(claims.nonce, source)
+        res = self.state.begin_feedback(claims, outcome, request_id, source)
         if isinstance(res, tuple):  # this request was recorded before (a retry after a crash)
             return {**res[1], "posterior_version": self.state.version}
         try:
             fut = self._committer.submit(res)
         except BaseException:
-            self.state.end_feedback(nonce, None)
+            self.state.end_feedback(key, None)
             raise
         acks: dict[str, Any] = {}
 
         def finish(f: asyncio.Future) -> None:
             # runs exactly once, even if the caller is cancelled while the record is written
             ok = not f.cancelled() and f.exception() is None
-            acks["ack"] = self.state.end_feedback(nonce, f.result() if ok else None)
+            acks["ack"] = ack = self.state.end_feedback(key, f.result() if ok else None)
+            if ack is not None and "agreement" in ack:
+                self.judge_metrics.agreement.inc(1, tags={"result": ack["agreement"]})
 
         fut.add_done_callback(finish)
         await asyncio.shield(fut)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_router.serve.config import AuthSpec, LimitsSpec, ResilienceSpec, ServiceSpec, UpstreamSpec
+from ray_router.serve.config import AuthSpec, JudgeSpec, LimitsSpec, ResilienceSpec, ServiceSpec, UpstreamSpec
 
 COLD_START_NOTE = "cold start: no offline data; all arms equal, learning online only"
 
@@ -35,6 +35,8 @@ class PosteriorSpec:
     hmac_key_env: str = "RAY_ROUTER_HMAC_KEY"
     cold_start: bool = False  # arm_embeddings.cold_start: said in /v1/stats (posterior.cold_start)
     sample_pool: int = 16  # state.sample_pool: samples published for duel routes to draw from
+    # how much a judge's verdict weighs in the likelihood relative to a human's (judge.weight)
+    judge_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,4 @@ class IngressSpec:
     limits: LimitsSpec = field(default_factory=LimitsSpec)
     service: ServiceSpec = field(default_factory=ServiceSpec)
     resilience: ResilienceSpec = field(default_factory=ResilienceSpec)
+    judge: JudgeSpec | None = None  # shadow duels (ray_router.serve.judge); None: off

@@ -29,6 +29,15 @@ Snapshots, compaction and recovery
     the duels the snapshot's policy holds (its history, bounded by ``max_history``) and then the log
     tail (``recovery["rebuilt_from_log"]`` says why; ``rebuilt_from_history`` how many duels).
 
+Sources and weights (the router's judge, :mod:`ray_router.serve.judge`)
+    A record says who gave its verdict: ``human`` (``POST /v1/feedback``) or ``judge`` (a shadow
+    duel); a judge's verdict weighs ``spec.judge_weight`` times a human one in the likelihood (the
+    weight is written into the record, so a replay learns exactly what the live service learned).
+    Single use is per (decision, source): a decision takes one human and one judge verdict, and the
+    human's rules (one feedback, a retry of the same request replays its acknowledgement) are those
+    of a router without a judge. When both exist for one decision, the second to arrive is compared
+    with the first (``counts["judge_agreement"]``: agree when the outcomes are equal).
+
 Standby (``start`` when another process holds the lock)
     ``open_standby`` restores the snapshot and applies the log without the lock, writing nothing;
     ``follow`` applies what the holder appends since (``FeedbackJournal.tail``: read-only, stops at
@@ -65,6 +74,7 @@ from ray_router.serve.durable import (
     LOG_DIR,
     OUTCOMES,
     SEGMENT_BYTES,
+    SOURCES,
     FeedbackJournal,
     Position,
     StateLock,
@@ -77,6 +87,20 @@ from ray_router.serve.specs import COLD_START_NOTE, PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
 SNAPSHOT_FILE = "posterior.snapshot.npz"
+JUDGE_KEY = "judge:"  # prefix of a judge verdict's entry in the used-decision table
+
+
+def used_key(nonce: str, source: str = "human") -> str:
+    """The entry of a decision's verdict from ``source`` in the single-use table: the nonce for a
+    human's (as before judges), ``judge:<nonce>`` for the judge's."""
+    return nonce if source == "human" else f"{JUDGE_KEY}{nonce}"
+
+
+def _used_entry(rec: dict) -> tuple[str, dict]:
+    key = used_key(rec["nonce"], rec.get("source", "human"))
+    return key, {"r": rec["request_id"], "s": int(rec["seq"]), "y": rec["outcome"], "e": rec["expires_at"]}
+
+
 PRUNE_EVERY_S = 10.0  # a standby drops the expired nonces it followed this often
 
 
@@ -126,7 +150,7 @@ class PosteriorState:
         self.journal = FeedbackJournal(self.dir / LOG_DIR, spec.fsync, segment_bytes, segment_records)
         # nonce -> {"r": request id, "s": seq, "y": outcome label, "e": expires}; the single-use set
         self.used: dict[str, dict] = {}
-        self.inflight: dict[str, str] = {}  # nonce -> request id, while its record is being written
+        self.inflight: dict[str, str] = {}  # used key -> request id, while its record is being written
         self.last_applied_seq = 0
         self.last_applied_position: Position | None = None  # where the last applied record ends in the log
         self.snapshot_seq = 0
@@ -137,6 +161,8 @@ class PosteriorState:
         self.counts: dict[str, Any] = {
             "feedback": {k: 0 for k in OUTCOMES},
             "rejected_feedback": {"duplicate": 0, "not_a_duel": 0, "expired": 0},
+            "feedback_by_source": {k: 0 for k in SOURCES},
+            "judge_agreement": {"agree": 0, "disagree": 0},
         }
         self.recovery: dict[str, Any] = {}
         self._opened = False
@@ -289,12 +315,8 @@ class PosteriorState:
             return 0
         for end, rec in records:
             rec["_end"] = end
-            self.used[rec["nonce"]] = {
-                "r": rec["request_id"],
-                "s": int(rec["seq"]),
-                "y": rec["outcome"],
-                "e": rec["expires_at"],
-            }
+            key, entry = _used_entry(rec)
+            self.used[key] = entry
         now = self.clock()
         if now - self._pruned_at >= PRUNE_EVERY_S:  # here, on the mutation thread that fills ``used``
             self._prune_used(now)
@@ -383,7 +405,8 @@ class PosteriorState:
                 raise DataError(f"{self.journal.dir}: record seq {seq} where seq {after + 1} was due")
             rec["_end"] = end
             batch.append(rec)
-            self.used[rec["nonce"]] = {"r": rec["request_id"], "s": seq, "y": rec["outcome"], "e": rec["expires_at"]}
+            key, entry = _used_entry(rec)
+            self.used[key] = entry
             if len(batch) >= 1024:
                 replayed += self.apply(batch)
                 batch = []
@@ -395,9 +418,10 @@ class PosteriorState:
         the first ``dim`` columns of its contexts), under the current config."""
         X = np.asarray(history["X"])[:, : self.dim]
         first, second, y, mask = (np.asarray(history[k]) for k in ("first", "second", "y", "mask"))
+        w = np.asarray(history["w"]) if "w" in history else np.ones(len(y))  # absent: before weights
         for i in range(len(y)):
             offered = None if mask[i].all() else np.flatnonzero(mask[i]).tolist()
-            self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered)
+            self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered, float(w[i]))
         return len(y)
 
     def _check_meta(self, write: bool = True) -> None:
@@ -463,14 +487,20 @@ class PosteriorState:
         return {"version": version, "theta": theta, "theta_mean": theta_mean, "pool": np.stack(pool)}
 
     # ----------------------------------------------------------------- feedback
-    def begin_feedback(self, claims: DecisionClaims, outcome: str, request_id: str) -> dict | tuple[str, dict]:
+    def begin_feedback(
+        self, claims: DecisionClaims, outcome: str, request_id: str, source: str = "human"
+    ) -> dict | tuple[str, dict]:
         """A log record to append, or ``("replay", ack)`` when this very request (same request id)
-        was already recorded. ``claims`` come from a verified decision id. Raises the 4xx errors of
-        the contract otherwise."""
+        was already recorded. ``claims`` come from a verified decision id; ``source``: ``human``
+        or ``judge`` (then the record weighs ``spec.judge_weight``). Raises the 4xx errors of the
+        contract otherwise."""
         if outcome not in OUTCOMES:
             raise ConfigError(f"outcome must be one of {list(OUTCOMES)}")
+        if source not in SOURCES:
+            raise ConfigError(f"source must be one of {list(SOURCES)}")
         nonce = claims.nonce
-        used = self.used.get(nonce)
+        key = used_key(nonce, source)
+        used = self.used.get(key)
         if used is not None:
             if used["r"] == request_id:
                 return "replay", self._ack(nonce, used["s"], used["y"], replayed=True)
@@ -478,7 +508,7 @@ class PosteriorState:
             raise DuplicateFeedback(
                 f"feedback for this decision was already recorded (outcome {used['y']!r}); a decision takes one feedback"
             )
-        if nonce in self.inflight:
+        if key in self.inflight:
             self.counts["rejected_feedback"]["duplicate"] += 1
             raise DuplicateFeedback("feedback for this decision is being recorded by another request")
         now = self.clock()
@@ -492,7 +522,7 @@ class PosteriorState:
         arms = [claims.first, claims.second, *(claims.offered or ())]
         if x.shape != (self.dim,) or not np.isfinite(x).all() or min(arms) < 0 or max(arms) >= self.n_arms:
             raise MalformedRequest("decision_id does not fit this posterior (dimension or arm index)")
-        self.inflight[nonce] = request_id
+        self.inflight[key] = request_id
         return {
             "nonce": nonce,
             "request_id": request_id,
@@ -506,21 +536,30 @@ class PosteriorState:
             "x": x,
             "expires_at": int(claims.expires_at),
             "ts": now,
+            "source": source,
+            "weight": 1.0 if source == "human" else float(getattr(self.spec, "judge_weight", 1.0)),
         }
 
-    def end_feedback(self, nonce: str, record: dict | None) -> dict | None:
-        """After the durable append (``record`` with its ``seq``), or after a failed one (None)."""
-        self.inflight.pop(nonce, None)
+    def end_feedback(self, key: str, record: dict | None) -> dict | None:
+        """After the durable append (``record`` with its ``seq``), or after a failed one (None).
+        ``key``: the decision's :func:`used_key` for the record's source."""
+        self.inflight.pop(key, None)
         if record is None:
             return None
-        self.used[nonce] = {
-            "r": record["request_id"],
-            "s": record["seq"],
-            "y": record["outcome"],
-            "e": record["expires_at"],
-        }
+        key, entry = _used_entry(record)
+        self.used[key] = entry
         self.counts["feedback"][record["outcome"]] += 1
-        return self._ack(nonce, record["seq"], record["outcome"], replayed=False)
+        source = record.get("source", "human")
+        self.counts["feedback_by_source"][source] += 1
+        ack = self._ack(record["nonce"], record["seq"], record["outcome"], replayed=False)
+        if source != "human":  # a human's acknowledgement keeps the shape of a router without a judge
+            ack["source"] = source
+        other = self.used.get(used_key(record["nonce"], "judge" if source == "human" else "human"))
+        if other is not None:  # a human and a judge verdict on one decision: do they agree?
+            agreement = "agree" if other["y"] == record["outcome"] else "disagree"
+            self.counts["judge_agreement"][agreement] += 1
+            ack["agreement"] = agreement
+        return ack
 
     def _ack(self, nonce: str, seq: int, outcome: str, replayed: bool) -> dict:
         return {"accepted": True, "seq": int(seq), "outcome": outcome, "replayed": replayed}
@@ -540,7 +579,8 @@ class PosteriorState:
                 x = decode_vector(x)
             if x.shape[0] != self.dim:
                 raise ConfigError(f"log record {seq} has a {x.shape[0]}-d embedding, the posterior {self.dim}")
-            self.policy.update(x, Duel(int(rec["first"]), int(rec["second"])), float(rec["y"]), rec["offered"])
+            duel = Duel(int(rec["first"]), int(rec["second"]))
+            self.policy.update(x, duel, float(rec["y"]), rec["offered"], float(rec.get("weight", 1.0)))
             self.last_applied_seq = seq
             self.last_applied_position = rec["_end"]
             self._last_nonce = rec.get("nonce")

@@ -46,6 +46,8 @@ def record(i: int, dim: int = DIM, offered: list[int] | None = None) -> dict:
         "x": rng.normal(size=dim).astype(np.float32),
         "expires_at": 2_000_000_000 + i,
         "ts": 1_700_000_000.25 + i,
+        "source": "human",
+        "weight": 1.0,
     }
 
 
