@@ -12,6 +12,7 @@ One row per duel, in log order::
     source       string    who gave the verdict: "human", "judge" or "replay"
     weight       float64   its weight in the likelihood (a judge's verdict may count less)
     config_version string  the service configuration the duel was logged under ("" when unknown)
+    propensity   float64   the probability with which the route played this pair (null: unknown)
 
 The file's schema metadata carries ``ray_router.arm_ids`` (JSON list: every arm of the table the
 log was written against) and ``ray_router.encoder`` (the encoder identity of the embeddings), so a
@@ -31,7 +32,9 @@ from ray_router.errors import DataError
 
 OUTCOMES = ("first", "second", "tie")
 Y_OF = {"first": 1.0, "second": 0.0, "tie": 0.5}
-COLUMNS = ("seq", "ts", "embedding", "first", "second", "outcome", "offered", "source", "weight", "config_version")
+COLUMNS = (
+    "seq", "ts", "embedding", "first", "second", "outcome", "offered", "source", "weight", "config_version", "propensity",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class DuelLog:
     ts: np.ndarray  # (n,) float64
     seq: np.ndarray  # (n,) int64
     config_version: np.ndarray  # (n,) object (str)
+    propensity: np.ndarray | None = None  # (n,) float64, NaN = unknown; None: the log has none
 
     def __len__(self) -> int:
         return len(self.y)
@@ -70,7 +74,7 @@ class DuelLog:
         offered = [None if o is None else [int(m[i]) for i in o] for o in self.offered]
         return DuelLog(
             tuple(arm_ids), self.encoder, self.X, m[self.first], m[self.second], self.y, offered,
-            self.weight, self.source, self.ts, self.seq, self.config_version,
+            self.weight, self.source, self.ts, self.seq, self.config_version, self.propensity,
         )  # fmt: skip
 
 
@@ -94,6 +98,12 @@ def write_duels(log: DuelLog, path: str | Path) -> Path:
             "source": pa.array([str(s) for s in log.source], pa.string()),
             "weight": pa.array(log.weight, pa.float64()),
             "config_version": pa.array([str(v) for v in log.config_version], pa.string()),
+            "propensity": pa.array(
+                [None] * len(log.y)
+                if log.propensity is None
+                else [None if np.isnan(p) else float(p) for p in log.propensity],
+                pa.float64(),
+            ),
         }
     )
     meta = {b"ray_router.arm_ids": json.dumps(list(ids)).encode(), b"ray_router.encoder": log.encoder.encode()}
@@ -170,4 +180,5 @@ def read_duels(path: str | Path) -> DuelLog:
         ts=np.asarray(cols.get("ts") or np.arange(n, dtype=np.float64), dtype=np.float64),
         seq=np.asarray(cols.get("seq") or np.arange(1, n + 1), dtype=np.int64),
         config_version=np.array(cols.get("config_version") or [""] * n, dtype=object),
+        propensity=np.array([np.nan if p is None else p for p in cols.get("propensity") or [None] * n], dtype=float),
     )

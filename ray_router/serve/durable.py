@@ -21,14 +21,16 @@ record, little-endian::
     payload: u8 version (1 or 2), u64 seq, f64 ts, i64 expires_at, u8 outcome (0 first, 1 second, 2 tie),
              u16 first, u16 second, u16 n_offered (0xFFFF: every arm), u16 dim,
              u16 |nonce|, u32 |request_id|, u16 |first_id|, u16 |second_id|,
-             [version 2 only: u8 source (0 human, 1 judge), f64 weight]
+             [versions 2 and 3: u8 source (0 human, 1 judge), f64 weight] [version 3: f64 propensity]
              n_offered x u16, dim x f32 (the embedding, raw), then the four strings (UTF-8)
 
 A record's ``source`` says who gave the verdict (``human``: ``POST /v1/feedback``; ``judge``: the
 router's shadow duels, :mod:`ray_router.serve.judge`) and ``weight`` how much it counts in the
-posterior's likelihood. A human verdict of weight 1 is written as version 1 (the log of a router
-without a judge stays readable by the versions before judges); anything else as version 2.
-Version-1 records read as ``source: human, weight: 1``.
+posterior's likelihood, and ``propensity`` the probability with which the route played that pair
+(its decision id's count out of the sample pool, see ``serve_configs/README.md``, *Propensities*).
+A human verdict of weight 1 without a propensity is written as version 1 (readable by the versions
+before judges), one without a propensity as version 2, one with as version 3. Version-1 records read
+as ``source: human, weight: 1``; versions 1 and 2 as ``propensity: None``.
 
 About 1.7 kB a record at d = 384 (the JSON line was ~2.3 kB). Seqs are 1, 2, 3, ... without gaps
 across segments; a segment's name and header carry its first seq.
@@ -96,8 +98,10 @@ FRAME_MAGIC = 0x31465252  # b"RRF1"
 _FRAME = struct.Struct("<III")
 _REC = struct.Struct("<BQdqBHHHHHIHH")
 _REC_V2 = struct.Struct("<BQdqBHHHHHIHHBd")  # version 2: _REC, then source and weight
+_REC_V3 = struct.Struct("<BQdqBHHHHHIHHBdd")  # version 3: _REC_V2, then the decision's propensity
 _VERSION = 1
 _VERSION_SOURCES = 2
+_VERSION_PROPENSITY = 3
 SOURCES = ("human", "judge")  # who gave a verdict (the record's source byte is the index)
 _ALL_ARMS = 0xFFFF
 _LABELS = tuple(OUTCOMES)
@@ -134,10 +138,17 @@ def encode_record(rec: dict) -> bytes:
         offered = rec["offered"]
         strings = [str(rec[k]).encode("utf-8") for k in ("nonce", "request_id", "first_id", "second_id")]
         source, weight = rec.get("source", "human"), float(rec.get("weight", 1.0))
-        plain = source == "human" and weight == 1.0
-        extra = () if plain else (SOURCES.index(source), weight)
-        head = (_REC if plain else _REC_V2).pack(
-            _VERSION if plain else _VERSION_SOURCES,
+        propensity = rec.get("propensity")
+        plain = source == "human" and weight == 1.0 and propensity is None
+        extra: tuple[float, ...]
+        if plain:
+            fmt, version, extra = _REC, _VERSION, ()
+        elif propensity is None:
+            fmt, version, extra = _REC_V2, _VERSION_SOURCES, (SOURCES.index(source), weight)
+        else:
+            fmt, version, extra = _REC_V3, _VERSION_PROPENSITY, (SOURCES.index(source), weight, float(propensity))
+        head = fmt.pack(
+            version,
             int(rec["seq"]),
             float(rec["ts"]),
             int(rec["expires_at"]),
@@ -167,17 +178,19 @@ def decode_record(payload: bytes | memoryview) -> dict:
     version = payload[0]
     if version == _VERSION:
         (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = _REC.unpack_from(payload, 0)
-        source, weight, pos = "human", 1.0, _REC.size
-    elif version == _VERSION_SOURCES:
-        (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens, src, weight) = _REC_V2.unpack_from(payload, 0)
+        source, weight, pos, propensity = "human", 1.0, _REC.size, None
+    elif version in (_VERSION_SOURCES, _VERSION_PROPENSITY):
+        fmt = _REC_V2 if version == _VERSION_SOURCES else _REC_V3
+        fields = fmt.unpack_from(payload, 0)
+        (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = fields[:13]
+        src, weight = fields[13], fields[14]
         if src >= len(SOURCES):
             raise DataError(f"feedback record {seq} has an unknown source {src}")
-        source, pos = SOURCES[src], _REC_V2.size
+        source, pos = SOURCES[src], fmt.size
+        propensity = float(fields[15]) if len(fields) > 15 else None
     else:
         seq = _seq_of_payload(memoryview(payload))
-        raise DataError(
-            f"feedback record {seq} has format version {version}; this version reads {_VERSION} and {_VERSION_SOURCES}"
-        )
+        raise DataError(f"feedback record {seq} has format version {version}; this version reads 1, 2 and 3")
     offered = None
     if n_off != _ALL_ARMS:
         offered = np.frombuffer(payload, dtype="<u2", count=n_off, offset=pos).tolist()
@@ -205,6 +218,7 @@ def decode_record(payload: bytes | memoryview) -> dict:
         "ts": ts,
         "source": source,
         "weight": float(weight),
+        "propensity": propensity,
     }
 
 

@@ -78,6 +78,7 @@ def read_log(state_dir: str | Path) -> tuple[DuelLog, int]:
         ts=np.array([float(r["ts"]) for r in records], dtype=np.float64),
         seq=np.array([int(r["seq"]) for r in records], dtype=np.int64),
         config_version=np.array([str(r.get("config_version", "")) for r in records], dtype=object),
+        propensity=np.array([np.nan if r.get("propensity") is None else float(r["propensity"]) for r in records]),
     )
     bad = [i for i in (*log.first, *log.second) if not 0 <= i < len(arm_ids)]
     if bad:

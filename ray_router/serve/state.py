@@ -538,6 +538,7 @@ class PosteriorState:
             "ts": now,
             "source": source,
             "weight": 1.0 if source == "human" else float(getattr(self.spec, "judge_weight", 1.0)),
+            "propensity": claims.propensity,  # of the served pair (None: unknown)
         }
 
     def end_feedback(self, key: str, record: dict | None) -> dict | None:

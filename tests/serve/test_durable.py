@@ -48,6 +48,7 @@ def record(i: int, dim: int = DIM, offered: list[int] | None = None) -> dict:
         "ts": 1_700_000_000.25 + i,
         "source": "human",
         "weight": 1.0,
+        "propensity": None,
     }
 
 

@@ -107,3 +107,42 @@ def test_the_posterior_publishes_its_last_refreshes(tmp_path):
         np.testing.assert_array_equal(v["pool"][-1], v["theta"])
     finally:
         st.close()
+
+
+def test_the_log_keeps_the_propensity_and_the_export_carries_it(tmp_path):
+    from ray_router.evaluation.duels import read_duels
+    from ray_router.serve import durable
+    from ray_router.serve.durable import LOG_DIR, FeedbackJournal, write_meta
+    from ray_router.serve.log_export import export
+    from tests.serve.test_durable import DIM, record
+
+    recs = [record(1), {**record(2), "propensity": 0.25}, {**record(3), "source": "judge", "weight": 0.5}]
+    recs.append({**record(4), "source": "judge", "weight": 0.5, "propensity": 1.0})
+    for i, r in enumerate(recs):
+        back = durable.decode_record(durable.encode_record({**r, "seq": i + 1})[12:])  # past the frame header
+        assert back["propensity"] == r.get("propensity") and back["source"] == r.get("source", "human")
+        assert back["weight"] == r.get("weight", 1.0)
+    root = tmp_path / "state"
+    root.mkdir()
+    write_meta(root / "meta.json", {"arm_ids": [f"arm/{k}" for k in range(11)], "encoder_identity": "e", "dim": DIM})
+    j = FeedbackJournal(root / LOG_DIR)
+    j.open()
+    j.append(recs)
+    j.close()
+    log = read_duels(export(root, tmp_path / "d.parquet").path)
+    np.testing.assert_array_equal(np.isnan(log.propensity), [True, False, True, False])
+    assert log.propensity[1] == 0.25 and log.propensity[3] == 1.0
+    assert list(log.source) == ["human", "human", "judge", "judge"] and list(log.weight) == [1, 1, 0.5, 0.5]
+
+
+def test_a_feedback_record_gets_its_decisions_propensity(tmp_path):
+    st = PosteriorState(spec(tmp_path), clock=lambda: NOW)
+    st.open()
+    try:
+        s = DecisionSigner(KEY, ARMS)
+        x = quantise(hash_encoder(16).encode(["q"])[0])
+        tok = s.issue(new_nonce(), NOW + 600, "duel", 0, 1, None, x, (3, 16))
+        rec = st.begin_feedback(s.verify(tok, NOW), "first", "req-1")
+        assert rec["propensity"] == 3 / 16
+    finally:
+        st.close()
