@@ -300,3 +300,49 @@ def _fit_slope(uhat: np.ndarray, U: np.ndarray, max_duels: int, seed: int) -> fl
         if abs(step) < 1e-8:
             break
     return float(np.clip(w, 0.0, 100.0))
+
+
+PROFILE_ROWS = 5.0  # what an operator's per-category score of a new arm is worth, in offline rows
+PROFILE_BETA = 10.0  # sharpness of the category weights of a new arm's embedding
+
+
+def extend_with_profiles(
+    prior: Mapping[str, Any],
+    embeddings: np.ndarray,
+    profiles: Sequence[Mapping[str, float]],
+    rows: float = PROFILE_ROWS,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The prior (``OfflinePrior.to_dict()``) and arm embeddings (K, d) with one arm appended per
+    profile (an operator's expected score per category of the prior; ``default`` for the others).
+
+    A new arm's prior utility in category m is its profile score, with the standard error of a
+    score resting on ``rows`` offline rows; its embedding is the category centroids weighted by
+    ``softmax(PROFILE_BETA · score)`` (the ``perf`` weighting of ALGORITHM.md s.3 over categories
+    instead of rows), scaled to the mean norm of the known arms' embeddings."""
+    p = OfflinePrior.from_dict(prior)
+    names = list(p.category_names)
+    cols = []
+    for prof in profiles:
+        missing = [c for c in names if c not in prof and "default" not in prof]
+        if missing:
+            raise ConfigError(
+                f"profile: no score for categories {missing} (give them, or a 'default'); the prior's are {names}"
+            )
+        unknown = sorted(set(prof) - set(names) - {"default"})
+        if unknown:
+            raise ConfigError(f"profile: unknown categories {unknown}; the prior's are {names}")
+        cols.append([float(prof.get(c, prof.get("default", 0.0))) for c in names])
+    U_new = np.asarray(cols, dtype=np.float64).T  # (M, n_new)
+    se_new = np.full(U_new.shape, max(math.sqrt(_PRIOR_VAR / rows), _MIN_STDERR))
+    d = p.to_dict()
+    d["utility"] = np.concatenate([p.utility, U_new], axis=1)
+    d["stderr"] = np.concatenate([p.stderr, se_new], axis=1)
+    if p.arm_stderr is not None:
+        arm_se = max(math.sqrt(_PRIOR_VAR / (rows * len(names))), _MIN_STDERR)
+        d["arm_stderr"] = np.concatenate([p.arm_stderr, np.full(U_new.shape[1], arm_se)])
+    A = np.asarray(embeddings, dtype=np.float64)
+    scale = float(np.linalg.norm(A, axis=1).mean()) if len(A) else 1.0
+    W = _softmax(PROFILE_BETA * U_new.T)  # (n_new, M)
+    A_new = W @ _unit(p.centroids)
+    A_new = A_new / np.maximum(np.linalg.norm(A_new, axis=1, keepdims=True), 1e-12) * scale
+    return OfflinePrior.from_dict(d).to_dict(), np.concatenate([A, A_new], axis=0)

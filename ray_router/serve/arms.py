@@ -94,7 +94,21 @@ def _prior_from_npz(z, path: Path, ids: list[str], file_ids: list[str] | None) -
     return prior.to_dict()
 
 
-def _from_file(args: AppArgs, file: str, identity: str) -> tuple[np.ndarray, str, dict | None]:
+def _covered(args: AppArgs, present: list[str], where: str) -> list[str]:
+    """The arm ids the offline data covers (``present``), in arm-table order; an arm it lacks needs
+    a ``profile`` (then it is placed by :func:`_place_profiled`), else a ConfigError."""
+    ids = list(args.arm_ids)
+    missing = [a for a in ids if a not in present]
+    unprofiled = [a for a in missing if args.arms[ids.index(a)].profile is None]
+    if unprofiled:
+        raise ConfigError(
+            f"{where} has no embedding for arms {unprofiled}; it has {present} (a new arm the offline data does "
+            "not cover needs a 'profile': its expected score per category)"
+        )
+    return [a for a in ids if a in present]
+
+
+def _from_file(args: AppArgs, file: str, identity: str) -> tuple[np.ndarray, str, dict | None, list[str]]:
     path = Path(file).expanduser()
     if not path.is_file():
         raise DataError(f"arm_embeddings.file: {path} does not exist (use an absolute path)")
@@ -108,24 +122,49 @@ def _from_file(args: AppArgs, file: str, identity: str) -> tuple[np.ndarray, str
                 raise DataError(f"{path}: an .npz of arm embeddings needs an 'embeddings' array; has {z.files}")
             A = z["embeddings"]
             file_ids = [str(a) for a in z["arm_ids"]] if "arm_ids" in z.files else None
+            if file_ids is not None:
+                ids = _covered(args, file_ids, str(path))
             prior = _prior_from_npz(z, path, ids, file_ids)
             if "encoder_identity" in z.files:
                 found = str(z["encoder_identity"])
                 if found != identity:
                     raise ConfigError(f"{path} was computed with encoder {found!r}, the service uses {identity!r}")
-            if "arm_ids" in z.files:
-                file_ids = [str(a) for a in z["arm_ids"]]
-                missing = [a for a in ids if a not in file_ids]
-                if missing:
-                    raise ConfigError(f"{path} has no embedding for arms {missing}; it has {file_ids}")
+            if file_ids is not None:
                 A = A[[file_ids.index(a) for a in ids]]
     A = np.asarray(A, dtype=np.float64)
     if A.ndim != 2 or A.shape[0] != len(ids):
         raise DataError(f"{path}: expected a ({len(ids)}, d) array in arm-table order, got shape {A.shape}")
-    return A, str(path), prior
+    return A, str(path), prior, ids
 
 
-def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str, dict | None]:
+def _place_profiled(
+    args: AppArgs, covered: list[str], A: np.ndarray, prior: dict | None
+) -> tuple[np.ndarray, dict | None]:
+    """Embeddings and prior of the whole arm table: the covered arms' from the offline data, the
+    others' from their profiles (:func:`~ray_router.policies.offline_prior.extend_with_profiles`)."""
+    from ray_router.policies.offline_prior import OfflinePrior, extend_with_profiles
+
+    ids = list(args.arm_ids)
+    new = [a for a in ids if a not in covered]
+    if not new:
+        return A, prior
+    if prior is None:
+        raise ConfigError(
+            f"arms {new} have only a profile, and the offline data has no per-category prior to place them in"
+        )
+    profiles = [args.arms[ids.index(a)].profile or {} for a in new]
+    prior_all, A_all = extend_with_profiles(prior, A, profiles)
+    order = [(covered + new).index(a) for a in ids]  # back to arm-table order
+    p = OfflinePrior.from_dict(prior_all)
+    d = p.to_dict()
+    d["utility"], d["stderr"] = p.utility[:, order], p.stderr[:, order]
+    if p.arm_stderr is not None:
+        d["arm_stderr"] = p.arm_stderr[order]
+    logger.warning(f"ray-router: arms {new} enter with their profiles' prior (no offline rows of them)")
+    return A_all[order], OfflinePrior.from_dict(d).to_dict()
+
+
+def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarray, str, dict | None, list[str]]:
     from ray_router.data import k_per_category, load_dataset, resolve_data_dir, stratified_split
     from ray_router.embeddings.model_embeddings import WeightingConfig, offline_arm_embeddings
 
@@ -140,14 +179,17 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
         table = load_dataset(spec.name, data_dir=data_dir, **spec.options)
     except RouterError as e:
         raise type(e)(f"arm_embeddings.from_dataset: {e}") from None
-    columns = [a.dataset_arm or a.id for a in args.arms]
-    missing = [c for c in columns if c not in table.arms]
+    column_of = {a.id: a.dataset_arm or a.id for a in args.arms}
+    missing = [
+        c for a, c in column_of.items() if c not in table.arms and args.arms[args.arm_ids.index(a)].profile is None
+    ]
     if missing:
         raise ConfigError(
             f"arm_embeddings.from_dataset: {table.name} has no arm(s) {missing}; its arms are {list(table.arms)} "
-            "(set dataset_arm on an arm to map its id to a dataset column)"
+            "(set dataset_arm on an arm to map its id to a dataset column, or give a new arm a 'profile')"
         )
-    cols = np.array([table.arms.index(c) for c in columns])
+    covered = [a for a, c in column_of.items() if c in table.arms]
+    cols = np.array([table.arms.index(column_of[a]) for a in covered])
     if spec.split == "stratified":
         split = stratified_split(table.categories, offline_fraction=spec.offline_fraction, seed=spec.seed)
     else:
@@ -164,7 +206,7 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
 
     # quality only (λ = 0): the service applies each request's cost weight at ranking time
     prior = fit_offline_prior(X, table.scores[offline][:, cols], cats).to_dict()
-    return A, source, prior
+    return A, source, prior, covered
 
 
 def cold_start_embeddings(arm_ids, dim: int) -> np.ndarray:
@@ -212,11 +254,12 @@ def resolve_arm_table(args: AppArgs) -> ArmTable:
             cold_start=True,
         )
     if spec.file is not None:
-        A, source, prior = _from_file(args, spec.file, identity)
+        A, source, prior, covered = _from_file(args, spec.file, identity)
     elif spec.from_dataset is not None:
-        A, source, prior = _from_dataset(args, spec.from_dataset)
+        A, source, prior, covered = _from_dataset(args, spec.from_dataset)
     else:  # ArmEmbeddingsSpec's validator rules this out
         raise ConfigError("set exactly one of arm_embeddings.file, from_dataset and cold_start")
+    A, prior = _place_profiled(args, covered, np.asarray(A, dtype=np.float64), prior)
     if A.shape[1] != dim:
         raise ConfigError(f"arm embeddings have dim {A.shape[1]}, the encoder {identity!r} gives {dim}")
     if not np.isfinite(A).all():

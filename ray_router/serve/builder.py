@@ -83,6 +83,7 @@ def ingress_spec(args: AppArgs, table: ArmTable, state_dir: str) -> IngressSpec:
         service=args.service,
         resilience=args.resilience,
         judge=args.judge,
+        retired=args.retired,
     )
 
 

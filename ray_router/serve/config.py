@@ -73,6 +73,27 @@ class ArmSpec(StrictModel):
     price_usd: float = Field(ge=0, description="expected price of one query (USD), for cost_weight")
     upstream: UpstreamSpec | None = None
     dataset_arm: str | None = Field(None, description="column of this arm in the dataset (default: id)")
+    retired: bool = Field(
+        False,
+        description="out of the offered set of every request (its learned terms and logged duels stay); "
+        "remove an arm this way: the arm table may only grow (arms appended at its end)",
+    )
+    profile: dict[str, float] | None = Field(
+        None,
+        description="a new arm's expected score per category of the offline prior, in [0, 1] ('default': any "
+        "other category): its prior where the offline data (file or dataset) has no rows of it",
+    )
+
+    @field_validator("profile")
+    @classmethod
+    def _scores(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("profile: at least one category")
+            bad = [k for k, x in v.items() if not (math.isfinite(x) and 0.0 <= x <= 1.0)]
+            if bad:
+                raise ValueError(f"profile: scores must be in [0, 1] (categories {bad})")
+        return v
 
     @field_validator("price_usd")
     @classmethod
@@ -390,11 +411,18 @@ class AppArgs(StrictModel):
             raise ValueError(f"duplicate arm ids: {dup}")
         if "router" in ids:
             raise ValueError("'router' is reserved (it is the model name that asks for routing)")
+        if arms and all(a.retired for a in arms):
+            raise ValueError("every arm is retired: at least one must stay in service")
         return arms
 
     @property
     def arm_ids(self) -> tuple[str, ...]:
         return tuple(a.id for a in self.arms)
+
+    @property
+    def retired(self) -> tuple[int, ...]:
+        """Indices of the retired arms (never offered)."""
+        return tuple(i for i, a in enumerate(self.arms) if a.retired)
 
     def state_dir(self) -> Path:
         return Path(self.state.dir).expanduser() if self.state.dir else default_state_dir()

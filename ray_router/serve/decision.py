@@ -68,8 +68,10 @@ class RouteDecider:
         ttl_s: float,
         limits: LimitsSpec,
         clock: Callable[[], float] = time.time,
+        retired: Collection[int] = (),
     ) -> None:
         self.arm_ids = tuple(arm_ids)
+        self.retired = frozenset(int(i) for i in retired)  # never offered
         self.arm_index = {a: i for i, a in enumerate(self.arm_ids)}
         self.view = view
         self.signer = signer
@@ -98,8 +100,11 @@ class RouteDecider:
         a duel needs, or empty, which the caller handles (a single arm, or no arm to answer)."""
         if mode not in MODES:
             raise InvalidRequest(f"mode must be one of {list(MODES)}, got {mode!r}")
+        retired = self.retired
         if candidates is None:
             idx = None if restrict is None else list(restrict)
+            if retired:
+                idx = [i for i in (range(len(self.arm_ids)) if idx is None else idx) if i not in retired]
         else:
             if len(candidates) > self.limits.max_candidates:
                 raise InvalidRequest(f"candidates: {len(candidates)} ids; the limit is {self.limits.max_candidates}")
@@ -109,6 +114,8 @@ class RouteDecider:
             for c in candidates:
                 if c not in self.arm_index:
                     raise UnknownArmError(f"unknown arm {c[:200]!r}; GET /v1/arms lists the known arms")
+                if self.arm_index[c] in retired:
+                    raise InvalidRequest(f"candidates: arm {c[:200]!r} is retired (GET /v1/arms)")
                 idx.append(self.arm_index[c])
             if restrict is not None:
                 idx = [i for i in idx if i in restrict]

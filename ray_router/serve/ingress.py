@@ -40,7 +40,7 @@ from ray_router.serve.errors import (
     UnknownModel,
     blame,
 )
-from ray_router.serve.ranking import SampleView
+from ray_router.serve.ranking import SampleMismatch, SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.resilience import Resilience
 from ray_router.serve.schemas import (
@@ -87,7 +87,9 @@ class Ingress:
         self.access, self.sources = load_access(spec.auth, spec.state_dir)
         signer, self.sources["hmac_key"] = decision_signer(spec.auth.hmac_key_env, Path(spec.state_dir), spec.arm_ids)
         view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
-        self.decider = RouteDecider(spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits)
+        self.decider = RouteDecider(
+            spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits, retired=spec.retired
+        )
         self.view = view
         self.metrics = IngressMetrics()
         http_errors.use_metrics(self.metrics)
@@ -100,7 +102,16 @@ class Ingress:
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
         self.judge = judge.ShadowJudge.for_ingress(self)  # shadow duels (judge: in the config), else a no-op
-        await self._pull_samples(wait_s=0.0, retry_s=600.0)
+        deadline = time.monotonic() + 600.0
+        while True:  # the first samples of this arm table's posterior (an arm table change may be rolling out)
+            try:
+                await self._pull_samples(wait_s=0.0, retry_s=600.0)
+                break
+            except SampleMismatch as e:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning(f"ingress: waiting for samples of this arm table: {e}")
+                await asyncio.sleep(1.0)
         self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
 
     # ------------------------------------------------------------- the samples
@@ -224,6 +235,7 @@ class Ingress:
                         "price_norm": (prices[i] / top) if top else 0.0,
                         "upstream_model": None if up is None else up.model,
                         "chat": up is not None,
+                        "retired": i in self.spec.retired,
                     }
                     for i, (a, up) in enumerate(zip(self.spec.arm_ids, self.spec.upstreams))
                 ]
@@ -235,12 +247,16 @@ class Ingress:
         """OpenAI's model list: ``router`` (the model a chat request names) and each arm (for
         discovery: a request picks among arms with ``router.candidates``, not ``model``)."""
         self._reads_allowed(request)
-        return JSONResponse({"object": "list", "data": [self._model(m) for m in ("router", *self.spec.arm_ids)]})
+        return JSONResponse({"object": "list", "data": [self._model(m) for m in ("router", *self._active_arms())]})
+
+    def _active_arms(self) -> list[str]:
+        """The arms in service (a retired arm is not a model one can ask for)."""
+        return [a for i, a in enumerate(self.spec.arm_ids) if i not in self.spec.retired]
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, request: Request, model_id: str) -> JSONResponse:
         self._reads_allowed(request)
-        if model_id != "router" and model_id not in self.spec.arm_ids:
+        if model_id != "router" and model_id not in self._active_arms():
             raise UnknownModel(f"no model {model_id[:200]!r}: GET /v1/models lists them", param="model")
         return JSONResponse(self._model(model_id))
 

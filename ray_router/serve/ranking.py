@@ -70,6 +70,10 @@ def choose_best(u: np.ndarray, mask: np.ndarray, penalty: np.ndarray | None = No
     return int(_objective(u, mask, penalty).argmax())
 
 
+class SampleMismatch(ValueError):
+    """Published samples that do not fit this view's arm table."""
+
+
 class SampleView:
     """A read-only copy of the posterior's current samples, enough to choose arms.
 
@@ -97,6 +101,14 @@ class SampleView:
     def update(self, version: int, theta: np.ndarray, theta_mean: np.ndarray, pool: np.ndarray | None = None) -> None:
         """New samples: ``theta`` (2, p) of the last refresh, ``theta_mean``, and optionally ``pool``
         (M, 2, p), the last M refreshes' samples (``theta`` among them), which duel routes draw from."""
+        want = getattr(self.scorer, "dim", None)
+        if want is not None and np.shape(theta)[-1] != want:
+            # a posterior of another arm table (arms added: during the rolling update, the old
+            # ingress meets the new posterior or the other way round): keep the samples it has
+            raise SampleMismatch(
+                f"samples of dimension {np.shape(theta)[-1]}; this ingress's arm table needs {want} (an arm table "
+                "change is rolling out)"
+            )
         pool = None if pool is None or len(pool) <= 1 else np.asarray(pool)
         self.theta, self.theta_mean, self.pool, self.version = (
             np.asarray(theta),

@@ -57,3 +57,4 @@ class IngressSpec:
     service: ServiceSpec = field(default_factory=ServiceSpec)
     resilience: ResilienceSpec = field(default_factory=ResilienceSpec)
     judge: JudgeSpec | None = None  # shadow duels (ray_router.serve.judge); None: off
+    retired: tuple[int, ...] = ()  # arms never offered (retired: their terms and duels stay)

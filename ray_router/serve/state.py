@@ -120,6 +120,26 @@ def make_scorer(arm_embeddings: np.ndarray, config: dict | None, seed: int = 0, 
     return make_policy("fgts_cdb", PolicyEnv(A.shape[0], A, offline=offline), seed, serving_policy_config(config))
 
 
+def arms_added(old: list[str], new: list[str], where: str) -> list[str]:
+    """The arms ``new`` appends to ``old`` (empty: the same table). An arm table may only grow at
+    its end: the posterior's terms and the logged duels name arms by index. Anything else (an arm
+    removed, renamed or moved) is a ConfigError that says what to do instead."""
+    if old == new or not old:
+        return []
+    if new[: len(old)] == old:
+        return new[len(old) :]
+    gone = [a for a in old if a not in new]
+    hint = (
+        f"arms {gone} are missing: keep them in the config with retired: true (out of service, their terms "
+        "and duels kept)"
+        if gone
+        else "arms can only be appended at the end of the list"
+    )
+    raise ConfigError(
+        f"{where} holds the posterior of another configuration (arms {old}; the config has {new}): {hint}"
+    )
+
+
 class PosteriorState:
     """``segment_bytes``/``segment_records``: when the feedback log rolls to a new segment (None:
     the spec's ``segment_bytes`` if it has one, else :data:`~ray_router.serve.durable.SEGMENT_BYTES`)."""
@@ -203,14 +223,13 @@ class PosteriorState:
         why rebuilt or None, duels rebuilt)``. Sets the applied seq and position, the used nonces."""
         snap = load_snapshot(snap_path)
         meta = snap["meta"]
-        if list(meta["arm_ids"]) != list(self.arm_ids):
-            raise ConfigError(f"{snap_path} holds arms {meta['arm_ids']}, the config has {list(self.arm_ids)}")
+        added = arms_added(list(meta["arm_ids"]), list(self.arm_ids), str(snap_path))
         self.last_applied_seq = self.snapshot_seq = int(meta["last_seq"])
         position = meta.get("log_position")  # absent in snapshots of the JSON-lines log
         self.last_applied_position = None if position is None else (int(position[0]), int(position[1]))
         self.used = _used_from(meta.get("used"))
         self.last_snapshot_at = float(meta["created_at"])
-        rebuilt = self._snapshot_mismatch(snap["policy"])
+        rebuilt = f"arms added ({', '.join(added)})" if added else self._snapshot_mismatch(snap["policy"])
         if rebuilt is None:
             self.policy.restore(snap["policy"])
             return True, None, 0
@@ -419,8 +438,9 @@ class PosteriorState:
         X = np.asarray(history["X"])[:, : self.dim]
         first, second, y, mask = (np.asarray(history[k]) for k in ("first", "second", "y", "mask"))
         w = np.asarray(history["w"]) if "w" in history else np.ones(len(y))  # absent: before weights
+        grown = mask.shape[1] < self.policy.n_arms  # arms were added since: they were not offered then
         for i in range(len(y)):
-            offered = None if mask[i].all() else np.flatnonzero(mask[i]).tolist()
+            offered = None if mask[i].all() and not grown else np.flatnonzero(mask[i]).tolist()
             self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered, float(w[i]))
         return len(y)
 
@@ -433,7 +453,13 @@ class PosteriorState:
                 return
             write_meta(meta_path, {**want, "created_at": self.clock()})
             return
+        added = arms_added(list(found.get("arm_ids") or []), list(self.arm_ids), str(meta_path))
+        if added and write:  # the arm table grew (appended arms): the state is this table's from now on
+            write_meta(meta_path, {**found, "arm_ids": want["arm_ids"], "arms_added_at": self.clock()})
+            found = {**found, "arm_ids": want["arm_ids"]}
         for key in ("arm_ids", "encoder_identity", "dim"):
+            if key == "arm_ids" and added:  # a standby reads the grown table before the writer records it
+                continue
             if found.get(key) != want[key]:
                 raise ConfigError(
                     f"{self.dir} holds the posterior of another configuration ({key}: {found.get(key)!r}, config: "

@@ -107,6 +107,9 @@ class DecisionSigner:
         self._key = key
         self.n_arms = len(arm_ids)
         self.arm_fp = arm_fingerprint(arm_ids)
+        # an arm table that grew by appending arms still accepts the ids issued before (their arm
+        # indices mean the same arms): the fingerprint of every prefix of the table
+        self._prefix_fps = {k: arm_fingerprint(arm_ids[:k]) for k in range(1, len(arm_ids) + 1)}
 
     def _sig(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())
@@ -175,7 +178,7 @@ class DecisionSigner:
             raise MalformedRequest("decision_id payload is malformed") from None
         if expires <= now:
             raise ExpiredDecision("decision_id has expired")
-        if self.n_arms != K or fp != self.arm_fp:
+        if self._prefix_fps.get(K) != fp:
             raise StaleDecision("decision_id was issued for another arm table of this router")
         mask = raw[head : head + n_mask]
         offered = tuple(i for i in range(K) if mask[i // 8] >> (i % 8) & 1)
@@ -188,7 +191,8 @@ class DecisionSigner:
             mode=_MODE_NAMES[mode],
             first=int(first),
             second=None if second == _NONE else int(second),
-            offered=None if len(offered) == K else offered,
+            # None: every arm; an id of a smaller (earlier) table names its arms, the later ones were not offered
+            offered=None if len(offered) == K == self.n_arms else offered,
             x=x,
             propensity=count / pool if pool else None,
         )
