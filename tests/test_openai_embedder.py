@@ -9,8 +9,6 @@ import email.utils
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -289,16 +287,7 @@ def test_a_sweep_prepares_its_base_embeddings_through_the_server_and_the_cache(s
 
 
 # ------------------------------------------------------------------------------- (d) the CLI
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "ray_router.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
+from tests.test_cli import run_cli  # noqa: E402 - the CLI in a real subprocess, as test_cli runs it
 
 
 @pytest.fixture(scope="module")

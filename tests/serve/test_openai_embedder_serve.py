@@ -12,20 +12,12 @@ import numpy as np
 import pytest
 
 from tests.serve.conftest import config_args, delete_router, deploy_router
+from tests.serve.helpers import QUERIES as HELPER_QUERIES
 from tests.stub_embeddings import MODEL, EmbeddingsStub
 
 pytestmark = pytest.mark.integration
 
-QUERIES = [
-    "What is the derivative of x squared?",
-    "Translate 'good morning' into French.",
-    "Write a Python function that reverses a string.",
-    "Which planet is closest to the sun?",
-    "Explain the difference between TCP and UDP.",
-    "Name three prime numbers greater than 50.",
-    "Summarise the plot of Hamlet in two sentences.",
-    "Is 91 prime?",
-]
+QUERIES = [*HELPER_QUERIES, "Summarise the plot of Hamlet in two sentences.", "Is 91 prime?"]
 
 
 @pytest.fixture(scope="module")
