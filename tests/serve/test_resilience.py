@@ -19,11 +19,15 @@ import pytest
 
 from ray_router.serve.tokens import DecisionSigner
 from tests.openai_stub import StubModel, StubServer
-from tests.serve.conftest import HMAC_KEY, config_args, delete_router, deploy_router, synthetic_arm_args, wait_for
+from tests.serve.conftest import HMAC_KEY, config_args, delete_router, deploy_router, wait_for
+from tests.serve.helpers import write_synthetic_arm_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
-GPT4, CLAUDE2, MISTRAL = "gpt-4-1106-preview", "claude-v2", "mistralai/mistral-7b-chat"
+# the shipped configs' arms under ids of this module's own ("res/..."): the per-arm series of the
+# package's shared metrics endpoint then count this module's traffic only
+PREFIX = "res/"
+GPT4, CLAUDE2, MISTRAL = (PREFIX + a for a in ("gpt-4-1106-preview", "claude-v2", "mistralai/mistral-7b-chat"))
 CHAT = (GPT4, CLAUDE2, MISTRAL)
 ATTEMPTS, THRESHOLD, COOLDOWN_S = 2, 3, 4.0
 PRICE = {"prompt_usd_per_1m": 1.0, "completion_usd_per_1m": 2.0}
@@ -44,6 +48,11 @@ QUERIES = [
         ]
     )
 ]
+
+
+def arm_list() -> list[dict]:
+    """The shipped configs' arms, renamed."""
+    return [{**a, "id": PREFIX + a["id"]} for a in config_args()["arms"]]
 
 
 class Upstreams:
@@ -89,12 +98,19 @@ def app(serve_cluster, ups, tmp_path_factory):
                 else {}
             ),
         }
-        for a in config_args()["arms"]
+        for a in arm_list()
     ]
     app = deploy_router(
         serve_cluster,
         tmp_path_factory.mktemp("resilience-state"),
-        synthetic_arm_args(tmp_path_factory.mktemp("resilience-arms")),
+        {
+            "arm_embeddings": {
+                "file": str(
+                    write_synthetic_arm_table(tmp_path_factory.mktemp("res-arms"), [a["id"] for a in arm_list()])
+                )
+            },
+            "encoder": {"name": "hash", "device": "auto"},
+        },
         args={
             "arms": arms,
             "auth": {"chat_requires_key": False},
@@ -170,7 +186,7 @@ def _healthy_arms(client, ups):
 
 
 def signer() -> DecisionSigner:
-    return DecisionSigner(HMAC_KEY, [a["id"] for a in config_args()["arms"]])
+    return DecisionSigner(HMAC_KEY, [a["id"] for a in arm_list()])
 
 
 # ----------------------------------------------------------------------------- retries
@@ -202,7 +218,7 @@ def test_an_arm_failing_every_attempt_falls_back_to_another_and_the_headers_say_
     assert r.headers["x-router-fallback"] == picked and out["router"]["fallback"] == [picked]
     assert out["choices"][0]["message"]["content"].endswith(f"[stub:{ups.models[other]}]")
     claims = signer().verify(out["router"]["decision_id"])
-    assert claims.mode == "single" and config_args()["arms"][claims.first]["id"] == other
+    assert claims.mode == "single" and arm_list()[claims.first]["id"] == other
 
 
 def test_a_stream_that_fails_to_open_falls_back_before_the_first_byte(client, ups):
@@ -236,7 +252,7 @@ def test_a_duel_with_a_failing_arm_is_re_signed_for_the_arms_that_answered(clien
     assert out["router"]["arms"] == [first, third] and r.headers["x-router-arms"] == f"{first},{third}"
     assert r.headers["x-router-fallback"] == second and out["router"]["mode"] == "duel"
     assert [c["model"] for c in out["choices"]] == [first, third]
-    ids = [a["id"] for a in config_args()["arms"]]
+    ids = [a["id"] for a in arm_list()]
     claims = signer().verify_duel(out["router"]["decision_id"])
     assert (ids[claims.first], ids[claims.second]) == (first, third)
     assert ids.index(second) not in claims.offered  # the failed arm was not available this round
