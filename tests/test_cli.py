@@ -26,16 +26,21 @@ def run_cli(*args, env_extra=None, timeout=300):
     )
 
 
-@pytest.fixture(scope="module")
-def toy_csv(tmp_path_factory):
-    table, _ = small_table(n=90)
+def write_toy_csv(directory: Path, n: int = 90) -> Path:
+    """``small_table(n)`` as a RouterBench-style CSV (scores and ``<arm>|total_cost`` columns) in ``directory``."""
+    table, _ = small_table(n=n)
     df = pd.DataFrame({"sample_id": table.query_ids, "prompt": table.texts, "eval_name": table.categories})
     for k, arm in enumerate(table.arms):
         df[arm] = table.scores[:, k]
         df[f"{arm}|total_cost"] = table.costs[:, k]
-    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    path = Path(directory) / "toy.csv"
     df.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def toy_csv(tmp_path_factory):
+    return write_toy_csv(tmp_path_factory.mktemp("data"))
 
 
 def test_evaluate_writes_summary_curves_and_plot(toy_csv, tmp_path):

@@ -287,23 +287,13 @@ def test_a_sweep_prepares_its_base_embeddings_through_the_server_and_the_cache(s
 
 
 # ------------------------------------------------------------------------------- (d) the CLI
-from tests.test_cli import run_cli  # noqa: E402 - the CLI in a real subprocess, as test_cli runs it
+from tests.test_cli import run_cli, write_toy_csv  # noqa: E402 - the CLI in a real subprocess, as test_cli runs it
 
 
 @pytest.fixture(scope="module")
 def toy_csv(tmp_path_factory) -> Path:
-    import pandas as pd
 
-    from tests.test_evaluation import small_table  # the table of tests/test_cli.py
-
-    table, _ = small_table(n=90)
-    df = pd.DataFrame({"sample_id": table.query_ids, "prompt": table.texts, "eval_name": table.categories})
-    for k, arm in enumerate(table.arms):
-        df[arm] = table.scores[:, k]
-        df[f"{arm}|total_cost"] = table.costs[:, k]
-    path = tmp_path_factory.mktemp("data") / "toy.csv"
-    df.to_csv(path, index=False)
-    return path
+    return write_toy_csv(tmp_path_factory.mktemp("data"))
 
 
 def test_cli_evaluate_with_a_remote_encoder_end_to_end(stub, toy_csv, tmp_path):

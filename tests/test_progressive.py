@@ -201,19 +201,12 @@ def test_cli_evaluate_duels(tmp_path):
     """`ray-router evaluate --duels` in a real subprocess: outputs, and clear errors (no traceback)."""
     import json
 
-    import pandas as pd
-
     from ray_router.embeddings import get_encoder
-    from tests.test_cli import run_cli
+    from tests.test_cli import run_cli, write_toy_csv
     from tests.test_evaluation import small_table
 
     table, _ = small_table(n=90)
-    df = pd.DataFrame({"sample_id": table.query_ids, "prompt": table.texts, "eval_name": table.categories})
-    for k, arm in enumerate(table.arms):
-        df[arm] = table.scores[:, k]
-        df[f"{arm}|total_cost"] = table.costs[:, k]
-    csv = tmp_path / "toy.csv"
-    df.to_csv(csv, index=False)
+    csv = write_toy_csv(tmp_path)
     encoder = get_encoder("hash")
     X = encoder.encode(list(table.texts))
     rng = np.random.default_rng(0)
