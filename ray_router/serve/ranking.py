@@ -148,9 +148,15 @@ class SampleView:
         if pool is None:
             pair = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
             return pair[0], pair[1], version, (1, 1)
-        pairs = [choose_duel(self.scorer.arm_scores(x, th), mask, penalty, self.distinct, first) for th in pool]
-        pick = pairs[int(self.rng.integers(len(pairs)))]
-        return pick[0], pick[1], version, (pairs.count(pick), len(pairs))
+        # every pool sample's pair at once: scores (M, 2, K) in one product, as choose_duel per sample
+        obj = _objective(self.scorer.arm_scores(x, pool), mask, penalty)
+        M = len(pool)
+        firsts = np.full(M, first) if first is not None else obj[:, 0].argmax(axis=-1)
+        seconds = second_arm(obj[:, 1], firsts, self.distinct, int(mask.sum()))
+        m = int(self.rng.integers(M))
+        pick = (int(firsts[m]), int(seconds[m]))
+        count = int(((firsts == pick[0]) & (seconds == pick[1])).sum())
+        return pick[0], pick[1], version, (count, M)
 
     def ranked(self, x: np.ndarray, offered, mode: str, cost_weight: float = 0.0, slot: int = 0) -> list[int]:
         """The offered arms from best to worst as slot ``slot`` of a ``mode`` decision ranks them now:
