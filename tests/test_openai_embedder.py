@@ -322,8 +322,6 @@ def test_cli_errors_are_messages_not_tracebacks(stub, toy_csv, tmp_path):
         "--out", str(tmp_path / "o"),
     )  # fmt: skip
     assert res.returncode == 2 and "input is too long" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("experiment", "paper", "--encoder", spec_of(stub), "--out", str(tmp_path / "p"))
-    assert res.returncode == 2 and "cannot be fine-tuned" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_tune_and_serve_take_a_remote_encoder(stub, tmp_path):
@@ -358,3 +356,22 @@ def test_cli_tune_and_serve_take_a_remote_encoder(stub, tmp_path):
     assert res.returncode == 2 and "expected openai:MODEL@URL" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("serve", "--check", "--encoder", spec_of(stub))
     assert res.returncode == 0, res.stderr
+
+
+def test_experiment_paper_runs_its_base_rows_on_a_remote_encoder(stub, tmp_path):
+    """``experiment paper --encoder openai:...``: the ``base`` rows use the server's embeddings (the
+    paper's baseline is a hosted embedding model); CCFT fine-tunes the local MiniLM."""
+    from ray_router.config import parse
+    from ray_router.embeddings.ccft import CCFTConfig
+    from ray_router.evaluation import paper
+    from tests.test_evaluation import small_table
+
+    table, _ = small_table(n=30)
+    ccft = parse(CCFTConfig, {"queries_per_category": 4, "epochs": 1, "max_seq_length": 32}, where="test")
+    cfg = parse(paper.PaperConfig, {"base_encoder": spec_of(stub), "ccft": ccft}, where="test")
+    sent = stub.n_embedding_requests
+    X = paper._embed(table, np.arange(0, 30, 2), cfg, tmp_path / "art", tmp_path / "cache", "cpu")
+    assert stub.n_embedding_requests > sent  # the base rows came from the server
+    local = get_encoder("minilm", cache_dir=False, device="cpu").encode(list(table.texts))
+    assert np.abs(X["base"] - local).max() < 1e-5  # the stub serves MiniLM: the same vectors
+    assert X["ccft"].shape == local.shape and np.abs(X["ccft"] - local).max() > 1e-3  # fine-tuned locally

@@ -61,6 +61,10 @@ class PaperConfig:
     fgts: dict = field(default_factory=dict)  # FGTS.CDB overrides
     workers: int = 2
     k_per_category: int = 5  # the thin offline regime (the paper: about five queries per category suffice)
+    # the general-purpose encoder of the ``base`` rows: the packaged MiniLM, or a remote OpenAI-compatible
+    # one (``openai:MODEL@URL``, the paper's baseline is a hosted embedding model); CCFT always
+    # fine-tunes the local MiniLM (a remote model cannot be fine-tuned)
+    base_encoder: str = "minilm"
 
     @classmethod
     def quick(cls, **kw) -> PaperConfig:
@@ -203,7 +207,11 @@ def _embed(
     """Query embeddings of the base encoder and of the CCFT encoder fine-tuned on ``offline``."""
     from ray_router.embeddings import get_encoder
 
-    X_base = _encode(get_encoder("minilm", cache_dir=cache_dir, device=device, backend=backend), table, "base encoder")
+    if cfg.base_encoder.startswith("openai:"):
+        base = get_encoder(cfg.base_encoder, cache_dir=cache_dir)
+    else:
+        base = get_encoder(cfg.base_encoder, cache_dir=cache_dir, device=device, backend=backend)
+    X_base = _encode(base, table, f"base encoder ({cfg.base_encoder.partition('#')[0]})")
     X_ccft = _encode(_ccft_encoder(table, offline, cfg, art_dir, cache_dir, device, backend), table, "CCFT encoder")
     return {"base": X_base, "ccft": X_ccft}
 
