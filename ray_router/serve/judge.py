@@ -491,20 +491,14 @@ class ShadowJudge:
         other arm is offered)."""
         from ray_router.serve.ranking import choose_duel
 
-        claims = self.signer.verify(dec.decision_id, self.clock())
+        claims = self.signer.verify(dec.decision_id, self.clock())  # the nonce and expiry to sign with
         first = int(dec.picked[0])
         view = self.view
-        mask = np.zeros(view.n_arms, dtype=bool)
-        if claims.offered is None:
-            mask[:] = True
-        else:
-            mask[list(claims.offered)] = True
+        # the decision's own offered set and checked cost weight, as the route ranked them
+        mask, penalty = view.mask_penalty(dec.offered, dec.cost_weight)
         mask &= np.array([u is not None for u in self.upstreams])
         if mask.sum() < 2:
             return None
-        opts = getattr(req, "router", None)
-        cost_weight = float(getattr(opts, "cost_weight", 0.0) or 0.0) if opts is not None else 0.0
-        penalty = cost_weight * view.price_norm if cost_weight else None
         S = view.scorer.arm_scores(dec.x, view.theta)
         _, second = choose_duel(S, mask, penalty, True, first)
         return int(second), claims

@@ -117,7 +117,7 @@ class SampleView:
             int(version),
         )
 
-    def _mask_penalty(self, offered, cost_weight: float) -> tuple[np.ndarray, np.ndarray | None]:
+    def mask_penalty(self, offered, cost_weight: float) -> tuple[np.ndarray, np.ndarray | None]:
         """The offered arms (None: all) as a mask, and λ·price_norm (None at λ = 0)."""
         mask = np.zeros(self.n_arms, dtype=bool)
         if offered is None:
@@ -141,7 +141,7 @@ class SampleView:
         posterior mean, the same for every draw. Without a pool (M = 1) the choice is that of
         ``theta`` and its propensity 1 given the published samples."""
         theta, theta_mean, pool, version = self.theta, self.theta_mean, self.pool, self.version  # one read
-        mask, penalty = self._mask_penalty(offered, cost_weight)
+        mask, penalty = self.mask_penalty(offered, cost_weight)
         if mode == "single":
             return choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty), None, version, (1, 1)
         first = choose_best(self.scorer.arm_scores(x, theta_mean), mask, penalty) if self.exploit_first else None
@@ -163,7 +163,7 @@ class SampleView:
         ``single`` (and a duel's first slot under ``exploit_first``) by the posterior mean, a duel's
         slots otherwise by their own sample θ¹, θ². The order a failed arm's fallback is taken from."""
         theta, theta_mean = self.theta, self.theta_mean
-        mask, penalty = self._mask_penalty(offered, cost_weight)
+        mask, penalty = self.mask_penalty(offered, cost_weight)
         if mode == "single" or (slot == 0 and self.exploit_first):
             return rank(self.scorer.arm_scores(x, theta_mean), mask, penalty)
         return rank(self.scorer.arm_scores(x, theta)[1 if slot else 0], mask, penalty)
