@@ -33,6 +33,12 @@ FeatureMapName = Literal["hadamard", "hadamard_bias", "concat"]  # the type of a
 FEATURE_MAPS: tuple[str, ...] = get_args(FeatureMapName)
 
 
+def _flat2(V: np.ndarray) -> np.ndarray:
+    """``V`` (..., a, b) as (..., a·b); explicit sizes, so an empty batch (no duels yet) works too
+    (``reshape(..., -1)`` cannot infer a size from zero rows)."""
+    return V.reshape((*V.shape[:-2], V.shape[-2] * V.shape[-1]))
+
+
 class FeatureMap:
     """φ(x, a_k) over fixed arm embeddings A (K, d)."""
 
@@ -254,10 +260,10 @@ class OfflineAugmented(FeatureMap):
             parts.append(weights.sum(axis=-2))
         if self.correction:
             pib = self._lane_axes(pi, weights.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(pib, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
+            parts.append(_flat2(np.swapaxes(pib, -1, -2) @ weights))
         if self.r:
             zb = self._lane_axes(z, weights.ndim - 1, X.ndim)
-            parts.append((np.swapaxes(zb, -1, -2) @ weights).reshape((*weights.shape[:-2], -1)))
+            parts.append(_flat2(np.swapaxes(zb, -1, -2) @ weights))
         return np.concatenate([np.broadcast_to(p, parts[0].shape[:-1] + p.shape[-1:]) for p in parts], axis=-1)
 
     def features(self, X):
@@ -282,8 +288,8 @@ class OfflineAugmented(FeatureMap):
         if self.arm_bias:
             parts.append(E)
         if self.correction:
-            parts.append((pi[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
+            parts.append(_flat2(pi[..., :, None] * E[..., None, :]))
         if self.r:
-            parts.append((z[..., :, None] * E[..., None, :]).reshape((*E.shape[:-1], -1)))
+            parts.append(_flat2(z[..., :, None] * E[..., None, :]))
         shape = np.broadcast_shapes(*[p.shape[:-1] for p in parts])
         return np.concatenate([np.broadcast_to(p, shape + p.shape[-1:]) for p in parts], axis=-1)
