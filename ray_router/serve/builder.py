@@ -66,6 +66,8 @@ def posterior_spec(args: AppArgs, table: ArmTable, state_dir: str) -> PosteriorS
         cold_start=table.cold_start,
         sample_pool=st.sample_pool,
         judge_weight=args.judge.weight if args.judge is not None else 1.0,
+        keep_queries=st.keep_queries,
+        encoder=args.encoder,
     )
 
 
@@ -84,6 +86,7 @@ def ingress_spec(args: AppArgs, table: ArmTable, state_dir: str) -> IngressSpec:
         resilience=args.resilience,
         judge=args.judge,
         retired=args.retired,
+        keep_queries=args.state.keep_queries,
     )
 
 

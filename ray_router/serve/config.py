@@ -206,6 +206,11 @@ class StateSpec(StrictModel):
         description="offline tools that open the state (PosteriorState.open) wait this long for its lock; the "
         "service never waits: a Posterior that finds the lock held starts as a standby",
     )
+    keep_queries: bool = Field(
+        False,
+        description="keep the query text of every decision that can take feedback (<state dir>/queries/), so that "
+        "an encoder change rebuilds the posterior by re-embedding them; off: an encoder change is refused",
+    )
 
 
 class ClientSpec(StrictModel):

@@ -18,19 +18,23 @@ record, little-endian::
 
     u32 FRAME_MAGIC | u32 payload length | u32 crc32(length field + payload) | payload
 
-    payload: u8 version (1 or 2), u64 seq, f64 ts, i64 expires_at, u8 outcome (0 first, 1 second, 2 tie),
+    payload: u8 version (1 to 4), u64 seq, f64 ts, i64 expires_at, u8 outcome (0 first, 1 second, 2 tie),
              u16 first, u16 second, u16 n_offered (0xFFFF: every arm), u16 dim,
              u16 |nonce|, u32 |request_id|, u16 |first_id|, u16 |second_id|,
-             [versions 2 and 3: u8 source (0 human, 1 judge), f64 weight] [version 3: f64 propensity]
+             [versions 2 to 4: u8 source (0 human, 1 judge), f64 weight] [versions 3 and 4: f64 propensity
+             (version 4: NaN when unknown)] [version 4: u16 |config_version|]
              n_offered x u16, dim x f32 (the embedding, raw), then the four strings (UTF-8)
+             [version 4: and the config version's]
 
 A record's ``source`` says who gave the verdict (``human``: ``POST /v1/feedback``; ``judge``: the
 router's shadow duels, :mod:`ray_router.serve.judge`) and ``weight`` how much it counts in the
 posterior's likelihood, and ``propensity`` the probability with which the route played that pair
 (its decision id's count out of the sample pool, see ``serve_configs/README.md``, *Propensities*).
 A human verdict of weight 1 without a propensity is written as version 1 (readable by the versions
-before judges), one without a propensity as version 2, one with as version 3. Version-1 records read
-as ``source: human, weight: 1``; versions 1 and 2 as ``propensity: None``.
+before judges), one without a propensity as version 2, one with as version 3; a record that names
+the service configuration it was logged under (``config_version``, what the posterior writes since
+runtime arm changes) as version 4. Version-1 records read as ``source: human, weight: 1``; versions 1
+and 2 as ``propensity: None``; versions 1 to 3 as ``config_version: ""``.
 
 About 1.7 kB a record at d = 384 (the JSON line was ~2.3 kB). Seqs are 1, 2, 3, ... without gaps
 across segments; a segment's name and header carry its first seq.
@@ -69,6 +73,7 @@ import base64
 import contextlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -99,9 +104,12 @@ _FRAME = struct.Struct("<III")
 _REC = struct.Struct("<BQdqBHHHHHIHH")
 _REC_V2 = struct.Struct("<BQdqBHHHHHIHHBd")  # version 2: _REC, then source and weight
 _REC_V3 = struct.Struct("<BQdqBHHHHHIHHBdd")  # version 3: _REC_V2, then the decision's propensity
+# version 4: _REC_V3 (propensity NaN: unknown), then the length of the config version's string
+_REC_V4 = struct.Struct("<BQdqBHHHHHIHHBddH")
 _VERSION = 1
 _VERSION_SOURCES = 2
 _VERSION_PROPENSITY = 3
+_VERSION_CONFIG = 4
 SOURCES = ("human", "judge")  # who gave a verdict (the record's source byte is the index)
 _ALL_ARMS = 0xFFFF
 _LABELS = tuple(OUTCOMES)
@@ -139,9 +147,14 @@ def encode_record(rec: dict) -> bytes:
         strings = [str(rec[k]).encode("utf-8") for k in ("nonce", "request_id", "first_id", "second_id")]
         source, weight = rec.get("source", "human"), float(rec.get("weight", 1.0))
         propensity = rec.get("propensity")
+        config = str(rec.get("config_version") or "").encode("utf-8")
         plain = source == "human" and weight == 1.0 and propensity is None
         extra: tuple[float, ...]
-        if plain:
+        if config:
+            strings.append(config)
+            prop = float("nan") if propensity is None else float(propensity)
+            fmt, version, extra = _REC_V4, _VERSION_CONFIG, (SOURCES.index(source), weight, prop, len(config))
+        elif plain:
             fmt, version, extra = _REC, _VERSION, ()
         elif propensity is None:
             fmt, version, extra = _REC_V2, _VERSION_SOURCES, (SOURCES.index(source), weight)
@@ -157,7 +170,7 @@ def encode_record(rec: dict) -> bytes:
             int(rec["second"]),
             _ALL_ARMS if offered is None else len(offered),
             xb.shape[0],
-            *(len(s) for s in strings),
+            *(len(s) for s in strings[:4]),
             *extra,
         )
     except (KeyError, ValueError, TypeError, struct.error) as e:
@@ -179,18 +192,20 @@ def decode_record(payload: bytes | memoryview) -> dict:
     if version == _VERSION:
         (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = _REC.unpack_from(payload, 0)
         source, weight, pos, propensity = "human", 1.0, _REC.size, None
-    elif version in (_VERSION_SOURCES, _VERSION_PROPENSITY):
-        fmt = _REC_V2 if version == _VERSION_SOURCES else _REC_V3
+    elif version in (_VERSION_SOURCES, _VERSION_PROPENSITY, _VERSION_CONFIG):
+        fmt = {_VERSION_SOURCES: _REC_V2, _VERSION_PROPENSITY: _REC_V3, _VERSION_CONFIG: _REC_V4}[version]
         fields = fmt.unpack_from(payload, 0)
         (_, seq, ts, expires, outcome, first, second, n_off, dim, *lens) = fields[:13]
         src, weight = fields[13], fields[14]
         if src >= len(SOURCES):
             raise DataError(f"feedback record {seq} has an unknown source {src}")
         source, pos = SOURCES[src], fmt.size
-        propensity = float(fields[15]) if len(fields) > 15 else None
+        propensity = float(fields[15]) if len(fields) > 15 and not math.isnan(fields[15]) else None
+        if len(fields) > 16:
+            lens.append(fields[16])
     else:
         seq = _seq_of_payload(memoryview(payload))
-        raise DataError(f"feedback record {seq} has format version {version}; this version reads 1, 2 and 3")
+        raise DataError(f"feedback record {seq} has format version {version}; this version reads 1 to 4")
     offered = None
     if n_off != _ALL_ARMS:
         offered = np.frombuffer(payload, dtype="<u2", count=n_off, offset=pos).tolist()
@@ -219,6 +234,7 @@ def decode_record(payload: bytes | memoryview) -> dict:
         "source": source,
         "weight": float(weight),
         "propensity": propensity,
+        "config_version": strings[4] if len(strings) > 4 else "",
     }
 
 

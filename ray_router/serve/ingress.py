@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from ray_router.errors import RouterError
 from ray_router.serve import http_errors, judge, upstream
 from ray_router.serve.access import load_access
+from ray_router.serve.arm_changes import AddArmRequest, ArmChangeRefused, fingerprint
 from ray_router.serve.calls import call
 from ray_router.serve.decision import Decision, RouteDecider
 from ray_router.serve.embedder import QUICK_SHUTDOWN
@@ -40,6 +41,7 @@ from ray_router.serve.errors import (
     UnknownModel,
     blame,
 )
+from ray_router.serve.query_store import QueryWriter
 from ray_router.serve.ranking import SampleMismatch, SampleView
 from ray_router.serve.request_body import read_body
 from ray_router.serve.resilience import Resilience
@@ -51,7 +53,7 @@ from ray_router.serve.schemas import (
     openapi_with_bodies,
     routing_text,
 )
-from ray_router.serve.specs import IngressSpec
+from ray_router.serve.specs import IngressSpec, LiveArms
 from ray_router.serve.tokens import decision_signer
 
 logger = logging.getLogger("ray.serve")
@@ -91,6 +93,14 @@ class Ingress:
             spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits, retired=spec.retired
         )
         self.view = view
+        # the arm table this replica serves: the config's, until the posterior publishes another
+        # (arms added or retired through /v1/admin/arms): see _adopt
+        self.live = LiveArms(spec.arm_ids, spec.prices, spec.upstreams, spec.retired)
+        self.arms_fp = fingerprint(spec.arm_ids, spec.prices, spec.arm_embeddings, ())
+        self._config_upstreams = dict(zip(spec.arm_ids, spec.upstreams))
+        self._config_retired = frozenset(spec.arm_ids[i] for i in spec.retired)
+        # state.keep_queries: the texts an encoder change re-embeds (query_store), flushed every second
+        self.queries = QueryWriter(spec.state_dir) if spec.keep_queries else None
         self.metrics = IngressMetrics()
         http_errors.use_metrics(self.metrics)
         res = spec.resilience
@@ -105,20 +115,72 @@ class Ingress:
         deadline = time.monotonic() + 600.0
         while True:  # the first samples of this arm table's posterior (an arm table change may be rolling out)
             try:
-                await self._pull_samples(wait_s=0.0, retry_s=600.0)
-                break
+                if await self._pull_samples(wait_s=0.0, retry_s=600.0):
+                    break
             except SampleMismatch as e:
                 if time.monotonic() > deadline:
                     raise
                 logger.warning(f"ingress: waiting for samples of this arm table: {e}")
                 await asyncio.sleep(1.0)
         self._follower = asyncio.get_running_loop().create_task(self._follow_posterior())
+        if self.queries is not None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_queries())
+
+    async def _flush_queries(self) -> None:
+        assert self.queries is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.queries.flush()
 
     # ------------------------------------------------------------- the samples
-    async def _pull_samples(self, wait_s: float, retry_s: float) -> None:
+    async def _pull_samples(self, wait_s: float, retry_s: float) -> bool:
+        """The posterior's current samples (a long poll of up to ``wait_s``); when they belong to
+        another arm table (``arms``: its fingerprint), that table first. False when the table
+        changed again meanwhile (the next pull gets the newest)."""
         s = await call(self.posterior, "samples", self.epoch, self.view.version, wait_s, retry_s=retry_s)
-        self.view.update(s["version"], s["theta"], s["theta_mean"], s.get("pool"))
+        fp = s.get("arms")
+        if fp is not None and fp != self.arms_fp:
+            table = await call(self.posterior, "arm_table", retry_s=retry_s)
+            if table["fingerprint"] != fp:
+                return False
+            self._adopt(table, s)
+        else:
+            self.view.update(s["version"], s["theta"], s["theta_mean"], s.get("pool"))
         self.epoch = s["epoch"]
+        return True
+
+    def _adopt(self, table: dict[str, Any], samples: dict[str, Any]) -> None:
+        """Serve the posterior's arm table from now on (arms added or retired at runtime, or a
+        config change rolling out): a scorer, view, signer and decider for it, made first and then
+        swapped in together (no await in between: a request sees the old table or the new one).
+        The upstreams and retirements of the config's arms are this replica's config's; the added
+        arms' upstreams and the admin's retirements are the posterior's."""
+        from ray_router.serve.config import UpstreamSpec
+        from ray_router.serve.state import make_scorer
+
+        ids = tuple(str(a) for a in table["ids"])
+        prices = tuple(float(p) for p in table["prices"])
+        scorer = make_scorer(table["embeddings"], table["policy_config"], 0, table["offline_prior"])
+        view = SampleView(scorer, prices)
+        view.update(samples["version"], samples["theta"], samples["theta_mean"], samples.get("pool"))
+        added = table.get("added") or {}
+        upstreams = []
+        for a in ids:
+            if a in self._config_upstreams:
+                upstreams.append(self._config_upstreams[a])
+            else:
+                up = (added.get(a) or {}).get("upstream")
+                upstreams.append(None if up is None else UpstreamSpec.model_validate(up))
+        gone = self._config_retired | set(table.get("retired") or ())
+        retired = tuple(i for i, a in enumerate(ids) if a in gone)
+        signer = self.decider.signer.for_arms(ids)
+        decider = RouteDecider(ids, view, signer, self.spec.auth.decision_ttl_s, self.spec.limits, retired=retired)
+        arms = LiveArms(ids, prices, tuple(upstreams), retired)
+        # the swap: nothing below awaits
+        self.resilience.set_arms(ids, arms.upstreams)
+        self.judge.set_arms(ids, arms.upstreams, view, signer)
+        self.view, self.decider, self.live, self.arms_fp = view, decider, arms, str(table["fingerprint"])
+        logger.warning(f"ingress: serving the posterior's arm table {self.arms_fp}: {len(ids)} arms, retired {retired}")
 
     async def _follow_posterior(self) -> None:
         """Keep the sample view current: long-poll the posterior for each new refresh."""
@@ -194,6 +256,8 @@ class Ingress:
         with blame("cost_weight"):
             cost_weight = self.decider.cost_weight(req.cost_weight)
         dec, timing = await self._decide(text, offered, req.mode, cost_weight)
+        if self.queries is not None and dec.mode == "duel":  # a decision that can take feedback
+            self.queries.add(dec.x, text)
         seconds = time.perf_counter() - t0
         self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
         return JSONResponse(
@@ -223,7 +287,8 @@ class Ingress:
     @api.get("/v1/arms")
     async def arms(self, request: Request) -> JSONResponse:
         self._reads_allowed(request)
-        prices = self.spec.prices
+        arms = self.live
+        prices = arms.prices
         top = max(prices) if prices and max(prices) > 0 else 0.0
         return JSONResponse(
             {
@@ -235,9 +300,9 @@ class Ingress:
                         "price_norm": (prices[i] / top) if top else 0.0,
                         "upstream_model": None if up is None else up.model,
                         "chat": up is not None,
-                        "retired": i in self.spec.retired,
+                        "retired": i in arms.retired,
                     }
-                    for i, (a, up) in enumerate(zip(self.spec.arm_ids, self.spec.upstreams))
+                    for i, (a, up) in enumerate(zip(arms.ids, arms.upstreams))
                 ]
             }
         )
@@ -251,7 +316,7 @@ class Ingress:
 
     def _active_arms(self) -> list[str]:
         """The arms in service (a retired arm is not a model one can ask for)."""
-        return [a for i, a in enumerate(self.spec.arm_ids) if i not in self.spec.retired]
+        return [a for i, a in enumerate(self.live.ids) if i not in self.live.retired]
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, request: Request, model_id: str) -> JSONResponse:
@@ -334,6 +399,71 @@ class Ingress:
             }
         )
 
+    # ------------------------------------------------------- admin: the arms
+    @api.get("/v1/admin/arms")
+    async def admin_arms(self, request: Request) -> JSONResponse:
+        """The posterior's arm table: each arm's source (the Serve config, or added through this
+        API), price, upstream and retirement (by the config or by this API)."""
+        self._require(request, "admin")
+        table = await self._posterior("arm_table", retry_s=5)
+        added = table.get("added") or {}
+        admin_retired = set(table.get("retired") or ())
+        out = []
+        for i, a in enumerate(table["ids"]):
+            from_config = a in self._config_upstreams
+            if from_config:
+                spec_up = self._config_upstreams.get(a)
+                chat, model = spec_up is not None, None if spec_up is None else spec_up.model
+            else:
+                up = (added.get(a) or {}).get("upstream")
+                chat, model = up is not None, (up or {}).get("model")
+            retired_by = "config" if a in self._config_retired else "admin" if a in admin_retired else None
+            out.append(
+                {
+                    "id": a,
+                    "index": i,
+                    "price_usd": table["prices"][i],
+                    "source": "config" if from_config else "admin",
+                    "added_at": None if from_config else (added.get(a) or {}).get("added_at"),
+                    "upstream_model": model,
+                    "chat": chat,
+                    "retired": retired_by is not None,
+                    "retired_by": retired_by,
+                }
+            )
+        return JSONResponse({"fingerprint": table["fingerprint"], "serving": self.arms_fp, "arms": out})
+
+    @api.post("/v1/admin/arms")
+    async def admin_add_arm(self, request: Request) -> JSONResponse:
+        """Append an arm with its prior (``profile`` or ``rows``): durable before the answer; this
+        replica serves the grown table before it answers, the others within one long poll."""
+        self._require(request, "admin")
+        req: AddArmRequest = await self._read(request, AddArmRequest)
+        report = await self._posterior("add_arm", req.model_dump(mode="json"))
+        await self._pull_samples(wait_s=0.0, retry_s=30.0)
+        return JSONResponse(report, status_code=200 if report.get("replayed") else 201)
+
+    @api.post("/v1/admin/arms/{arm_id:path}/retire")
+    async def admin_retire_arm(self, request: Request, arm_id: str) -> JSONResponse:
+        return await self._retire(request, arm_id, True)
+
+    @api.post("/v1/admin/arms/{arm_id:path}/restore")
+    async def admin_restore_arm(self, request: Request, arm_id: str) -> JSONResponse:
+        return await self._retire(request, arm_id, False)
+
+    async def _retire(self, request: Request, arm_id: str, retired: bool) -> JSONResponse:
+        self._require(request, "admin")
+        if not retired and arm_id in self._config_retired:
+            raise ArmChangeRefused(f"arm {arm_id!r} is retired in the Serve config: restore it there")
+        arms = self.live
+        if retired and arm_id in arms.ids:
+            left = [a for i, a in enumerate(arms.ids) if i not in arms.retired and a != arm_id]
+            if not left:
+                raise ArmChangeRefused(f"retiring {arm_id!r} would leave no arm in service")
+        report = await self._posterior("retire_arm", arm_id, retired)
+        await self._pull_samples(wait_s=0.0, retry_s=30.0)
+        return JSONResponse(report)
+
     # -------------------------------------------------------- chat completions
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
@@ -353,13 +483,15 @@ class Ingress:
         if req.stream and mode == "duel":
             raise InvalidRequest("streaming answers one arm: use router.mode 'single' or stream: false", param="stream")
         text = self.decider.check_query(routing_text(req))
-        chat_arms = [i for i, u in enumerate(self.spec.upstreams) if u is not None]
+        chat_arms = [i for i, u in enumerate(self.live.upstreams) if u is not None]
         if not chat_arms:
             raise InvalidRequest("no arm of this router has an upstream configured")
         # the request's checks, then arms with an open circuit breaker out (a duel left with one: single)
         offered, served_mode = self.resilience.offer(self.decider, opts.candidates if opts else None, mode, chat_arms)
         cost_weight = self.decider.cost_weight(opts.cost_weight if opts else 0.0)
         dec, _ = await self._decide(text, offered, served_mode, cost_weight, sign=False)
+        if self.queries is not None:  # a duel, or a single answer the judge may duel
+            self.queries.add(dec.x, text)
         body = req.model_dump(exclude_unset=True)  # forward what the client sent, nothing more
         body.pop("router", None)
         # retries, fallbacks, breakers (resilience.py); the decision comes back signed for the arms that answered
@@ -377,7 +509,7 @@ class Ingress:
         info, headers = self.resilience.router_info(served)
         if served.stream is not None:
             arm = served.decision.picked[0]
-            relay = upstream.relay_stream(served.stream, self.spec.arm_ids[arm], info, self.resilience.stream_done(arm))
+            relay = upstream.relay_stream(served.stream, self.live.ids[arm], info, self.resilience.stream_done(arm))
             relay = self.judge.stream(relay, req, served.decision, body)  # a sampled shadow duel starts after it
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
         out = upstream.merge_answers(list(served.decision.arms), served.answers)

@@ -299,6 +299,9 @@ class NoJudge:
     def stats(self) -> dict[str, Any] | None:
         return None
 
+    def set_arms(self, arm_ids: Any, upstreams: Any, view: Any, signer: Any) -> None:
+        return None
+
 
 class ShadowJudge:
     """One ingress replica's shadow duels (see the module docstring).
@@ -344,6 +347,10 @@ class ShadowJudge:
             "second_arm": {"ok": 0, "error": 0},
             "cost_usd": {"judge": 0.0, "second_arm": 0.0},
         }
+
+    def set_arms(self, arm_ids: Sequence[str], upstreams: Sequence[Any], view: Any, signer: Any) -> None:
+        """The ingress serves another arm table (arms added or retired at runtime): duel in it."""
+        self.arm_ids, self.upstreams, self.view, self.signer = tuple(arm_ids), tuple(upstreams), view, signer
 
     @classmethod
     def for_ingress(cls, ingress: Any) -> ShadowJudge | NoJudge:

@@ -88,7 +88,10 @@ class PosteriorService:
         self.state = PosteriorState(spec, clock=clock, segment_bytes=segment_bytes)
         # defence in depth: every feedback's decision id is verified here again, with the service's
         # key ($hmac_key_env, else the state dir's generated key), whatever the caller checked
-        self.signer = signer or decision_signer(spec.hmac_key_env, spec.state_dir, spec.arm_ids)[0]
+        # (for the state's arm table: the config's, with the arms the admin API added since)
+        self.signer = (signer or decision_signer(spec.hmac_key_env, spec.state_dir, spec.arm_ids)[0]).for_arms(
+            self.state.arm_ids
+        )
         self._clock = clock
         self.refresh_min_interval_s = refresh_min_interval_s
         self.metrics = metrics if metrics is not None else _NoMetrics()
@@ -320,6 +323,37 @@ class PosteriorService:
 
     async def version(self) -> int:
         return self.state.version
+
+    # ---------------------------------------------------------------- arm table
+    async def arm_table(self) -> dict:
+        """The arm table an Ingress mirrors (:meth:`PosteriorState.arm_table`)."""
+        return self.state.arm_table()
+
+    async def add_arm(self, arm: dict) -> dict:
+        """Append an arm (an :class:`~ray_router.serve.arm_changes.AddArmRequest` as a dict): durable
+        first, then the posterior rebuilt under the grown table on the mutation thread (feedback is
+        accepted meanwhile and applied after it), then the new samples published. The decision
+        signer takes the grown table (ids issued before still verify: the table only grew)."""
+        from ray_router.serve.arm_changes import AddArmRequest, AddedArm
+
+        self._refuse_on_standby("arm changes")
+        added = AddedArm.from_request(AddArmRequest.model_validate(arm), self._clock())
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(self._mut, self.state.add_arm, added)
+        self.signer = self.signer.for_arms(self.state.arm_ids)
+        self._publish(self.state.last_applied_seq)
+        self._publish_gauges()
+        logger.warning(f"posterior: arm {added.id!r} added at index {report['index']}: {report}")
+        return {**report, "fingerprint": self.state.arms_fingerprint}
+
+    async def retire_arm(self, arm_id: str, retired: bool = True) -> dict:
+        """Retire (or restore) an arm: recorded durably, published at once."""
+        self._refuse_on_standby("arm changes")
+        loop = asyncio.get_running_loop()
+        report = await loop.run_in_executor(self._mut, self.state.retire_arm, arm_id, retired)
+        self._publish(self.state.last_applied_seq)
+        logger.warning(f"posterior: arm {arm_id!r} {'retired' if retired else 'restored'}")
+        return {**report, "fingerprint": self.state.arms_fingerprint}
 
     async def snapshot_now(self) -> dict:
         self._refuse_on_standby("snapshot")

@@ -181,8 +181,20 @@ class Resilience:
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.sleep = sleep
+        self.clock = clock
         self.breakers = {
             i: CircuitBreaker(spec.failure_threshold, spec.cooldown_s, clock)
+            for i, u in enumerate(self.upstreams)
+            if u is not None
+        }
+        self.publish()
+
+    def set_arms(self, arm_ids: Sequence[str], upstreams: Sequence[UpstreamSpec | None]) -> None:
+        """The arm table grew or changed its upstreams (arms are only appended: an index keeps its
+        arm): breakers of arms that still answer chat are kept, new chat arms get closed ones."""
+        self.arm_ids, self.upstreams = tuple(arm_ids), tuple(upstreams)
+        self.breakers = {
+            i: self.breakers.get(i) or CircuitBreaker(self.spec.failure_threshold, self.spec.cooldown_s, self.clock)
             for i, u in enumerate(self.upstreams)
             if u is not None
         }

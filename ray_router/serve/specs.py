@@ -37,6 +37,8 @@ class PosteriorSpec:
     sample_pool: int = 16  # state.sample_pool: samples published for duel routes to draw from
     # how much a judge's verdict weighs in the likelihood relative to a human's (judge.weight)
     judge_weight: float = 1.0
+    keep_queries: bool = False  # state.keep_queries: an encoder change re-embeds the kept texts
+    encoder: Any = None  # the EncoderSpec (re-embedding on an encoder change); None: not available
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,15 @@ class IngressSpec:
     resilience: ResilienceSpec = field(default_factory=ResilienceSpec)
     judge: JudgeSpec | None = None  # shadow duels (ray_router.serve.judge); None: off
     retired: tuple[int, ...] = ()  # arms never offered (retired: their terms and duels stay)
+    keep_queries: bool = False  # state.keep_queries: write each decision's query text (query_store)
+
+
+@dataclass(frozen=True)
+class LiveArms:
+    """The arm table an Ingress replica serves now: its config's at start, then the posterior's
+    whenever that changes (arms added or retired at runtime, :mod:`ray_router.serve.arm_changes`)."""
+
+    ids: tuple[str, ...]
+    prices: tuple[float, ...]
+    upstreams: tuple[UpstreamSpec | None, ...]
+    retired: tuple[int, ...] = ()

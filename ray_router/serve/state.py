@@ -57,6 +57,7 @@ and ``take_snapshot`` on one mutation thread. A refresh replaces ``policy.theta`
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -65,10 +66,11 @@ from typing import Any
 
 import numpy as np
 
-from ray_router.errors import ConfigError, DataError
+from ray_router.errors import ConfigError, DataError, UnknownArmError
 from ray_router.policies import Duel, PolicyEnv, make_policy
 from ray_router.policies.snapshot import load_snapshot, save_snapshot
 from ray_router.serve import durable
+from ray_router.serve.arm_changes import ARMS_FILE, AddedArm, ArmChanges, Table, apply_changes, extend, fingerprint
 from ray_router.serve.durable import (
     LEGACY_LOG,
     LOG_DIR,
@@ -82,12 +84,28 @@ from ray_router.serve.durable import (
     read_meta,
     write_meta,
 )
-from ray_router.serve.errors import DuplicateFeedback, ExpiredDecision, MalformedRequest, NotADuel, Standby
+from ray_router.serve.errors import (
+    DuplicateFeedback,
+    ExpiredDecision,
+    MalformedRequest,
+    NotADuel,
+    StaleDecision,
+    Standby,
+)
 from ray_router.serve.specs import COLD_START_NOTE, PosteriorSpec
 from ray_router.serve.tokens import DecisionClaims
 
+logger = logging.getLogger("ray.serve")
+
 SNAPSHOT_FILE = "posterior.snapshot.npz"
 JUDGE_KEY = "judge:"  # prefix of a judge verdict's entry in the used-decision table
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def used_key(nonce: str, source: str = "human") -> str:
@@ -150,19 +168,20 @@ class PosteriorState:
         clock: Callable[[], float] = time.time,
         segment_bytes: int | None = None,
         segment_records: int = 0,
+        encoder_factory: Callable[[], Any] | None = None,
     ):
-        self.spec = spec
         self.clock = clock
         self.dir = Path(spec.state_dir)
-        self.arm_ids = tuple(spec.arm_ids)
-        self.n_arms = len(self.arm_ids)
-        self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed, spec.offline_prior)
-        from ray_router.policies.reachability import unreachable_arms
-
-        # arms this config can never choose (no per-arm term and inside the others' hull): said at start-up
-        self.unreachable_arms = unreachable_arms(
-            self.policy.config, spec.arm_embeddings, self.policy.prior, arm_ids=list(spec.arm_ids)
-        )
+        # an encoder change with state.keep_queries: {"from": old identity, "dim": old dim, ...} while
+        # the posterior is rebuilt from re-embedded texts (see _prepare_reembed), else None
+        self._reembed: dict[str, Any] | None = None
+        self._new_x: dict[str, np.ndarray] = {}
+        self._encoder_factory = encoder_factory
+        self._encoder_changed_at: float | None = None  # decisions issued before it are stale
+        self.base_spec = spec  # the config's arm table; ``spec`` is it with the admin's changes applied
+        self.arm_changes = ArmChanges.load(self.dir)
+        self._arm_changes_mtime = _mtime(self.dir / ARMS_FILE)
+        self._set_table(self._table_of(self.arm_changes))
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
         if segment_bytes is None:
@@ -193,6 +212,146 @@ class PosteriorState:
         # the last sample_pool refreshes' samples, published with them: duel routes draw one each
         self._pool: collections.deque[np.ndarray] = collections.deque(maxlen=max(1, int(spec.sample_pool)))
         self._pruned_at = self.clock()  # a standby's last pruning of expired nonces
+        self._serving_arms = self.arms_fingerprint  # the arm table of the published samples
+
+    # --------------------------------------------------------------- arm table
+    def _table_of(self, changes: ArmChanges) -> Table:
+        b = self.base_spec
+        base = Table(
+            tuple(b.arm_ids),
+            tuple(float(p) for p in b.prices),
+            np.asarray(b.arm_embeddings, dtype=np.float64),
+            b.offline_prior,
+            bool(b.cold_start),
+        )
+        return apply_changes(base, changes)
+
+    def _set_table(self, table: Table) -> None:
+        """Make ``table`` this posterior's arm table, with a fresh policy (the prior): the caller
+        restores or rebuilds what was learned."""
+        import dataclasses
+
+        from ray_router.policies.reachability import unreachable_arms
+
+        self.table = table
+        self.spec = dataclasses.replace(
+            self.base_spec,
+            arm_ids=table.ids,
+            prices=table.prices,
+            arm_embeddings=table.embeddings,
+            offline_prior=table.offline_prior,
+        )
+        self.arm_ids = tuple(table.ids)
+        self.n_arms = len(self.arm_ids)
+        self.policy = make_scorer(
+            table.embeddings, self.spec.policy_config, self.spec.policy_seed, self.spec.offline_prior
+        )
+        # arms this config can never choose (no per-arm term and inside the others' hull): said at start-up
+        self.unreachable_arms = unreachable_arms(
+            self.policy.config, table.embeddings, self.policy.prior, arm_ids=list(table.ids)
+        )
+        self._config_version = self.config_version
+
+    @property
+    def config_version(self) -> str:
+        """What each log record names as the configuration it was learned under: the policy's
+        config, the encoder, and the arm table (ids, prices, embeddings, the admin's retirements)."""
+        import dataclasses
+        import hashlib
+        import json
+
+        h = hashlib.blake2b(digest_size=6)
+        h.update(json.dumps(dataclasses.asdict(self.policy.config), sort_keys=True, default=str).encode())
+        h.update(self.spec.encoder_identity.encode())
+        h.update(self.arms_fingerprint.encode())
+        return h.hexdigest()
+
+    @property
+    def arms_fingerprint(self) -> str:
+        return fingerprint(self.table.ids, self.table.prices, self.table.embeddings, self.arm_changes.retired)
+
+    def arm_table(self) -> dict[str, Any]:
+        """The arm table as an Ingress mirrors it (``fingerprint`` is that of ``view()["arms"]``
+        once the samples of this table are out)."""
+        return {
+            "fingerprint": self.arms_fingerprint,
+            "ids": list(self.table.ids),
+            "prices": list(self.table.prices),
+            "embeddings": self.table.embeddings,
+            "offline_prior": self.table.offline_prior,
+            "policy_config": dict(self.spec.policy_config),
+            "cold_start": bool(self.table.cold_start),
+            "added": {a.id: {"upstream": a.upstream, "added_at": a.added_at} for a in self.arm_changes.added},
+            "retired": list(self.arm_changes.retired),
+        }
+
+    def add_arm(self, arm: AddedArm) -> dict[str, Any]:
+        """Mutation thread, writer only: append ``arm`` (durably recorded first), rebuild the
+        posterior from the duels it holds under the grown table, refresh and snapshot. The samples
+        of the old table are served until the new ones are published."""
+        if self.standby:
+            raise Standby("arm changes refused: this posterior is a standby; retry once it is the writer")
+        same = [a for a in self.arm_changes.added if a.id == arm.id]
+        if same and (same[0].price_usd, same[0].upstream, same[0].profile) == (
+            arm.price_usd,
+            arm.upstream,
+            arm.profile,
+        ):
+            # the same request again (a retry after a lost answer): its first answer, nothing changed
+            return {"arm": arm.id, "index": self.arm_ids.index(arm.id), "arms": list(self.arm_ids), "replayed": True}
+        table = extend(self.table, arm)  # ArmExists, profile errors: before anything is written
+        changes = self.arm_changes.with_added(arm)
+        history = self.policy.history.arrays()
+        changes.save(self.dir)
+        self.arm_changes, self._arm_changes_mtime = changes, _mtime(self.dir / ARMS_FILE)
+        t0 = time.perf_counter()
+        self._set_table(table)
+        rebuilt = self._rebuild_from_history(history)
+        meta_path = self.dir / "meta.json"
+        write_meta(
+            meta_path, {**(read_meta(meta_path) or {}), "arm_ids": list(self.arm_ids), "arms_added_at": self.clock()}
+        )
+        self.reloads += 1  # a new epoch: the versions of the rebuilt policy start again
+        self._pool.clear()
+        self.refresh()
+        self.take_snapshot()
+        return {
+            "arm": arm.id,
+            "index": self.n_arms - 1,
+            "arms": list(self.arm_ids),
+            "rebuilt_from_history": rebuilt,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def retire_arm(self, arm_id: str, retired: bool) -> dict[str, Any]:
+        """Record (durably) that ``arm_id`` is retired (or restored); the samples stay, the
+        published arm table changes at once. The Ingress checks the request (a known arm, one left
+        in service) against its config before it asks."""
+        if self.standby:
+            raise Standby("arm changes refused: this posterior is a standby; retry once it is the writer")
+        if arm_id not in self.arm_ids:
+            raise UnknownArmError(f"unknown arm {arm_id[:200]!r} (GET /v1/admin/arms)")
+        changes = self.arm_changes.with_retired(arm_id, retired)
+        if changes != self.arm_changes:
+            changes.save(self.dir)
+            self.arm_changes, self._arm_changes_mtime = changes, _mtime(self.dir / ARMS_FILE)
+        self._serving_arms, self._config_version = self.arms_fingerprint, self.config_version
+        return {"arm": arm_id, "retired": retired, "admin_retired": list(changes.retired)}
+
+    def _follow_arm_changes(self) -> bool:
+        """A standby: when the writer changed ``arms.json``, take its table (then the caller
+        re-reads the snapshot: ``_reload``). True when it changed."""
+        mtime = _mtime(self.dir / ARMS_FILE)
+        if mtime == self._arm_changes_mtime:
+            return False
+        changes = ArmChanges.load(self.dir)
+        self._arm_changes_mtime = mtime
+        if changes == self.arm_changes:
+            return False
+        self.arm_changes = changes
+        self._set_table(self._table_of(changes))  # (its config version too)
+        self._serving_arms = self.arms_fingerprint
+        return True
 
     # ------------------------------------------------------------------ startup
     def open(self) -> dict[str, Any]:
@@ -230,6 +389,8 @@ class PosteriorState:
         self.used = _used_from(meta.get("used"))
         self.last_snapshot_at = float(meta["created_at"])
         rebuilt = f"arms added ({', '.join(added)})" if added else self._snapshot_mismatch(snap["policy"])
+        if self._reembed is not None:
+            rebuilt = f"encoder changed ({self._reembed['from']} -> {self.spec.encoder_identity})"
         if rebuilt is None:
             self.policy.restore(snap["policy"])
             return True, None, 0
@@ -238,6 +399,8 @@ class PosteriorState:
     def _open(self, t0: float) -> dict[str, Any]:
         self._check_meta()
         migrated = durable.migrate_json_log(self.dir / LEGACY_LOG, self.journal.dir, self.journal.segment_bytes)
+        if self._reembed is not None:
+            self._prepare_reembed()
         snap_path = self.dir / SNAPSHOT_FILE
         restored, rebuilt, from_history, has_snapshot = False, None, 0, snap_path.exists()
         if has_snapshot:
@@ -252,7 +415,9 @@ class PosteriorState:
         self.refresh()
         self._opened = True
         self.standby = False
+        reembedded = self._finish_reembed()
         self.recovery = {
+            "reembedded": reembedded,
             "restored_snapshot": restored,
             "rebuilt_from_log": rebuilt,
             "rebuilt_from_history": from_history,
@@ -324,6 +489,8 @@ class PosteriorState:
         snapshot first. Returns how many were applied."""
         if not self.standby:
             raise RuntimeError("follow() is for a standby; the writer applies its own appends")
+        if self._follow_arm_changes():  # the writer added or retired arms: its table, then its snapshot
+            self._reload()
         for _ in range(3):  # a compaction between reading the snapshot and the log: read both again
             try:
                 records = self.journal.tail(self.last_applied_seq, self.last_applied_position, limit)
@@ -353,6 +520,7 @@ class PosteriorState:
         if not self.lock.try_acquire():
             return None
         try:
+            arms_changed = self._follow_arm_changes()  # the old writer's last arm change, if not yet followed
             self._check_meta()
             migrated = durable.migrate_json_log(self.dir / LEGACY_LOG, self.journal.dir, self.journal.segment_bytes)
             snap_path = self.dir / SNAPSHOT_FILE
@@ -360,7 +528,9 @@ class PosteriorState:
                 self._require_log_dir(snap_path)
             self.journal.open()
             # compacted past what was followed (the old writer's last snapshot), or diverged: re-read
-            reloaded = self.journal.first_seq > self.last_applied_seq + 1 or not self._followed_matches_log()
+            reloaded = (
+                arms_changed or self.journal.first_seq > self.last_applied_seq + 1 or not self._followed_matches_log()
+            )
             if reloaded:
                 self._reload()
             replayed = self._replay_tail(snap_path)
@@ -434,15 +604,97 @@ class PosteriorState:
 
     def _rebuild_from_history(self, history: dict[str, np.ndarray]) -> int:
         """``policy.update`` for every duel a snapshot's policy holds (its raw query embeddings are
-        the first ``dim`` columns of its contexts), under the current config."""
-        X = np.asarray(history["X"])[:, : self.dim]
+        the first ``dim`` columns of its contexts), under the current config; after an encoder
+        change, on the new embeddings of their kept texts (a duel without one is skipped)."""
+        dim = self.dim if self._reembed is None else int(self._reembed["dim"])
+        X = np.asarray(history["X"])[:, :dim]
         first, second, y, mask = (np.asarray(history[k]) for k in ("first", "second", "y", "mask"))
         w = np.asarray(history["w"]) if "w" in history else np.ones(len(y))  # absent: before weights
         grown = mask.shape[1] < self.policy.n_arms  # arms were added since: they were not offered then
+        n = 0
         for i in range(len(y)):
+            x = X[i] if self._reembed is None else self._translate(X[i])
+            if x is None:
+                continue
             offered = None if mask[i].all() and not grown else np.flatnonzero(mask[i]).tolist()
-            self.policy.update(X[i], Duel(int(first[i]), int(second[i])), float(y[i]), offered, float(w[i]))
-        return len(y)
+            self.policy.update(x, Duel(int(first[i]), int(second[i])), float(y[i]), offered, float(w[i]))
+            n += 1
+        return n
+
+    # ----------------------------------------------------------- encoder change
+    def _prepare_reembed(self) -> None:
+        """The encoder changed and the query texts were kept: encode, with the new encoder (through
+        the embedding cache), the text of every duel the snapshot's history and the log hold."""
+        from ray_router.policies.snapshot import load_snapshot
+        from ray_router.serve.query_store import load_queries, query_key
+        from ray_router.serve.tokens import quantise
+
+        assert self._reembed is not None
+        t0 = time.perf_counter()
+        old_dim = int(self._reembed["dim"])
+        keys: set[str] = set()
+        snap_path = self.dir / SNAPSHOT_FILE
+        if snap_path.exists():
+            X = np.asarray(load_snapshot(snap_path)["policy"]["history"]["X"])[:, :old_dim]
+            keys.update(query_key(x) for x in X)
+        for _, rec in self.journal.scan():
+            x = rec["x"]
+            keys.add(query_key(decode_vector(x) if isinstance(x, str) else x))
+        texts = load_queries(self.dir, keys)
+        order = sorted(texts)
+        if order:
+            encoder = self._encoder_factory() if self._encoder_factory is not None else self._spec_encoder()
+            if encoder.identity != self.spec.encoder_identity:
+                raise ConfigError(
+                    f"re-embedding: the encoder is {encoder.identity!r}, the config's {self.spec.encoder_identity!r}"
+                )
+            E = np.asarray(encoder.encode([texts[k] for k in order]))
+            if E.shape[1] != self.dim:
+                raise ConfigError(f"re-embedding: the encoder gives dimension {E.shape[1]}, the arm table {self.dim}")
+            self._new_x = {k: quantise(e) for k, e in zip(order, E)}
+        self._reembed.update(duels=len(keys), texts=len(order), encode_seconds=round(time.perf_counter() - t0, 3))
+        self._reembed["missing"] = 0
+
+    def _spec_encoder(self) -> Any:
+        from ray_router.embeddings import get_encoder
+
+        enc = self.spec.encoder
+        if enc is None:
+            raise ConfigError("re-embedding needs the encoder's spec (PosteriorSpec.encoder)")
+        return get_encoder(enc.name, cache_dir=None, device=enc.device, **enc.encoder_options())
+
+    def _translate(self, x: np.ndarray) -> np.ndarray | None:
+        """The new embedding of an old-encoder query embedding (None: its text was not kept)."""
+        from ray_router.serve.query_store import query_key
+
+        assert self._reembed is not None
+        new = self._new_x.get(query_key(np.asarray(x)[: int(self._reembed["dim"])]))
+        if new is None:
+            self._reembed["missing"] += 1
+        return new
+
+    def _finish_reembed(self) -> dict[str, Any] | None:
+        """After the rebuild: a snapshot of the new-encoder posterior (the old-encoder log records
+        are compacted away), then ``meta.json`` names the new encoder; until then a restart redoes it."""
+        if self._reembed is None:
+            return None
+        done, self._reembed, self._new_x = self._reembed, None, {}
+        self.take_snapshot()
+        meta_path = self.dir / "meta.json"
+        found = read_meta(meta_path) or {}
+        write_meta(
+            meta_path,
+            {
+                **found,
+                "arm_ids": list(self.arm_ids),
+                "encoder_identity": self.spec.encoder_identity,
+                "dim": self.dim,
+                "encoder_changed_at": self._encoder_changed_at,
+                "encoder_changed_from": done["from"],
+            },
+        )
+        logger.warning(f"posterior: rebuilt for a new encoder from the kept query texts: {done}")
+        return done
 
     def _check_meta(self, write: bool = True) -> None:
         meta_path = self.dir / "meta.json"
@@ -453,6 +705,26 @@ class PosteriorState:
                 return
             write_meta(meta_path, {**want, "created_at": self.clock()})
             return
+        if found.get("encoder_changed_at") is not None:
+            self._encoder_changed_at = float(found["encoder_changed_at"])
+        if found.get("encoder_identity") != want["encoder_identity"]:
+            hint = (
+                "the posterior's query embeddings are of that encoder and no query text was kept "
+                "(state.keep_queries: true keeps them, so that an encoder change re-embeds them)"
+            )
+            if self.spec.keep_queries and not write:
+                hint = (
+                    "a standby cannot re-embed; restart the service in place (one process at a time) to change encoder"
+                )
+            if not (self.spec.keep_queries and write):
+                raise ConfigError(
+                    f"{self.dir} holds the posterior of another configuration (encoder_identity: "
+                    f"{found.get('encoder_identity')!r}, config: {want['encoder_identity']!r}): {hint}; or point "
+                    "state.dir at a new directory"
+                )
+            self._reembed = {"from": found.get("encoder_identity"), "dim": int(found.get("dim") or 0)}
+            self._encoder_changed_at = self.clock()
+            found = {**found, "encoder_identity": want["encoder_identity"], "dim": want["dim"]}
         added = arms_added(list(found.get("arm_ids") or []), list(self.arm_ids), str(meta_path))
         if added and write:  # the arm table grew (appended arms): the state is this table's from now on
             write_meta(meta_path, {**found, "arm_ids": want["arm_ids"], "arms_added_at": self.clock()})
@@ -510,7 +782,13 @@ class PosteriorState:
         pool = [s for s in self._pool if s.shape == theta.shape]  # after a rebuild, only the new samples
         if not pool or pool[-1] is not theta:
             pool.append(theta)
-        return {"version": version, "theta": theta, "theta_mean": theta_mean, "pool": np.stack(pool)}
+        return {
+            "version": version,
+            "theta": theta,
+            "theta_mean": theta_mean,
+            "pool": np.stack(pool),
+            "arms": self._serving_arms,
+        }
 
     # ----------------------------------------------------------------- feedback
     def begin_feedback(
@@ -541,6 +819,11 @@ class PosteriorState:
         if claims.expires_at <= now:
             self.counts["rejected_feedback"]["expired"] += 1
             raise ExpiredDecision("decision_id has expired")
+        changed = self._encoder_changed_at
+        if changed is not None and claims.expires_at - self.spec.decision_ttl_s < changed:
+            raise StaleDecision(
+                "decision_id was issued before the encoder changed: its query embedding is of the old encoder"
+            )
         if claims.mode != "duel" or claims.second is None or claims.x is None:
             self.counts["rejected_feedback"]["not_a_duel"] += 1
             raise NotADuel("a single-mode decision served one arm; pairwise feedback needs a duel")
@@ -565,6 +848,7 @@ class PosteriorState:
             "source": source,
             "weight": 1.0 if source == "human" else float(getattr(self.spec, "judge_weight", 1.0)),
             "propensity": claims.propensity,  # of the served pair (None: unknown)
+            "config_version": self._config_version,
         }
 
     def end_feedback(self, key: str, record: dict | None) -> dict | None:
@@ -604,6 +888,12 @@ class PosteriorState:
             x = rec["x"]
             if isinstance(x, str):  # a record in the JSON-lines form (base64)
                 x = decode_vector(x)
+            if self._reembed is not None:  # logged under the old encoder: its text's new embedding
+                x = self._translate(x)
+                if x is None:  # no text kept: the duel cannot be learned under the new encoder
+                    self.last_applied_seq, self.last_applied_position = seq, rec["_end"]
+                    self._last_nonce = rec.get("nonce")
+                    continue
             if x.shape[0] != self.dim:
                 raise ConfigError(f"log record {seq} has a {x.shape[0]}-d embedding, the posterior {self.dim}")
             duel = Duel(int(rec["first"]), int(rec["second"]))
@@ -622,7 +912,7 @@ class PosteriorState:
     def refresh(self, n_steps: int | None = None) -> float:
         t0 = time.perf_counter()
         self.policy.refresh(n_steps)
-        self._serving = self.policy
+        self._serving, self._serving_arms = self.policy, self.arms_fingerprint
         self._pool.append(self.policy.theta)  # refresh assigns a new array: the old one stays as it was
         self.last_refresh_s = time.perf_counter() - t0
         self.last_refresh_at = self.clock()
@@ -689,6 +979,8 @@ class PosteriorState:
                 "cold_start": bool(self.spec.cold_start),
                 "unreachable_arms": self.unreachable_arms,
                 "arm_selection": getattr(p.config, "arm_selection", "thompson"),
+                "config_version": self._config_version,
+                "arms_fingerprint": self.arms_fingerprint,
             },
             "durability": {
                 "feedback_log_bytes": int(self.journal.size_bytes),

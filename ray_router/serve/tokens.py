@@ -111,6 +111,11 @@ class DecisionSigner:
         # indices mean the same arms): the fingerprint of every prefix of the table
         self._prefix_fps = {k: arm_fingerprint(arm_ids[:k]) for k in range(1, len(arm_ids) + 1)}
 
+    def for_arms(self, arm_ids: Sequence[str]) -> DecisionSigner:
+        """A signer of the same key for another arm table (one that grew: the ids issued for this one
+        still verify)."""
+        return DecisionSigner(self._key, arm_ids)
+
     def _sig(self, body: str) -> str:
         return _b64(hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest())
 

@@ -42,7 +42,7 @@ def arm(a: str, stub: StubServer) -> dict:
     return {"id": a, "price_usd": 0.001, "upstream": {"base_url": stub.base_url, "model": a}}
 
 
-def deploy(cluster, state_dir, table, arms: list[dict]) -> RouterApp:
+def deploy(cluster, state_dir, table, arms: list[dict], ingress_replicas: int = 1) -> RouterApp:
     return deploy_router(
         cluster,
         state_dir,
@@ -53,6 +53,7 @@ def deploy(cluster, state_dir, table, arms: list[dict]) -> RouterApp:
                 "clients": [{"name": "default", "key_env": "RAY_ROUTER_CLIENT_KEY", "rate_per_s": 1e4, "burst": 10**4}]
             },
         },
+        deployments={"Ingress": {"num_replicas": ingress_replicas}},
     )
 
 
@@ -97,7 +98,9 @@ class Load:
 def test_an_arm_added_during_a_load_run(serve_cluster, stub, tmp_path_factory):
     table = write_synthetic_arm_table(tmp_path_factory.mktemp("arms"), OLD, "hash", seed=0)
     state_dir = tmp_path_factory.mktemp("state")
-    app = deploy(serve_cluster, state_dir, table, [arm(a, stub) for a in OLD])
+    # two Ingress replicas: Serve replaces them one at a time, so one always serves (with one, the
+    # redeploy leaves a moment with no running Ingress, when the proxy answers 404: RAY_NOTES)
+    app = deploy(serve_cluster, state_dir, table, [arm(a, stub) for a in OLD], ingress_replicas=2)
     try:
         key = (app.state_dir / "secrets" / "client_default").read_text().strip()
         with httpx.Client(base_url=app.url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
@@ -107,7 +110,11 @@ def test_an_arm_added_during_a_load_run(serve_cluster, stub, tmp_path_factory):
                 before = len(load.statuses)
                 t0 = time.monotonic()
                 app = deploy(
-                    serve_cluster, state_dir, table, [*(arm(a, stub) for a in OLD), {**arm("coder", stub), **NEW}]
+                    serve_cluster,
+                    state_dir,
+                    table,
+                    [*(arm(a, stub) for a in OLD), {**arm("coder", stub), **NEW}],
+                    ingress_replicas=2,
                 )
                 deploy_s = time.monotonic() - t0
 

@@ -49,6 +49,7 @@ def record(i: int, dim: int = DIM, offered: list[int] | None = None) -> dict:
         "source": "human",
         "weight": 1.0,
         "propensity": None,
+        "config_version": f"cfg-{i % 3}" if i % 2 else "",  # version 4 when named, else 1
     }
 
 
@@ -80,6 +81,11 @@ def test_a_record_round_trips_in_a_compact_frame():
         assert same(back, rec) and back["x"].dtype == np.float32
         # the embedding as raw float32 bytes: ~1.7 kB at d = 384, where the JSON line took ~2.3 kB
         assert 4 * DIM < len(frame) < 4 * DIM + 200
+    # version 4 (a config version) with and without a propensity, with a judge's source and weight
+    for prop in (None, 0.25):
+        rec = dict(record(11), seq=5, propensity=prop, source="judge", weight=0.5, config_version="abc123")
+        back = decode_record(encode_record(rec)[12:])
+        assert same(back, rec) and encode_record(rec)[12] == 4
     legacy = dict(record(9), seq=1, x=encode_vector(record(9)["x"]))  # a record of the JSON log
     assert np.array_equal(decode_record(encode_record(legacy)[12:])["x"], record(9)["x"])
     with pytest.raises(DataError, match="cannot encode feedback record 1"):

@@ -459,6 +459,44 @@ def _case_internal(s, catch_all_url):
     return [(500, "internal", lambda: client.chat.completions.create(model="router", messages=MESSAGES))]
 
 
+def _arms_in_service(admin: openai.OpenAI) -> list[str]:
+    return [a["id"] for a in admin.get("/admin/arms", cast_to=object)["arms"] if not a["retired"]]
+
+
+def _case_arm_exists(s):
+    """An added arm whose id is taken (by a config arm)."""
+    admin = s.client(s.secret("admin_token"))
+    body = {"id": _arms_in_service(admin)[0], "price_usd": 1.0, "profile": {"default": 0.5}}
+    return [(409, "arm_exists", lambda: admin.post("/admin/arms", cast_to=object, body=body))]
+
+
+def _case_arm_refused(s):
+    """Retiring the last arm in service (the others are retired for the case and restored after it)."""
+    from urllib.parse import quote
+
+    admin = s.client(s.secret("admin_token"))
+    ids = _arms_in_service(admin)
+
+    def last_arm():
+        done = []
+        try:
+            for a in ids[:-1]:
+                admin.post(f"/admin/arms/{quote(a, safe='')}/retire", cast_to=object)
+                done.append(a)
+            admin.post(f"/admin/arms/{quote(ids[-1], safe='')}/retire", cast_to=object)
+        finally:
+            for a in done:
+                admin.post(f"/admin/arms/{quote(a, safe='')}/restore", cast_to=object)
+
+    return [(409, "arm_change_refused", last_arm)]
+
+
+def _case_arm_prior(s):
+    admin = s.client(s.secret("admin_token"))
+    body = {"id": "new-arm", "price_usd": 0.0, "profile": {"no-such-category": 0.5}}
+    return [(400, "bad_request", lambda: admin.post("/admin/arms", cast_to=object, body=body))]
+
+
 # (statuses, codes, a word of the row's input cell): the row's case
 CASES: dict[tuple[tuple[str, ...], tuple[str, ...], str], Callable[..., list]] = {
     (("400",), ("malformed_request",), "body not JSON"): _case_not_json,
@@ -475,6 +513,9 @@ CASES: dict[tuple[tuple[str, ...], tuple[str, ...], str], Callable[..., list]] =
     (("410",), ("stale_decision",), ""): _case_stale,
     (("409",), ("duplicate_feedback",), ""): _case_duplicate,
     (("409",), ("not_a_duel",), ""): _case_not_a_duel,
+    (("409",), ("arm_exists",), ""): _case_arm_exists,
+    (("409",), ("arm_change_refused",), ""): _case_arm_refused,
+    (("400",), ("bad_request",), ""): _case_arm_prior,
     (("404", "405"), ("not_found", "method_not_allowed"), ""): _case_path_method,
     (("502",), ("upstream_error",), ""): _case_upstream,
     (("502",), ("embeddings_error",), ""): _case_embeddings,
