@@ -10,7 +10,8 @@ config dataclasses, keyed by their field names::
       weighting: {name: {choice: [perf, perf_cost]}, beta: {loguniform: [1, 30]}, ...}       # WeightingConfig
       embedding: {encoder: {choice: [base, ccft]}}                                           # EmbeddingChoice
 
-``fixed`` holds constant values in the same sections. Every key is checked against the dataclass's
+``fixed`` holds constant values in the same sections. ``objective`` (optional) scores the trials by
+progressive validation on logged duels instead of replay regret (:class:`ObjectiveSpec`). Every key is checked against the dataclass's
 fields and every candidate value against its validation (:func:`load_sweep` raises a
 :class:`ConfigError` that names the bad key), so a typo fails before Ray starts.
 """
