@@ -286,6 +286,12 @@ def _add_tune_parser(sub) -> None:
         default=None,
         help="CCFT artifacts (default: $RAY_ROUTER_CACHE_DIR/ccft, else ~/.cache/ray-router/ccft)",
     )
+    p.add_argument(
+        "--duels",
+        default=None,
+        metavar="FILE",
+        help="score trials by progressive validation on this duel log (`ray-router log export`): sets objective.duels",
+    )
 
 
 # run_sweep's arguments that `ray-router tune` takes as flags of the same name
@@ -301,6 +307,7 @@ SWEEP_OPTIONS = (
     "device",
     "artifacts_dir",
     "encoder",
+    "duels",
 )
 
 
@@ -550,11 +557,12 @@ def _evaluate_duels(args, cfg) -> int:
     log = read_duels(args.duels)  # a bad file fails before any slow work
     identity: list[str] = []
     table, X, encoder_label = _load_embedded(args, identity)
-    if log.encoder and identity and identity[0] and log.encoder != identity[0] and not args.any_encoder:
-        raise ConfigError(
-            f"the duel log was embedded by {log.encoder!r}, the policies would use {identity[0]!r}: pass the same "
-            "--encoder (or --any-encoder to compare anyway)"
-        )
+    progressive.check_encoder(
+        log,
+        identity[0] if identity else "",
+        args.any_encoder,
+        ": pass the same --encoder (or --any-encoder to compare anyway)",
+    )
 
     def on_run(name: str, seed: int) -> None:
         print(f"[ray-router] {name} seed {seed}: {len(log)} duels", file=sys.stderr)

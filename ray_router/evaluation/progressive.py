@@ -102,10 +102,17 @@ class ProgressiveRun:
     served: np.ndarray  # (n,) the arm ``best`` would have served before the update
 
 
-def run_progressive(policy: Policy, log: DuelLog, refresh_every: int = 1) -> ProgressiveRun:
+def run_progressive(
+    policy: Policy,
+    log: DuelLog,
+    refresh_every: int = 1,
+    on_progress: Callable[[int, np.ndarray], None] | None = None,
+    progress_every: int = 0,
+) -> ProgressiveRun:
     """Predict, then learn, duel by duel in log order. ``refresh_every``: a policy with a posterior
     sampler (``refresh``) refreshes after every that many updates (1: after each, as the replay does
-    when it selects)."""
+    when it selects). ``on_progress(t, p[:t])`` after every ``progress_every`` duels and after the last
+    (a sweep's intermediate reports)."""
     n = len(log)
     p = np.empty(n)
     served = np.empty(n, dtype=np.int64)
@@ -119,6 +126,8 @@ def run_progressive(policy: Policy, log: DuelLog, refresh_every: int = 1) -> Pro
         policy.update(x, Duel(a, b), float(log.y[t]), offered)
         if refresh is not None and refresh_every and (t + 1) % refresh_every == 0:
             refresh()
+        if on_progress is not None and progress_every and ((t + 1) % progress_every == 0 or t + 1 == n):
+            on_progress(t + 1, p[: t + 1])
     return ProgressiveRun(p=p, served=served)
 
 
@@ -187,6 +196,7 @@ class ProgressiveSummary:
     calibration: dict[str, Any]
     served_share: dict[str, dict[str, float]]  # arm -> {"mean", "lo", "hi"}
     p_mean: np.ndarray = field(repr=False)  # (n,) the seeds' mean prediction per duel
+    series: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # metric -> (n,) per duel, seeds' mean
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"policy": self.policy, "n_duels": self.n_duels, "n_seeds": self.n_seeds}
@@ -203,11 +213,12 @@ def summarise(
     y, w = log.y, log.weight
     per_seed = [duel_losses(r.p, y) for r in runs]
     rng = np.random.default_rng(seed)
-    metrics = {}
+    metrics, per_duel = {}, {}
     for name in ("log_loss", "accuracy", "brier"):
         series = np.mean([s[name] for s in per_seed], axis=0)  # a tie stays NaN in every seed
         lo, hi = block_bootstrap_ci(series, w, rng, n_boot)
         metrics[name] = {"mean": _wmean(series, w), "lo": lo, "hi": hi}
+        per_duel[name] = series
     p_mean = np.mean([r.p for r in runs], axis=0)
     calibration = reliability(np.concatenate([r.p for r in runs]), np.tile(y, len(runs)), np.tile(w, len(runs)))
     share = {}
@@ -217,7 +228,17 @@ def summarise(
             continue
         lo, hi = block_bootstrap_ci(series, np.ones_like(series), rng, n_boot)
         share[arm] = {"mean": float(series.mean()), "lo": lo, "hi": hi}
-    return ProgressiveSummary(policy, len(log), len(runs), metrics, calibration, share, p_mean)
+    return ProgressiveSummary(policy, len(log), len(runs), metrics, calibration, share, p_mean, per_duel)
+
+
+def paired_difference(
+    a: ProgressiveSummary, b: ProgressiveSummary, metric: str, log: DuelLog, seed: int = 0, n_boot: int = 1000
+) -> dict[str, float]:
+    """``a`` minus ``b`` on ``metric`` over the same duels: the weighted mean of the per-duel
+    difference and its 95% moving-block bootstrap interval (paired: both scored the same log)."""
+    diff = a.series[metric] - b.series[metric]
+    lo, hi = block_bootstrap_ci(diff, log.weight, np.random.default_rng(seed), n_boot)
+    return {"mean": _wmean(diff, log.weight), "lo": lo, "hi": hi}
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -289,25 +310,49 @@ def evaluate_duels(
     run per seed of ``cfg``. Each seed's policies are built exactly as the replay evaluator builds
     them (the seed's offline split of ``table``, embedded as ``X``, gives the arm embeddings and the
     offline data); the log is mapped onto ``table``'s arms by arm id."""
-    from ray_router.evaluation.experiment import _policy_seeds, prepare_seed
-    from ray_router.policies.base import get_entry, make_policy
+    from ray_router.policies.base import get_entry
 
     for name in cfg.policies:
         if get_entry(name).reference is not None or name == "best_fixed":
             raise ConfigError(f"policy {name!r} is a hindsight reference: a log has no utilities to compute it from")
-    log = log.remap(list(table.arms))
-    if log.dim != X.shape[1]:
-        raise ConfigError(f"the log's embeddings have dim {log.dim}; the encoder gives {X.shape[1]}")
+    log = log_for_table(log, table, X)
     runs: dict[str, list[ProgressiveRun]] = {name: [] for name in cfg.policies}
     for seed in range(cfg.base_seed, cfg.base_seed + cfg.n_seeds):
-        env, _ = prepare_seed(table, X, cfg, seed)
-        for name in cfg.policies:
-            policy_seed, _ = _policy_seeds(name, seed)
-            policy = make_policy(name, env, seed=policy_seed, config=cfg.policy_config(name))
+        for name, policy in seed_policies(table, X, cfg, seed).items():
             runs[name].append(run_progressive(policy, log, refresh_every))
             if on_run is not None:
                 on_run(name, seed)
     return [summarise(name, rs, log, seed=cfg.base_seed) for name, rs in runs.items()]
+
+
+def log_for_table(log: DuelLog, table: Any, X: np.ndarray) -> DuelLog:
+    """``log`` over ``table``'s arms (by arm id); an error when it names an arm the table lacks or its
+    embeddings have another dimension than ``X``'s."""
+    log = log.remap(list(table.arms))
+    if log.dim != X.shape[1]:
+        raise ConfigError(f"the log's embeddings have dim {log.dim}; the encoder gives {X.shape[1]}")
+    return log
+
+
+def seed_policies(table: Any, X: np.ndarray, cfg: Any, seed: int) -> dict[str, Policy]:
+    """``cfg.policies`` for ``seed``, fresh, built exactly as the replay evaluator builds them (the
+    seed's offline split of ``table``, embedded as ``X``, gives the arm embeddings and offline data;
+    each policy's seed is keyed by its name)."""
+    from ray_router.evaluation.experiment import _policy_seeds, prepare_seed
+    from ray_router.policies.base import make_policy
+
+    env, _ = prepare_seed(table, X, cfg, seed)
+    return {
+        name: make_policy(name, env, seed=_policy_seeds(name, seed)[0], config=cfg.policy_config(name))
+        for name in cfg.policies
+    }
+
+
+def check_encoder(log: DuelLog, identity: str, any_encoder: bool = False, hint: str = "") -> None:
+    """A ConfigError when ``log`` was embedded by another encoder than ``identity`` (unless
+    ``any_encoder``, or either identity is unknown): its queries and the arm embeddings would not share a space."""
+    if log.encoder and identity and log.encoder != identity and not any_encoder:
+        raise ConfigError(f"the duel log was embedded by {log.encoder!r}, the policies would use {identity!r}{hint}")
 
 
 def duels_from_replay(result: Any, stream: Any, arm_ids: Sequence[str], encoder: str = "") -> DuelLog:

@@ -6,6 +6,9 @@ the trial loop (:mod:`~ray_router.tune.trial`) and the data preparation
 (:mod:`~ray_router.tune.prepare`) are pure and unit-tested without a cluster.
 
     ray-router tune tune_jobs/paper_sweep.yaml [--smoke-test] [--address auto] [--storage-path DIR]
+
+A sweep with ``objective: {duels: FILE, metric: log_loss}`` (or ``--duels FILE``) scores its trials by
+progressive validation on a deployment's logged duels instead of a replay (:mod:`~ray_router.tune.duels`).
 """
 
 from ray_router.tune.spec import EmbeddingChoice, SweepSpec, load_sweep, parse_sweep

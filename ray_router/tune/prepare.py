@@ -48,6 +48,7 @@ class Prepared:
     ccft: list[dict] = field(default_factory=list)  # one row per artifact
     skipped: dict[str, str] = field(default_factory=dict)  # optional datasets whose files are missing
     seconds: float = 0.0
+    base_identity: str = ""  # the base encoder's identity (a duel log must match it)
 
     def encoding_totals(self) -> dict:
         rows = self.encoding
@@ -152,6 +153,7 @@ def prepare(
     if needs_ccft and spec.encoder.remote:
         raise cannot_fine_tune(f"the sweep's encoder.name {spec.encoder.name.partition('#')[0]!r}")
     base = get_encoder(spec.encoder.name, cache_dir=cache_dir, device=device, **spec.encoder.encoder_options())
+    out.base_identity = str(getattr(base, "identity", ""))
     if needs_ccft and spec.encoder.name in ("hash", "lookup"):
         raise ConfigError(
             "the space uses the ccft encoder, which fine-tunes a sentence-transformers model; "

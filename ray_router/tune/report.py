@@ -64,6 +64,12 @@ def result_frames(grid, spec: SweepSpec):
     import pandas as pd
 
     max_t = spec.max_rounds
+    trial_metrics: tuple[str, ...] = TRIAL_METRICS
+    progress_metrics: tuple[str, ...] = PROGRESS_METRICS
+    if spec.objective is not None:  # progressive validation on logged duels (ray_router.tune.duels)
+        from ray_router.tune.duels import TRIAL_METRICS as DUEL_METRICS
+
+        trial_metrics, progress_metrics = TRIAL_METRICS + DUEL_METRICS, PROGRESS_METRICS + DUEL_METRICS
     rows, hist = [], []
     for r in grid:
         m = dict(r.metrics or {})
@@ -83,20 +89,21 @@ def result_frames(grid, spec: SweepSpec):
             "encoder": encoder_of(spec, c),
         }
         row.update(_flat_config(spec, c))
-        row.update({k: m.get(k) for k in TRIAL_METRICS})
+        row.update({k: m.get(k) for k in trial_metrics})
         row["error"] = None if r.error is None else str(r.error)[:2000]
         row["config"] = c
         rows.append(row)
         df = r.metrics_dataframe
         if df is not None and len(df):
-            keep = [k for k in PROGRESS_METRICS if k in df.columns]
+            keep = [k for k in progress_metrics if k in df.columns]
             h = df[keep].copy()
             h.insert(0, "trial_id", str(trial_id))
             h.insert(1, "group", row["group"])
             hist.append(h)
     trials = pd.DataFrame(rows)
     if len(trials):
-        for k in ("mean_regret", "cum_regret_mean", "cum_regret_ci_low", "cum_regret_ci_high", "time_total_s"):
+        numeric = ("mean_regret", "cum_regret_mean", "cum_regret_ci_low", "cum_regret_ci_high", "time_total_s")
+        for k in numeric + tuple(k for k in trial_metrics if k not in TRIAL_METRICS):
             trials[k] = pd.to_numeric(trials[k], errors="coerce")
         trials = trials.sort_values(["group", "trial_id"]).reset_index(drop=True)
     progress = pd.concat(hist, ignore_index=True) if hist else pd.DataFrame(columns=["trial_id", "group"])
@@ -132,10 +139,11 @@ def _eta2(labels: Sequence[Any], y: np.ndarray) -> float:
     return between / total
 
 
-def comparable(trials, progress):
+def comparable(trials, progress, metric: str = "mean_regret"):
     """Per trial, a regret every trial of its group has: the mean regret per round over the first R
     rounds, R = the most rounds that every (non-error) trial of the group played (ASHA's first rung,
-    or all rounds when nothing was stopped). Adds columns ``common_rounds`` and ``regret_at_common``."""
+    or all rounds when nothing was stopped). Adds columns ``common_rounds`` and ``regret_at_common``.
+    ``metric``: another running metric of the progress reports (a duels objective's ``log_loss``, ...)."""
     import pandas as pd
 
     t = trials[trials["status"] != "error"].copy()
@@ -150,7 +158,7 @@ def comparable(trials, progress):
         if not len(reach) or set(reach.index) != ids:
             continue
         R = int(reach.min())
-        at = pr[pr["rounds_played"] == R].drop_duplicates("trial_id", keep="last").set_index("trial_id")["mean_regret"]
+        at = pr[pr["rounds_played"] == R].drop_duplicates("trial_id", keep="last").set_index("trial_id")[metric]
         t.loc[g.index, "common_rounds"] = R
         t.loc[g.index, "regret_at_common"] = pd.to_numeric(g["trial_id"].map(at), errors="coerce").to_numpy()
     return t
@@ -160,15 +168,15 @@ def _is_numeric(values) -> bool:
     return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values)
 
 
-def importance(trials, keys: Sequence[str], progress=None):
+def importance(trials, keys: Sequence[str], progress=None, metric: str = "mean_regret"):
     """Marginal importance of each swept field per group, averaged over groups: Spearman ρ² of a
     numeric field with ≥ 3 distinct values against the regret, else the correlation ratio η² (share of
     the regret's variance explained by the field's values). The regret is :func:`comparable`'s (the
-    same rounds for every trial of a group, stopped ones included). A screening measure over
-    random-search trials, not fANOVA."""
+    same rounds for every trial of a group, stopped ones included; ``metric``: see :func:`comparable`).
+    A screening measure over random-search trials, not fANOVA."""
     import pandas as pd
 
-    t = comparable(trials, progress if progress is not None else pd.DataFrame())
+    t = comparable(trials, progress if progress is not None else pd.DataFrame(), metric)
     out: dict[str, list[float]] = {k: [] for k in keys}
     for _, g in t.groupby("group"):
         sub = g[np.isfinite(g["regret_at_common"].to_numpy(dtype=float))]
@@ -193,7 +201,9 @@ def importance(trials, keys: Sequence[str], progress=None):
     return df.sort_values("importance", ascending=False, na_position="last").reset_index(drop=True)
 
 
-def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, progress=None) -> list[Path]:
+def plot_params(
+    trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, progress=None, metric: str = "mean_regret"
+) -> list[Path]:
     """Per dataset: each trial's regret over the group's common rounds (see :func:`comparable`) against
     each of ``params`` (rows: the dataset's groups; o complete trials, x stopped by ASHA)."""
     import matplotlib
@@ -205,7 +215,8 @@ def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, p
 
     dists = {f"{sec}.{k}": d for sec, fields in spec.space_dists().items() for k, d in fields.items()}
     paths = []
-    ok = comparable(trials, progress if progress is not None else pd.DataFrame())
+    ok = comparable(trials, progress if progress is not None else pd.DataFrame(), metric)
+    what = "regret/round" if metric == "mean_regret" else metric
     for ds, dft in ok.groupby("dataset", sort=False):
         groups = list(dict.fromkeys(dft["group"]))
         fig, axes = plt.subplots(
@@ -241,13 +252,14 @@ def plot_params(trials, params: Sequence[str], spec: SweepSpec, out_dir: Path, p
                 ax.set_xlabel(p, fontsize=8)
                 if j == 0:
                     rounds = f"first {int(R)} rounds" if np.isfinite(R) else "last report"
-                    ax.set_ylabel(f"{gk.split('|', 1)[1]}\nregret/round, {rounds}", fontsize=8)
+                    ax.set_ylabel(f"{gk.split('|', 1)[1]}\n{what}, {rounds}", fontsize=8)
                 ax.grid(alpha=0.3)
                 ax.tick_params(labelsize=7)
                 if i == 0 and j == 0:
                     ax.legend(fontsize=7)
         fig.suptitle(
-            f"{ds}: mean regret per round over the rounds every trial of the group played "
+            f"{ds}: {'mean regret per round' if metric == 'mean_regret' else metric} over the rounds every "
+            "trial of the group played "
             "(o complete, x stopped by ASHA)",
             fontsize=9,
         )

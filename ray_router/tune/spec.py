@@ -10,7 +10,8 @@ config dataclasses, keyed by their field names::
       weighting: {name: {choice: [perf, perf_cost]}, beta: {loguniform: [1, 30]}, ...}       # WeightingConfig
       embedding: {encoder: {choice: [base, ccft]}}                                           # EmbeddingChoice
 
-``fixed`` holds constant values in the same sections. Every key is checked against the dataclass's
+``fixed`` holds constant values in the same sections. ``objective`` (optional) scores the trials by
+progressive validation on logged duels instead of replay regret (:class:`ObjectiveSpec`). Every key is checked against the dataclass's
 fields and every candidate value against its validation (:func:`load_sweep` raises a
 :class:`ConfigError` that names the bad key), so a typo fails before Ray starts.
 """
@@ -223,6 +224,35 @@ class Dist(StrictModel):
         return self.kind not in ("choice", "grid")
 
 
+# ------------------------------------------------------------------------- objective
+DUEL_METRICS = {"log_loss": "min", "brier": "min", "accuracy": "max"}  # progressive-validation metric -> mode
+# EvalConfig fields a duels objective has no use for (the log fixes the duels and their verdicts)
+_EVAL_UNUSED_ON_DUELS = {
+    "n_rounds": "the log sets the duels (objective.n_duels takes the first N)",
+    "kappa": "the log's verdicts are given, no judge is simulated",
+    "use_pairwise_labels": "the log's verdicts are given, no judge is simulated",
+}
+
+
+class ObjectiveSpec(StrictModel):
+    """``objective: {duels: FILE, metric: log_loss}``: score each trial by **progressive validation**
+    of FGTS.CDB on logged duels (``ray-router log export``; :mod:`ray_router.evaluation.progressive`)
+    instead of replaying the datasets. The datasets and splits still build each trial's arm embeddings
+    and offline prior (as ``evaluate --duels`` does); the log's arms must be among the table's."""
+
+    duels: str = Field(min_length=1, description="the duel log (Parquet, `ray-router log export`); or --duels FILE")
+    metric: Literal["log_loss", "brier", "accuracy"] = Field(
+        "log_loss", description="log_loss and brier are minimised, accuracy (non-tied duels) maximised"
+    )
+    n_duels: int = Field(0, ge=0, description="use the first N duels of the log (0: all; resolved when it is read)")
+    refresh_every: int = Field(1, ge=1, description="posterior refresh every N duels (1: after each)")
+    any_encoder: bool = Field(False, description="score a log embedded by another encoder than the sweep's anyway")
+
+    @property
+    def mode(self) -> str:
+        return DUEL_METRICS[self.metric]
+
+
 # ----------------------------------------------------------------------------- sweep
 class SweepSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=80)
@@ -238,6 +268,9 @@ class SweepSpec(StrictModel):
     search: SearchSpec = SearchSpec()
     report: ReportSpec = ReportSpec()
     smoke_test: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --smoke-test")
+    objective: ObjectiveSpec | None = Field(
+        None, description="None: replay regret; {duels: FILE, metric}: progressive validation on logged duels"
+    )
 
     @field_validator("datasets", mode="before")
     @classmethod
@@ -325,9 +358,19 @@ class SweepSpec(StrictModel):
 
     @property
     def max_rounds(self) -> int:
-        """Rounds a complete trial plays (all its seeds): ASHA's max_t."""
+        """Rounds a complete trial plays (all its seeds): ASHA's max_t. With a duels objective, the
+        duels it predicts over all its seeds (0 until the log was read: ``objective.n_duels`` = 0)."""
         ev = eval_config(self.eval)
+        if self.objective is not None:
+            return self.objective.n_duels * ev.n_seeds
         return ev.n_rounds * ev.n_seeds
+
+    @property
+    def metric(self) -> tuple[str, str]:
+        """(the metric trials report and Tune optimises, its mode)."""
+        if self.objective is not None:
+            return self.objective.metric, self.objective.mode
+        return "mean_regret", "min"
 
 
 def _as_dist(v: Any, where: str = "space") -> Dist | None:
@@ -413,6 +456,8 @@ def _check_budget(spec: SweepSpec) -> None:
             f"report.base_seed: the report's seeds {sorted(fresh)} overlap the trials' seeds "
             f"{sorted(trial_seeds)}; the re-run must use fresh seeds"
         )
+    if spec.objective is not None and spec.objective.n_duels == 0:
+        return  # the log's length is known once it is read (ray_router.tune.duels.resolve_objective)
     if spec.search.report_every > spec.max_rounds:
         raise ConfigError(
             f"search.report_every = {spec.search.report_every} exceeds the rounds of a trial ({spec.max_rounds})"
@@ -421,6 +466,21 @@ def _check_budget(spec: SweepSpec) -> None:
         raise ConfigError(
             f"search.scheduler.grace_period = {spec.search.scheduler.grace_period} must be below the "
             f"rounds of a trial ({spec.max_rounds})"
+        )
+
+
+def _check_objective(spec: SweepSpec) -> None:
+    """A duels objective scores queries the log embedded with the base encoder: no CCFT embeddings,
+    and no replay-only ``eval`` fields."""
+    if spec.objective is None:
+        return
+    for key, why in _EVAL_UNUSED_ON_DUELS.items():
+        if key in spec.eval:
+            raise ConfigError(f"eval.{key}: not used with objective.duels: {why}")
+    if "ccft" in spec.encoders_needed():
+        raise ConfigError(
+            "embedding.encoder: ccft cannot be scored on logged duels: the log's queries are embedded by the "
+            "deployment's encoder (the sweep's base encoder); use base"
         )
 
 
@@ -435,15 +495,19 @@ def validate(spec: SweepSpec) -> SweepSpec:
             raise ConfigError(f"fixed.{sec}.{both[0]}: also in space; keep it in one place")
     eval_config(spec.eval)
     ccft_config(spec.ccft)
+    _check_objective(spec)
     _check_labels(spec)
     _check_budget(spec)
     return spec
 
 
 # ---------------------------------------------------------------------------- loading
-def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "sweep") -> SweepSpec:
+def parse_sweep(
+    raw: Mapping[str, Any], smoke_test: bool = False, where: str = "sweep", duels: str | Path | None = None
+) -> SweepSpec:
     """Validate a sweep mapping; ``smoke_test`` applies its ``smoke_test`` overrides first (the run
-    name gets a ``-smoke`` suffix so a smoke run never resumes a real one)."""
+    name gets a ``-smoke`` suffix so a smoke run never resumes a real one). ``duels``: a duel log that
+    replaces (or sets) ``objective.duels`` (the file is read later, by the sweep)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     data = dict(raw)
@@ -453,6 +517,9 @@ def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "
             raise ConfigError(f"{where}: smoke_test must be a mapping of overrides")
         data = deep_merge(data, overrides)
         data["name"] = f"{data.get('name', 'sweep')}-smoke"
+    if duels is not None:
+        objective = data.get("objective")
+        data["objective"] = {**(objective if isinstance(objective, Mapping) else {}), "duels": str(duels)}
     spec = parse(SweepSpec, data, where=where)
     try:
         return validate(spec)
@@ -460,12 +527,12 @@ def parse_sweep(raw: Mapping[str, Any], smoke_test: bool = False, where: str = "
         raise ConfigError(f"{where}: {e}") from None
 
 
-def load_sweep(path: str | Path, smoke_test: bool = False) -> SweepSpec:
-    """Read and validate a sweep YAML (see the module docstring)."""
+def load_sweep(path: str | Path, smoke_test: bool = False, duels: str | Path | None = None) -> SweepSpec:
+    """Read and validate a sweep YAML (see the module docstring); ``duels``: see :func:`parse_sweep`."""
     from ray_router.yamlio import load_yaml_file
 
     raw = load_yaml_file(path, "sweep file")
-    return parse_sweep(raw, smoke_test=smoke_test, where=str(path))
+    return parse_sweep(raw, smoke_test=smoke_test, where=str(path), duels=duels)
 
 
 # ------------------------------------------------------------------------- configs

@@ -130,7 +130,14 @@ def ray_router_trial(config: dict, data: dict, spec: SweepSpec) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     with threadpool_limits(limits=spec.search.blas_threads, user_api="blas"):
-        run_trial(table, X, cfg, report, report_every=spec.search.report_every, state=state)
+        if spec.objective is not None:  # progressive validation on logged duels (ray_router.tune.duels)
+            from ray_router.tune.duels import run_duels_trial
+
+            duels = ray.get(data["duels"])
+            every, refresh = spec.search.report_every, spec.objective.refresh_every
+            run_duels_trial(table, X, duels, cfg, report, report_every=every, refresh_every=refresh, state=state)
+        else:
+            run_trial(table, X, cfg, report, report_every=spec.search.report_every, state=state)
 
 
 def trial_dirname(trial) -> str:
@@ -206,8 +213,9 @@ def _progress_callback(spec: SweepSpec, log: Callable[[str], None]):
             r = trial.last_result or {}
             c = trial.config
             rounds = r.get(TIME_ATTR, 0)
+            unit = "rounds" if spec.objective is None else "duels predicted"
             status = (
-                what if what == "error" else ("complete" if rounds >= max_t else f"stopped at {rounds}/{max_t} rounds")
+                what if what == "error" else ("complete" if rounds >= max_t else f"stopped at {rounds}/{max_t} {unit}")
             )
             regret = r.get("cum_regret_mean") if rounds >= max_t else None
             detail = (
@@ -215,6 +223,8 @@ def _progress_callback(spec: SweepSpec, log: Callable[[str], None]):
                 if regret is not None
                 else f"mean regret {r.get(METRIC, float('nan')):.4f}/round"
             )
+            if spec.objective is not None:
+                detail = f"{spec.objective.metric} {r.get(spec.objective.metric, float('nan')):.4f}"
             log(
                 f"trial {trial.trial_id} {c.get('dataset')}/{c.get('split')}/seed{c.get('split_seed')}: {status}, "
                 f"{detail} ({self.done} ended in this run)"
@@ -239,6 +249,10 @@ def _spec_fingerprint(spec: SweepSpec) -> dict:
     d.pop("smoke_test", None)
     d.pop("report", None)  # the report may change between runs without touching the trials
     d.pop("description", None)
+    if spec.objective is not None and Path(spec.objective.duels).is_file():  # the same log, not only its name
+        from ray_router.tune.duels import file_digest
+
+        d["objective"]["sha256"] = file_digest(spec.objective.duels)
     return d
 
 
@@ -300,16 +314,21 @@ def run_sweep(
     make_report: bool = True,
     log: Callable[[str], None] = _log,
     encoder: str | None = None,
+    duels: str | Path | None = None,
 ) -> SweepOutcome:
     """The steps of the module docstring; ``KeyboardInterrupt`` when Ctrl-C left trials unfinished.
-    ``encoder``: another base encoder name than the file's ``encoder.name`` (e.g. ``openai:MODEL@URL``)."""
-    spec = load_sweep(path, smoke_test=smoke_test)  # a bad file fails here, before Ray is imported
+    ``encoder``: another base encoder name than the file's ``encoder.name`` (e.g. ``openai:MODEL@URL``).
+    ``duels``: a duel log to score the trials on (sets ``objective.duels``; :mod:`ray_router.tune.duels`)."""
+    from ray_router.tune.duels import resolve_objective
+
+    spec = load_sweep(path, smoke_test=smoke_test, duels=duels)  # a bad file fails here, before Ray is imported
     if encoder is not None:
         from ray_router.config import parse
         from ray_router.embeddings.spec import EncoderSpec
 
         values = {**spec.encoder.model_dump(exclude_defaults=True), "name": encoder}
         spec = spec.model_copy(update={"encoder": parse(EncoderSpec, values, where="--encoder")})
+    spec, duel_log = resolve_objective(spec)  # a missing or bad duel log fails here too
     ray_env()
     exp_dir = Path(storage_path or "runs/tune").expanduser().resolve() / spec.name
     resumable = _check_storage(spec, exp_dir, fresh, log)
@@ -325,12 +344,14 @@ def run_sweep(
     )
     try:
         max_parallel = _max_parallel(spec, exp_dir, resumable, log)
-        prepared, data = _prepare_data(spec, exp_dir, artifacts_dir, data_dir, cache_dir, device, log)
+        prepared, data = _prepare_data(spec, exp_dir, artifacts_dir, data_dir, cache_dir, device, log, duel_log)
         tuner = _make_tuner(spec, exp_dir, data, prepared, resumable, max_parallel, log)
         run = _start_run(exp_dir, t_start, resumable, prepared)
         grid, fit_seconds = _fit(tuner)
         outcome = _collect(grid, spec, exp_dir, run, fit_seconds, resumable, len(prepared.tables), log)
-        if make_report:
+        if make_report and duel_log is not None:
+            _report_duels(outcome, prepared, data, duel_log, t_start, log)
+        elif make_report:
             _report(outcome, prepared, data, data_dir, t_start, log)
         _finish_run(outcome, run, t_start)
         return outcome
@@ -378,10 +399,18 @@ def _max_parallel(spec: SweepSpec, exp_dir: Path, resumable: bool, log: Callable
 
 
 def _prepare_data(
-    spec: SweepSpec, exp_dir: Path, artifacts_dir, data_dir, cache_dir, device, log: Callable[[str], None]
+    spec: SweepSpec,
+    exp_dir: Path,
+    artifacts_dir,
+    data_dir,
+    cache_dir,
+    device,
+    log: Callable[[str], None],
+    duel_log=None,
 ) -> tuple[Any, dict]:
     """Load, fine-tune and embed in the driver; every array and table goes to the object store once.
-    Returns (prepared, data): ``data["groups"][group key]`` holds the refs a trial of that group reads."""
+    Returns (prepared, data): ``data["groups"][group key]`` holds the refs a trial of that group reads;
+    ``data["duels"]`` the duel log of a duels objective (checked against every table and the encoder)."""
     import ray
 
     from ray_router.tune.prepare import prepare
@@ -396,7 +425,7 @@ def _prepare_data(
     )
     refs = {k: ray.put(v) for k, v in prepared.arrays.items()}
     table_refs = {k: ray.put(v) for k, v in prepared.tables.items()}
-    data = {
+    data: dict[str, Any] = {
         "groups": {
             g.key: {
                 "table": table_refs[g.dataset],
@@ -406,6 +435,12 @@ def _prepare_data(
             for g in prepared.groups.values()
         }
     }
+    if duel_log is not None:
+        from ray_router.tune.duels import check_log
+
+        check_log(spec, prepared, duel_log)
+        data["duels"] = ray.put(duel_log)
+        log(f"objective: {spec.metric[0]} of progressive validation on {len(duel_log)} logged duels")
     return prepared, data
 
 
@@ -427,8 +462,8 @@ def _make_tuner(
         trainable,
         param_space=param_space(spec, datasets=list(prepared.tables)),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
+            metric=spec.metric[0],
+            mode=spec.metric[1],
             scheduler=_scheduler(spec),
             num_samples=spec.search.num_samples,
             # the same sampled configuration runs on every (dataset, split, split seed) group
@@ -544,6 +579,31 @@ def _report(outcome: SweepOutcome, prepared, data: dict, data_dir, t_start: floa
             driver_runs(exp_dir),
             data_dir=data_dir,
             log=log,
+            wall_seconds=time.time() - t_start,
+        )
+    )
+    outcome.summary = json.loads(outcome.paths["summary"].read_text())
+
+
+def _report_duels(
+    outcome: SweepOutcome, prepared, data: dict, duel_log, t_start: float, log: Callable[[str], None]
+) -> None:
+    """A duels objective's report: fresh-seed progressive validation of the best, default and uniform."""
+    from ray_router.tune.duels import rerun_on_duels, write_duels_report
+
+    spec, exp_dir = outcome.spec, outcome.experiment_dir
+    reruns = rerun_on_duels(spec, prepared, data, outcome.trials, log)
+    outcome.paths.update(
+        write_duels_report(
+            exp_dir,
+            spec,
+            prepared,
+            outcome.trials,
+            outcome.progress,
+            reruns,
+            duel_log,
+            driver_runs(exp_dir),
+            say=log,
             wall_seconds=time.time() - t_start,
         )
     )
