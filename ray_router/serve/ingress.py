@@ -69,6 +69,7 @@ openapi_with_bodies(
         ("/v1/feedback", "post"): FeedbackRequest,
         ("/v1/chat/completions", "post"): ChatRequest,
         ("/v1/admin/refresh", "post"): AdminRefreshRequest,
+        ("/v1/admin/arms", "post"): AddArmRequest,
     },
 )
 

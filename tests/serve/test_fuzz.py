@@ -63,6 +63,7 @@ def test_the_schema_describes_every_request_body(app):
         "/v1/feedback": "#/components/schemas/FeedbackRequest",
         "/v1/chat/completions": "#/components/schemas/ChatRequest",
         "/v1/admin/refresh": "#/components/schemas/AdminRefreshRequest",
+        "/v1/admin/arms": "#/components/schemas/AddArmRequest",
     }
 
 
