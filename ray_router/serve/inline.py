@@ -249,15 +249,25 @@ def check_app_config(app: Mapping[str, Any]) -> None:
             "batch_wait_timeout_s)"
         )
     opts = (entries.get(INGRESS_DEPLOYMENT) or {}).get("ray_actor_options")
-    if opts is not None:
-        want = float(((app.get("args") or {}).get("embedder") or {}).get("num_cpus", 1.0))
-        have = float(opts.get("num_cpus", 1.0))  # Ray's default for an actor option set without num_cpus
-        if have < want:
-            raise ConfigError(
-                f"application {name!r}: embedder.mode: inline encodes in the Ingress, but deployments[Ingress]."
-                f"ray_actor_options gives it {have:g} CPUs (embedder.num_cpus: {want:g}); remove that "
-                "ray_actor_options (the builder then requests args.embedder's CPUs, GPUs and resources) or raise it"
-            )
+    if opts is None:
+        return
+    emb = (app.get("args") or {}).get("embedder") or {}
+    fix = (
+        "remove that ray_actor_options (the builder then requests args.embedder's CPUs, GPUs and resources) or raise it"
+    )
+    want = float(emb.get("num_cpus", 1.0))
+    have = float(opts.get("num_cpus", 1.0))  # Serve's default for a replica whose options name no num_cpus
+    if have < want:
+        raise ConfigError(
+            f"application {name!r}: embedder.mode: inline encodes in the Ingress, but deployments[Ingress]."
+            f"ray_actor_options gives it {have:g} CPUs (embedder.num_cpus: {want:g}); {fix}"
+        )
+    gpus = float(emb.get("num_gpus", 0.0)) if emb.get("gpu", "auto") != "never" else 0.0
+    if gpus > 0 and float(opts.get("num_gpus", 0.0)) <= 0:
+        raise ConfigError(
+            f"application {name!r}: embedder.mode: inline encodes in the Ingress, but deployments[Ingress]."
+            f"ray_actor_options asks no GPU (embedder.num_gpus: {gpus:g}); {fix}"
+        )
 
 
 def as_inline(cfg: Mapping[str, Any], apps: Sequence[str] | None = None) -> dict[str, Any]:

@@ -183,10 +183,13 @@ def test_an_inline_config_must_not_list_an_embedder_or_starve_the_ingress():
     app["deployments"] = [d for d in app["deployments"] if d["name"] != "Embedder"]
     with pytest.raises(ConfigError, match=r"ray_actor_options gives it 0 CPUs \(embedder.num_cpus: 1\)"):
         launch.validate_config(cfg)
-    for d in app["deployments"]:
-        if d["name"] == "Ingress":
-            d["ray_actor_options"] = {"num_cpus": 1}  # an operator's own, enough
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    ingress["ray_actor_options"] = {"num_cpus": 1}  # an operator's own, enough
     launch.validate_config(cfg)
+    gpu = launch.with_overrides(cfg, args={"embedder": {"num_gpus": 1, "gpu": "auto"}})
+    with pytest.raises(ConfigError, match=r"ray_actor_options asks no GPU \(embedder.num_gpus: 1\)"):
+        launch.validate_config(gpu)
+    launch.validate_config(launch.with_overrides(gpu, deployments={"Ingress": {"ray_actor_options": {"num_gpus": 1}}}))
     check_app_config(launch.our_apps(_local())[0])  # deployment mode: nothing to check
 
 
