@@ -1,14 +1,18 @@
 """Latency and throughput of ``POST /v1/route`` against the bare encoder (the floor), per encoder
-backend and per path, in one run.
+backend, per embedder mode and per path, in one run.
 
-    python bench/serve_latency.py                       # deploys serve_configs/local.yaml once per backend
+    python bench/serve_latency.py                       # deploys serve_configs/local.yaml once per backend and mode
     python bench/serve_latency.py --backends torch      # one backend
+    python bench/serve_latency.py --embedder-modes inline   # only the inline encoder (embedder.mode: inline)
     python bench/serve_latency.py --url http://127.0.0.1:8000   # a service that already runs (its backend: --backends)
     python bench/serve_latency.py --smoke-test          # tiny budget (CI)
 
 ``--backends`` defaults to every value the installed ``EncoderSpec.backend`` accepts (only ``torch``
-where it has no such field); the config is deployed once per backend with ``encoder.backend`` set.
-For each backend, on the same RouterBench queries (their query text, mean about 260 characters):
+where it has no such field); ``--embedder-modes`` to ``deployment,inline``: the config is deployed
+once per backend and mode with ``encoder.backend`` set, as it is (``deployment``: the Ingress calls
+the Embedder deployment) or converted by :func:`ray_router.serve.inline.as_inline` (``inline``: the
+Ingress encodes in-process, on the embedder's CPUs). For each backend and mode, on the same
+RouterBench queries (their query text, mean about 260 characters):
 
 - one client, paired: for each query, a bare encode with that backend in this process (on as many
   threads as one embedder replica has CPUs: ``--encoder-threads``, default the config's
@@ -24,10 +28,11 @@ For each backend, on the same RouterBench queries (their query text, mean about 
   length-aware batched;
 - ``/v1/route`` at ``--concurrency`` clients for ``--duration`` seconds through each path: req/s.
 
-It prints, per backend and path, route p50 / bare encode p50 of the same backend and req/s at 16
-clients / the floor of the same backend, the default path's hop (its p50 / the replica's), and the
+It prints, per backend, mode and path, route p50 / bare encode p50 of the same backend and req/s at
+16 clients / the floor of the same backend, the default path's hop (its p50 / the replica's), and the
 issue's targets as PASS/FAIL lines: route p50 on the default URL <= 0.6x the float32 torch bare
-encode; route p50 <= 1.2x the bare encode of the same backend; 16-client req/s >= 0.9x the floor.
+encode (torch's bare encode measured in the same run: the lowest p50 of its torch runs, the stricter);
+route p50 <= 1.2x the bare encode of the same backend; 16-client req/s >= 0.9x the floor.
 On a shared machine, compare ratios within one run, not absolute figures across runs.
 """
 
@@ -116,10 +121,24 @@ def batched_floors(enc, queries: list[str], batch_size: int) -> dict:
     return {"encoder_batched_plain_qps": len(queries) / plain, "encoder_batched_qps": len(queries) / length_aware}
 
 
-def paired_single(enc, paths: dict[str, str], queries: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+def server_timing(header: str) -> dict[str, float]:
+    """``{"embed": ms, "encode": ms, ...}`` of a ``Server-Timing`` header."""
+    out = {}
+    for part in header.split(","):
+        fields = dict(f.strip().partition("=")[::2] for f in part.split(";")[1:])
+        name = part.split(";")[0].strip()
+        if name and "dur" in fields:
+            out[name] = float(fields["dur"])
+    return out
+
+
+def paired_single(
+    enc, paths: dict[str, str], queries: list[str], timings: dict[str, list[dict[str, float]]] | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
     """One client: for each query, a bare encode in this process and one ``/v1/route`` through every
     path, in an order that rotates with the query, so machine noise falls on all of them alike.
-    Seconds per call: the encodes, and per path the 200 answers (a non-200 is counted as NaN)."""
+    Seconds per call: the encodes, and per path the 200 answers (a non-200 is counted as NaN).
+    ``timings``: filled per path with each 200 answer's Server-Timing (ms)."""
     import httpx
 
     clients = {name: httpx.Client(base_url=url, timeout=120) for name, url in paths.items()}
@@ -136,6 +155,8 @@ def paired_single(enc, paths: dict[str, str], queries: list[str]) -> tuple[list[
                 else:
                     r = clients[step].post("/v1/route", json={"query": q})
                     routes[step].append(time.perf_counter() - t0 if r.status_code == 200 else float("nan"))
+                    if timings is not None and r.status_code == 200:
+                        timings.setdefault(step, []).append(server_timing(r.headers.get("server-timing", "")))
     finally:
         for c in clients.values():
             c.close()
@@ -182,7 +203,8 @@ def measure_backend(
     enc.encode(queries[:4])  # load + warm up
     for url in paths.values():
         measure_route(url, queries, 1, 60.0, 4 if smoke else 20)  # warm up (and the connection)
-    single, routes = paired_single(enc, paths, queries[:n])
+    timings: dict[str, list[dict[str, float]]] = {}
+    single, routes = paired_single(enc, paths, queries[:n], timings)
     batched = [batched_floors(enc, queries[:n], batch)]  # the service up and idle
     cc = {name: measure_route(url, queries, c, duration, 10**9) for name, url in paths.items()}
     batched.append(batched_floors(enc, queries[:n], batch))
@@ -212,16 +234,29 @@ def measure_backend(
             "errors": (len(lat) - len(ok)) + cc[name]["errors"],
             "n_c1": len(ok),
             "n_cc": cc[name]["n"],
+            # medians of the 1-client answers' Server-Timing parts (ms): embed (the embedder call or the
+            # inline window), encode (inside it), choose, app (the handler)
+            "server_timing_p50_ms": {
+                k: float(np.median([t[k] for t in timings.get(name, []) if k in t]))
+                for k in ("embed", "encode", "choose", "app")
+                if any(k in t for t in timings.get(name, []))
+            },
         }
     return {"floor": floor, "paths": per_path}
 
 
-def _deploy(cfg: dict, state_dir: str, backend: str | None) -> dict[str, str]:
+MODES = ("deployment", "inline")
+
+
+def _deploy(cfg: dict, state_dir: str, backend: str | None, mode: str = "deployment") -> dict[str, str]:
     from ray_router.serve import launch
+    from ray_router.serve.inline import as_inline
 
     args: dict = {"state": {"dir": state_dir}}
     if backend is not None:
         args["encoder"] = {"backend": backend}
+    if mode == "inline":
+        cfg = as_inline(cfg)
     url = launch.deploy(launch.with_overrides(cfg, args=args), timeout_s=900)
     direct = launch.direct_urls()
     return {"default": url, **({"replica": direct[0]} if direct else {})}
@@ -250,17 +285,24 @@ def _verdict(ok: bool) -> str:
 
 def report_lines(results: dict, c: int) -> list[str]:
     out = []
-    head = f"{'backend':10s} {'path':8s}{'encode p50':>11s}{'p99':>8s}{'route p50':>11s}{'p99':>8s}"
+    head = f"{'backend':10s} {'mode':11s}{'path':8s}{'encode p50':>11s}{'p99':>8s}{'route p50':>11s}{'p99':>8s}"
     head += f"{'route/enc':>10s}{f'req/s@{c}':>10s}{'floor q/s':>10s}{'ratio':>7s}"
     out.append(head)
-    for backend, r in results.items():
+    for r in results.values():
         f = r["floor"]
         for name, p in r["paths"].items():
             out.append(
-                f"{backend:10s} {name:8s}{f['encoder_single_p50_ms']:11.1f}{f['encoder_single_p99_ms']:8.1f}"
+                f"{r['backend']:10s} {r['mode']:11s}{name:8s}{f['encoder_single_p50_ms']:11.1f}"
+                f"{f['encoder_single_p99_ms']:8.1f}"
                 f"{p['route_c1_p50_ms']:11.1f}{p['route_c1_p99_ms']:8.1f}{p['ratio_p50_c1']:10.2f}"
                 f"{p['route_cc_qps']:10.1f}{f['floor_qps']:10.1f}{p['ratio_qps_cc']:7.2f}"
                 + (f"  ({p['errors']} non-200)" if p["errors"] else "")
+            )
+        st = r["paths"].get("default", next(iter(r["paths"].values())))["server_timing_p50_ms"]
+        if st:
+            out.append(
+                f"{'':10s} Server-Timing p50 (ms, 1 client, default path): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in st.items())
             )
         out.append(
             f"{'':10s} floors (q/s): one at a time {f['encoder_single_qps']:.1f}, batched plain "
@@ -270,34 +312,41 @@ def report_lines(results: dict, c: int) -> list[str]:
     return out
 
 
+def torch_encode_p50(results: dict) -> float | None:
+    """The float32 torch bare encode p50 of this run: the lowest of its torch runs (one per mode, the
+    same encode in this process measured at different times), so noise cannot flatter the ratio."""
+    runs = [r["floor"]["encoder_single_p50_ms"] for r in results.values() if r["backend"] == "torch"]
+    return min(runs) if runs else None
+
+
 def target_lines(results: dict) -> list[str]:
     out = []
-    torch_p50 = results.get("torch", {}).get("floor", {}).get("encoder_single_p50_ms")
-    for backend, r in results.items():
+    for label, r in results.items():  # "<backend> <mode>"
+        torch_p50 = torch_encode_p50(results)
         paths = r["paths"]
         d = paths.get("default") or next(iter(paths.values()))
         if torch_p50 is not None:
             v = d["route_c1_p50_ms"] / torch_p50
             out.append(
-                f"{_verdict(v <= TARGET_DEFAULT_VS_TORCH)}  {backend}: route p50 on the default URL / float32 torch "
+                f"{_verdict(v <= TARGET_DEFAULT_VS_TORCH)}  {label}: route p50 on the default URL / float32 torch "
                 f"bare encode p50 = {v:.2f} (target <= {TARGET_DEFAULT_VS_TORCH})"
             )
         for name, p in paths.items():
             out.append(
-                f"{_verdict(p['ratio_p50_c1'] <= TARGET_ROUTE_VS_ENCODE)}  {backend} via {name}: route p50 / bare "
+                f"{_verdict(p['ratio_p50_c1'] <= TARGET_ROUTE_VS_ENCODE)}  {label} via {name}: route p50 / bare "
                 f"encode p50 = {p['ratio_p50_c1']:.2f} (target <= {TARGET_ROUTE_VS_ENCODE})"
             )
             out.append(
-                f"{_verdict(p['ratio_qps_cc'] >= TARGET_QPS_VS_FLOOR)}  {backend} via {name}: req/s / better floor "
+                f"{_verdict(p['ratio_qps_cc'] >= TARGET_QPS_VS_FLOOR)}  {label} via {name}: req/s / better floor "
                 f"= {p['ratio_qps_cc']:.2f} (target >= {TARGET_QPS_VS_FLOOR})"
             )
         if "default" in paths and "replica" in paths:
             hop = paths["default"]["route_c1_p50_ms"] / paths["replica"]["route_c1_p50_ms"]
             out.append(
-                f"{_verdict(hop <= TARGET_HOP)}  {backend}: the default URL's hop, route p50 default / replica "
+                f"{_verdict(hop <= TARGET_HOP)}  {label}: the default URL's hop, route p50 default / replica "
                 f"= {hop:.2f} (target <= {TARGET_HOP:.2f})"
             )
-    if torch_p50 is None:
+    if torch_encode_p50(results) is None:
         out.append("n/a   route p50 on the default URL / float32 torch bare encode: torch was not measured")
     return out
 
@@ -308,6 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--url", default=None, help="an already running service (else the config is deployed here)")
     p.add_argument(
         "--backends", default=None, help="comma-separated encoder backends (default: all EncoderSpec accepts)"
+    )
+    p.add_argument(
+        "--embedder-modes",
+        default=",".join(MODES),
+        help="comma-separated embedder modes to deploy, each its own rows: deployment (the Embedder deployment "
+        "behind a handle), inline (the Ingress encodes in-process); default both",
     )
     p.add_argument("--n-queries", type=int, default=300, help="queries for the encoder floor and the 1-client run")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of the concurrent run")
@@ -338,8 +393,12 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--backends: {unknown} not accepted by this EncoderSpec (accepts {accepted or ['torch']})")
     else:
         backends = list(accepted) if accepted else ["torch"]
+    modes = [m.strip() for m in args.embedder_modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--embedder-modes: {modes} (each one of {list(MODES)})")
     if args.url is not None:
         backends = backends[:1]  # the running service has one backend
+        modes = ["given"]  # and the mode it was deployed with
     n = 8 if args.smoke_test else args.n_queries
     duration = 1.0 if args.smoke_test else args.duration
     c = args.concurrency
@@ -354,18 +413,19 @@ def main(argv: list[str] | None = None) -> dict:
         if started_here:
             launch.init_ray(num_cpus=2)
             cfg = launch.with_overrides(cfg, port=_free_port())
-        for backend in backends:
-            name = str(backend)
+        for backend, mode in [(b, m) for b in backends for m in modes]:
+            name = f"{backend} {mode}"
             try:
                 if started_here:
                     assert tmp is not None
-                    state = str(Path(tmp.name) / name)
-                    paths = _deploy(cfg, state, backend if accepted else None)
+                    state = str(Path(tmp.name) / f"{backend}-{mode}")
+                    paths = _deploy(cfg, state, backend if accepted else None, mode)
                 else:
                     paths = {"given": args.url}
                 enc = bare_encoder(encoder_args, backend if accepted else None)
                 print(f"[bench] {name}: measuring {', '.join(f'{k} {v}' for k, v in paths.items())}", file=sys.stderr)
-                results[name] = measure_backend(enc, paths, queries, n, batch, c, duration, args.smoke_test)
+                r = measure_backend(enc, paths, queries, n, batch, c, duration, args.smoke_test)
+                results[name] = {"backend": str(backend), "mode": mode, **r}
             except Exception as e:  # noqa: BLE001 - one backend failing must not lose the others' figures
                 failed[name] = f"{type(e).__name__}: {e}"
                 print(f"[bench] {name}: FAILED {failed[name]}", file=sys.stderr)
@@ -404,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
     proxy = "HAProxy" if report["haproxy"] else "Serve's Python proxy"
     print(
         f"{n} RouterBench queries (mean {mean_chars:.0f} chars) sequentially, then {duration:g}s at {c} clients, per "
-        f"backend and path (default = the printed URL, {proxy}; replica = the Ingress replica's own server); bare "
+        f"backend, embedder mode and path (default = the printed URL, {proxy}; replica = the Ingress replica's own server); bare "
         f"encoder in this process on {threads} thread(s), windows of {batch}; {report['cpus']} CPUs; times in ms"
     )
     for line in report_lines(results, c) + target_lines(results):

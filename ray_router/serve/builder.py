@@ -3,9 +3,12 @@
 It resolves the arm table (a file, or a dataset's offline split), sizes the embedder (GPU with a
 CPU fallback), makes each deployment's spec and binds the graph::
 
-    HTTP -> Ingress --embed--> Embedder (N replicas, @serve.batch)
+    HTTP -> Ingress --embed--> Embedder (N replicas, @serve.batch; embedder.mode: deployment)
                |  \\--feedback--> Posterior (1 replica: the only writer of FGTS.CDB)
                \\---- long-poll: new posterior samples after each background refresh
+
+With ``embedder.mode: inline`` there is no Embedder: each Ingress replica encodes in-process
+(:mod:`ray_router.serve.inline`) and gets the embedder's resources (``embedder_resources``).
 
 Serve configs reference it as ``import_path: ray_router.serve.app:build_app``. No ``from
 __future__ import annotations``: Serve reads the real annotation of ``args`` to validate them.
@@ -20,6 +23,7 @@ from ray_router.serve.arms import ArmTable
 from ray_router.serve.config import AppArgs
 from ray_router.serve.embedder import Embedder
 from ray_router.serve.ingress import Ingress
+from ray_router.serve.inline import InlineEncoderSpec
 from ray_router.serve.posterior import Posterior
 from ray_router.serve.specs import IngressSpec, PosteriorSpec
 
@@ -27,8 +31,9 @@ logger = logging.getLogger("ray.serve")
 
 
 def embedder_resources(args: AppArgs) -> dict[str, Any]:
-    """``ray_actor_options`` of an embedder replica: its CPUs, its custom resources (placement), and
-    its GPU only when the config asks for one and (with ``gpu: auto``) the cluster has one."""
+    """``ray_actor_options`` of an embedder replica (of an Ingress replica with ``embedder.mode:
+    inline``): its CPUs, its custom resources (placement), and its GPU only when the config asks for
+    one and (with ``gpu: auto``) the cluster has one."""
     spec = args.embedder
     opts: dict[str, Any] = {"num_cpus": spec.num_cpus}
     if spec.resources:
@@ -100,11 +105,20 @@ def build_app(args: AppArgs) -> serve.Application:
     state_dir = str(args.state_dir().resolve())
     # @serve.deployment turns each class into a Deployment (.options, .bind), but Ray's stubs keep
     # the decorated name typed as the plain class: hence the three attr-defined ignores below
-    embedder = Embedder.options(ray_actor_options=embedder_resources(args)).bind(  # type: ignore[attr-defined]
-        args.encoder, table.encoder_identity, args.embedder.max_batch_size, args.embedder.batch_wait_timeout_s
-    )
+    emb = args.embedder
+    ingress = Ingress
+    embedder: Any
+    if emb.mode == "inline":  # the Ingress encodes: it takes the embedder's resources, no Embedder deployment
+        embedder = InlineEncoderSpec(args.encoder, table.encoder_identity, emb.max_batch_size, emb.batch_wait_timeout_s)
+        ingress = Ingress.options(ray_actor_options=embedder_resources(args))  # type: ignore[attr-defined]
+    else:
+        embedder = Embedder.options(ray_actor_options=embedder_resources(args)).bind(  # type: ignore[attr-defined]
+            args.encoder, table.encoder_identity, emb.max_batch_size, emb.batch_wait_timeout_s
+        )
     posterior = Posterior.bind(  # type: ignore[attr-defined]
         posterior_spec(args, table, state_dir), args.state.refresh_min_interval_s
     )
-    logger.info(f"ray-router: {table.n_arms} arms, embeddings from {table.source}; state in {state_dir}")
-    return Ingress.bind(embedder, posterior, ingress_spec(args, table, state_dir))  # type: ignore[attr-defined]
+    logger.info(
+        f"ray-router: {table.n_arms} arms, embeddings from {table.source}; encoder {emb.mode}; state in {state_dir}"
+    )
+    return ingress.bind(embedder, posterior, ingress_spec(args, table, state_dir))  # type: ignore[attr-defined]

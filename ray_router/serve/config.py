@@ -152,9 +152,20 @@ class ArmEmbeddingsSpec(StrictModel):
         return self
 
 
-class EmbedderSpec(StrictModel):
-    """Resources of each embedder replica (the builder applies them; see the module docstring)."""
+EmbedderMode = Literal["deployment", "inline"]
 
+
+class EmbedderSpec(StrictModel):
+    """Where queries are encoded and with what resources (the builder applies them; see the module
+    docstring). ``mode: deployment``: ``Embedder`` replicas, called by the Ingress through a handle;
+    ``mode: inline``: each Ingress replica encodes in-process (:mod:`ray_router.serve.inline`), with
+    these resources, batch size and wait, and the Serve config lists no ``Embedder`` deployment."""
+
+    mode: EmbedderMode = Field(
+        "deployment",
+        description="deployment: Embedder replicas behind a handle; inline: the Ingress encodes in-process (no hop) "
+        "and takes num_cpus/num_gpus/resources below",
+    )
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     gpu: Literal["auto", "require", "never"] = Field(
@@ -419,6 +430,15 @@ class AppArgs(StrictModel):
         if arms and all(a.retired for a in arms):
             raise ValueError("every arm is retired: at least one must stay in service")
         return arms
+
+    @model_validator(mode="after")
+    def _inline_computes(self) -> AppArgs:
+        if self.embedder.mode == "inline" and not self.encoder.remote and self.embedder.num_cpus <= 0:
+            raise ValueError(
+                "embedder.mode: inline runs the encoder in the Ingress: give it CPUs (embedder.num_cpus > 0; "
+                "0 only with a remote openai:MODEL@URL encoder, which only waits on HTTP)"
+            )
+        return self
 
     @property
     def arm_ids(self) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ from ray_router.serve.errors import (
     UnknownModel,
     blame,
 )
+from ray_router.serve.inline import InlineEncoderSpec, embedder_path
 from ray_router.serve.query_store import QueryWriter
 from ray_router.serve.ranking import SampleMismatch, SampleView
 from ray_router.serve.request_body import read_body
@@ -80,13 +81,17 @@ class Ingress:
     """HTTP front: validation, auth, signed decision ids, retries while the posterior restarts."""
 
     # Serve awaits an async constructor of a deployment class; mypy only knows plain classes
-    async def __init__(self, embedder: DeploymentHandle, posterior: DeploymentHandle, spec: IngressSpec):  # type: ignore[misc]
+    async def __init__(  # type: ignore[misc]
+        self, embedder: DeploymentHandle | InlineEncoderSpec, posterior: DeploymentHandle, spec: IngressSpec
+    ):
         import httpx
 
         from ray_router.serve.metrics import IngressMetrics
         from ray_router.serve.state import make_scorer
 
-        self.embedder, self.posterior, self.spec = embedder, posterior, spec
+        self.posterior, self.spec = posterior, spec
+        # the Embedder deployment's handle, or this replica's own encoder (embedder.mode: inline)
+        self.embedder = await embedder_path(embedder)
         self.access, self.sources = load_access(spec.auth, spec.state_dir)
         signer, self.sources["hmac_key"] = decision_signer(spec.auth.hmac_key_env, Path(spec.state_dir), spec.arm_ids)
         view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
@@ -217,16 +222,17 @@ class Ingress:
         self, text: str, offered: list[int] | None, mode: str, cost_weight: float, sign: bool = True
     ) -> tuple[Decision, str]:
         """Embed, decide, count; the decision and its Server-Timing parts (the embedder call as
-        the ingress saw it, the encode inside it (its batch's), the choice). ``sign=False`` (chat):
-        the decision is signed, and its arms counted, once they have answered."""
+        the ingress saw it, or the inline window's wait and encode; the encode inside it (its
+        batch's); the choice). ``sign=False`` (chat): the decision is signed, and its arms counted,
+        once they have answered."""
         t0 = time.perf_counter()
         # admission: past the limit a request is shed at once, before it can queue anywhere
         if self._embedding >= self.spec.limits.max_inflight_routes:
             raise Overloaded(f"{self._embedding} route requests in flight (limits.max_inflight_routes); retry shortly")
         self._embedding += 1
         try:
-            # never wait on retries here: a saturated or restarting embedder is a 503 at once
-            x, encode_s, batch = await call(self.embedder, "embed", text, retry_s=0.0)
+            # never waits on retries: a saturated or restarting embedder is a 503 at once
+            x, encode_s, batch = await self.embedder.embed(text)
         finally:
             self._embedding -= 1
         t1 = time.perf_counter()
@@ -385,7 +391,7 @@ class Ingress:
     async def admin_status(self, request: Request) -> JSONResponse:
         self._require(request, "admin")
         status = await self._posterior("status", retry_s=5)
-        embedder = await call(self.embedder, "info", retry_s=5)
+        embedder = await self.embedder.info()
         return JSONResponse(
             {
                 "posterior": status,

@@ -127,6 +127,7 @@ def validate_config(cfg: Mapping[str, Any], check_args: bool = True):
     from ray.serve.schema import ServeDeploySchema
 
     from ray_router.serve.config import AppArgs
+    from ray_router.serve.inline import check_app_config
 
     try:
         schema = ServeDeploySchema.model_validate(dict(cfg))
@@ -138,6 +139,7 @@ def validate_config(cfg: Mapping[str, Any], check_args: bool = True):
                 AppArgs.model_validate(app.get("args") or {})
             except ValidationError as e:
                 raise ConfigError(f"application {app.get('name')!r}: invalid args: {e}") from None
+            check_app_config(app)  # embedder.mode: inline: no Embedder entry, the Ingress keeps its CPUs
             for dep in app.get("deployments") or []:
                 # one writer: a second replica would start as a standby (the lock is held) and refuse
                 # about half of the feedback with 503 while the ingress's long poll flips between them
