@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--refs", default="offline_static,best_fixed", help="reference policies")
     ap.add_argument("--configs", required=True, help='JSON: {"name": {FGTSConfig overrides}, ...}')
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--per-seed", action="store_true", help="also print each seed's served regret per round")
     a = ap.parse_args()
     confs = json.loads(a.configs)
     common = dict(cost_weight=a.lam, n_seeds=a.seeds, n_rounds=a.rounds, split=a.split, k_per_category=5)
@@ -73,6 +74,8 @@ def main() -> None:
                 if n != names[0]:
                     line += f" | vs {names[0]} " + pair(r["served_regret_per_seed"], first)
             print(line, flush=True)
+            if a.per_seed:
+                print(" " * 15 + "per seed: " + " ".join(f"{v / a.rounds:.4f}" for v in r["served_regret_per_seed"]))
     print(f"{time.perf_counter() - t0:.0f}s")
 
 
