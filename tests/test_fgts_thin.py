@@ -82,6 +82,10 @@ def test_rival_arm_is_the_likeliest_to_beat_the_first():
     first = np.array(0)
     assert rival_arm(m, sq, np.array([1e-4, 1.0]), first) == 2  # z: −10 vs −0.5
     assert rival_arm(m, sq, np.array([1.0, 1e-4]), first) == 1  # z: −0.1 vs −50
+    # rival_min_prob: the rival (Φ(−0.5) = 0.31) only when it is that likely to win, else the fallback
+    var = np.array([1e-4, 1.0])
+    assert rival_arm(m, sq, var, first, fallback=np.array(0), min_prob=0.3) == 2
+    assert rival_arm(m, sq, var, first, fallback=np.array(0), min_prob=0.32) == 0
     # never the first arm, never an arm not offered; alone, the first arm duels itself
     assert rival_arm(np.array([0.0, -np.inf]), sq[:2], np.ones(2), np.array(0)) == 0
     # over lanes: each lane's own first arm
@@ -97,6 +101,11 @@ def test_rival_lanes_match_lone_policies_and_never_self_duel(feature_map):
     for lane in range(3):
         assert logs[lane] == lone[lane][0]
         assert all(f != s for f, s in logs[lane])
+    # with a threshold, some rounds fall back to the Thompson draw (here: self-duels), still as lone
+    cfg = FGTSConfig(feature_map=feature_map, second_arm="rival", rival_min_prob=0.3, batch_size=16, n_steps=5)
+    lone, logs, _ = _play(G=3, T=60, cfg=cfg)
+    assert all(logs[lane] == lone[lane][0] for lane in range(3))
+    assert any(f == s for lane in range(3) for f, s in logs[lane])
 
 
 def test_rival_with_an_offline_prior_matches_lanes_and_respects_offered_arms():

@@ -37,6 +37,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from typing import Annotated, Any, Literal, get_args, overload
 
 import numpy as np
@@ -129,6 +130,8 @@ class FGTSConfig:
     #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
     second_arm: SecondArm = "thompson"  # "thompson": a² = θ²'s best arm; "rival": the arm most likely to beat a¹
     #   on this query under the diagonal Laplace posterior (replay/policy only; Serve's ranking draws θ²)
+    rival_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.0  # "rival" duels the rival only when its
+    #   P(beats a¹) ≥ this; otherwise a² = θ²'s best arm (a tight posterior then self-duels at no cost)
 
 
 # Named configurations. ``paper``: the routing paper's FGTS.CDB as ALGORITHM.md s.2 fixes it, with
@@ -217,19 +220,31 @@ def prior_grad(c: FGTSConfig, theta: np.ndarray, prior: Prior | None) -> np.ndar
     return (theta - mean) * prec
 
 
-def rival_arm(mean_scores: np.ndarray, pair_sq: np.ndarray, var: np.ndarray, first: np.ndarray) -> np.ndarray:
+def rival_arm(
+    mean_scores: np.ndarray,
+    pair_sq: np.ndarray,
+    var: np.ndarray,
+    first: np.ndarray,
+    fallback: np.ndarray | None = None,
+    min_prob: float = 0.0,
+) -> np.ndarray:
     """The arm most likely to beat ``first`` (``second_arm="rival"``): argmax over k ≠ first of
     z_k = (m_k − m_first) / sqrt(Σ_i Δ_ki²·v_i), the Gaussian approximation of P(s_k(x) > s_first(x))
     under the posterior mean m and the diagonal Laplace variance v = 1/(η·Σ_s ¼·Δ_s² + prior precision).
 
     ``mean_scores`` (..., K) (−inf on arms not offered), ``pair_sq`` (..., K, p) the squared
-    φ(x, a_k) − φ(x, a_first), ``var`` (..., p), ``first`` (...). With one arm offered, returns it."""
+    φ(x, a_k) − φ(x, a_first), ``var`` (..., p), ``first`` (...). With one arm offered, returns it.
+    ``fallback`` (...) is returned where the rival's Φ(z) is below ``min_prob`` (``rival_min_prob``)."""
     sd = np.sqrt(np.maximum((pair_sq * var[..., None, :]).sum(axis=-1), 1e-24))
     z = (mean_scores - np.take_along_axis(mean_scores, first[..., None], axis=-1)) / sd
     z = np.where(np.isfinite(mean_scores), z, -np.inf)
     np.put_along_axis(z, first[..., None], -np.inf, axis=-1)
     out = z.argmax(axis=-1)
-    return np.where(np.isfinite(z).any(axis=-1), out, first)
+    zmax = np.take_along_axis(z, out[..., None], axis=-1)[..., 0]
+    out = np.where(np.isfinite(zmax), out, first)
+    if fallback is not None and min_prob > 0:
+        out = np.where(zmax >= NormalDist().inv_cdf(min_prob), out, fallback)
+    return out
 
 
 def feel_good_weight(c: FGTSConfig, n: int) -> float:
@@ -732,7 +747,9 @@ class FGTSCDB:
             m = np.where(mask, self.arm_scores(context, self.theta_mean), -np.inf)
             K = self.n_arms
             sq = self.fmap.pair_features(x[None], np.arange(K), np.full(K, first)) ** 2
-            return Duel(first, int(rival_arm(m, sq, self.posterior_variance(), np.array(first))))
+            ts = second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))
+            var = self.posterior_variance()
+            return Duel(first, int(rival_arm(m, sq, var, np.array(first), ts, self.config.rival_min_prob)))
         return Duel(first, int(second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))))
 
     def update(
@@ -995,7 +1012,8 @@ class FGTSCDBLanes:
             pair = self.fmap.pair_features(
                 Xg[:, None, None, :], np.broadcast_to(np.arange(K), (G, W, K)), np.broadcast_to(f[..., None], (G, W, K))
             )
-            second = rival_arm(m, pair**2, self.posterior_variance(), f)
+            ts = second_arm(S[:, 1], first, self.config.distinct_arms, self.n_arms).reshape(G, W)
+            second = rival_arm(m, pair**2, self.posterior_variance(), f, ts, self.config.rival_min_prob)
             return first, second.reshape(self.n_lanes)
         return first, second_arm(S[:, 1], first, self.config.distinct_arms, self.n_arms)
 
