@@ -111,7 +111,9 @@ class FGTSConfig:
         None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
     )
     correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
-    arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
+    arm_bias: bool = (
+        True  # a per-arm term shared by the categories, prior sd = correction_scale · max(w0, floor) · se(Ū_·k)
+    )
     correction_scale: PositiveFinite = (
         1.0  # its prior sd = correction_scale · max(w0, correction_slope_floor) · se(Ū_mk)
     )
