@@ -6,7 +6,7 @@ import pytest
 
 from ray_router.errors import ConfigError
 from ray_router.policies import FGTSCDB, FGTSConfig, fit_offline_prior, get_entry
-from ray_router.policies.fgts_cdb import FGTSCDBLanes, resolve_prior, rival_arm
+from ray_router.policies.fgts_cdb import FGTSCDBLanes, preset, resolve_prior, rival_arm
 from tests.test_fgts_lanes import _play
 
 
@@ -129,3 +129,17 @@ def test_rival_with_an_offline_prior_matches_lanes_and_respects_offered_arms():
     assert {duel.first, duel.second} == {1, 3}
     duel = lone.select(X[0], arms=[2])
     assert (duel.first, duel.second) == (2, 2)
+
+
+def test_thin_preset_and_the_paper_preset_leaves_the_new_fields_off():
+    thin = preset("thin")
+    assert (thin.correction_slope_floor, thin.shrinkage_stderr, thin.second_arm, thin.rival_min_prob) == (
+        2.0,
+        "marginal",
+        "rival",
+        0.05,
+    )
+    assert thin.offline_prior == "category"  # the offline-informed defaults otherwise
+    paper, default = preset("paper"), FGTSConfig()
+    for field in ("correction_slope_floor", "shrinkage_tau_floor", "shrinkage_stderr", "second_arm", "rival_min_prob"):
+        assert getattr(paper, field) == getattr(default, field)

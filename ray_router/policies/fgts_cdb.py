@@ -148,6 +148,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         distinct_arms=False,
         query_rank=0,
     ),
+    # ``thin``: for an offline split of a few rows per category (docs/ALGORITHM_NOTES.md, issue 10's thin
+    # regime): the per-arm blocks keep a logit-scale prior sd, fully shrunk cells stay uncertain, and the
+    # second arm is the served arm's likeliest rival. Not the default: no gain with a 20% offline split.
+    "thin": dict(
+        correction_slope_floor=2.0,
+        shrinkage_stderr="marginal",
+        second_arm="rival",
+        rival_min_prob=0.05,
+    ),
 }
 
 
