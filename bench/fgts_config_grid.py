@@ -31,13 +31,17 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.2, help="cost weight λ")
     ap.add_argument("--split", default="stratified", help="stratified (20%% offline) or k_per_category (5)")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--base-seed", type=int, default=0, help="first seed (a replication: fresh splits and streams)")
     ap.add_argument("--rounds", type=int, default=2000)
     ap.add_argument("--refs", default="offline_static,best_fixed", help="reference policies")
     ap.add_argument("--configs", required=True, help='JSON: {"name": {FGTSConfig overrides}, ...}')
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--per-seed", action="store_true", help="also print each seed's served regret per round")
     a = ap.parse_args()
     confs = json.loads(a.configs)
-    common = dict(cost_weight=a.lam, n_seeds=a.seeds, n_rounds=a.rounds, split=a.split, k_per_category=5)
+    common = dict(
+        cost_weight=a.lam, n_seeds=a.seeds, base_seed=a.base_seed, n_rounds=a.rounds, split=a.split, k_per_category=5
+    )
     # through parse, before any slow work: a bad override is one ConfigError naming the configuration and field
     cfgs = [
         parse(EvalConfig, {"policies": ("fgts_cdb",), "policy_configs": {"fgts_cdb": ov}, **common}, where=name)
@@ -73,6 +77,8 @@ def main() -> None:
                 if n != names[0]:
                     line += f" | vs {names[0]} " + pair(r["served_regret_per_seed"], first)
             print(line, flush=True)
+            if a.per_seed:
+                print(" " * 15 + "per seed: " + " ".join(f"{v / a.rounds:.4f}" for v in r["served_regret_per_seed"]))
     print(f"{time.perf_counter() - t0:.0f}s")
 
 

@@ -37,6 +37,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
+from statistics import NormalDist
 from typing import Annotated, Any, Literal, get_args, overload
 
 import numpy as np
@@ -72,6 +73,8 @@ ComputeDtype = Literal["float32", "float64"]
 OfflinePriorKind = Literal["none", "category"]
 FeelGoodSchedule = Literal["constant", "inv_sqrt"]
 ArmSelection = Literal["thompson", "exploit_first"]
+ShrinkageStderr = Literal["conditional", "marginal"]
+SecondArm = Literal["thompson", "rival"]
 PRECONDITIONERS: tuple[str, ...] = get_args(Preconditioner)
 OFFLINE_PRIORS: tuple[str, ...] = get_args(OfflinePriorKind)
 FEEL_GOOD_SCHEDULES: tuple[str, ...] = get_args(FeelGoodSchedule)
@@ -108,8 +111,18 @@ class FGTSConfig:
         None  # τ of π(x) = softmax(τ·cos(x, ξ_m)); None = fitted on the offline rows
     )
     correction: bool = True  # the π(x) ⊗ e_k block (a per-arm term per category)
-    arm_bias: bool = True  # a per-arm term shared by the categories, prior sd = correction_scale · w0 · se(Ū_·k)
-    correction_scale: PositiveFinite = 1.0  # its prior sd = correction_scale · w0 · se(Ū_mk)
+    arm_bias: bool = (
+        True  # a per-arm term shared by the categories, prior sd = correction_scale · max(w0, floor) · se(Ū_·k)
+    )
+    correction_scale: PositiveFinite = (
+        1.0  # its prior sd = correction_scale · max(w0, correction_slope_floor) · se(Ū_mk)
+    )
+    # the logit slope the correction and arm-bias sds use is at least this (0.1: the slope fitted on five
+    # rows per category can come out near 0 and freeze those blocks; 0/1 scores give a slope ≈ 2)
+    correction_slope_floor: PositiveFinite = 0.1
+    shrinkage_tau_floor: NonNegative = 0.0  # smallest between-category sd τ_k the offline shrinkage assumes
+    shrinkage_stderr: ShrinkageStderr = "conditional"  # shrunk cells' se: "conditional" sqrt(1−B)·se;
+    #   "marginal" adds the pooled mean's uncertainty B²·se_pooled² (a fully shrunk cell is not certain)
     query_rank: Annotated[int, Field(ge=0, le=256)] = (
         0  # r > 0 adds a per-arm linear block on the query's top-r offline principal coordinates
     )
@@ -117,6 +130,10 @@ class FGTSConfig:
     feel_good_schedule: FeelGoodSchedule = "inv_sqrt"  # "constant": μ per duel; "inv_sqrt": μ/sqrt(n) per duel
     arm_selection: ArmSelection = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
     #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
+    second_arm: SecondArm = "thompson"  # "thompson": a² = θ²'s best arm; "rival": the arm most likely to beat a¹
+    #   on this query under the diagonal Laplace posterior (replay/policy only; Serve's ranking draws θ²)
+    rival_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.0  # "rival" duels the rival only when its
+    #   P(beats a¹) ≥ this; otherwise a² = θ²'s best arm (a tight posterior then self-duels at no cost)
 
 
 # Named configurations. ``paper``: the routing paper's FGTS.CDB as ALGORITHM.md s.2 fixes it, with
@@ -130,6 +147,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         feature_map="hadamard_bias",
         distinct_arms=False,
         query_rank=0,
+    ),
+    # ``thin``: for an offline split of a few rows per category (docs/ALGORITHM_NOTES.md, issue 10's thin
+    # regime): the per-arm blocks keep a logit-scale prior sd, fully shrunk cells stay uncertain, and the
+    # second arm is the served arm's likeliest rival. Not the default: no gain with a 20% offline split.
+    "thin": dict(
+        correction_slope_floor=2.0,
+        shrinkage_stderr="marginal",
+        second_arm="rival",
+        rival_min_prob=0.05,
     ),
 }
 
@@ -203,6 +229,33 @@ def prior_grad(c: FGTSConfig, theta: np.ndarray, prior: Prior | None) -> np.ndar
         return theta / c.prior_sigma**2
     mean, prec = prior
     return (theta - mean) * prec
+
+
+def rival_arm(
+    mean_scores: np.ndarray,
+    pair_sq: np.ndarray,
+    var: np.ndarray,
+    first: np.ndarray,
+    fallback: np.ndarray | None = None,
+    min_prob: float = 0.0,
+) -> np.ndarray:
+    """The arm most likely to beat ``first`` (``second_arm="rival"``): argmax over k ≠ first of
+    z_k = (m_k − m_first) / sqrt(Σ_i Δ_ki²·v_i), the Gaussian approximation of P(s_k(x) > s_first(x))
+    under the posterior mean m and the diagonal Laplace variance v = 1/(η·Σ_s ¼·Δ_s² + prior precision).
+
+    ``mean_scores`` (..., K) (−inf on arms not offered), ``pair_sq`` (..., K, p) the squared
+    φ(x, a_k) − φ(x, a_first), ``var`` (..., p), ``first`` (...). With one arm offered, returns it.
+    ``fallback`` (...) is returned where the rival's Φ(z) is below ``min_prob`` (``rival_min_prob``)."""
+    sd = np.sqrt(np.maximum((pair_sq * var[..., None, :]).sum(axis=-1), 1e-24))
+    z = (mean_scores - np.take_along_axis(mean_scores, first[..., None], axis=-1)) / sd
+    z = np.where(np.isfinite(mean_scores), z, -np.inf)
+    np.put_along_axis(z, first[..., None], -np.inf, axis=-1)
+    out = z.argmax(axis=-1)
+    zmax = np.take_along_axis(z, out[..., None], axis=-1)[..., 0]
+    out = np.where(np.isfinite(zmax), out, first)
+    if fallback is not None and min_prob > 0:
+        out = np.where(zmax >= NormalDist().inv_cdf(min_prob), out, fallback)
+    return out
 
 
 def feel_good_weight(c: FGTSConfig, n: int) -> float:
@@ -445,6 +498,8 @@ def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tupl
         offline["categories"],
         temperature=config.pi_temperature,
         rank=config.query_rank,
+        tau_floor=config.shrinkage_tau_floor,
+        marginal_stderr=config.shrinkage_stderr == "marginal",
     )
     return prior, (
         f"offline prior: fitted on {len(offline['X'])} offline rows, {prior.n_categories} categories, "
@@ -484,7 +539,7 @@ def prior_moments(config: FGTSConfig, fmap: FeatureMap, prior: OfflinePrior | No
     w0 = prior.slope if c.prior_weight is None else float(c.prior_weight)
     mean[fmap.i_w] = w0
     sd[fmap.i_w] = c.prior_weight_sigma
-    scale = c.correction_scale * max(abs(w0), 0.1)
+    scale = c.correction_scale * max(abs(w0), c.correction_slope_floor)
     if fmap.arm_bias:
         arm_se = prior.arm_stderr if prior.arm_stderr is not None else prior.stderr.mean(axis=0)
         sd[fmap.i_b : fmap.i_c] = np.maximum(scale * arm_se, 1e-3)
@@ -576,8 +631,12 @@ class FGTSCDB:
         c = self.config
         if c.preconditioner == "none":
             return np.ones(self.dim)
-        prec = 1.0 / c.prior_sigma**2 if self.moments is None else self.moments[1]
-        return 1.0 / (0.25 * c.eta * self._delta_sq + prec)
+        return self.posterior_variance()
+
+    def posterior_variance(self) -> np.ndarray:
+        """(p,) the diagonal Laplace variance 1/(η·Σ_s ¼·w_s·Δ_s² + prior precision) (¼ bounds σ')."""
+        prec = 1.0 / self.config.prior_sigma**2 if self.moments is None else self.moments[1]
+        return 1.0 / (0.25 * self.config.eta * self._delta_sq + prec)
 
     def _pair_sq(
         self, X: np.ndarray, first: np.ndarray, second: np.ndarray, weight: np.ndarray | None = None
@@ -694,6 +753,14 @@ class FGTSCDB:
             first = self.best(context, arms)
         else:
             first = int(S[0].argmax())
+        if self.config.second_arm == "rival":
+            x = self._context(context)
+            m = np.where(mask, self.arm_scores(context, self.theta_mean), -np.inf)
+            K = self.n_arms
+            sq = self.fmap.pair_features(x[None], np.arange(K), np.full(K, first)) ** 2
+            ts = second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))
+            var = self.posterior_variance()
+            return Duel(first, int(rival_arm(m, sq, var, np.array(first), ts, self.config.rival_min_prob)))
         return Duel(first, int(second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))))
 
     def update(
@@ -889,6 +956,11 @@ class FGTSCDBLanes:
         c = self.config
         if c.preconditioner == "none":
             return np.ones_like(self._delta_sq)
+        return self.posterior_variance()
+
+    def posterior_variance(self) -> np.ndarray:
+        """(G, W, p), each lane's diagonal Laplace variance (see :meth:`FGTSCDB.posterior_variance`)."""
+        c = self.config
         prec = 1.0 / c.prior_sigma**2 if self.prior is None else self.prior[1][:, :, 0]
         return 1.0 / (0.25 * c.eta * self._delta_sq + prec)
 
@@ -944,6 +1016,16 @@ class FGTSCDBLanes:
             first = self.best(X)
         else:
             first = S[:, 0].argmax(axis=1)
+        if self.config.second_arm == "rival":
+            G, W, K = self.n_groups, self.group_size, self.n_arms
+            m = self.fmap.scores(self.theta_mean[:, :, None, :], Xg[:, None, :])[..., 0, 0, :]  # (G, W, K)
+            f = first.reshape(G, W)
+            pair = self.fmap.pair_features(
+                Xg[:, None, None, :], np.broadcast_to(np.arange(K), (G, W, K)), np.broadcast_to(f[..., None], (G, W, K))
+            )
+            ts = second_arm(S[:, 1], first, self.config.distinct_arms, self.n_arms).reshape(G, W)
+            second = rival_arm(m, pair**2, self.posterior_variance(), f, ts, self.config.rival_min_prob)
+            return first, second.reshape(self.n_lanes)
         return first, second_arm(S[:, 1], first, self.config.distinct_arms, self.n_arms)
 
     def update(self, X: np.ndarray, first: np.ndarray, second: np.ndarray, y: np.ndarray) -> None:

@@ -198,12 +198,22 @@ def fit_offline_prior(
     max_pseudo_duels: int = 200_000,
     seed: int = 0,
     shrink: bool = True,
+    tau_floor: float = 0.0,
+    marginal_stderr: bool = False,
 ) -> OfflinePrior:
     """Fit an :class:`OfflinePrior` from offline rows. ``temperature``/``slope`` None = fitted.
 
     ``shrink``: empirical-Bayes shrinkage of each cell mean Ū_mk towards the arm's pooled mean Ū_·k,
     by B = se²/(se² + τ_k²) with τ_k² the between-category variance of arm k's means beyond their
-    noise: negligible with hundreds of rows per category, large with five."""
+    noise: negligible with hundreds of rows per category, large with five. The shrunk cell's standard
+    error is the conditional one, sqrt(1 − B)·se, which goes to 0 as B → 1.
+
+    ``tau_floor``: the smallest τ_k the shrinkage assumes (0: 1e-3). With five rows per category the
+    moment estimate of τ_k² is often ≤ 0, which claims the arm is equally good on every category and
+    (with the conditional standard error) freezes its per-category correction at the pooled mean.
+    ``marginal_stderr``: the shrunk cell's standard error also carries the pooled mean's own
+    uncertainty, sqrt((1 − B)·se² + B²·se_pooled²), so a fully shrunk cell is as uncertain as the
+    arm's pooled mean (15 rows at 5 per category), not certain."""
     X = np.asarray(X, dtype=np.float64)
     U = np.asarray(utilities, dtype=np.float64)
     cats = np.asarray([str(c) for c in categories], dtype=object)
@@ -230,10 +240,11 @@ def fit_offline_prior(
     pooled_var = (((U - pooled) ** 2).sum(axis=0) + _PRIOR_ROWS * _PRIOR_VAR) / (len(U) - 1 + _PRIOR_ROWS)
     arm_se = np.maximum(np.sqrt(pooled_var / len(U)), _MIN_STDERR)
     if shrink and M > 1:
-        tau2 = np.maximum(Ubar.var(axis=0, ddof=1) - (se**2).mean(axis=0), 1e-6)  # (K,)
+        tau2 = np.maximum(Ubar.var(axis=0, ddof=1) - (se**2).mean(axis=0), max(1e-6, float(tau_floor) ** 2))  # (K,)
         B = se**2 / (se**2 + tau2)
         Ubar = (1 - B) * Ubar + B * pooled
-        se = np.maximum(np.sqrt(1 - B) * se, _MIN_STDERR)
+        var = (1 - B) * se**2 + (B**2 * arm_se**2 if marginal_stderr else 0.0)
+        se = np.maximum(np.sqrt(var), _MIN_STDERR)
 
     # leave-one-out centroids and means: a row never predicts itself
     loo_n = np.maximum(counts[idx] - 1, 1)[:, None]
