@@ -2,6 +2,7 @@
 
     python bench/overload.py                          # deploys serve_configs/local.yaml (MiniLM, synthetic arms)
     python bench/overload.py --url http://127.0.0.1:8000 --factor 4 --duration 30
+    python bench/overload.py --embedder-mode inline   # the Ingress encodes in-process (embedder.mode: inline)
 
 1. **Capacity** (closed loop): ``--concurrency`` clients post ``/v1/route`` back to back for
    ``--duration`` seconds (after a warm-up); capacity = answered 200s per second.
@@ -130,11 +131,14 @@ async def open_loop(url: str, queries: list[str], rate: float, duration_s: float
     }
 
 
-def _deploy(state_dir: Path, arms_dir: Path, encoder: str) -> str:
+def _deploy(state_dir: Path, arms_dir: Path, encoder: str, mode: str = "deployment") -> str:
     from ray_router.serve import launch
+    from ray_router.serve.inline import as_inline
     from tests.serve.conftest import free_port, synthetic_arm_args
 
     cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    if mode == "inline":
+        cfg = as_inline(cfg)
     for app in launch.our_apps(cfg):
         app["args"] = {**app["args"], **synthetic_arm_args(arms_dir, encoder=encoder)}
     cfg = launch.with_overrides(cfg, port=free_port(), args={"state": {"dir": str(state_dir)}})
@@ -147,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--url", default=None, help="a running service (else local.yaml is deployed here)")
     p.add_argument("--encoder", default="minilm", help="when deploying: the encoder (minilm, or hash)")
     p.add_argument("--direct", action="store_true", help="when deploying: use the direct-ingress URL")
+    p.add_argument(
+        "--embedder-mode",
+        choices=("deployment", "inline"),
+        default="deployment",
+        help="when deploying: the Embedder deployment behind a handle, or the Ingress encoding in-process",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients for the capacity")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of each phase")
     p.add_argument("--factor", type=float, default=4.0, help="offered load / capacity in the open loop")
@@ -161,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     url = args.url
     if url is None:
         tmp = tempfile.TemporaryDirectory(prefix="rr-overload-")
-        url = _deploy(Path(tmp.name) / "state", Path(tmp.name), args.encoder)
+        url = _deploy(Path(tmp.name) / "state", Path(tmp.name), args.encoder, args.embedder_mode)
         if args.direct:
             url = (launch.reachable_urls(launch.direct_urls()) or [url])[0]
     try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ray_router.config import StrictModel
 from ray_router.errors import ConfigError, RouterError
-from ray_router.serve.config import UpstreamSpec
+from ray_router.serve.config import UpstreamSpec, finite_price, profile_scores
 from ray_router.serve.errors import NO_RETRY
 
 ARMS_FILE = "arms.json"
@@ -85,23 +84,8 @@ class AddArmRequest(StrictModel):
             raise ValueError("id must not have leading/trailing spaces or control characters")
         return v
 
-    @field_validator("price_usd")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("price_usd must be finite")
-        return v
-
-    @field_validator("profile")
-    @classmethod
-    def _scores(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("profile: at least one category")
-            bad = [k for k, x in v.items() if not (math.isfinite(x) and 0.0 <= x <= 1.0)]
-            if bad:
-                raise ValueError(f"profile: scores must be in [0, 1] (categories {bad[:10]})")
-        return v
+    _finite = field_validator("price_usd")(staticmethod(finite_price))
+    _scores = field_validator("profile")(staticmethod(profile_scores))
 
     @model_validator(mode="after")
     def _one_source(self) -> AddArmRequest:

@@ -68,6 +68,23 @@ class UpstreamSpec(StrictModel):
         return v.rstrip("/")
 
 
+def profile_scores(v: dict[str, float] | None) -> dict[str, float] | None:
+    """A new arm's ``profile``: at least one category, every score in [0, 1]."""
+    if v is not None:
+        if not v:
+            raise ValueError("profile: at least one category")
+        bad = [k for k, x in v.items() if not (math.isfinite(x) and 0.0 <= x <= 1.0)]
+        if bad:
+            raise ValueError(f"profile: scores must be in [0, 1] (categories {bad[:10]})")
+    return v
+
+
+def finite_price(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("price_usd must be finite")
+    return v
+
+
 class ArmSpec(StrictModel):
     id: str = Field(min_length=1, max_length=200, description="the arm id users send and see")
     price_usd: float = Field(ge=0, description="expected price of one query (USD), for cost_weight")
@@ -84,23 +101,8 @@ class ArmSpec(StrictModel):
         "other category): its prior where the offline data (file or dataset) has no rows of it",
     )
 
-    @field_validator("profile")
-    @classmethod
-    def _scores(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("profile: at least one category")
-            bad = [k for k, x in v.items() if not (math.isfinite(x) and 0.0 <= x <= 1.0)]
-            if bad:
-                raise ValueError(f"profile: scores must be in [0, 1] (categories {bad})")
-        return v
-
-    @field_validator("price_usd")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("price_usd must be finite")
-        return v
+    _scores = field_validator("profile")(staticmethod(profile_scores))
+    _finite = field_validator("price_usd")(staticmethod(finite_price))
 
 
 class WeightingSpec(StrictModel):

@@ -447,7 +447,7 @@ def _export(spec: SweepSpec, prepared, g, rs: Mapping[str, dict], entry: dict, o
 
 
 def _section(spec: SweepSpec, g, entry: dict, defaults: Mapping[str, Any], out: Path) -> str:
-    from ray_router.tune.report import _fmt
+    from ray_router.tune.report import best_vs_default
 
     metric, _ = spec.metric
     lines = [
@@ -490,14 +490,8 @@ def _section(spec: SweepSpec, g, entry: dict, defaults: Mapping[str, Any], out: 
             f"In the sweep this configuration scored {METRIC_LABEL[metric]} {est:.4f} on the trial seeds "
             "(optimistic: it was picked as the best of many).",
             "",
-            "| field | best | default |",
-            "|---|---|---|",
+            *best_vs_default(best["config"], defaults, spec),
         ]
-        for k, v in best["config"].items():
-            sec, f = k.split(".", 1)
-            dv = defaults.get(sec, {}).get(f, spec.fixed.get(sec, {}).get(f, "(dataclass default)"))
-            lines.append(f"| {k} | {_fmt(v)} | {_fmt(dv)} |")
-        lines.append("")
     if entry.get("serve_config"):
         rel = Path(entry["serve_config"]).relative_to(out)
         lines += [f"Serve config of the best configuration, **chosen on logged duels**: [`{rel}`]({rel})", ""]

@@ -379,6 +379,16 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def best_vs_default(config: Mapping[str, Any], defaults: Mapping[str, Any], spec: Any) -> list[str]:
+    """Markdown table rows: each field of the best configuration beside the default's value."""
+    lines = ["| field | best | default |", "|---|---|---|"]
+    for k, v in config.items():
+        sec, f = k.split(".", 1)
+        d = defaults.get(sec, {}).get(f, spec.fixed.get(sec, {}).get(f, "(dataclass default)"))
+        lines.append(f"| {k} | {_fmt(v)} | {_fmt(d)} |")
+    return [*lines, ""]
+
+
 def _verdict(best: Mapping, default: Mapping) -> str:
     b_lo, b_hi = best["cum_regret_ci95"]
     d_lo, d_hi = default["cum_regret_ci95"]
@@ -654,14 +664,8 @@ def _group_section(spec, g, entry, rs, defaults, plot_path, out: Path, n_rounds:
             f"[{est['ci95'][0]:.1f}, {est['ci95'][1]:.1f}] on the trial seeds (optimistic: it was picked "
             "as the lowest of many).",
             "",
-            "| field | best | default |",
-            "|---|---|---|",
+            *best_vs_default(best["config"], defaults, spec),
         ]
-        for k, v in best["config"].items():
-            sec, f = k.split(".", 1)
-            d = defaults.get(sec, {}).get(f, spec.fixed.get(sec, {}).get(f, "(dataclass default)"))
-            lines.append(f"| {k} | {_fmt(v)} | {_fmt(d)} |")
-        lines.append("")
     if entry.get("serve_config"):
         lines += [
             f"Serve config: [`{Path(entry['serve_config']).relative_to(out)}`]"
