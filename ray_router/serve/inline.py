@@ -187,11 +187,16 @@ class InlineEmbedder:
 
 
 def _assigned_resources() -> dict[str, float]:
+    """What Ray reserved for this process: an actor's resources (the Ingress replica); {} outside a
+    worker (a driver that called ``ray.init``, or no Ray at all), where Ray reserves nothing."""
     import ray
 
     if not ray.is_initialized():
         return {}
-    return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    try:
+        return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    except AssertionError:  # Ray asserts worker mode: this is a driver
+        return {}
 
 
 class HandleEmbedder:

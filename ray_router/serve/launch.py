@@ -31,6 +31,12 @@ APP_NAME = "ray-router"
 #   address and costs about what the replica's own server does (bench/serve_latency.py measures the
 #   two side by side; serve_configs/README.md "Benchmark").
 # An operator's environment wins: export either as 0 to turn it off.
+# - RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S: how long a stopping Ingress replica stays
+#   reachable so that load balancers in front of its own port deregister it. Serve's 30 s is for an
+#   outside balancer; here only Serve's HAProxy reaches that port, and the controller takes the replica
+#   out of HAProxy's backends as it starts stopping (a reload, well under a second). 5 s keeps a margin
+#   and makes every stop and redeploy 25 s shorter (a SIGTERM of `ray-router serve`, each Serve test
+#   module's teardown).
 #
 # And glibc's allocator, for memory that stays flat in a long-running service: at most 2 malloc
 # arenas per process (not 8 x cores, one per thread that allocates), and fixed mmap/trim thresholds
@@ -39,7 +45,12 @@ APP_NAME = "ray-router"
 # doubled the SGLD refresh time by mapping its temporaries afresh each step: bench/malloc_env.py).
 # bench/soak.py measured RSS growth with and without them: serve_configs/README.md "Memory".
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "8388608", "MALLOC_TRIM_THRESHOLD_": "8388608"}
-SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **MALLOC_ENV}
+SERVE_ENV_DEFAULTS = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    **MALLOC_ENV,
+}
 RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
 
 # HAProxy's two side ports are fixed machine-wide by default (stats 8404, Prometheus 9101): one pair

@@ -393,3 +393,13 @@ def test_inline_with_a_remote_encoder_calls_the_server_from_the_ingress(serve_cl
     emb = status["embedder"]
     assert emb["mode"] == "inline" and emb["device"] == "remote" and emb["pid"] == status["ingress"]["pid"]
     assert "CPU" not in emb["resources"] or emb["resources"]["CPU"] == 0
+
+
+def test_the_reserved_resources_of_a_driver_are_none(serve_cluster):
+    """In a process that called ``ray.init`` (a driver, e.g. this test process once any Serve test ran)
+    Ray reserves nothing: the inline embedder's info says {} (Ray's own call asserts worker mode)."""
+    import ray
+
+    from ray_router.serve.inline import _assigned_resources
+
+    assert ray.is_initialized() and _assigned_resources() == {}
