@@ -23,11 +23,12 @@ replica that sees a new one fetches the table and swaps its arms, scorer, signer
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +39,7 @@ from ray_router.config import StrictModel
 from ray_router.errors import ConfigError, RouterError
 from ray_router.serve.config import UpstreamSpec, finite_price, profile_scores
 from ray_router.serve.errors import NO_RETRY
+from ray_router.serve.specs import PosteriorSpec
 
 ARMS_FILE = "arms.json"
 FORMAT_VERSION = 1
@@ -191,59 +193,47 @@ class ArmChanges:
         return path
 
 
-@dataclass(frozen=True)
-class Table:
-    """An arm table's posterior-side values: ids, prices, embeddings (K, d), offline prior."""
-
-    ids: tuple[str, ...]
-    prices: tuple[float, ...]
-    embeddings: np.ndarray
-    offline_prior: dict[str, Any] | None
-    cold_start: bool = False
-    upstreams: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # of the added arms, by id
-
-
-def extend(table: Table, arm: AddedArm) -> Table:
-    """``table`` with ``arm`` appended: its embedding and prior column from its profile (a cold start
-    without a profile: the neutral prior of every arm and its own random-sign embedding)."""
+def extend(spec: PosteriorSpec, arm: AddedArm) -> PosteriorSpec:
+    """``spec`` with ``arm`` appended to its arm table: its embedding and prior column from its
+    profile (a cold start without a profile: the neutral prior of every arm and its own random-sign
+    embedding)."""
     from ray_router.policies.offline_prior import extend_with_profiles
     from ray_router.serve.arms import cold_start_embeddings, cold_start_prior
 
-    if arm.id in table.ids:
+    if arm.id in spec.arm_ids:
         raise ArmExists(f"arm {arm.id!r} is already in the table (GET /v1/admin/arms)")
-    A = np.asarray(table.embeddings, dtype=np.float64)
+    A = np.asarray(spec.arm_embeddings, dtype=np.float64)
     if arm.profile is None:
-        if not table.cold_start:
+        if not spec.cold_start:
             raise ConfigError(
                 "a new arm needs its prior: 'profile' (expected score per category) or 'rows' (benchmark rows)"
             )
         A_new = np.concatenate([A, cold_start_embeddings([arm.id], A.shape[1])])
-        prior = cold_start_prior(len(table.ids) + 1, A.shape[1])
+        prior = cold_start_prior(len(spec.arm_ids) + 1, A.shape[1])
     else:
-        if table.offline_prior is None:
+        if spec.offline_prior is None:
             raise ConfigError("this router has no offline prior to place a profile in; start it with one")
-        prior, A_new = extend_with_profiles(table.offline_prior, A, [arm.profile])
-        if table.cold_start:  # keep a cold start's own direction per arm (see cold_start_embeddings)
+        prior, A_new = extend_with_profiles(spec.offline_prior, A, [arm.profile])
+        if spec.cold_start:  # keep a cold start's own direction per arm (see cold_start_embeddings)
             A_new[-1] = cold_start_embeddings([arm.id], A.shape[1])[0]
-    return Table(
-        (*table.ids, arm.id),
-        (*table.prices, float(arm.price_usd)),
-        A_new,
-        prior,
-        table.cold_start,
-        {**table.upstreams, arm.id: arm.upstream},
+    return dataclasses.replace(
+        spec,
+        arm_ids=(*spec.arm_ids, arm.id),
+        prices=(*(float(p) for p in spec.prices), float(arm.price_usd)),
+        arm_embeddings=A_new,
+        offline_prior=prior,
     )
 
 
-def apply_changes(base: Table, changes: ArmChanges) -> Table:
-    """The config's table with the admin's added arms appended in order (an id the config names is
+def apply_changes(base: PosteriorSpec, changes: ArmChanges) -> PosteriorSpec:
+    """The config's spec with the admin's added arms appended in order (an id the config names is
     the config's: skipped)."""
-    table = base
+    spec = base
     for arm in changes.added:
-        if arm.id in base.ids:
+        if arm.id in base.arm_ids:
             continue
-        table = extend(table, arm)
-    return table
+        spec = extend(spec, arm)
+    return spec
 
 
 def fingerprint(ids: Sequence[str], prices: Sequence[float], embeddings: np.ndarray, retired: Sequence[str]) -> str:

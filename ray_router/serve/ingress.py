@@ -87,24 +87,25 @@ class Ingress:
         import httpx
 
         from ray_router.serve.metrics import IngressMetrics
-        from ray_router.serve.state import make_scorer
 
         self.posterior, self.spec = posterior, spec
         # the Embedder deployment's handle, or this replica's own encoder (embedder.mode: inline)
         self.embedder = await embedder_path(embedder)
         self.access, self.sources = load_access(spec.auth, spec.state_dir)
         signer, self.sources["hmac_key"] = decision_signer(spec.auth.hmac_key_env, Path(spec.state_dir), spec.arm_ids)
-        view = SampleView(make_scorer(spec.arm_embeddings, spec.policy_config, 0, spec.offline_prior), spec.prices)
-        self.decider = RouteDecider(
-            spec.arm_ids, view, signer, spec.auth.decision_ttl_s, spec.limits, retired=spec.retired
-        )
-        self.view = view
-        # the arm table this replica serves: the config's, until the posterior publishes another
-        # (arms added or retired through /v1/admin/arms): see _adopt
-        self.live = LiveArms(spec.arm_ids, spec.prices, spec.upstreams, spec.retired)
-        self.arms_fp = fingerprint(spec.arm_ids, spec.prices, spec.arm_embeddings, ())
         self._config_upstreams = dict(zip(spec.arm_ids, spec.upstreams))
         self._config_retired = frozenset(spec.arm_ids[i] for i in spec.retired)
+        # the arm table this replica serves: the config's, until the posterior publishes another
+        # (arms added or retired through /v1/admin/arms, or a config change rolling out): see _adopt
+        table = {
+            "ids": spec.arm_ids,
+            "prices": spec.prices,
+            "embeddings": spec.arm_embeddings,
+            "policy_config": spec.policy_config,
+            "offline_prior": spec.offline_prior,
+        }
+        self.view, self.decider, self.live = self._components(table, signer)
+        self.arms_fp = fingerprint(spec.arm_ids, spec.prices, spec.arm_embeddings, ())
         # state.keep_queries: the texts an encoder change re-embeds (query_store), flushed every second
         self.queries = QueryWriter(spec.state_dir) if spec.keep_queries else None
         self.metrics = IngressMetrics()
@@ -161,6 +162,20 @@ class Ingress:
         swapped in together (no await in between: a request sees the old table or the new one).
         The upstreams and retirements of the config's arms are this replica's config's; the added
         arms' upstreams and the admin's retirements are the posterior's."""
+        view, decider, arms = self._components(table, self.decider.signer)
+        view.update(samples["version"], samples["theta"], samples["theta_mean"], samples.get("pool"))
+        # the swap: nothing below awaits
+        self.resilience.set_arms(arms.ids, arms.upstreams)
+        self.judge.set_arms(arms.ids, arms.upstreams, view, decider.signer)
+        self.view, self.decider, self.live, self.arms_fp = view, decider, arms, str(table["fingerprint"])
+        logger.warning(
+            f"ingress: serving the posterior's arm table {self.arms_fp}: {len(arms.ids)} arms, retired {arms.retired}"
+        )
+
+    def _components(self, table: dict[str, Any], signer: Any) -> tuple[SampleView, RouteDecider, LiveArms]:
+        """The view (no samples yet), decider and arms of an arm table (the posterior's
+        ``arm_table()``, or the config's at start): retirements by the config or the admin, upstreams
+        of the config's arms from this replica's config, of the added arms from the table."""
         from ray_router.serve.config import UpstreamSpec
         from ray_router.serve.state import make_scorer
 
@@ -168,7 +183,6 @@ class Ingress:
         prices = tuple(float(p) for p in table["prices"])
         scorer = make_scorer(table["embeddings"], table["policy_config"], 0, table["offline_prior"])
         view = SampleView(scorer, prices)
-        view.update(samples["version"], samples["theta"], samples["theta_mean"], samples.get("pool"))
         added = table.get("added") or {}
         upstreams = []
         for a in ids:
@@ -179,14 +193,9 @@ class Ingress:
                 upstreams.append(None if up is None else UpstreamSpec.model_validate(up))
         gone = self._config_retired | set(table.get("retired") or ())
         retired = tuple(i for i, a in enumerate(ids) if a in gone)
-        signer = self.decider.signer.for_arms(ids)
+        signer = signer.for_arms(ids)
         decider = RouteDecider(ids, view, signer, self.spec.auth.decision_ttl_s, self.spec.limits, retired=retired)
-        arms = LiveArms(ids, prices, tuple(upstreams), retired)
-        # the swap: nothing below awaits
-        self.resilience.set_arms(ids, arms.upstreams)
-        self.judge.set_arms(ids, arms.upstreams, view, signer)
-        self.view, self.decider, self.live, self.arms_fp = view, decider, arms, str(table["fingerprint"])
-        logger.warning(f"ingress: serving the posterior's arm table {self.arms_fp}: {len(ids)} arms, retired {retired}")
+        return view, decider, LiveArms(ids, prices, tuple(upstreams), retired)
 
     async def _follow_posterior(self) -> None:
         """Keep the sample view current: long-poll the posterior for each new refresh."""

@@ -70,7 +70,7 @@ from ray_router.errors import ConfigError, DataError, UnknownArmError
 from ray_router.policies import Duel, PolicyEnv, make_policy
 from ray_router.policies.snapshot import load_snapshot, save_snapshot
 from ray_router.serve import durable
-from ray_router.serve.arm_changes import ARMS_FILE, AddedArm, ArmChanges, Table, apply_changes, extend, fingerprint
+from ray_router.serve.arm_changes import ARMS_FILE, AddedArm, ArmChanges, apply_changes, extend, fingerprint
 from ray_router.serve.durable import (
     LEGACY_LOG,
     LOG_DIR,
@@ -181,7 +181,7 @@ class PosteriorState:
         self.base_spec = spec  # the config's arm table; ``spec`` is it with the admin's changes applied
         self.arm_changes = ArmChanges.load(self.dir)
         self._arm_changes_mtime = _mtime(self.dir / ARMS_FILE)
-        self._set_table(self._table_of(self.arm_changes))
+        self._set_spec(apply_changes(spec, self.arm_changes))
         self.dim = int(np.asarray(spec.arm_embeddings).shape[1])
         self.lock = StateLock(self.dir)
         if segment_bytes is None:
@@ -215,40 +215,18 @@ class PosteriorState:
         self._serving_arms = self.arms_fingerprint  # the arm table of the published samples
 
     # --------------------------------------------------------------- arm table
-    def _table_of(self, changes: ArmChanges) -> Table:
-        b = self.base_spec
-        base = Table(
-            tuple(b.arm_ids),
-            tuple(float(p) for p in b.prices),
-            np.asarray(b.arm_embeddings, dtype=np.float64),
-            b.offline_prior,
-            bool(b.cold_start),
-        )
-        return apply_changes(base, changes)
-
-    def _set_table(self, table: Table) -> None:
-        """Make ``table`` this posterior's arm table, with a fresh policy (the prior): the caller
-        restores or rebuilds what was learned."""
-        import dataclasses
-
+    def _set_spec(self, spec: PosteriorSpec) -> None:
+        """Make ``spec`` (the config's, with the admin's arm changes applied) this posterior's, with
+        a fresh policy (the prior): the caller restores or rebuilds what was learned."""
         from ray_router.policies.reachability import unreachable_arms
 
-        self.table = table
-        self.spec = dataclasses.replace(
-            self.base_spec,
-            arm_ids=table.ids,
-            prices=table.prices,
-            arm_embeddings=table.embeddings,
-            offline_prior=table.offline_prior,
-        )
-        self.arm_ids = tuple(table.ids)
+        self.spec = spec
+        self.arm_ids = tuple(spec.arm_ids)
         self.n_arms = len(self.arm_ids)
-        self.policy = make_scorer(
-            table.embeddings, self.spec.policy_config, self.spec.policy_seed, self.spec.offline_prior
-        )
+        self.policy = make_scorer(spec.arm_embeddings, spec.policy_config, spec.policy_seed, spec.offline_prior)
         # arms this config can never choose (no per-arm term and inside the others' hull): said at start-up
         self.unreachable_arms = unreachable_arms(
-            self.policy.config, table.embeddings, self.policy.prior, arm_ids=list(table.ids)
+            self.policy.config, spec.arm_embeddings, self.policy.prior, arm_ids=list(spec.arm_ids)
         )
         self._config_version = self.config_version
 
@@ -268,19 +246,20 @@ class PosteriorState:
 
     @property
     def arms_fingerprint(self) -> str:
-        return fingerprint(self.table.ids, self.table.prices, self.table.embeddings, self.arm_changes.retired)
+        s = self.spec
+        return fingerprint(s.arm_ids, s.prices, s.arm_embeddings, self.arm_changes.retired)
 
     def arm_table(self) -> dict[str, Any]:
         """The arm table as an Ingress mirrors it (``fingerprint`` is that of ``view()["arms"]``
         once the samples of this table are out)."""
         return {
             "fingerprint": self.arms_fingerprint,
-            "ids": list(self.table.ids),
-            "prices": list(self.table.prices),
-            "embeddings": self.table.embeddings,
-            "offline_prior": self.table.offline_prior,
+            "ids": list(self.spec.arm_ids),
+            "prices": [float(p) for p in self.spec.prices],
+            "embeddings": np.asarray(self.spec.arm_embeddings, dtype=np.float64),
+            "offline_prior": self.spec.offline_prior,
             "policy_config": dict(self.spec.policy_config),
-            "cold_start": bool(self.table.cold_start),
+            "cold_start": bool(self.spec.cold_start),
             "added": {a.id: {"upstream": a.upstream, "added_at": a.added_at} for a in self.arm_changes.added},
             "retired": list(self.arm_changes.retired),
         }
@@ -299,13 +278,13 @@ class PosteriorState:
         ):
             # the same request again (a retry after a lost answer): its first answer, nothing changed
             return {"arm": arm.id, "index": self.arm_ids.index(arm.id), "arms": list(self.arm_ids), "replayed": True}
-        table = extend(self.table, arm)  # ArmExists, profile errors: before anything is written
+        spec = extend(self.spec, arm)  # ArmExists, profile errors: before anything is written
         changes = self.arm_changes.with_added(arm)
         history = self.policy.history.arrays()
         changes.save(self.dir)
         self.arm_changes, self._arm_changes_mtime = changes, _mtime(self.dir / ARMS_FILE)
         t0 = time.perf_counter()
-        self._set_table(table)
+        self._set_spec(spec)
         rebuilt = self._rebuild_from_history(history)
         meta_path = self.dir / "meta.json"
         write_meta(
@@ -349,7 +328,7 @@ class PosteriorState:
         if changes == self.arm_changes:
             return False
         self.arm_changes = changes
-        self._set_table(self._table_of(changes))  # (its config version too)
+        self._set_spec(apply_changes(self.base_spec, changes))  # (its config version too)
         self._serving_arms = self.arms_fingerprint
         return True
 

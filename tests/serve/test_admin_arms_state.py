@@ -65,8 +65,8 @@ def test_an_added_arm_is_durable_keeps_what_was_learned_and_survives_a_restart(t
     assert st.n_arms == 4 and st.policy.n_arms == 4 and st.policy.n_updates == 12
     # the same placement a config change's profile gets
     want_prior, want_A = extend_with_profiles(profile_prior(n_arms=3), arm_embeddings(n_arms=3), [CODER["profile"]])
-    np.testing.assert_allclose(st.table.embeddings, want_A)
-    assert OfflinePrior.from_dict(st.table.offline_prior).same_as(OfflinePrior.from_dict(want_prior))
+    np.testing.assert_allclose(st.spec.arm_embeddings, want_A)
+    assert OfflinePrior.from_dict(st.spec.offline_prior).same_as(OfflinePrior.from_dict(want_prior))
     # durable: the file, and a snapshot of the grown table
     saved = json.loads((tmp_path / ARMS_FILE).read_text())
     assert [a["id"] for a in saved["added"]] == ["coder"] and saved["added"][0]["profile"] == CODER["profile"]
