@@ -282,10 +282,12 @@ class LimitsSpec(StrictModel):
     max_tokens: int = Field(4096, ge=1, description="cap on a chat request's max_tokens / max_completion_tokens")
     max_n: int = Field(1, ge=1, description="cap on a chat request's n (choices per upstream call)")
     max_inflight_routes: int = Field(
-        96,
+        64,
         ge=1,
         description="route/chat requests one ingress replica embeds at once; one more is a 503 overloaded at "
-        "once (shed before any queue forms; about the embedders' max_ongoing + max_queued)",
+        "once (shed before any queue forms). Keep ingress replicas x this <= the Embedder's replicas x "
+        "max_ongoing_requests: a request past those waits in Serve's handle queue, whose retry backoff leaves "
+        "the embedder idle under overload (launch.admission_warnings)",
     )
 
 

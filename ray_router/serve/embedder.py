@@ -30,7 +30,7 @@ USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="Embedder", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN)
+@serve.deployment(name="Embedder", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN)
 class Embedder:
     """One replica of the query encoder.
 

@@ -164,6 +164,52 @@ def validate_config(cfg: Mapping[str, Any], check_args: bool = True):
     return schema
 
 
+def _replicas(entry: Mapping[str, Any], most: bool) -> int:
+    """A deployment entry's replica count: ``num_replicas``, or its autoscaling bound (``most``:
+    max_replicas, else min_replicas); 1 where it names neither."""
+    auto = entry.get("autoscaling_config")
+    if isinstance(auto, Mapping):
+        return max(1, int(auto.get("max_replicas" if most else "min_replicas", 1) or 1))
+    n = entry.get("num_replicas", 1)
+    return max(1, int(n)) if isinstance(n, int) else 1
+
+
+def admission_warnings(cfg: Mapping[str, Any]) -> list[str]:
+    """Sizes that make overload worse than it must be, one line each (empty: none).
+
+    The Ingress admits ``limits.max_inflight_routes`` routes per replica and sheds the next one at
+    once. Admitted routes past what the Embedder replicas take (``max_ongoing_requests`` each) wait
+    in the ingress's Serve handle, whose router retries a full replica with a growing backoff: under
+    overload the embedder then idles between batches while routes are turned away (measured,
+    ``bench/overload.py`` on 2 CPUs: goodput 0.41-0.50x capacity with 96 admitted against 64
+    taken, 1.02x with 64 against 128). ``embedder.mode: inline`` has no handle: nothing to check."""
+    from ray_router.serve.config import LimitsSpec
+    from ray_router.serve.embedder import Embedder
+    from ray_router.serve.inline import EMBEDDER_DEPLOYMENT, INGRESS_DEPLOYMENT, _inline
+
+    out: list[str] = []
+    for app in our_apps(cfg):
+        if _inline(app):
+            continue
+        entries = {d.get("name"): d for d in app.get("deployments") or []}
+        limits = (app.get("args") or {}).get("limits") or {}
+        admit = int(limits.get("max_inflight_routes", LimitsSpec.model_fields["max_inflight_routes"].default))
+        ingress = entries.get(INGRESS_DEPLOYMENT) or {}
+        emb = entries.get(EMBEDDER_DEPLOYMENT) or {}
+        take = int(emb.get("max_ongoing_requests", Embedder._deployment_config.max_ongoing_requests))
+        n_in, n_emb = _replicas(ingress, most=True), _replicas(emb, most=False)
+        if n_in * admit > n_emb * take:
+            out.append(
+                f"application {app.get('name')!r}: the Ingress admits {n_in} x {admit} routes "
+                f"(replicas x limits.max_inflight_routes) but the Embedder takes {n_emb} x {take} "
+                "(replicas x max_ongoing_requests): the rest wait in Serve's handle queue, whose retry backoff "
+                "leaves the embedder idle under overload (goodput about half of capacity); raise the "
+                f"Embedder's max_ongoing_requests to at least {-(-n_in * admit // n_emb)} or lower "
+                "limits.max_inflight_routes"
+            )
+    return out
+
+
 def app_url(cfg: Mapping[str, Any], app: Mapping[str, Any] | None = None) -> str:
     http = cfg.get("http_options") or {}
     host = http.get("host") or "127.0.0.1"
@@ -405,6 +451,8 @@ def serve_main(args) -> int:
     cfg = with_overrides(cfg, host=args.host, port=args.port, args=overrides)
     validate_config(cfg)
     _check_data_dir(cfg, args.data_dir)
+    for line in admission_warnings(cfg):
+        print(f"[ray-router] WARNING: {line}", file=sys.stderr)
     if args.check:
         print(f"{args.config}: valid (Serve schema and ray-router args)")
         return 0

@@ -45,6 +45,30 @@ def test_every_config_validates_against_serves_schema_and_app_args(path):
         assert "ray_actor_options" not in emb, "embedder resources belong in args.embedder (GPU fallback)"
         batch = app["args"]["embedder"]["max_batch_size"]
         assert emb.get("max_ongoing_requests", 5) >= batch, "max_ongoing_requests below the batch size starves batching"
+    assert launch.admission_warnings(cfg) == []  # what the ingress admits, the embedders take: no handle queue
+
+
+def test_admission_past_what_the_embedders_take_is_warned_about_with_the_fix():
+    cfg = launch.load_serve_config(REPO / "serve_configs" / "local.yaml")
+    deps = {d["name"]: d for d in launch.our_apps(cfg)[0]["deployments"]}
+    deps["Embedder"]["max_ongoing_requests"] = 48
+    (line,) = launch.admission_warnings(cfg)
+    assert "admits 1 x 64" in line and "takes 1 x 48" in line and "at least 64" in line, line
+    # three ingress replicas (autoscaled: their most) against two embedders (their fewest)
+    deps["Ingress"].pop("num_replicas")
+    deps["Ingress"]["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 3}
+    deps["Embedder"].pop("num_replicas")
+    deps["Embedder"]["autoscaling_config"] = {"min_replicas": 2, "max_replicas": 4}
+    deps["Embedder"]["max_ongoing_requests"] = 64
+    (line,) = launch.admission_warnings(cfg)
+    assert "admits 3 x 64" in line and "takes 2 x 64" in line and "at least 96" in line, line
+    deps["Embedder"]["max_ongoing_requests"] = 96
+    assert launch.admission_warnings(cfg) == []
+    # inline: the ingress encodes itself, no handle to queue in
+    from ray_router.serve.inline import as_inline
+
+    deps["Embedder"]["max_ongoing_requests"] = 1
+    assert launch.admission_warnings(as_inline(cfg)) == []
 
 
 def test_local_config_fits_two_cpus():
