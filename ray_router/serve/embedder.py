@@ -28,9 +28,14 @@ from ray_router.serve.batching import LengthAwareEncoder
 QUICK_SHUTDOWN: dict[str, Any] = {"graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.1}
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s")
 logger = logging.getLogger("ray.serve")
+# requests one replica takes at once (its @serve.batch queues them): at least what the Ingress admits
+# (limits.max_inflight_routes, 64) and the batch size; launch.admission_warnings checks a config's
+MAX_ONGOING_REQUESTS = 128
 
 
-@serve.deployment(name="Embedder", max_ongoing_requests=128, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN)
+@serve.deployment(
+    name="Embedder", max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options={"num_cpus": 1}, **QUICK_SHUTDOWN
+)
 class Embedder:
     """One replica of the query encoder.
 

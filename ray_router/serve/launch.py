@@ -184,7 +184,7 @@ def admission_warnings(cfg: Mapping[str, Any]) -> list[str]:
     ``bench/overload.py`` on 2 CPUs: goodput 0.41-0.50x capacity with 96 admitted against 64
     taken, 1.02x with 64 against 128). ``embedder.mode: inline`` has no handle: nothing to check."""
     from ray_router.serve.config import LimitsSpec
-    from ray_router.serve.embedder import Embedder
+    from ray_router.serve.embedder import MAX_ONGOING_REQUESTS
     from ray_router.serve.inline import EMBEDDER_DEPLOYMENT, INGRESS_DEPLOYMENT, _inline
 
     out: list[str] = []
@@ -196,7 +196,7 @@ def admission_warnings(cfg: Mapping[str, Any]) -> list[str]:
         admit = int(limits.get("max_inflight_routes", LimitsSpec.model_fields["max_inflight_routes"].default))
         ingress = entries.get(INGRESS_DEPLOYMENT) or {}
         emb = entries.get(EMBEDDER_DEPLOYMENT) or {}
-        take = int(emb.get("max_ongoing_requests", Embedder._deployment_config.max_ongoing_requests))
+        take = int(emb.get("max_ongoing_requests", MAX_ONGOING_REQUESTS))
         n_in, n_emb = _replicas(ingress, most=True), _replicas(emb, most=False)
         if n_in * admit > n_emb * take:
             out.append(
