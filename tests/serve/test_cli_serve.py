@@ -44,6 +44,27 @@ def test_check_validates_each_config(config, tmp_path):
     )
     assert res.returncode == 0, res.stderr
     assert "valid" in res.stdout
+    assert "WARNING" not in res.stderr, res.stderr  # the shipped sizes: the embedders take what the ingress admits
+
+
+def test_check_warns_when_the_ingress_admits_more_than_the_embedders_take(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "serve_configs" / "local.yaml").read_text())
+    app = next(a for a in cfg["applications"] if a["name"] == "ray-router")
+    next(d for d in app["deployments"] if d["name"] == "Embedder")["max_ongoing_requests"] = 40
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    data_dir = shared_data_dir() or write_routerbench_subset(tmp_path)
+    res = subprocess.run(
+        [*CLI, "serve", "--config", str(tmp_path / "c.yaml"), "--check", "--data-dir", str(data_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr  # a warning, not a refusal: the config still runs
+    assert "WARNING" in res.stderr and "takes 1 x 40" in res.stderr and "at least 64" in res.stderr, res.stderr
 
 
 def test_missing_data_dir_fails_before_starting_ray(tmp_path):
