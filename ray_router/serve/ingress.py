@@ -152,7 +152,7 @@ class Ingress:
                 return False
             self._adopt(table, s)
         else:
-            self.view.update(s["version"], s["theta"], s["theta_mean"], s.get("pool"))
+            self.view.update(s["version"], s["theta"], s["theta_mean"], s.get("pool"), s.get("variance"))
         self.epoch = s["epoch"]
         return True
 
@@ -163,7 +163,9 @@ class Ingress:
         The upstreams and retirements of the config's arms are this replica's config's; the added
         arms' upstreams and the admin's retirements are the posterior's."""
         view, decider, arms = self._components(table, self.decider.signer)
-        view.update(samples["version"], samples["theta"], samples["theta_mean"], samples.get("pool"))
+        view.update(
+            samples["version"], samples["theta"], samples["theta_mean"], samples.get("pool"), samples.get("variance")
+        )
         # the swap: nothing below awaits
         self.resilience.set_arms(arms.ids, arms.upstreams)
         self.judge.set_arms(arms.ids, arms.upstreams, view, decider.signer)

@@ -496,8 +496,6 @@ class ShadowJudge:
     def _second_arm(self, req: Any, dec: Any) -> tuple[int, Any] | None:
         """The duel's second arm for a single-mode decision, and the decision's claims (None: no
         other arm is offered)."""
-        from ray_router.serve.ranking import choose_duel
-
         claims = self.signer.verify(dec.decision_id, self.clock())  # the nonce and expiry to sign with
         first = int(dec.picked[0])
         view = self.view
@@ -506,9 +504,7 @@ class ShadowJudge:
         mask &= np.array([u is not None for u in self.upstreams])
         if mask.sum() < 2:
             return None
-        S = view.scorer.arm_scores(dec.x, view.theta)
-        _, second = choose_duel(S, mask, penalty, True, first)
-        return int(second), claims
+        return view.second_for(dec.x, first, mask, penalty), claims
 
     async def _second_answer(self, req: Any, dec: Any, body: dict) -> tuple[str, str] | None:
         """Ask the second arm; ``(duel decision id, its answer)``, or None (counted)."""

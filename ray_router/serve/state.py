@@ -211,6 +211,8 @@ class PosteriorState:
         self._serving = self.policy  # the policy whose samples are published (the last refreshed)
         # the last sample_pool refreshes' samples, published with them: duel routes draw one each
         self._pool: collections.deque[np.ndarray] = collections.deque(maxlen=max(1, int(spec.sample_pool)))
+        # (θ, diagonal variance) of the last refresh, published with θ under ``second_arm: rival``
+        self._variance: tuple[np.ndarray, np.ndarray] | None = None
         self._pruned_at = self.clock()  # a standby's last pruning of expired nonces
         self._serving_arms = self.arms_fingerprint  # the arm table of the published samples
 
@@ -755,19 +757,27 @@ class PosteriorState:
 
     def view(self) -> dict[str, Any]:
         """The current samples for a :class:`~ray_router.serve.ranking.SampleView`: those of the last
-        refresh (``_serving``; a standby's re-read of a snapshot replaces ``policy`` before that)."""
+        refresh (``_serving``; a standby's re-read of a snapshot replaces ``policy`` before that).
+        Under ``second_arm: rival`` also ``variance`` (p,), the diagonal Laplace variance the rival
+        rule needs, as it was at that refresh (one more row beside the pool's 2·M; absent otherwise,
+        and an ingress that gets none duels θ²'s arm)."""
         p = self._serving
         theta, theta_mean, version = p.theta, p.theta_mean, int(p.n_refreshes)
         pool = [s for s in self._pool if s.shape == theta.shape]  # after a rebuild, only the new samples
         if not pool or pool[-1] is not theta:
             pool.append(theta)
-        return {
+        out = {
             "version": version,
             "theta": theta,
             "theta_mean": theta_mean,
             "pool": np.stack(pool),
             "arms": self._serving_arms,
         }
+        if p.config.second_arm == "rival":
+            v = self._variance
+            # before the first refresh (or a standby's re-read): the served policy's own, computed now
+            out["variance"] = v[1] if v is not None and v[0] is theta else p.posterior_variance()
+        return out
 
     # ----------------------------------------------------------------- feedback
     def begin_feedback(
@@ -893,6 +903,8 @@ class PosteriorState:
         self.policy.refresh(n_steps)
         self._serving, self._serving_arms = self.policy, self.arms_fingerprint
         self._pool.append(self.policy.theta)  # refresh assigns a new array: the old one stays as it was
+        if self.policy.config.second_arm == "rival":  # here, not in view(): updates change it in place
+            self._variance = (self.policy.theta, self.policy.posterior_variance())
         self.last_refresh_s = time.perf_counter() - t0
         self.last_refresh_at = self.clock()
         return self.last_refresh_s

@@ -7,7 +7,9 @@ the same state directory: the new Posterior cannot restore the snapshot under th
 it rebuilds the posterior from the logged duels before it takes over. ``ray-router log export``
 writes the log as a duel table; the same policy (the new config, the same arm table and seed)
 trained offline on the exported duels, refreshed as often as the service's, makes the same arm
-choices as the service for every probe query.
+choices as the service for every probe query. The new config also duels the rival (``second_arm:
+rival``, issue 10): every duel route's pair is the offline policy's ``select`` (the first arm its
+exploit arm, the second the arm most likely to beat it under its mean and variance).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ray_router.policies import Duel
 from ray_router.serve import launch
 from ray_router.serve.arms import resolve_arm_table
 from ray_router.serve.config import AppArgs
+from ray_router.serve.ranking import choose_duel
 from ray_router.serve.state import make_scorer
 from ray_router.serve.tokens import quantise
 from tests.openai_stub import WRONG, StubModel, StubServer
@@ -37,7 +40,7 @@ QUALITY = {"a0": {"math": 0.9, "default": 0.3}, "a1": {"code": 0.9, "default": 0
 CATEGORIES = ("math", "code", "general")
 N_DUELS = 1000
 BEFORE = {"offline_prior": "none", "feature_map": "hadamard_bias", "eta": 1.0}
-AFTER = {**BEFORE, "eta": 2.0, "prior_sigma": 0.5}  # the config change
+AFTER = {**BEFORE, "eta": 2.0, "prior_sigma": 0.5, "second_arm": "rival"}  # the config change
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +112,7 @@ def test_a_config_change_rebuilds_the_posterior_from_the_log(serve_cluster, stub
             assert len(log) == N_DUELS and set(log.source) == {"human"}
             deployed = AppArgs.model_validate(launch.our_apps(app.config)[0]["args"])  # the config as deployed
             assert deployed.policy.config["eta"] == 2.0 and deployed.policy.seed == 7
+            assert deployed.policy.config["second_arm"] == "rival"
             arms = resolve_arm_table(deployed)
             offline = make_scorer(arms.embeddings, deployed.policy.config, deployed.policy.seed, arms.offline_prior)
             for t in range(len(log)):
@@ -123,13 +127,32 @@ def test_a_config_change_rebuilds_the_posterior_from_the_log(serve_cluster, stub
 
             enc = get_encoder("hash", cache_dir=False)  # the deployment's encoder
             probes = [f"[{c}] {q}" for c in CATEGORIES for q in QUERIES[:10]]
-            agree = 0
+            agree = rivals = not_thompson = 0
+            ids = list(QUALITY)
             for text in probes:
                 r = client.post("/v1/route", json={"query": text, "mode": "single"})
                 assert r.status_code == 200 and r.json()["posterior_version"] == version, r.text
                 x = quantise(enc.encode([text])[0]).astype(np.float64)
-                agree += r.json()["model"] == list(QUALITY)[offline.best(x)]
-            print(f"\nconfig change: rebuilt from {recovery}, version {version}; {agree}/{len(probes)} same choices")
-            assert agree == len(probes)
+                agree += r.json()["model"] == ids[offline.best(x)]
+                # a duel: the rival of the exploit arm, from the published mean and variance (no draw:
+                # rival_min_prob is 0, so no sample's θ² arm enters)
+                for offered in (None, [1, 2, 3]):  # all arms, and all but a0
+                    body = {
+                        "query": text,
+                        "mode": "duel",
+                        **({"candidates": [ids[k] for k in offered]} if offered else {}),
+                    }
+                    d = client.post("/v1/route", json=body)
+                    assert d.status_code == 200 and d.json()["posterior_version"] == version, d.text
+                    duel = offline.select(x, offered, resample=False)
+                    rivals += d.json()["arms"] == [ids[duel.first], ids[duel.second]]
+                    mask = np.isin(np.arange(len(ids)), offered if offered else np.arange(len(ids)))
+                    thompson = choose_duel(offline.arm_scores(x), mask, None, True, duel.first)[1]
+                    not_thompson += duel.second != thompson  # where θ²'s arm would differ
+            print(
+                f"\nconfig change: rebuilt from {recovery}, version {version}; {agree}/{len(probes)} same choices, "
+                f"{rivals}/{2 * len(probes)} same rival duels ({not_thompson} of them not θ²'s arm)"
+            )
+            assert agree == len(probes) and rivals == 2 * len(probes)
     finally:
         delete_router()
