@@ -131,7 +131,7 @@ class FGTSConfig:
     arm_selection: ArmSelection = "exploit_first"  # "thompson": both arms Thompson draws (the paper); "exploit_first":
     #   a¹ = the posterior-mean best arm (what a user is served), a² = θ²'s best arm
     second_arm: SecondArm = "thompson"  # "thompson": a² = θ²'s best arm; "rival": the arm most likely to beat a¹
-    #   on this query under the diagonal Laplace posterior (replay/policy only; Serve's ranking draws θ²)
+    #   on this query under the diagonal Laplace posterior (Serve's ranking too: serve/ranking.py)
     rival_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.0  # "rival" duels the rival only when its
     #   P(beats a¹) ≥ this; otherwise a² = θ²'s best arm (a tight posterior then self-duels at no cost)
 
