@@ -17,7 +17,11 @@ RouterBench queries (their query text, mean about 260 characters):
 - one client, paired: for each query, a bare encode with that backend in this process (on as many
   threads as one embedder replica has CPUs: ``--encoder-threads``, default the config's
   ``embedder.num_cpus``) and one ``/v1/route`` over real HTTP through each path, in an order that
-  rotates with the query, so machine noise falls on all alike: p50/p99 of each. Paths: ``default``,
+  rotates with the query, so machine noise falls on all alike: p50/p99 of each. The routes are timed
+  with the standard library's ``http.client`` on a keep-alive connection (:class:`PlainClient`):
+  httpx spends about a millisecond of CPU per request, which a 10 ms route would carry as if it
+  were the service's; one more route per query through the first path with httpx is printed beside
+  it, so the client's share stays visible. Paths: ``default``,
   the URL ``ray-router serve`` prints (Serve's HAProxy on the config's port, or Serve's Python proxy
   where ``RAY_SERVE_ENABLE_HA_PROXY=0``), and ``replica``, the Ingress replica's own HTTP server
   (Serve's direct ingress, no hop: what the default path's hop is measured against);
@@ -132,19 +136,55 @@ def server_timing(header: str) -> dict[str, float]:
     return out
 
 
+class PlainClient:
+    """One keep-alive HTTP/1.1 connection through the standard library (``http.client``), for the
+    1-client latencies: the request goes out in one ``send`` (headers and body together) and the
+    answer is read whole. httpx spends about a millisecond of CPU per request on its own machinery
+    (bench/httpload.py), which a 10 ms route would carry as if it were the service's; the 1-client
+    run therefore times routes with this client and reports httpx's figure beside it."""
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0):
+        import http.client
+        import socket
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base_url)
+        self.prefix = u.path.rstrip("/")
+        self.conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=timeout_s)
+        self.conn.connect()
+        self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def post(self, path: str, payload: dict) -> tuple[int, str]:
+        """``(status, Server-Timing header)``; the body is read (and dropped)."""
+        body = json.dumps(payload).encode()
+        self.conn.request(
+            "POST", self.prefix + path, body, {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        )
+        r = self.conn.getresponse()
+        r.read()
+        return r.status, r.getheader("server-timing") or ""
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def paired_single(
     enc, paths: dict[str, str], queries: list[str], timings: dict[str, list[dict[str, float]]] | None = None
-) -> tuple[list[float], dict[str, list[float]]]:
-    """One client: for each query, a bare encode in this process and one ``/v1/route`` through every
-    path, in an order that rotates with the query, so machine noise falls on all of them alike.
-    Seconds per call: the encodes, and per path the 200 answers (a non-200 is counted as NaN).
+) -> tuple[list[float], dict[str, list[float]], list[float]]:
+    """One client: for each query, a bare encode in this process, one ``/v1/route`` through every
+    path (:class:`PlainClient`) and one more through the first path with httpx, in an order that
+    rotates with the query, so machine noise falls on all of them alike. Seconds per call: the
+    encodes, per path the 200 answers (a non-200 is counted as NaN), and httpx's answers.
     ``timings``: filled per path with each 200 answer's Server-Timing (ms)."""
     import httpx
 
-    clients = {name: httpx.Client(base_url=url, timeout=120) for name, url in paths.items()}
-    steps = ["encode", *paths]
+    clients = {name: PlainClient(url) for name, url in paths.items()}
+    first = next(iter(paths.values()))
+    hx = httpx.Client(base_url=first, timeout=120)
+    steps = ["encode", *paths, "<httpx>"]
     single: list[float] = []
     routes: dict[str, list[float]] = {name: [] for name in paths}
+    via_httpx: list[float] = []
     try:
         for i, q in enumerate(queries):
             for step in steps[i % len(steps) :] + steps[: i % len(steps)]:
@@ -152,15 +192,19 @@ def paired_single(
                 if step == "encode":
                     enc.encode([q])
                     single.append(time.perf_counter() - t0)
+                elif step == "<httpx>":
+                    r = hx.post("/v1/route", json={"query": q})
+                    via_httpx.append(time.perf_counter() - t0 if r.status_code == 200 else float("nan"))
                 else:
-                    r = clients[step].post("/v1/route", json={"query": q})
-                    routes[step].append(time.perf_counter() - t0 if r.status_code == 200 else float("nan"))
-                    if timings is not None and r.status_code == 200:
-                        timings.setdefault(step, []).append(server_timing(r.headers.get("server-timing", "")))
+                    status, st = clients[step].post("/v1/route", {"query": q})
+                    routes[step].append(time.perf_counter() - t0 if status == 200 else float("nan"))
+                    if timings is not None and status == 200:
+                        timings.setdefault(step, []).append(server_timing(st))
     finally:
         for c in clients.values():
             c.close()
-    return single, routes
+        hx.close()
+    return single, routes, via_httpx
 
 
 async def _load(url: str, queries: list[str], concurrency: int, duration_s: float, max_requests: int) -> dict:
@@ -204,7 +248,7 @@ def measure_backend(
     for url in paths.values():
         measure_route(url, queries, 1, 60.0, 4 if smoke else 20)  # warm up (and the connection)
     timings: dict[str, list[dict[str, float]]] = {}
-    single, routes = paired_single(enc, paths, queries[:n], timings)
+    single, routes, via_httpx = paired_single(enc, paths, queries[:n], timings)
     batched = [batched_floors(enc, queries[:n], batch)]  # the service up and idle
     cc = {name: measure_route(url, queries, c, duration, 10**9) for name, url in paths.items()}
     batched.append(batched_floors(enc, queries[:n], batch))
@@ -219,6 +263,7 @@ def measure_backend(
     }
     floor["floor_qps"] = max(floor["encoder_single_qps"], floor["encoder_batched_qps"])
     per_path = {}
+    hx_ok = [x for x in via_httpx if x == x]
     for name, lat in routes.items():
         ok = [x for x in lat if x == x]
         r50, r99 = percentiles(ok) if ok else (float("nan"), float("nan"))
@@ -230,6 +275,8 @@ def measure_backend(
             "route_cc_p99_ms": cc[name]["p99_ms"],
             "route_cc_qps": cc[name]["qps"],
             "ratio_p50_c1": r50 / p50,
+            # the first path again, timed with httpx as the client (its own CPU included)
+            **({"route_c1_httpx_p50_ms": percentiles(hx_ok)[0]} if name == next(iter(routes)) and hx_ok else {}),
             "ratio_qps_cc": cc[name]["qps"] / floor["floor_qps"],
             "errors": (len(lat) - len(ok)) + cc[name]["errors"],
             "n_c1": len(ok),
@@ -297,6 +344,12 @@ def report_lines(results: dict, c: int) -> list[str]:
                 f"{p['route_c1_p50_ms']:11.1f}{p['route_c1_p99_ms']:8.1f}{p['ratio_p50_c1']:10.2f}"
                 f"{p['route_cc_qps']:10.1f}{f['floor_qps']:10.1f}{p['ratio_qps_cc']:7.2f}"
                 + (f"  ({p['errors']} non-200)" if p["errors"] else "")
+            )
+        first = next(iter(r["paths"].values()))
+        if "route_c1_httpx_p50_ms" in first:
+            out.append(
+                f"{'':10s} 1-client route p50 with httpx as the client (first path): "
+                f"{first['route_c1_httpx_p50_ms']:.1f} ms against {first['route_c1_p50_ms']:.1f} ms with http.client"
             )
         st = r["paths"].get("default", next(iter(r["paths"].values())))["server_timing_p50_ms"]
         if st:
