@@ -19,54 +19,74 @@ model's own fast tokenizer (``tokenizers``, saved next to the graph) with the mo
 torch or sentence-transformers. Every export is checked before it is published: the graph's output
 must match the torch model's on a few texts (cosine >= :data:`EXPORT_CHECK_MIN_COSINE`).
 
-``onnx-int8``: int8 weights and int8 arithmetic, in two kinds of quantized ``MatMul`` (the embedding
-tables stay float32); :data:`INT8_RECIPE` (part of the export key) names the recipe:
+``onnx-int8``: int8 weights and int8 arithmetic in every product with a weight matrix (the embedding
+tables and the attention's scores and softmax stay float32); :data:`INT8_RECIPE` (part of the export
+key) names the recipe, :data:`INT8_RECIPE_VERSION` (part of the encoder identity) numbers it:
 
-- the attention projections (query, key, value, output: the ``MatMul`` nodes with a square weight)
-  get onnxruntime's dynamic quantization, per-channel int8 weights, activations quantized at run
-  time with one scale per tensor (``DynamicQuantizeMatMul``);
-- the feed-forward ``MatMul`` nodes (non-square weights, 2/3 of the arithmetic) become
-  ``MatMulNBits`` with 8-bit symmetric weights in blocks of :data:`INT8_FFN_BLOCK` along the input
-  dimension and ``accuracy_level`` 4: int8 arithmetic whose activations are quantized per block of
-  one row, not per tensor.
+- onnxruntime's dynamic quantization of each fused ``Attention`` node (``QAttention``: query, key and
+  value projections as one int8 product) and of every ``MatMul`` with a weight (the attention's
+  output projection and both feed-forward ones; ``DynamicQuantizeMatMul`` once the session fuses
+  them): per-channel int8 weights (7-bit in ``QAttention``, the quantizer's fixed choice for it),
+  activations quantized at run time with one scale per tensor;
+- the feed-forward ``MatMul`` inputs row-scaled first (:func:`_row_scale`: ``MatMul(x / r, W) * r``,
+  ``r`` the largest magnitude in each row, i.e. token): exact in float32, and it turns the one
+  activation scale per tensor into one per row.
 
-Why: with every ``MatMul`` dynamically quantized (the first recipe) the cosine to float32 torch fell
-to 0.971 (RouterDC) / 0.978 (RouterBench), below the 0.99 the issue asks for. Measured on the 150
-texts where that recipe was worst plus 150 random ones (``bench/encoder_backends.py`` has the full
-comparison): the error came from the per-tensor activation scales of the feed-forward inputs (the
-GELU output before the second feed-forward ``MatMul`` most: leaving only those in float32 lifted the
-worst cosine from 0.971 to 0.990; with the first feed-forward ``MatMul`` in float32 as well, 0.996),
-not from the attention projections (float32 attention projections: no gain); a float32 first layer
-gave 0.981, a float32 last layer nothing. Per-block activation quantization (``MatMulNBits``) of the
-feed-forward ``MatMul`` nodes gives the same 0.996 as float32 ones, in about 0.6 of their float32
-time (onnxruntime's profiler); per-tensor ``reduce_range`` (0.961), uint8 weights and asymmetric
-activations (0.971) did not help; 4-bit weights gave 0.89. ``MatMulNBits`` everywhere is as accurate
-(0.997) but slower, because the attention projections' dynamic quantization is the faster kernel.
-Over all 3,162 RouterBench and 15,316 RouterDC queries this recipe gives min cosine 0.99698 /
-0.99461, mean 0.99859 / 0.99843, at 0.39-0.41x torch's single-query p50 at 1 thread (the first
-recipe: 0.978 / 0.971 at 0.29-0.31x; README and ``bench/encoder_backends.py --int8-recipes`` have the
-table). Activation scales of the
-attention projections are computed per call over the whole input tensor, so an int8 vector would
-depend on the texts it was batched with; an encoder's vectors must depend only on the text (the
-embedding cache keys on identity + text), hence ``onnx-int8`` runs one text per call. Every int8
-export is checked against the float32 export on a few texts before it is published (cosine >=
-:data:`INT8_CHECK_MIN_COSINE`) and must contain exactly the quantized nodes the recipe names.
+Why. Recipe 1 (every ``MatMul`` dynamic, no row scaling) fell to min cosine 0.971 (RouterDC) / 0.978
+(RouterBench) to float32 torch, below the 0.99 the issue asks for. The error came from the
+per-tensor activation scales of the feed-forward inputs (on the 150 texts where recipe 1 was worst
+plus 150 random ones: float32 for the GELU output's ``MatMul`` alone lifted the worst cosine from
+0.971 to 0.990, with the first feed-forward ``MatMul`` in float32 as well to 0.996; float32 attention
+projections gained nothing; per-tensor ``reduce_range``, uint8 weights or asymmetric activations did
+not help; 4-bit weights gave 0.89). Recipe 2 gave the feed-forward products per-block activation
+scales through ``MatMulNBits`` (8-bit symmetric weights in blocks of 256, ``accuracy_level`` 4): min
+0.99698 / 0.99461 over all queries, but that kernel ran the feed-forward's 2/3 of the arithmetic at
+about 3x the time per product of the int8 GEMM behind ``DynamicQuantizeMatMul`` (onnxruntime's
+profiler, 100 RouterBench queries at 1 thread: its 12 nodes 8.0 of 16.1 ms kernel time, the 24
+quantized attention projections 1.4 ms). Row scaling gets per-row scales out of the fast kernel.
+Over all 3,162 RouterBench and 15,316 RouterDC queries recipe 3 gives min cosine 0.99618 / 0.99311,
+mean 0.99837 / 0.99800 (``bench/encoder_backends.py --backends onnx-int8 --routerdc-sample 0
+--no-regret``; the same run: single-query p50 4.91 ms at 1 thread, 0.30x torch's 16.23 ms, and
+3.9x torch's texts/s at batch 64). ``bench/encoder_backends.py --int8-recipes --routerdc-sample 500
+--baseline <recipe 2 export> --baseline <format 2 float32 export>``, one run, single-query p50s
+interleaved at 1 thread: recipe 3 0.25x torch and 0.55x recipe 2 as it was served (0.46x torch), at
+min cosine 0.99618 / 0.99375 (500 RouterDC texts; recipe 2 0.99723 / 0.99651); row-scaling only the
+second feed-forward input 0.99097 / 0.99017 at 0.24x; recipe 1 0.98067 / 0.97137 at 0.23x; recipe
+2's ``MatMulNBits`` on the fused graph 0.38x. Most of recipe 3's remaining mean error is ``QAttention``'s
+(attention in float32: mean cosine 0.9993 / 0.9991 instead of 0.9984 / 0.9981 on samples of 1,500
+texts, at 1.4x the time). Activation scales are computed per call over the whole input tensor (the
+row-scaled inputs' too: their rows share one scale), so an int8 vector would depend on the texts it
+was batched with; an encoder's vectors must depend only on the text (the embedding cache keys on
+identity + text), hence ``onnx-int8`` runs one text per call. Every int8 export is checked against
+the float32 export on a few texts before it is published (cosine >= :data:`INT8_CHECK_MIN_COSINE`)
+and must contain exactly the quantized and row-scaled nodes the recipe names.
 
 Graph optimisations: the float32 export is passed once through onnxruntime's transformer optimizer
 (``onnxruntime.transformers.optimizer.optimize_model``, ``model_type="bert"`` with the model's head
 count and hidden size, only its portable ONNX-level fusions, ``opt_level=0``), which fuses each
 feed-forward bias and erf-GELU into ``BiasGelu``; the session-level optimiser leaves the exporter's
-erf-GELU unfused. Its attention fusion does not match the dynamo exporter's
-``scaled_dot_product_attention`` subgraph (it finds 0 attention blocks), so attention stays as
-exported. Measured, one query at a time at 1 thread, fused and unfused interleaved in the same two
-runs: 0.63 / 0.64x torch's p50 with the fusion, 0.66 / 0.68x without (a few per cent, within the
-0.04 a ratio moves between runs on the shared 2-core machine: the float32 matrix products are 3/4 of
-the time and stay as they are); outputs equal to float rounding (the export check below applies). Every session is then created with
-``ORT_ENABLE_ALL`` (constant folding, SkipLayerNormalization and MatMul fusions) when it loads; that
-fully optimised graph is not saved, because it is specific to the CPU it was made on and a cache
-directory may be shared. ``session.intra_op.allow_spinning`` is left at its default: at 1 thread it
-changes nothing (15.7 vs 16.3 ms p50, noise), with more threads spinning is what keeps a single
-query's latency low.
+erf-GELU unfused (measured with format 2: 0.63 / 0.64x torch's p50 with the fusion, 0.66 / 0.68x
+without, in two runs). The optimizer's attention fusion finds 0 attention blocks here: transformers
+5 builds the attention mask with its own functions (``And``, ``Where``, ``IsNaN`` nodes), not the
+pattern the fusion looks for, and neither the dynamo export nor the TorchScript exporter's
+(``dynamo=False``, with eager or sdpa attention) matches it. So :func:`_fuse_attention` rewrites each
+layer's attention into one ``com.microsoft`` ``Attention`` node itself, found by the layer's
+parameter names (export format 3; the graph's 291 nodes become 88); outputs equal to float rounding
+(the export check applies). That fused node is what makes the int8 graph fast: ``QAttention`` in
+one node instead of three quantized projections and some 40 reshapes, transposes and mask
+operations per layer.
+
+Every session is created with ``ORT_ENABLE_ALL`` (constant folding, ``MatMul`` and quantization
+fusions) when it loads, except the ``SkipLayerNormalization`` fusion (:data:`DISABLED_OPTIMIZERS`):
+onnxruntime 1.30's CPU kernel for it was slower than the ``Add`` and ``LayerNormalization`` it
+replaces (profiler, recipe 3, 150 RouterBench queries at 1 thread: its 12 nodes 1.42 of 5.17 ms
+kernel time; without the fusion 3.86 ms in all, 12 ``Add`` 0.12 ms and 13 ``LayerNormalization``
+0.20 ms). In the ``--int8-recipes`` run above recipe 3 with that fusion on took 5.61 ms p50 against
+4.69 ms; the float32 export (fused attention, fusion off) 0.89x format 2's float32 as served (0.60x
+vs 0.67x torch). The fully optimised graph is not saved, because it is specific to the CPU it was
+made on and a cache directory may be shared. ``session.intra_op.allow_spinning`` is left at its
+default: at 1 thread it changes nothing (15.7 vs 16.3 ms p50, noise), with more threads spinning is
+what keeps a single query's latency low.
 
 Threads: the session's intra-op thread count is the one the torch path would use in the same process:
 ``torch.get_num_threads()`` when torch is already imported (so ``torch.set_num_threads(n)`` and Ray's
@@ -114,13 +134,13 @@ EXPORT_CHECK_MIN_COSINE = 0.9999  # an fp32 export that differs more from torch 
 INT8_CHECK_MIN_COSINE = 0.99  # the issue's bar for onnx-int8, checked on _CHECK_TEXTS against fp32
 INT8_RECIPE_VERSION = 3  # in the encoder identity (the embedding cache's key); bump with INT8_RECIPE
 INT8_RECIPE = "QAttention and MatMul dynamic per-channel QInt8; feed-forward inputs row-scaled"
-# texts per onnxruntime call at most: the exported attention materialises (batch, heads, seq, seq)
+# texts per onnxruntime call at most: the attention materialises (batch, heads, seq, seq)
 # scores (200 MB per layer at 64 x 12 x 256 x 256), so big batches of long texts run out of cache.
 # 128 RouterBench queries at 1 thread, busy machine: 28.9 texts/s at batch 64, 49.1 at 16, 55.4 at 4
 # (torch: 33.0, 48.6, 51.4)
 MAX_ONNX_BATCH = 16
-# onnxruntime graph optimisers every session skips (module docstring: its SkipLayerNormalization
-# kernel was slower than the LayerNormalization + Add it replaces)
+# onnxruntime graph optimisers every session skips (module docstring: the SkipLayerNormalization
+# kernel was slower than the Add + LayerNormalization it replaces)
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 OPSET = 18
 _CHECK_TEXTS = (
@@ -493,6 +513,8 @@ def quantize_matmuls(
                     op_types_to_quantize=["MatMul", "Attention"],
                     per_channel=True,
                     weight_type=QuantType.QInt8,
+                    # a tensor whose type shape inference cannot tell (after a com.microsoft node) is float
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 )
             graph = onnx.load(str(step if dynamic else source))
             if nbits:
