@@ -29,7 +29,7 @@ from ray_router.config import parse
 from ray_router.embeddings import EmbeddingCache, SentenceTransformerEncoder, get_encoder, packaged_model_path
 from ray_router.embeddings import onnx_backend as ob
 from ray_router.embeddings.spec import EncoderSpec
-from ray_router.errors import ConfigError
+from ray_router.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,6 +126,8 @@ def test_row_scaling_is_exact_in_float32(encoders, tmp_path):
     meta = json.loads((source / ob.EXPORT_FILE).read_text())
     X = ob.OnnxModel(scaled, meta=meta, threads=1).encode(TEXTS)
     assert _cosines(X, encoders["onnx"].encode(TEXTS)).min() >= ONNX_MIN_COSINE
+    with pytest.raises(DataError, match="not in the graph"):
+        ob.quantize_matmuls(source / ob.MODEL_FILE, [], [], 0, row_scaled=["no-such-node"])
 
 
 def test_identity_per_backend_and_torch_unchanged():

@@ -78,9 +78,9 @@ one node instead of three quantized projections and some 40 reshapes, transposes
 operations per layer.
 
 Every session is created with ``ORT_ENABLE_ALL`` (constant folding, ``MatMul`` and quantization
-fusions) when it loads, except the ``SkipLayerNormalization`` fusion (:data:`DISABLED_OPTIMIZERS`):
-onnxruntime 1.30's CPU kernel for it was slower than the ``Add`` and ``LayerNormalization`` it
-replaces (profiler, recipe 3, 150 RouterBench queries at 1 thread: its 12 nodes 1.42 of 5.17 ms
+fusions) when it loads, except, on the CPU, the ``SkipLayerNormalization`` fusion
+(:data:`DISABLED_OPTIMIZERS`): onnxruntime 1.30's CPU kernel for it was slower than the ``Add`` and
+``LayerNormalization`` it replaces (profiler, recipe 3, 150 RouterBench queries at 1 thread: its 12 nodes 1.42 of 5.17 ms
 kernel time; without the fusion 3.86 ms in all, 12 ``Add`` 0.12 ms and 13 ``LayerNormalization``
 0.20 ms). In the ``--int8-recipes`` run above recipe 3 with that fusion on took 5.61 ms p50 against
 4.69 ms; the float32 export (fused attention, fusion off) 0.89x format 2's float32 as served (0.60x
@@ -140,8 +140,8 @@ INT8_RECIPE = "QAttention and MatMul dynamic per-channel QInt8; feed-forward inp
 # 128 RouterBench queries at 1 thread, busy machine: 28.9 texts/s at batch 64, 49.1 at 16, 55.4 at 4
 # (torch: 33.0, 48.6, 51.4)
 MAX_ONNX_BATCH = 16
-# onnxruntime graph optimisers every session skips (module docstring: the SkipLayerNormalization
-# kernel was slower than the Add + LayerNormalization it replaces)
+# onnxruntime graph optimisers a CPU-only session skips (module docstring: the SkipLayerNormalization
+# kernel was slower than the Add + LayerNormalization it replaces; unmeasured on CUDA, which keeps them)
 DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 OPSET = 18
 _CHECK_TEXTS = (
@@ -608,7 +608,7 @@ class OnnxModel:
         threads: int | None = None,
         device: str = "cpu",
         max_seq_length: int | None = None,
-        disabled_optimizers: Sequence[str] = DISABLED_OPTIMIZERS,
+        disabled_optimizers: Sequence[str] | None = None,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -628,10 +628,13 @@ class OnnxModel:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        providers = _providers(device)
+        if disabled_optimizers is None:  # measured on the CPU only; CUDA keeps onnxruntime's defaults
+            disabled_optimizers = DISABLED_OPTIMIZERS if providers == ["CPUExecutionProvider"] else ()
         self.session = ort.InferenceSession(
             str(self.directory / MODEL_FILE),
             options,
-            providers=_providers(device),
+            providers=providers,
             disabled_optimizers=list(disabled_optimizers),
         )
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
