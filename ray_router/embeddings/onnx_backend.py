@@ -36,31 +36,33 @@ Why. Recipe 1 (every ``MatMul`` dynamic, no row scaling) fell to min cosine 0.97
 (RouterBench) to float32 torch, below the 0.99 the issue asks for. The error came from the
 per-tensor activation scales of the feed-forward inputs (on the 150 texts where recipe 1 was worst
 plus 150 random ones: float32 for the GELU output's ``MatMul`` alone lifted the worst cosine from
-0.971 to 0.990, with the first feed-forward ``MatMul`` in float32 as well to 0.996; float32 attention
-projections gained nothing; per-tensor ``reduce_range``, uint8 weights or asymmetric activations did
-not help; 4-bit weights gave 0.89). Recipe 2 gave the feed-forward products per-block activation
-scales through ``MatMulNBits`` (8-bit symmetric weights in blocks of 256, ``accuracy_level`` 4): min
-0.99698 / 0.99461 over all queries, but that kernel ran the feed-forward's 2/3 of the arithmetic at
-about 3x the time per product of the int8 GEMM behind ``DynamicQuantizeMatMul`` (onnxruntime's
-profiler, 100 RouterBench queries at 1 thread: its 12 nodes 8.0 of 16.1 ms kernel time, the 24
-quantized attention projections 1.4 ms). Row scaling gets per-row scales out of the fast kernel.
-Over all 3,162 RouterBench and 15,316 RouterDC queries recipe 3 gives min cosine 0.99618 / 0.99311,
-mean 0.99837 / 0.99800 (``bench/encoder_backends.py --backends onnx-int8 --routerdc-sample 0
---no-regret``; the same run: single-query p50 4.91 ms at 1 thread, 0.30x torch's 16.23 ms, and
-3.9x torch's texts/s at batch 64; with part 4 as well, FGTS.CDB's served regret on RouterBench, 5
-seeds x 2,000 rounds, equals torch's on every seed). ``bench/encoder_backends.py --int8-recipes --routerdc-sample 500
---baseline <recipe 2 export> --baseline <format 2 float32 export>``, one run, single-query p50s
-interleaved at 1 thread: recipe 3 0.25x torch and 0.55x recipe 2 as it was served (0.46x torch), at
-min cosine 0.99618 / 0.99375 (500 RouterDC texts; recipe 2 0.99723 / 0.99651); row-scaling only the
-second feed-forward input 0.99097 / 0.99017 at 0.24x; recipe 1 0.98067 / 0.97137 at 0.23x; recipe
-2's ``MatMulNBits`` on the fused graph 0.38x. Most of recipe 3's remaining mean error is ``QAttention``'s
-(attention in float32: mean cosine 0.9993 / 0.9991 instead of 0.9984 / 0.9981 on samples of 1,500
-texts, at 1.4x the time). Activation scales are computed per call over the whole input tensor (the
-row-scaled inputs' too: their rows share one scale), so an int8 vector would depend on the texts it
-was batched with; an encoder's vectors must depend only on the text (the embedding cache keys on
-identity + text), hence ``onnx-int8`` runs one text per call. Every int8 export is checked against
-the float32 export on a few texts before it is published (cosine >= :data:`INT8_CHECK_MIN_COSINE`)
-and must contain exactly the quantized and row-scaled nodes the recipe names.
+0.971 to 0.990, with the first feed-forward ``MatMul`` in float32 as well to 0.996; float32
+attention projections gained nothing; per-tensor ``reduce_range``, uint8 weights or asymmetric
+activations did not help; 4-bit weights gave 0.89). Recipe 2 gave the feed-forward products
+per-block activation scales through ``MatMulNBits`` (8-bit symmetric weights in blocks of 256,
+``accuracy_level`` 4): min 0.99698 / 0.99461 over all queries, but that kernel ran the
+feed-forward's 2/3 of the arithmetic at about 3x the time per product of the int8 GEMM behind
+``DynamicQuantizeMatMul`` (onnxruntime's profiler, 100 RouterBench queries at 1 thread: its 12 nodes
+8.0 of 16.1 ms kernel time, the 24 quantized attention projections 1.4 ms). Row scaling gets per-row
+scales out of the fast kernel. Over all 3,162 RouterBench and 15,316 RouterDC queries recipe 3 gives
+min cosine 0.99618 / 0.99311, mean 0.99837 / 0.99800 (``bench/encoder_backends.py --backends
+onnx-int8 --routerdc-sample 0 --no-regret``; the same run: single-query p50 4.91 ms at 1 thread,
+0.30x torch's 16.23 ms, and 3.9x torch's texts/s at batch 64; with part 4 as well, FGTS.CDB's served
+regret on RouterBench, 5 seeds x 2,000 rounds, equals torch's on every seed).
+``bench/encoder_backends.py --int8-recipes --routerdc-sample 500 --baseline <recipe 2 export>
+--baseline <format 2 float32 export>``, single-query p50s interleaved at 1 thread, two runs: recipe
+3 0.25 / 0.26x torch and 0.55 / 0.53x recipe 2 as it was served (0.46 / 0.48x torch), at min cosine
+0.99618 / 0.99375 (500 RouterDC texts; recipe 2 0.99723 / 0.99651); row-scaling only the second
+feed-forward input 0.99097 / 0.99017 at 0.24 / 0.25x torch; recipe 1 0.98067 / 0.97137 at 0.23 /
+0.24x; recipe 2's ``MatMulNBits`` on the fused graph 0.38 / 0.39x. Most of recipe 3's remaining mean
+error is ``QAttention``'s (attention in float32: mean cosine 0.9993 / 0.9991 instead of 0.9984 /
+0.9981 on samples of 1,500 texts, at 1.4x the time). Activation scales are computed per call over
+the whole input tensor (the row-scaled inputs' too: their rows share one scale), so an int8 vector
+would depend on the texts it was batched with; an encoder's vectors must depend only on the text
+(the embedding cache keys on identity + text), hence ``onnx-int8`` runs one text per call. Every
+int8 export is checked against the float32 export on a few texts before it is published (cosine >=
+:data:`INT8_CHECK_MIN_COSINE`) and must contain exactly the quantized and row-scaled nodes the
+recipe names.
 
 Graph optimisations: the float32 export is passed once through onnxruntime's transformer optimizer
 (``onnxruntime.transformers.optimizer.optimize_model``, ``model_type="bert"`` with the model's head
@@ -80,14 +82,14 @@ operations per layer.
 Every session is created with ``ORT_ENABLE_ALL`` (constant folding, ``MatMul`` and quantization
 fusions) when it loads, except, on the CPU, the ``SkipLayerNormalization`` fusion
 (:data:`DISABLED_OPTIMIZERS`): onnxruntime 1.30's CPU kernel for it was slower than the ``Add`` and
-``LayerNormalization`` it replaces (profiler, recipe 3, 150 RouterBench queries at 1 thread: its 12 nodes 1.42 of 5.17 ms
-kernel time; without the fusion 3.86 ms in all, 12 ``Add`` 0.12 ms and 13 ``LayerNormalization``
-0.20 ms). In the ``--int8-recipes`` run above recipe 3 with that fusion on took 5.61 ms p50 against
-4.69 ms; the float32 export (fused attention, fusion off) 0.89x format 2's float32 as served (0.60x
-vs 0.67x torch). The fully optimised graph is not saved, because it is specific to the CPU it was
-made on and a cache directory may be shared. ``session.intra_op.allow_spinning`` is left at its
-default: at 1 thread it changes nothing (15.7 vs 16.3 ms p50, noise), with more threads spinning is
-what keeps a single query's latency low.
+``LayerNormalization`` it replaces (profiler, recipe 3, 150 RouterBench queries at 1 thread: its 12
+nodes 1.42 of 5.17 ms kernel time; without the fusion 3.86 ms in all, 12 ``Add`` 0.12 ms and 13
+``LayerNormalization`` 0.20 ms). In the two ``--int8-recipes`` runs above recipe 3 with that fusion
+on took 5.61 / 5.94 ms p50 against 4.69 / 4.79 ms; the float32 export (fused attention, fusion off)
+0.89 / 0.91x format 2's float32 as served (0.60 / 0.61x vs 0.67x torch). The fully optimised graph
+is not saved, because it is specific to the CPU it was made on and a cache directory may be shared.
+``session.intra_op.allow_spinning`` is left at its default: at 1 thread it changes nothing (15.7 vs
+16.3 ms p50, noise), with more threads spinning is what keeps a single query's latency low.
 
 Threads: the session's intra-op thread count is the one the torch path would use in the same process:
 ``torch.get_num_threads()`` when torch is already imported (so ``torch.set_num_threads(n)`` and Ray's
