@@ -26,10 +26,14 @@ runs it):
    and the paired per-seed difference backend − torch (same seeds, so the same splits and streams)
    with its 95% CI. A backend whose paired interval excludes 0 changes routing quality.
 5. ``--int8-recipes`` (instead of 1-4): the int8 recipes ``onnx_backend`` chose between (every
-   ``MatMul`` dynamic; feed-forward-2 float; mixes with ``MatMulNBits``; ``MatMulNBits``
-   everywhere), built from the float32 export in a temporary directory: min and mean cosine to torch
-   per dataset and the interleaved single-query p50 ratio to torch. With ``--routerdc-sample 500``
-   it takes about 5 minutes here.
+   ``MatMul`` dynamic: recipe 1; feed-forward ``MatMulNBits``: recipe 2; every ``MatMul`` dynamic
+   with the second or both feed-forward inputs row-scaled: recipe 3 is the latter), built from the
+   float32 export in a temporary directory: min and mean cosine to torch per dataset and the
+   interleaved single-query p50 ratio to torch; also the chosen graph with onnxruntime's
+   SkipLayerNormalization fusion on, and each ``--baseline DIR``, an export an earlier version made
+   (e.g. recipe 2's and the float32 one of export format 2, still in the export cache), run as that
+   version ran it. With
+   ``--routerdc-sample 500`` it takes about 5 minutes here.
 
 Timings on a shared 2-core machine are noisy; the ratios come from one run.
 """
@@ -88,6 +92,12 @@ def main() -> None:
     ap.add_argument("--no-regret", action="store_true", help="skip part 4")
     ap.add_argument(
         "--int8-recipes", action="store_true", help="only part 5: the int8 recipes compared (cosine, latency)"
+    )
+    ap.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="with --int8-recipes: an export directory of an earlier version, timed in the same run (repeatable)",
     )
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
@@ -163,7 +173,8 @@ def main() -> None:
 def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
     """Part 5: the int8 recipes that ``onnx_backend`` chose between, built from the float32 export
     into a temporary directory and run one text per call at 1 thread: cosine to torch and the
-    single-query p50 (interleaved, ratio to torch's in the same run)."""
+    single-query p50 (interleaved, ratio to torch's and to the ``--baseline`` export's in the same
+    run)."""
     import tempfile
     from pathlib import Path
 
@@ -174,29 +185,28 @@ def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
 
     fp32 = SentenceTransformerEncoder(device="cpu", backend="onnx")
     src = fp32.model.directory
-    square, ffn = ob.int8_plan(onnx.load(str(src / ob.MODEL_FILE)))
-    weights = {i.name: tuple(i.dims) for i in onnx.load(str(src / ob.MODEL_FILE)).graph.initializer}
-    nodes = {n.name: n for n in onnx.load(str(src / ob.MODEL_FILE)).graph.node}
-    ffn1 = [n for n in ffn if weights[nodes[n].input[1]][0] < weights[nodes[n].input[1]][1]]  # hidden -> inner
-    ffn2 = [n for n in ffn if n not in ffn1]
-    recipes = {  # name: (dynamic per-tensor-activation int8 nodes, MatMulNBits 8-bit nodes, block)
-        "v1 all MatMul dynamic": (square + ffn, [], 0),
-        "dynamic, FFN2 float": (square + ffn1, [], 0),
-        "dynamic; FFN2 + layer-0 FFN1 nbits": (square + ffn1[1:], ffn2 + ffn1[:1], ob.INT8_FFN_BLOCK),
-        "v2 dynamic attention; FFN nbits (chosen)": (square, ffn, ob.INT8_FFN_BLOCK),
-        "all MatMul nbits (block 128)": ([], square + ffn, 128),
+    graph = onnx.load(str(src / ob.MODEL_FILE))
+    attention, ffn = ob.int8_plan(graph)
+    weights = {i.name: tuple(i.dims) for i in graph.graph.initializer}
+    nodes = {n.name: n for n in graph.graph.node}
+    ffn2 = [n for n in ffn if weights[nodes[n].input[1]][0] > weights[nodes[n].input[1]][1]]  # inner -> hidden
+    recipes = {  # name: (dynamically quantized nodes, MatMulNBits 8-bit nodes and block, row-scaled nodes)
+        "v1 all dynamic": (attention + ffn, [], 0, []),
+        "v2 dynamic; FFN MatMulNBits b256": (attention, ffn, 256, []),
+        "all dynamic; FFN2 row-scaled": (attention + ffn, [], 0, ffn2),
+        "v3 all dynamic; FFN row-scaled (chosen)": (attention + ffn, [], 0, ffn),
     }
     logging.getLogger().setLevel(logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="int8-recipes-"))
+    meta = {**json.loads((src / ob.EXPORT_FILE).read_text()), "backend": "onnx-int8"}  # one text per call
     models = {}
-    for i, (name, (dyn, nbits, block)) in enumerate(recipes.items()):
-        graph = ob.quantize_matmuls(src / ob.MODEL_FILE, dyn, nbits, block)
+    for i, (name, (dyn, nbits, block, scaled)) in enumerate(recipes.items()):
         d = tmp / f"r{i}"
         d.mkdir()
-        for f in (ob.TOKENIZER_FILE, ob.EXPORT_FILE):
-            (d / f).write_bytes((src / f).read_bytes())
-        onnx.save(graph, str(d / ob.MODEL_FILE))
-        meta = {**json.loads((src / ob.EXPORT_FILE).read_text()), "backend": "onnx-int8"}  # one text per call
+        onnx.save(
+            ob.quantize_matmuls(src / ob.MODEL_FILE, dyn, nbits, block, row_scaled=scaled), str(d / ob.MODEL_FILE)
+        )
+        (d / ob.TOKENIZER_FILE).write_bytes((src / ob.TOKENIZER_FILE).read_bytes())
         models[name] = ob.OnnxModel(d, meta=meta, threads=1)
     torch_enc = get_encoder("minilm", backend="torch")
     ref = {n: torch_enc.encode(ts) for n, ts in texts.items()}
@@ -210,22 +220,35 @@ def _int8_recipes(args, texts: dict[str, list[str]]) -> None:
     rb = texts["routerbench"]
     rng = np.random.default_rng(1)
     lat_q = [rb[i] for i in rng.choice(len(rb), size=min(args.latency_queries, len(rb)), replace=False)]
+    chosen = list(recipes)[-1]
     runners = {
         "torch": SentenceTransformerEncoder(device="cpu"),
         "onnx (float32)": ob.OnnxModel(src, threads=1),
         **models,
+        # the session option's share of the gain: the chosen graph with SkipLayerNormalization fused
+        "v3, SkipLayerNormFusion on": ob.OnnxModel(
+            models[chosen].directory, meta=meta, threads=1, disabled_optimizers=()
+        ),
     }
+    for path in args.baseline:  # exports of an earlier version, run as that version ran them (no optimizer off)
+        base = Path(path).expanduser()
+        runners[f"baseline {base.name[-22:]}"] = ob.OnnxModel(base, threads=1, disabled_optimizers=())
     lats = _latency(runners, lat_q, args.latency_reps)
-    t50 = np.percentile(lats["torch"], 50)
+    p50 = {name: np.percentile(lat, 50) for name, lat in lats.items()}
     header = " ".join(f"{n[:11] + ' min':>15} {'mean':>8}" for n in texts)
-    print(f"{'recipe':<42} {header} {'p50 ms':>7} {'ratio':>6}")
+    print(f"{'recipe':<42} {header} {'p50 ms':>7} {'/torch':>6}")
     for name in runners:
-        p50 = np.percentile(lats[name], 50)
         if name in cos:
             cells = " ".join(f"{cos[name][n].min():15.5f} {cos[name][n].mean():8.5f}" for n in texts)
         else:
             cells = " ".join(f"{'-':>15} {'-':>8}" for _ in texts)
-        print(f"{name:<42} {cells} {p50:7.2f} {p50 / t50:6.2f}")
+        print(f"{name:<42} {cells} {p50[name]:7.2f} {p50[name] / p50['torch']:6.2f}")
+    for name in runners:
+        if name.startswith("baseline"):
+            print(
+                f"p50 ratio to {name}: chosen int8 {p50[chosen] / p50[name]:.2f}, "
+                f"onnx (float32) {p50['onnx (float32)'] / p50[name]:.2f}"
+            )
     print(f"({len(lat_q)} RouterBench queries x {args.latency_reps} passes, interleaved)")
     torch.set_num_threads(os.cpu_count() or 1)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -6,10 +6,10 @@ quantization (and its check), and one more float32 export for the CCFT-style fol
 Thresholds (cosine to float32 torch, per text): the float32 export is the same computation in
 another runtime, measured >= 0.9999999 here, so 0.9999 fails any real defect (a lost normalisation, a
 wrong pooling or truncation gives < 0.99). int8 (the recipe of ``onnx_backend.INT8_RECIPE``)
-measured 0.9968-0.9991 on these texts; 0.995 leaves a margin for other CPUs' int8 kernels and fails
-the recipes ``onnx_backend`` rejected: every MatMul dynamically quantized gave 0.9920 here (0.971 on
-RouterDC), 4-bit weights 0.934. An unquantized graph fails the upper bound (int8 max measured
-0.99909) and the node count check.
+measured 0.9963-0.9988 on these texts; 0.995 leaves a margin for other CPUs' int8 kernels and fails
+the recipes ``onnx_backend`` rejected: every MatMul dynamically quantized without the row scaling
+gave 0.9920 here (0.971 on RouterDC), 4-bit weights 0.934. An unquantized graph fails the upper
+bound (int8 max measured 0.99882) and the node count check.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ray_router.config import parse
 from ray_router.embeddings import EmbeddingCache, SentenceTransformerEncoder, get_encoder, packaged_model_path
 from ray_router.embeddings import onnx_backend as ob
 from ray_router.embeddings.spec import EncoderSpec
-from ray_router.errors import ConfigError
+from ray_router.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,8 @@ def test_onnx_matches_torch(encoders, reference):
     assert _cosines(one_by_one, X).min() >= ONNX_MIN_COSINE  # padding in a batch changes nothing
     assert encoders["onnx"].device == "cpu" and encoders["onnx"].encode([]).shape == (0, 384)
     meta = json.loads((encoders["onnx"].model.directory / ob.EXPORT_FILE).read_text())
-    assert meta["optimizer_ops"]["BiasGelu"] == 6 and meta["key"]["format"] == ob.EXPORT_FORMAT  # one per layer
+    assert meta["key"]["format"] == ob.EXPORT_FORMAT
+    assert meta["optimizer_ops"]["BiasGelu"] == meta["optimizer_ops"]["Attention"] == 6  # one per layer
 
 
 def test_int8_is_quantized_close_and_batch_invariant(encoders, reference):
@@ -100,17 +101,33 @@ def test_int8_graph_follows_the_recipe(encoders):
     import onnx
 
     fp32 = onnx.load(str(encoders["onnx"].model.directory / ob.MODEL_FILE))
-    square, ffn = ob.int8_plan(fp32)
-    assert (len(square), len(ffn)) == (4 * 6, 2 * 6)  # q, k, v, output; two feed-forward per layer
+    attention, ffn = ob.int8_plan(fp32)
+    assert (len(attention), len(ffn)) == (2 * 6, 2 * 6)  # fused attention, output projection; two feed-forward
     nodes = onnx.load(str(encoders["onnx-int8"].model.directory / ob.MODEL_FILE)).graph.node
     ops = [n.op_type for n in nodes]
-    assert ops.count("MatMulInteger") == len(square) and ops.count("MatMulNBits") == len(ffn)
-    attrs = {
-        a.name: onnx.helper.get_attribute_value(a) for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
-    }
-    assert attrs["bits"] == 8 and attrs["accuracy_level"] == 4 and attrs["block_size"] == ob.INT8_FFN_BLOCK
+    assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") == 6 + len(ffn)
+    assert "Attention" not in ops and "MatMul" not in ops and "MatMulNBits" not in ops  # every product int8
+    scaled = [n for n in nodes if n.op_type == "ReduceMax" and n.name.startswith(ob.ROW_SCALE)]
+    assert len(scaled) == len(ffn)  # every feed-forward input row-scaled
     # an older recipe's export is never reused: the recipe is part of the key
     assert ob.export_key("f", "onnx-int8")["recipe"] == ob.INT8_RECIPE and "recipe" not in ob.export_key("f", "onnx")
+
+
+def test_row_scaling_is_exact_in_float32(encoders, tmp_path):
+    # the row scaling changes only what quantization makes of a MatMul's input, never the float result
+    import onnx
+
+    source = encoders["onnx"].model.directory
+    _, ffn = ob.int8_plan(onnx.load(str(source / ob.MODEL_FILE)))
+    scaled = tmp_path / "row-scaled"
+    scaled.mkdir()
+    onnx.save(ob.quantize_matmuls(source / ob.MODEL_FILE, [], [], 0, row_scaled=ffn), str(scaled / ob.MODEL_FILE))
+    shutil.copy2(source / ob.TOKENIZER_FILE, scaled / ob.TOKENIZER_FILE)
+    meta = json.loads((source / ob.EXPORT_FILE).read_text())
+    X = ob.OnnxModel(scaled, meta=meta, threads=1).encode(TEXTS)
+    assert _cosines(X, encoders["onnx"].encode(TEXTS)).min() >= ONNX_MIN_COSINE
+    with pytest.raises(DataError, match="not in the graph"):
+        ob.quantize_matmuls(source / ob.MODEL_FILE, [], [], 0, row_scaled=["no-such-node"])
 
 
 def test_identity_per_backend_and_torch_unchanged():
@@ -122,7 +139,7 @@ def test_identity_per_backend_and_torch_unchanged():
     ids = {b: get_encoder("minilm", cache_dir=False, backend=b).identity for b in ("torch", "onnx", "onnx-int8")}
     assert ids["onnx"] == torch_enc.identity + ":backend=onnx"
     assert ids["onnx-int8"] == torch_enc.identity + f":backend=onnx-int8:recipe={ob.INT8_RECIPE_VERSION}"
-    assert ob.INT8_RECIPE_VERSION >= 2  # 1, every MatMul dynamically quantized, had no marker
+    assert ob.INT8_RECIPE_VERSION >= 3  # 1 had no marker; 2 (MatMulNBits feed-forward) vectors differ
     assert SentenceTransformerEncoder(max_seq_length=128, backend="onnx").identity == (
         torch_enc.identity + ":max_seq_length=128:backend=onnx"
     )

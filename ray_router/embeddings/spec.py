@@ -15,7 +15,7 @@ class EncoderSpec(BaseModel):
     model), or a sentence-transformers model folder; ``device``: ``auto`` uses CUDA when the process
     sees a GPU, else the CPU; ``backend``: ``torch`` (sentence-transformers as is), ``onnx`` (the model
     exported to ONNX, run by onnxruntime with graph optimisations) or ``onnx-int8`` (that graph with
-    int8 weights: attention projections dynamic per channel, feed-forward 8-bit MatMulNBits); see
+    int8 weights and arithmetic: dynamic quantization, feed-forward inputs row-scaled); see
     :mod:`ray_router.embeddings.onnx_backend`.
 
     ``name: openai:MODEL@URL`` is a remote OpenAI-compatible embeddings server
