@@ -85,6 +85,11 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
 
+def internal_message(ref: str) -> str:
+    """The catch-all's message: a reference to the logged traceback, nothing of the internals."""
+    return f"internal error (reference {ref}); it is logged, please report it"
+
+
 class CatchAll:
     """The one catch-all: an exception that no handler above maps (a bug, by definition) answers
     500 (code ``internal``, type ``server_error``) with a reference id; the traceback goes to the
@@ -116,9 +121,7 @@ class CatchAll:
             count(scope.get("app"), 500, INTERNAL)
             if started:
                 return
-            response = error_response(
-                500, INTERNAL, f"internal error (reference {ref}); it is logged, please report it"
-            )
+            response = error_response(500, INTERNAL, internal_message(ref))
             await response(scope, receive, send)
 
 

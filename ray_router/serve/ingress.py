@@ -41,10 +41,11 @@ from ray_router.serve.errors import (
     UnknownModel,
     blame,
 )
+from ray_router.serve.fast_route import BodyReader, FastRouteApp
 from ray_router.serve.inline import InlineEncoderSpec, embedder_path
 from ray_router.serve.query_store import QueryWriter
 from ray_router.serve.ranking import SampleMismatch, SampleView
-from ray_router.serve.request_body import read_body
+from ray_router.serve.request_body import check_declared, parse_body, read_body, stream_bytes
 from ray_router.serve.resilience import Resilience
 from ray_router.serve.schemas import (
     AdminRefreshRequest,
@@ -115,6 +116,7 @@ class Ingress:
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=res.connect_timeout_s))
         self.resilience = Resilience(spec.arm_ids, spec.upstreams, res, self.http, timeout_s, self.metrics.arm)
         self.epoch = ""
+        self._fast_route: FastRouteApp | None = None  # set by __serve_build_asgi_app__
         self.started = int(time.time())  # /v1/models' ``created``
         self.routes = {"duel": 0, "single": 0}
         self._embedding = 0  # route/chat requests waiting on the embedder now (admission control)
@@ -264,9 +266,26 @@ class Ingress:
     # ----------------------------------------------------------------- routes
     @api.post("/v1/route")
     async def route(self, request: Request) -> JSONResponse:
+        """The FastAPI route (``service.fast_route: false``; with it on, :mod:`.fast_route` answers
+        POST /v1/route before FastAPI sees it, through the same :meth:`route_answer`)."""
+        h = request.headers
+        content, headers = await self.route_answer(
+            h.get("authorization"),
+            h.get("content-type"),
+            h.get("content-length"),
+            lambda: stream_bytes(request, self.spec.limits.max_body_bytes),
+        )
+        return JSONResponse(content, headers=headers)
+
+    async def route_answer(
+        self, authorization: str | None, content_type: str | None, content_length: str | None, read: BodyReader
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """A route request's answer (JSON content and headers), or the RouterError to answer with:
+        the credentials first, then the body (declared type and size, then read under the limit)."""
         t0 = time.perf_counter()
-        self._reads_allowed(request)
-        req: RouteRequest = await self._read(request, RouteRequest)
+        self.access.client(authorization, self.spec.auth.protect_reads)
+        check_declared(content_type, content_length, self.spec.limits.max_body_bytes)
+        req = parse_body(await read(), RouteRequest)
         with blame("query"):
             text = self.decider.check_query(req.query)
         with blame("candidates"):
@@ -278,19 +297,26 @@ class Ingress:
             self.queries.add(dec.x, text)
         seconds = time.perf_counter() - t0
         self.metrics.route_latency.observe(seconds, tags={"mode": req.mode})
-        return JSONResponse(
-            headers={"Server-Timing": f"{timing}, app;dur={seconds * 1000:.2f}"},
-            content={
-                "decision_id": dec.decision_id,
-                "mode": req.mode,
-                "arms": list(dec.arms),
-                "model": dec.arms[0],
-                "cost_weight": cost_weight,
-                "posterior_version": dec.posterior_version,
-                "expires_at": dec.expires_at,
-                "propensity": dec.propensity_value,
-            },
-        )
+        content = {
+            "decision_id": dec.decision_id,
+            "mode": req.mode,
+            "arms": list(dec.arms),
+            "model": dec.arms[0],
+            "cost_weight": cost_weight,
+            "posterior_version": dec.posterior_version,
+            "expires_at": dec.expires_at,
+            "propensity": dec.propensity_value,
+        }
+        return content, {"Server-Timing": f"{timing}, app;dur={seconds * 1000:.2f}"}
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The ASGI app Serve runs for this replica: the FastAPI app, behind the fast
+        ``POST /v1/route`` handler unless ``service.fast_route`` is false."""
+        app = self._asgi_app  # type: ignore[attr-defined]  # the FastAPI app @serve.ingress bound to this class
+        if not self.spec.service.fast_route:
+            return app
+        self._fast_route = FastRouteApp(app, self.route_answer, self.spec.limits.max_body_bytes)
+        return self._fast_route
 
     @api.post("/v1/feedback")
     async def feedback(self, request: Request) -> JSONResponse:
@@ -413,6 +439,8 @@ class Ingress:
                     "samples_version": self.view.version,
                     "samples_epoch": self.epoch,
                     "breakers": self.resilience.status(),  # this replica's, per chat arm
+                    # routes answered by the plain ASGI handler (null: service.fast_route is off)
+                    "fast_routes": None if self._fast_route is None else self._fast_route.served,
                 },
             }
         )

@@ -62,18 +62,29 @@ def check_content_type(header: str | None) -> None:
     raise UnsupportedMediaType(f"Content-Type {shown!r} is not JSON: send the body as application/json")
 
 
-async def read_body(request: Request, model: type[M], max_bytes: int, empty_ok: bool = False) -> M:
-    """The request's body as ``model``; 415 unless it is declared JSON (or undeclared), 413 beyond
-    ``max_bytes`` (declared or streamed). ``empty_ok``: an empty body is ``model()``."""
-    check_content_type(request.headers.get("content-type"))
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes}")
+def check_declared(content_type: str | None, content_length: str | None, max_bytes: int) -> None:
+    """What the headers declare, before any byte is read: 415 unless JSON (or undeclared), 413 when
+    ``Content-Length`` exceeds ``max_bytes``."""
+    check_content_type(content_type)
+    if content_length and content_length.isdigit() and int(content_length) > max_bytes:
+        raise PayloadTooLarge(f"body of {content_length} bytes exceeds the limit of {max_bytes}")
+
+
+async def stream_bytes(request: Request, max_bytes: int) -> bytes:
+    """A Starlette request's body, 413 as soon as it passes ``max_bytes``."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"body exceeds the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+async def read_body(request: Request, model: type[M], max_bytes: int, empty_ok: bool = False) -> M:
+    """The request's body as ``model``; 415 unless it is declared JSON (or undeclared), 413 beyond
+    ``max_bytes`` (declared or streamed). ``empty_ok``: an empty body is ``model()``."""
+    check_declared(request.headers.get("content-type"), request.headers.get("content-length"), max_bytes)
+    body = await stream_bytes(request, max_bytes)
     if empty_ok and not body.strip():
         return model()
-    return parse_body(bytes(body), model)
+    return parse_body(body, model)
