@@ -4,6 +4,7 @@ backend, per embedder mode and per path, in one run.
     python bench/serve_latency.py                       # deploys serve_configs/local.yaml once per backend and mode
     python bench/serve_latency.py --backends torch      # one backend
     python bench/serve_latency.py --embedder-modes inline   # only the inline encoder (embedder.mode: inline)
+    python bench/serve_latency.py --fast-route both     # also each deployment with service.fast_route off (FastAPI)
     python bench/serve_latency.py --url http://127.0.0.1:8000   # a service that already runs (its backend: --backends)
     python bench/serve_latency.py --smoke-test          # tiny budget (CI)
 
@@ -295,11 +296,15 @@ def measure_backend(
 MODES = ("deployment", "inline")
 
 
-def _deploy(cfg: dict, state_dir: str, backend: str | None, mode: str = "deployment") -> dict[str, str]:
+def _deploy(
+    cfg: dict, state_dir: str, backend: str | None, mode: str = "deployment", fast_route: bool | None = None
+) -> dict[str, str]:
     from ray_router.serve import launch
     from ray_router.serve.inline import as_inline
 
     args: dict = {"state": {"dir": state_dir}}
+    if fast_route is not None:
+        args["service"] = {"fast_route": fast_route}
     if backend is not None:
         args["encoder"] = {"backend": backend}
     if mode == "inline":
@@ -417,6 +422,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="comma-separated embedder modes to deploy, each its own rows: deployment (the Embedder deployment "
         "behind a handle), inline (the Ingress encodes in-process); default both",
     )
+    p.add_argument(
+        "--fast-route",
+        choices=("config", "off", "both"),
+        default="config",
+        help="service.fast_route: as the config has it (default), off (FastAPI answers /v1/route), or both "
+        "(each backend and mode deployed twice; the rows with it off are marked '/fastapi')",
+    )
     p.add_argument("--n-queries", type=int, default=300, help="queries for the encoder floor and the 1-client run")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of the concurrent run")
     p.add_argument("--concurrency", type=int, default=16)
@@ -466,13 +478,15 @@ def main(argv: list[str] | None = None) -> dict:
         if started_here:
             launch.init_ray(num_cpus=2)
             cfg = launch.with_overrides(cfg, port=_free_port())
-        for backend, mode in [(b, m) for b in backends for m in modes]:
+        fast: list[bool | None] = {"config": [None], "off": [False], "both": [None, False]}[args.fast_route]
+        for backend, base_mode, fr in [(b, m, f) for b in backends for m in modes for f in fast]:
+            mode = base_mode if fr is None else f"{base_mode}/fastapi"
             name = f"{backend} {mode}"
             try:
                 if started_here:
                     assert tmp is not None
-                    state = str(Path(tmp.name) / f"{backend}-{mode}")
-                    paths = _deploy(cfg, state, backend if accepted else None, mode)
+                    state = str(Path(tmp.name) / f"{backend}-{mode.replace('/', '-')}")
+                    paths = _deploy(cfg, state, backend if accepted else None, base_mode, fr)
                 else:
                     paths = {"given": args.url}
                 enc = bare_encoder(encoder_args, backend if accepted else None)
