@@ -179,7 +179,7 @@ def test_a_client_that_leaves_before_its_body_gets_no_answer_and_nothing_is_coun
 # ------------------------------------------------------------------------------- real Serve
 @pytest.mark.integration
 def test_on_serve_both_paths_answer_alike_and_status_says_which_ran(serve_cluster, tmp_path_factory):
-    from tests.serve.conftest import deploy_router, delete_router, synthetic_arm_args
+    from tests.serve.conftest import delete_router, deploy_router, synthetic_arm_args
 
     arms = synthetic_arm_args(tmp_path_factory.mktemp("fast-arms"))
     requests = [
