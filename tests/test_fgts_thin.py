@@ -19,7 +19,7 @@ def _thin(seed=0, M=3, K=4, d=12, n_per=5):
     X = centres[cats] + 0.2 * rng.normal(size=(len(cats), d)) / np.sqrt(d)
     X /= np.linalg.norm(X, axis=1, keepdims=True)
     U = (rng.random((len(cats), K)) < 0.5).astype(float)
-    U[:, 0] = np.tile([1.0, 0.0, 1.0, 0.0, 1.0], M)  # 3/5 in every category
+    U[:, 0] = np.tile([1.0, 0.0, 1.0, 0.0, 1.0], M * n_per // 5 + 1)[: M * n_per]  # 3/5 in every category
     return X, U, np.array([f"c{m}" for m in cats])
 
 
@@ -46,9 +46,12 @@ def test_tau_floor_and_marginal_stderr_keep_a_fully_shrunk_cell_uncertain():
 def test_the_config_passes_the_shrinkage_fields_to_the_fit():
     X, U, cats = _thin()
     offline = {"X": X, "utilities": U, "categories": cats}
-    default, _ = resolve_prior(FGTSConfig(), offline)
+    # thin_offline_rows=0: the fields as given (these rows are thin: the defaults would take the thin preset's)
+    default, _ = resolve_prior(FGTSConfig(thin_offline_rows=0), offline)
     assert default.same_as(fit_offline_prior(X, U, cats))  # the defaults fit what they fitted before
-    both, _ = resolve_prior(FGTSConfig(shrinkage_tau_floor=0.3, shrinkage_stderr="marginal"), offline)
+    both, _ = resolve_prior(
+        FGTSConfig(shrinkage_tau_floor=0.3, shrinkage_stderr="marginal", thin_offline_rows=0), offline
+    )
     assert both.same_as(fit_offline_prior(X, U, cats, tau_floor=0.3, marginal_stderr=True))
     with pytest.raises(ConfigError, match="shrinkage_stderr"):
         get_entry("fgts_cdb").config({"shrinkage_stderr": "exact"})
@@ -63,14 +66,20 @@ def test_correction_slope_floor_sets_the_correction_and_bias_prior_sd():
     offline = {"X": X, "utilities": U, "categories": cats}
     # a fitted slope near 0 (as on some five-row splits) would freeze both per-arm blocks
     for floor in (0.1, 2.0):
-        p = FGTSCDB(FGTSConfig(prior_weight=0.05, correction_slope_floor=floor), np.eye(4, 12), offline=offline)
+        p = FGTSCDB(
+            FGTSConfig(prior_weight=0.05, correction_slope_floor=floor, thin_offline_rows=0),
+            np.eye(4, 12),
+            offline=offline,
+        )
         f, (mean, prec) = p.fmap, p.moments
         sd = 1 / np.sqrt(prec)
         assert mean[f.i_w] == 0.05
         np.testing.assert_allclose(sd[f.i_c : f.i_q], np.maximum(floor * p.prior.stderr.reshape(-1), 1e-3))
         np.testing.assert_allclose(sd[f.i_b : f.i_c], np.maximum(floor * p.prior.arm_stderr, 1e-3))
     # a fitted slope above the floor is used as it is
-    p = FGTSCDB(FGTSConfig(prior_weight=3.0, correction_slope_floor=2.0), np.eye(4, 12), offline=offline)
+    p = FGTSCDB(
+        FGTSConfig(prior_weight=3.0, correction_slope_floor=2.0, thin_offline_rows=0), np.eye(4, 12), offline=offline
+    )
     sd = 1 / np.sqrt(p.moments[1])
     np.testing.assert_allclose(sd[p.fmap.i_b : p.fmap.i_c], np.maximum(3.0 * p.prior.arm_stderr, 1e-3))
 
@@ -111,7 +120,7 @@ def test_rival_lanes_match_lone_policies_and_never_self_duel(feature_map):
 def test_rival_with_an_offline_prior_matches_lanes_and_respects_offered_arms():
     X, U, cats = _thin(K=4, d=12)
     offline = {"X": X, "utilities": U, "categories": cats}
-    cfg = FGTSConfig(second_arm="rival", correction_slope_floor=2.0, n_steps=5)
+    cfg = FGTSConfig(second_arm="rival", correction_slope_floor=2.0, n_steps=5, thin_offline_rows=0)
     A = np.random.default_rng(1).normal(size=(4, 12)) / np.sqrt(12)
     lone = FGTSCDB(cfg, A, seed=3, offline=offline)
     prior, _ = resolve_prior(cfg, offline)
@@ -137,9 +146,52 @@ def test_thin_preset_and_the_paper_preset_leaves_the_new_fields_off():
         2.0,
         "marginal",
         "rival",
-        0.05,
+        0.02,
     )
     assert thin.offline_prior == "category"  # the offline-informed defaults otherwise
     paper, default = preset("paper"), FGTSConfig()
     for field in ("correction_slope_floor", "shrinkage_tau_floor", "shrinkage_stderr", "second_arm", "rival_min_prob"):
         assert getattr(paper, field) == getattr(default, field)
+
+
+def test_thin_offline_data_switch_the_defaults_to_the_thin_preset():
+    from ray_router.policies.fgts_cdb import PRESETS, offline_rows_per_category, resolve_config
+
+    X, U, cats = _thin(n_per=5)
+    thin_rows = {"X": X, "utilities": U, "categories": cats}
+    assert offline_rows_per_category(thin_rows) == 5.0
+    A = np.random.default_rng(1).normal(size=(4, 12)) / np.sqrt(12)
+    policy = FGTSCDB(FGTSConfig(n_steps=2), A, seed=0, offline=thin_rows)
+    for field, value in PRESETS["thin"].items():
+        assert getattr(policy.config, field) == value, field
+    assert "thin offline data" in policy.prior_note
+    # the prior is fitted with the thin preset's shrinkage (the marginal standard error)
+    assert policy.prior.same_as(fit_offline_prior(X, U, cats, marginal_stderr=True))
+    assert resolve_config(policy.config, thin_rows) is policy.config  # idempotent
+    # rich offline data, the switch off, or the paper's prior: the fields as given
+    Xr, Ur, cr = _thin(n_per=40)
+    rich = {"X": Xr, "utilities": Ur, "categories": cr}
+    assert resolve_config(FGTSConfig(), rich) == FGTSConfig()
+    assert resolve_config(FGTSConfig(thin_offline_rows=0), thin_rows) == FGTSConfig(thin_offline_rows=0)
+    assert resolve_config(preset("paper"), thin_rows) == preset("paper")
+    assert resolve_config(FGTSConfig(), None) == FGTSConfig()  # no offline data at all
+    # a given prior (Serve's arm table, an operator's profile) counts its rows per category
+    given = {"prior": fit_offline_prior(X, U, cats).to_dict()}
+    assert offline_rows_per_category(given) == 5.0
+    assert resolve_config(FGTSConfig(), given).second_arm == PRESETS["thin"]["second_arm"]
+    big = fit_offline_prior(Xr, Ur, cr)
+    assert resolve_config(FGTSConfig(), {"prior": big}) == FGTSConfig()
+
+
+def test_lanes_of_thin_and_rich_offline_data_fall_back_to_one_policy_each():
+    from ray_router.policies.base import PolicyEnv
+    from ray_router.policies.fgts_cdb import _make_fgts_lanes
+
+    A = np.random.default_rng(1).normal(size=(4, 12)) / np.sqrt(12)
+    X, U, cats = _thin(n_per=5)
+    Xr, Ur, cr = _thin(n_per=40)
+    thin = PolicyEnv(4, A, offline={"X": X, "utilities": U, "categories": cats})
+    rich = PolicyEnv(4, A, offline={"X": Xr, "utilities": Ur, "categories": cr})
+    assert _make_fgts_lanes(FGTSConfig(), [thin, rich], [0, 1]) is None
+    lanes = _make_fgts_lanes(FGTSConfig(), [thin, thin], [0, 1])
+    assert lanes is not None and lanes.config.second_arm == "rival"

@@ -171,7 +171,9 @@ def test_without_offline_data_the_prior_is_off_and_says_so():
 
 def test_lanes_with_offline_priors_make_the_choices_of_lone_policies():
     env, X, _U, _cats, _ = _offline_env(seed=2)
-    cfg = FGTSConfig(n_steps=3, batch_size=16)
+    # the configuration the lone policies resolve to (these offline rows are thin: the thin preset's fields)
+    cfg = make_policy("fgts_cdb", env, config=FGTSConfig(n_steps=3, batch_size=16)).config
+    assert cfg.second_arm == "rival"
     seeds = [11, 12]
     lanes = FGTSCDBLanes(
         cfg, np.stack([env.arm_embeddings] * 2), seeds, priors=[make_policy("fgts_cdb", env, config=cfg).prior] * 2

@@ -134,6 +134,8 @@ class FGTSConfig:
     #   on this query under the diagonal Laplace posterior (Serve's ranking too: serve/ranking.py)
     rival_min_prob: Annotated[float, Field(ge=0, lt=1)] = 0.0  # "rival" duels the rival only when its
     #   P(beats a¹) ≥ this; otherwise a² = θ²'s best arm (a tight posterior then self-duels at no cost)
+    thin_offline_rows: NonNegativeInt = 30  # offline data this thin (median rows per category below it):
+    #   the ``thin`` preset's fields replace the ones above (resolve_config); 0 = the fields as given
 
 
 # Named configurations. ``paper``: the routing paper's FGTS.CDB as ALGORITHM.md s.2 fixes it, with
@@ -150,14 +152,46 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # ``thin``: for an offline split of a few rows per category (docs/ALGORITHM_NOTES.md, issue 10's thin
     # regime): the per-arm blocks keep a logit-scale prior sd, fully shrunk cells stay uncertain, and the
-    # second arm is the served arm's likeliest rival. Not the default: no gain with a 20% offline split.
+    # second arm is the served arm's likeliest rival whenever it beats a¹ with probability >= 2%. The
+    # defaults take these fields when the offline data are thin (``thin_offline_rows``); with a 20%
+    # offline split they gain nothing and are not used.
     "thin": dict(
         correction_slope_floor=2.0,
         shrinkage_stderr="marginal",
         second_arm="rival",
-        rival_min_prob=0.05,
+        rival_min_prob=0.02,
     ),
 }
+
+
+def offline_rows_per_category(offline: Mapping[str, Any] | None) -> float | None:
+    """Median offline rows per category behind the offline prior: of the offline rows'
+    ``categories``, or of a given prior's ``counts``; None when ``offline`` has neither."""
+    if not offline:
+        return None
+    given = offline.get("prior")
+    if given is not None:
+        counts = np.asarray(given.counts if isinstance(given, OfflinePrior) else given["counts"], dtype=np.float64)
+    elif offline.get("categories") is not None:
+        counts = np.unique(np.asarray([str(c) for c in offline["categories"]]), return_counts=True)[1].astype(float)
+    else:
+        return None
+    return float(np.median(counts)) if len(counts) else None
+
+
+def resolve_config(config: FGTSConfig, offline: Mapping[str, Any] | None) -> FGTSConfig:
+    """The configuration a policy runs: ``config``, or the ``thin`` preset's fields over it when the
+    offline data behind the prior are thin (median rows per category < ``thin_offline_rows``; five
+    per category is issue 10's thin regime, a 20% split of RouterBench about 210). Idempotent."""
+    if config.offline_prior == "none" or not config.thin_offline_rows:
+        return config
+    rows = offline_rows_per_category(offline)
+    if rows is None or rows >= config.thin_offline_rows:
+        return config
+    thin = PRESETS["thin"]
+    if all(getattr(config, k) == v for k, v in thin.items()):
+        return config
+    return parse(FGTSConfig, {**dataclasses.asdict(config), **thin}, where="FGTS.CDB thin offline data")
 
 
 def preset(name: str, **overrides: Any) -> FGTSConfig:
@@ -485,11 +519,14 @@ def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tupl
     which one is fitted. Without either, the extension is off and the note says why."""
     if config.offline_prior == "none":
         return None, "offline prior: none (the paper's N(0, σ0² I))"
+    thin = resolve_config(config, offline)
+    thin_note = "" if thin is config else f"; thin offline data (preset thin's fields: {sorted(PRESETS['thin'])})"
+    config = thin
     offline = offline or {}
     given = offline.get("prior")
     if given is not None:
         prior = given if isinstance(given, OfflinePrior) else OfflinePrior.from_dict(given)
-        return prior, f"offline prior: given ({prior.n_categories} categories)"
+        return prior, f"offline prior: given ({prior.n_categories} categories){thin_note}"
     if not all(k in offline for k in ("X", "utilities", "categories")):
         return None, "offline prior: OFF, no offline rows or profile were given (the paper's prior is used)"
     prior = fit_offline_prior(
@@ -503,7 +540,7 @@ def resolve_prior(config: FGTSConfig, offline: Mapping[str, Any] | None) -> tupl
     )
     return prior, (
         f"offline prior: fitted on {len(offline['X'])} offline rows, {prior.n_categories} categories, "
-        f"τ = {prior.temperature:.3g}, slope w0 = {prior.slope:.3g}"
+        f"τ = {prior.temperature:.3g}, slope w0 = {prior.slope:.3g}{thin_note}"
     )
 
 
@@ -583,9 +620,9 @@ class FGTSCDB:
     def __init__(
         self, config: FGTSConfig, arm_embeddings: np.ndarray, seed: int = 0, offline: Mapping[str, Any] | None = None
     ):
-        self.config = config
+        self.config = resolve_config(config, offline)  # thin offline data: the thin preset's fields
         self.arm_embeddings = np.array(arm_embeddings, dtype=np.float64)
-        self.prior, self.prior_note = resolve_prior(config, offline)
+        self.prior, self.prior_note = resolve_prior(config, offline)  # resolves it alike, and says so
         self._setup()
         self.rng = np.random.default_rng(seed)
         self.history = DuelHistory(self.fmap.context_dim, self.n_arms, config.max_history, dtype=config.compute_dtype)
@@ -1069,6 +1106,10 @@ def _make_fgts_lanes(
 ) -> FGTSCDBLanes | None:
     if config.max_history:
         return None  # lanes keep every duel
+    configs = {resolve_config(config, e.offline) for e in envs}
+    if len(configs) > 1:
+        return None  # thin and rich offline data among the lanes: one policy each
+    config = configs.pop()
     resolved = [resolve_prior(config, e.offline)[0] for e in envs]
     if any(p is None for p in resolved) and any(p is not None for p in resolved):
         return None

@@ -202,10 +202,21 @@ def _from_dataset(args: AppArgs, spec: DatasetEmbeddingsSpec) -> tuple[np.ndarra
     wcfg = WeightingConfig(name=w.name, cost_weight=w.cost_weight, top_tau=w.top_tau, beta=w.beta)
     A = offline_arm_embeddings(table, X, offline, wcfg, cost_normaliser="category_max", columns=cols)
     source = f"{table.name} ({table.source}): {len(offline)} offline rows, split {split.name}, weighting {w.name}"
+    from ray_router.config import parse
+    from ray_router.policies.fgts_cdb import FGTSConfig, resolve_config
     from ray_router.policies.offline_prior import fit_offline_prior
+    from ray_router.serve.state import serving_policy_config
 
-    # quality only (λ = 0): the service applies each request's cost weight at ranking time
-    prior = fit_offline_prior(X, table.scores[offline][:, cols], cats).to_dict()
+    # the shrinkage the service's policy asks for (thin offline data: the thin preset's); quality only
+    # (λ = 0): the service applies each request's cost weight at ranking time
+    cfg = resolve_config(parse(FGTSConfig, serving_policy_config(args.policy.config)), {"categories": cats})
+    prior = fit_offline_prior(
+        X,
+        table.scores[offline][:, cols],
+        cats,
+        tau_floor=cfg.shrinkage_tau_floor,
+        marginal_stderr=cfg.shrinkage_stderr == "marginal",
+    ).to_dict()
     return A, source, prior, covered
 
 

@@ -88,7 +88,8 @@ def test_at_zero_cost_weight_the_view_duels_the_policys_rival(arm_selection, min
 
 
 def test_the_fallback_under_rival_min_prob_is_taken():
-    config = {"second_arm": "rival", "rival_min_prob": 0.05, "n_steps": 5}
+    # thin_offline_rows 0: the prior rests on 20 rows per category, whose thin preset would fix rival_min_prob
+    config = {"second_arm": "rival", "rival_min_prob": 0.05, "n_steps": 5, "thin_offline_rows": 0}
     pol, A, prior = trained(config)
     pol.theta_mean = pol.theta_mean * 3.0
     strict = view_of(pol, A, prior, config)
