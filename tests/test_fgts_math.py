@@ -39,6 +39,9 @@ def test_feature_map_ops_match_the_materialised_features(fmap):
     np.testing.assert_allclose(fm.weighted_grad(W, X), np.einsum("cnk,nkp->cp", W, Phi), atol=1e-12)
     f, s = rng.integers(0, 5, 9), rng.integers(0, 5, 9)
     np.testing.assert_allclose(fm.pair_features(X, f, s), Phi[np.arange(9), f] - Phi[np.arange(9), s], atol=1e-12)
+    # a stack of θ for one context (a served pool of samples)
+    stack = rng.normal(size=(6, fm.dim))
+    np.testing.assert_allclose(fm.stack_scores(stack, X[4]), np.einsum("kp,cp->ck", Phi[4], stack), atol=1e-12)
 
 
 @pytest.mark.parametrize("fmap", FEATURE_MAPS)

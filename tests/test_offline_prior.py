@@ -103,6 +103,8 @@ def test_augmented_map_scores_and_gradient_match_its_features(base, arm_bias, co
     np.testing.assert_allclose(
         fmap.pair_features(Xe, first, second), F[np.arange(n), first] - F[np.arange(n), second], atol=1e-12
     )
+    stack = rng.normal(size=(5, fmap.dim))  # a stack of θ for one context (a served pool of samples)
+    np.testing.assert_allclose(fmap.stack_scores(stack, Xe[2]), np.einsum("kp,cp->ck", F[2], stack), atol=1e-12)
     # the lanes' shapes: (G, W, C, p) parameters over (G, n, d) contexts
     A = rng.normal(size=(2, 3, K, d))
     lanes = OfflineAugmented(make_feature_map(base, A), M, rank, correction, arm_bias)

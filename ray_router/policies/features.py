@@ -69,6 +69,11 @@ class FeatureMap:
     def weighted_grad(self, weights: np.ndarray, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def stack_scores(self, theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Scores (n, K) of one context ``x`` (d,) under a stack of θ (n, p): what ``scores(theta,
+        x[None])[:, 0]`` gives (equal up to rounding), for serving a pool of posterior samples."""
+        return self.scores(theta, x[None, :])[:, 0, :]
+
     def features(self, X: np.ndarray) -> np.ndarray:
         """(n, K, p) feature tensor; for tests and small problems only."""
         raise NotImplementedError
@@ -105,6 +110,16 @@ class Hadamard(FeatureMap):
             return np.moveaxis(out, 1, -2)
         return X @ np.swapaxes(M, -1, -2)
 
+    def _stack_hadamard(self, theta, x):
+        # <θ, x ⊙ a_k> = <θ ⊙ x, a_k>: an (n, d) product and one (n, d) @ (d, K) GEMM, no (n, K, d) tensor
+        d = self.context_dim
+        return (theta[:, :d] * x[:d]) @ self.A.T
+
+    def stack_scores(self, theta, x):
+        if self.A.ndim != 2:  # lanes' arm tables: the general path
+            return super().stack_scores(theta, x)
+        return self._stack_hadamard(theta, x)
+
     def weighted_grad(self, weights, X):
         # Σ_s Σ_k w_sk x_s ⊙ a_k = Σ_k a_k ⊙ (Σ_s w_sk x_s)
         if X.ndim == 2 and weights.ndim == 3:
@@ -139,6 +154,11 @@ class HadamardBias(Hadamard):
     def scores(self, theta, X):
         return super().scores(theta, X) + theta[..., None, self.context_dim :]
 
+    def stack_scores(self, theta, x):
+        if self.A.ndim != 2:
+            return FeatureMap.stack_scores(self, theta, x)
+        return self._stack_hadamard(theta, x) + theta[:, self.context_dim :]
+
     def weighted_grad(self, weights, X):
         return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2)], axis=-1)
 
@@ -162,6 +182,11 @@ class Concat(Hadamard):
 
     def scores(self, theta, X):
         return super().scores(theta, X) + (theta[..., self.context_dim :] @ np.swapaxes(self.A, -1, -2))[..., None, :]
+
+    def stack_scores(self, theta, x):
+        if self.A.ndim != 2:
+            return FeatureMap.stack_scores(self, theta, x)
+        return self._stack_hadamard(theta, x) + theta[:, self.context_dim :] @ self.A.T
 
     def weighted_grad(self, weights, X):
         return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2) @ self.A], axis=-1)
@@ -249,6 +274,18 @@ class OfflineAugmented(FeatureMap):
         if self.r:
             Tq = theta[..., self.i_q :].reshape((*theta.shape[:-1], self.r, K))
             S = S + self._lane_axes(z, theta.ndim, X.ndim) @ Tq
+        return S
+
+    def stack_scores(self, theta, x):
+        d, K = self.x_dim, self.n_arms
+        xb, u, pi, z = x[:d], x[d : d + K], x[d + K : d + K + self.M], x[d + K + self.M :]
+        S = self.base.stack_scores(theta[:, : self.p0], xb) + theta[:, self.i_w, None] * u
+        if self.arm_bias:
+            S = S + theta[:, self.i_b : self.i_c]
+        if self.correction:
+            S = S + pi @ theta[:, self.i_c : self.i_q].reshape(len(theta), self.M, K)
+        if self.r:
+            S = S + z @ theta[:, self.i_q :].reshape(len(theta), self.r, K)
         return S
 
     def weighted_grad(self, weights, X):

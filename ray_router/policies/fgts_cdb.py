@@ -770,15 +770,23 @@ class FGTSCDB:
         x = check_context(context, self.x_dim)
         return extend_contexts(self.prior, x[None])[0]
 
-    def arm_scores(self, context: np.ndarray, theta: np.ndarray | None = None) -> np.ndarray:
-        """<θ, φ(x, a_k)> for each chain, (2, K), or for a given θ of shape (..., p) -> (..., K)."""
-        x = self._context(context)
+    def scoring_context(self, context: np.ndarray) -> np.ndarray:
+        """The query embedding as :meth:`arm_scores` scores it (checked and extended by the offline
+        blocks' columns): pass it back with ``extended=True`` to score several θ for one query
+        without extending it each time."""
+        return self._context(context)
+
+    def arm_scores(self, context: np.ndarray, theta: np.ndarray | None = None, extended: bool = False) -> np.ndarray:
+        """<θ, φ(x, a_k)> for each chain, (2, K), or for a given θ of shape (..., p) -> (..., K).
+        ``extended``: ``context`` is already :meth:`scoring_context`'s."""
+        x = np.asarray(context, dtype=np.float64) if extended else self._context(context)
         th = self.theta if theta is None else np.asarray(theta, dtype=np.float64)
         if th.ndim == 2:  # the lanes' code path with one lane, so a lane decides exactly like a policy
             return self.fmap.scores(th[None], x[None, None, :])[0, :, 0, :]
         if th.ndim == 1:  # one θ (the posterior mean): the lanes' path too
             return self.fmap.scores(th[None, None], x[None, None, :])[0, 0, 0, :]
-        return self.fmap.scores(th, x[None, :])[..., 0, :]
+        # a stack of θ (a pool of samples: equal up to rounding to scoring each one)
+        return self.fmap.stack_scores(th.reshape(-1, th.shape[-1]), x).reshape(*th.shape[:-1], -1)
 
     def select(self, context: np.ndarray, arms: Sequence[int] | None = None, resample: bool = True) -> Duel:
         """Draw θ¹, θ² (``resample=False`` reuses the current samples) and play each one's best arm."""

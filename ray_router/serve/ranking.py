@@ -174,16 +174,17 @@ class SampleView:
         theta, theta_mean, pool, version = self.theta, self.theta_mean, self.pool, self.version  # one read
         variance = self.variance
         mask, penalty = self.mask_penalty(offered, cost_weight)
-        u_mean = self.scorer.arm_scores(x, theta_mean)
+        xs = self.scorer.scoring_context(x)  # extended once for every θ below
+        u_mean = self.scorer.arm_scores(xs, theta_mean, extended=True)
         if mode == "single":
             return choose_best(u_mean, mask, penalty), None, version, (1, 1)
         first = choose_best(u_mean, mask, penalty) if self.exploit_first else None
         if pool is None:
-            pair = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, self.distinct, first)
+            pair = choose_duel(self.scorer.arm_scores(xs, theta, extended=True), mask, penalty, self.distinct, first)
             firsts, seconds = np.array([pair[0]]), np.array([pair[1]])
         else:
             # every pool sample's pair at once: scores (M, 2, K) in one product, as choose_duel per sample
-            obj = _objective(self.scorer.arm_scores(x, pool), mask, penalty)
+            obj = _objective(self.scorer.arm_scores(xs, pool, extended=True), mask, penalty)
             firsts = np.full(len(pool), first) if first is not None else obj[:, 0].argmax(axis=-1)
             seconds = second_arm(obj[:, 1], firsts, self.distinct, int(mask.sum()))
         if self.rival and variance is not None:
