@@ -250,6 +250,8 @@ def measure_backend(
         measure_route(url, queries, 1, 60.0, 4 if smoke else 20)  # warm up (and the connection)
     timings: dict[str, list[dict[str, float]]] = {}
     single, routes, via_httpx = paired_single(enc, paths, queries[:n], timings)
+    p50_s = float(np.median(single))
+    http = {name: http_floor(url, p50_s, 20 if smoke else 200) for name, url in paths.items()}
     batched = [batched_floors(enc, queries[:n], batch)]  # the service up and idle
     cc = {name: measure_route(url, queries, c, duration, 10**9) for name, url in paths.items()}
     batched.append(batched_floors(enc, queries[:n], batch))
@@ -276,6 +278,10 @@ def measure_backend(
             "route_cc_p99_ms": cc[name]["p99_ms"],
             "route_cc_qps": cc[name]["qps"],
             "ratio_p50_c1": r50 / p50,
+            **http[name],
+            # the route less the bare encode and less the HTTP floor after an idle gap: the handler's own
+            # work beyond the encode (the choice, the thread hand-off, the answer)
+            "route_own_ms": r50 - p50 - http[name]["http_floor_after_idle_p50_ms"],
             # the first path again, timed with httpx as the client (its own CPU included)
             **({"route_c1_httpx_p50_ms": percentiles(hx_ok)[0]} if name == next(iter(routes)) and hx_ok else {}),
             "ratio_qps_cc": cc[name]["qps"] / floor["floor_qps"],
@@ -335,6 +341,31 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def http_floor(url: str, gap_s: float, n: int) -> dict[str, float]:
+    """The HTTP path's own cost on this machine: p50 (ms) of a request the service answers before
+    any encode (``POST /v1/route`` with ``{}``, a 422 from its body check), ``n`` back to back and
+    ``n`` each after an idle ``gap_s`` (sleep). The second is what a route pays for its hops once
+    the processes on them have slept through an encode: on a VM whose idle vCPUs halt (this
+    machine's ``cpuidle`` is haltpoll with polling off) every wake-up of the client, HAProxy and the
+    replica costs more after a pause than in a burst."""
+    client = PlainClient(url)
+    out: dict[str, float] = {}
+    try:
+        for label, gap in (("back_to_back", 0.0), ("after_idle", gap_s)):
+            lat = []
+            for _ in range(n):
+                if gap:
+                    time.sleep(gap)
+                t0 = time.perf_counter()
+                status, _ = client.post("/v1/route", {})
+                if status == 422:
+                    lat.append(time.perf_counter() - t0)
+            out[f"http_floor_{label}_p50_ms"] = percentiles(lat)[0] if lat else float("nan")
+    finally:
+        client.close()
+    return out
+
+
 def report_lines(results: dict, c: int) -> list[str]:
     out = []
     head = f"{'backend':10s} {'mode':11s}{'path':8s}{'encode p50':>11s}{'p99':>8s}{'route p50':>11s}{'p99':>8s}"
@@ -356,6 +387,13 @@ def report_lines(results: dict, c: int) -> list[str]:
                 f"{'':10s} 1-client route p50 with httpx as the client (first path): "
                 f"{first['route_c1_httpx_p50_ms']:.1f} ms against {first['route_c1_p50_ms']:.1f} ms with http.client"
             )
+        for name, p in r["paths"].items():
+            if "http_floor_after_idle_p50_ms" in p:
+                out.append(
+                    f"{'':10s} {name}: HTTP floor (a 422 before any encode) p50 {p['http_floor_back_to_back_p50_ms']:.2f} ms "
+                    f"back to back, {p['http_floor_after_idle_p50_ms']:.2f} ms after an idle gap of the encode p50; "
+                    f"route - encode - that = {p['route_own_ms']:.2f} ms"
+                )
         st = r["paths"].get("default", next(iter(r["paths"].values())))["server_timing_p50_ms"]
         if st:
             out.append(
