@@ -37,6 +37,11 @@ APP_NAME = "ray-router"
 #   out of HAProxy's backends as it starts stopping (a reload, well under a second). 5 s keeps a margin
 #   and makes every stop and redeploy 25 s shorter (a SIGTERM of `ray-router serve`, each Serve test
 #   module's teardown).
+# - RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S: how long a starting proxy (HAProxy's manager actor) may take
+#   to answer its first readiness check. Serve's 5 s is missed on a 2-CPU machine whose cores are busy
+#   (a test run beside an experiment: the manager was marked unhealthy and killed, and `serve.start`
+#   failed with ActorDiedError); 60 s is Serve's own wait for that proxy in `serve.start`. Health
+#   checks of a running proxy keep their own timeout.
 #
 # And glibc's allocator, for memory that stays flat in a long-running service: at most 2 malloc
 # arenas per process (not 8 x cores, one per thread that allocates), and fixed mmap/trim thresholds
@@ -49,6 +54,7 @@ SERVE_ENV_DEFAULTS = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
     **MALLOC_ENV,
 }
 RAY_ENV_DEFAULTS = {**raycompat.RAY_ENV_DEFAULTS, **SERVE_ENV_DEFAULTS}
