@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from ray_router.policies.common import second_arm, sigmoid
-from ray_router.policies.fgts_cdb import extend_contexts, rival_arm
+from ray_router.policies.fgts_cdb import rival_arm
 
 
 def normalised_prices(prices) -> np.ndarray:
@@ -188,7 +188,7 @@ class SampleView:
             firsts = np.full(len(pool), first) if first is not None else obj[:, 0].argmax(axis=-1)
             seconds = second_arm(obj[:, 1], firsts, self.distinct, int(mask.sum()))
         if self.rival and variance is not None:
-            seconds = self._rivals(x, u_mean, mask, penalty, variance, firsts, seconds)
+            seconds = self._rivals(xs, u_mean, mask, penalty, variance, firsts, seconds)
         M = len(firsts)
         m = int(self.rng.integers(M)) if M > 1 else 0
         pick = (int(firsts[m]), int(seconds[m]))
@@ -203,12 +203,13 @@ class SampleView:
         second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, True, first)[1]
         if not (self.rival and variance is not None):
             return second
-        u_mean = self.scorer.arm_scores(x, theta_mean)
-        return int(self._rivals(x, u_mean, mask, penalty, variance, np.array([first]), np.array([second]))[0])
+        xs = self.scorer.scoring_context(x)
+        u_mean = self.scorer.arm_scores(xs, theta_mean, extended=True)
+        return int(self._rivals(xs, u_mean, mask, penalty, variance, np.array([first]), np.array([second]))[0])
 
     def _rivals(
         self,
-        x: np.ndarray,
+        xs: np.ndarray,
         u_mean: np.ndarray,
         mask: np.ndarray,
         penalty: np.ndarray | None,
@@ -219,9 +220,10 @@ class SampleView:
         """``second_arm: rival``: each sample's second arm given its first (``firsts`` (M,)) and θ²'s
         arm (``fallback`` (M,)), by the policy's ``rival_arm`` on the shapes ``FGTSCDB.select`` uses
         (so λ = 0 is its choice to the last bit); one rival per distinct first arm (the rival depends
-        on the first arm and the mean only, the fallback on each sample)."""
+        on the first arm and the mean only, the fallback on each sample). ``xs``: the query as the
+        scorer's ``scoring_context`` extends it."""
         K = self.n_arms
-        xe = extend_contexts(self.scorer.prior, np.asarray(x, dtype=np.float64).reshape(1, -1))  # (1, d_ext)
+        xe = np.asarray(xs, dtype=np.float64).reshape(1, -1)  # (1, d_ext)
         m = np.where(mask, u_mean, -np.inf)
         p = win_probability(u_mean, mask)
         out = np.array(fallback, copy=True)
