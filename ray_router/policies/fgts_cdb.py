@@ -765,21 +765,17 @@ class FGTSCDB:
         self.sgld_seconds += time.perf_counter() - t0
 
     # --------------------------------------------------------------- protocol
-    def _context(self, context: np.ndarray) -> np.ndarray:
-        """The query embedding (d,), checked, extended by the offline blocks' columns when on."""
+    def scoring_context(self, context: np.ndarray) -> np.ndarray:
+        """The query embedding (d,) as the policy scores it: checked, extended by the offline blocks'
+        columns when on. Pass it to :meth:`arm_scores` with ``extended=True`` to score several θ for
+        one query without extending it each time."""
         x = check_context(context, self.x_dim)
         return extend_contexts(self.prior, x[None])[0]
-
-    def scoring_context(self, context: np.ndarray) -> np.ndarray:
-        """The query embedding as :meth:`arm_scores` scores it (checked and extended by the offline
-        blocks' columns): pass it back with ``extended=True`` to score several θ for one query
-        without extending it each time."""
-        return self._context(context)
 
     def arm_scores(self, context: np.ndarray, theta: np.ndarray | None = None, extended: bool = False) -> np.ndarray:
         """<θ, φ(x, a_k)> for each chain, (2, K), or for a given θ of shape (..., p) -> (..., K).
         ``extended``: ``context`` is already :meth:`scoring_context`'s."""
-        x = np.asarray(context, dtype=np.float64) if extended else self._context(context)
+        x = np.asarray(context, dtype=np.float64) if extended else self.scoring_context(context)
         th = self.theta if theta is None else np.asarray(theta, dtype=np.float64)
         if th.ndim == 2:  # the lanes' code path with one lane, so a lane decides exactly like a policy
             return self.fmap.scores(th[None], x[None, None, :])[0, :, 0, :]
@@ -799,7 +795,7 @@ class FGTSCDB:
         else:
             first = int(S[0].argmax())
         if self.config.second_arm == "rival":
-            x = self._context(context)
+            x = self.scoring_context(context)
             m = np.where(mask, self.arm_scores(context, self.theta_mean), -np.inf)
             K = self.n_arms
             sq = self.fmap.pair_features(x[None], np.arange(K), np.full(K, first)) ** 2
@@ -821,7 +817,7 @@ class FGTSCDB:
         preconditioner) relative to a plain one: 0 is as if it were absent, 2 as if it were seen twice.
         Counters and schedules (``n_updates``, the history size behind ``step_decay: sqrt`` and
         ``feel_good_schedule: inv_sqrt``) count duels, not weights."""
-        x = self._context(context)
+        x = self.scoring_context(context)
         y = check_feedback(duel, outcome, self.n_arms)
         w = float(weight)
         if not math.isfinite(w) or w < 0:
