@@ -109,7 +109,9 @@ def build_app(args: AppArgs) -> serve.Application:
     ingress = Ingress
     embedder: Any
     if emb.mode == "inline":  # the Ingress encodes: it takes the embedder's resources, no Embedder deployment
-        embedder = InlineEncoderSpec(args.encoder, table.encoder_identity, emb.max_batch_size, emb.batch_wait_timeout_s)
+        embedder = InlineEncoderSpec(
+            args.encoder, table.encoder_identity, emb.max_batch_size, emb.batch_wait_timeout_s, emb.single_on_loop
+        )
         ingress = Ingress.options(ray_actor_options=embedder_resources(args))  # type: ignore[attr-defined]
     else:
         embedder = Embedder.options(ray_actor_options=embedder_resources(args)).bind(  # type: ignore[attr-defined]

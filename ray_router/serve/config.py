@@ -182,6 +182,11 @@ class EmbedderSpec(StrictModel):
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="0: no waiting; requests that queue while a batch encodes form the next one"
     )
+    single_on_loop: bool = Field(
+        True,
+        description="mode inline, local encoders: a window of one query encodes on the Ingress's event-loop "
+        "thread (no hand-over to the encoder thread and back); false: every window on the encoder thread",
+    )
 
 
 class PolicySpec(StrictModel):

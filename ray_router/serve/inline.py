@@ -12,6 +12,9 @@ Batching inline (:class:`MicroBatcher`) keeps ``@serve.batch``'s semantics: the 
 while a window encodes form the next window (at most ``max_batch_size``; ``batch_wait_timeout_s`` > 0
 holds a window open that long for company). The encode runs in one dedicated thread, so the event
 loop keeps accepting and parsing requests meanwhile and one window encodes at a time (as one replica).
+A window of one query (``embedder.single_on_loop``, default on, local encoders only) encodes on the
+event loop's own thread instead: a lone query has no one to overlap with, and the hand-over to the
+encoder thread and back costs two thread wake-ups, each slow where idle CPUs halt (a VM's vCPUs).
 
 A remote encoder (``openai:MODEL@URL``) works inline too: the Ingress makes the embeddings call
 itself (one request per window); the Embedder deployment's failure mapping applies (502
@@ -61,6 +64,7 @@ class InlineEncoderSpec:
     expected_identity: str
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.0
+    single_on_loop: bool = True
 
 
 class MicroBatcher:
@@ -70,19 +74,34 @@ class MicroBatcher:
     window that is not full open that long for more callers (``batch_wait_timeout_s``).
 
     An exception of ``encode`` goes to every caller of its window; a caller cancelled while it waits
-    is dropped from its window. Not thread-safe: one event loop."""
+    is dropped from its window. Not thread-safe: one event loop.
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch_size: int = 32, wait_s: float = 0.0):
+    ``single_on_loop``: a window of one encodes on the event loop's thread (no hop to the encoder
+    thread and back); the loop is busy for that encode, so requests that arrive meanwhile are read
+    once it ends and form the next window, as they would have. Only for an ``encode`` that computes
+    (a remote encoder's network call must not block the loop)."""
+
+    def __init__(
+        self,
+        encode: Callable[[list[str]], np.ndarray],
+        max_batch_size: int = 32,
+        wait_s: float = 0.0,
+        single_on_loop: bool = False,
+    ):
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError("max_batch_size >= 1 and wait_s >= 0")
         self._encode = encode
         self.max_batch_size, self.wait_s = int(max_batch_size), float(wait_s)
+        self.single_on_loop = bool(single_on_loop)
         self._pending: list[tuple[str, asyncio.Future[Embedded]]] = []
         self._full = asyncio.Event()
         self._running = False
         self._task: asyncio.Task[None] | None = None  # the draining task (held: the loop keeps weak refs)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="inline-encoder")
         self.windows = 0  # windows encoded so far (for tests and stats)
+        self.on_loop = 0  # ... of which on the event loop's thread (single_on_loop)
+        self.queries = 0  # queries encoded so far
+        self.busy_s = 0.0  # seconds spent encoding windows (busy_s / wall time: the encoder's utilisation)
 
     async def submit(self, text: str) -> Embedded:
         loop = asyncio.get_running_loop()
@@ -111,7 +130,11 @@ class MicroBatcher:
                 texts = [t for t, _ in window]
                 t0 = time.perf_counter()
                 try:
-                    X = await loop.run_in_executor(self._pool, self._encode, texts)
+                    if self.single_on_loop and len(texts) == 1:
+                        X = self._encode(texts)
+                        self.on_loop += 1
+                    else:
+                        X = await loop.run_in_executor(self._pool, self._encode, texts)
                 except Exception as e:  # noqa: BLE001 - every caller of the window gets it
                     for _, f in window:
                         if not f.done():
@@ -119,6 +142,8 @@ class MicroBatcher:
                     continue
                 seconds = time.perf_counter() - t0
                 self.windows += 1
+                self.queries += len(texts)
+                self.busy_s += seconds
                 for (_, f), x in zip(window, X):
                     if not f.done():
                         f.set_result((x, seconds, len(window)))
@@ -148,7 +173,12 @@ class InlineEmbedder:
         self.encoder.encode(["warm-up"])  # load the model now, not on the first request
         self.batcher = LengthAwareEncoder(self.encoder)
         self.batcher.calibrate()  # the cost model of this replica's threads, before the first request
-        self.windows = MicroBatcher(self.batcher.encode, spec.max_batch_size, spec.batch_wait_timeout_s)
+        self.windows = MicroBatcher(
+            self.batcher.encode,
+            spec.max_batch_size,
+            spec.batch_wait_timeout_s,
+            single_on_loop=spec.single_on_loop and not enc.remote,
+        )
 
     async def embed(self, text: str) -> Embedded:
         try:
@@ -177,6 +207,10 @@ class InlineEmbedder:
             "length_aware": self.batcher.length_aware,
             "cost_model": None if self.batcher.cost is None else dataclasses.asdict(self.batcher.cost),
             "windows": self.windows.windows,
+            "single_on_loop": self.windows.single_on_loop,
+            "windows_on_loop": self.windows.on_loop,
+            "queries": self.windows.queries,
+            "busy_s": round(self.windows.busy_s, 6),
             "pid": os.getpid(),
             "resources": _assigned_resources(),  # what Ray reserved for this (Ingress) replica
             "model_libraries": [m for m in ("torch", "sentence_transformers", "onnxruntime") if m in sys.modules],

@@ -130,6 +130,59 @@ def test_a_cancelled_caller_leaves_its_window():
     assert [n for _, _, n in out] == [1, 1]
 
 
+def test_a_lone_query_encodes_on_the_loop_thread_and_a_window_on_the_encoder_thread():
+    """``single_on_loop``: a window of one is encoded by the event loop's own thread (no hand-over);
+    the queries that arrive while a thread window encodes still form the next window, on the
+    encoder thread; the counters say how many of each and how long the encoder was busy."""
+    threads: list[tuple[str, int]] = []  # (thread name, window size) per window
+    gate = threading.Event()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        threads.append((threading.current_thread().name, len(texts)))
+        if len(texts) > 1 or texts[0] == "slow":
+            gate.wait()  # hold the encoder thread's window until the test has queued the next ones
+        return np.array([[len(t)] for t in texts], dtype=np.float32)
+
+    async def run():
+        loop_thread = threading.current_thread().name
+        mb = MicroBatcher(encode, max_batch_size=8, single_on_loop=True)
+        alone = await asyncio.wait_for(mb.submit("a"), 300)  # a lone query: on the loop's thread
+        # two at once form a window of two: the encoder thread; what arrives meanwhile is the next window
+        pair = [asyncio.ensure_future(mb.submit(t)) for t in ("bb", "ccc")]
+        while len(threads) < 2:
+            await asyncio.sleep(0.01)
+        later = [asyncio.ensure_future(mb.submit(t)) for t in ("dddd", "eeeee", "ffffff")]
+        await _spin()
+        gate.set()
+        out = await asyncio.wait_for(asyncio.gather(*pair, *later), 300)
+        mb.close()
+        return loop_thread, mb, alone, out
+
+    loop_thread, mb, alone, out = asyncio.run(run())
+    assert threads[0] == (loop_thread, 1) and int(alone[0][0]) == 1 and alone[2] == 1
+    assert [n for _, n in threads[1:]] == [2, 3]
+    assert all(name.startswith("inline-encoder") for name, _ in threads[1:])
+    assert [int(x[0]) for x, _, _ in out] == [2, 3, 4, 5, 6]
+    assert (mb.windows, mb.on_loop, mb.queries) == (3, 1, 6) and mb.busy_s > 0
+
+
+def test_single_on_loop_off_keeps_every_window_on_the_encoder_thread():
+    names: list[str] = []
+
+    def encode(texts: list[str]) -> np.ndarray:
+        names.append(threading.current_thread().name)
+        return np.ones((len(texts), 1), dtype=np.float32)
+
+    async def run():
+        mb = MicroBatcher(encode, single_on_loop=False)
+        await asyncio.wait_for(mb.submit("a"), 300)
+        mb.close()
+        return mb
+
+    mb = asyncio.run(run())
+    assert names[0].startswith("inline-encoder") and mb.on_loop == 0 and mb.windows == 1
+
+
 def test_the_inline_encoder_checks_the_arm_tables_identity():
     from ray_router.embeddings import get_encoder
     from ray_router.embeddings.spec import EncoderSpec
@@ -144,6 +197,8 @@ def test_the_inline_encoder_checks_the_arm_tables_identity():
         assert n == 1
         info = asyncio.run(emb.info())
         assert info["mode"] == "inline" and info["identity"] == ident and info["windows"] == 1
+        assert info["single_on_loop"] is True and info["windows_on_loop"] == 1  # a local encoder: on by default
+        assert info["queries"] == 1 and info["busy_s"] >= 0
     finally:
         emb.close()
 
@@ -393,6 +448,8 @@ def test_inline_with_a_remote_encoder_calls_the_server_from_the_ingress(serve_cl
     emb = status["embedder"]
     assert emb["mode"] == "inline" and emb["device"] == "remote" and emb["pid"] == status["ingress"]["pid"]
     assert "CPU" not in emb["resources"] or emb["resources"]["CPU"] == 0
+    # a remote encoder's call must not block the event loop: never on the loop's thread
+    assert emb["single_on_loop"] is False and emb["windows_on_loop"] == 0 and emb["windows"] >= 1
 
 
 def test_the_reserved_resources_of_a_driver_are_none(serve_cluster):
