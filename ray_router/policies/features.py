@@ -110,15 +110,18 @@ class Hadamard(FeatureMap):
             return np.moveaxis(out, 1, -2)
         return X @ np.swapaxes(M, -1, -2)
 
-    def _stack_hadamard(self, theta, x):
-        # <θ, x ⊙ a_k> = <θ ⊙ x, a_k>: an (n, d) product and one (n, d) @ (d, K) GEMM, no (n, K, d) tensor
-        d = self.context_dim
-        return (theta[:, :d] * x[:d]) @ self.A.T
-
     def stack_scores(self, theta, x):
         if self.A.ndim != 2:  # lanes' arm tables: the general path
             return super().stack_scores(theta, x)
-        return self._stack_hadamard(theta, x)
+        # <θ, x ⊙ a_k> = <θ ⊙ x, a_k>: an (n, d) product and one (n, d) @ (d, K) GEMM, no (n, K, d) tensor
+        d = self.context_dim
+        S = (theta[:, :d] * x[:d]) @ self.A.T
+        extra = self._stack_extra(theta)
+        return S if extra is None else S + extra
+
+    def _stack_extra(self, theta):
+        """The scores (n, K) of θ's coordinates past the context's (a subclass's own block), or None."""
+        return None
 
     def weighted_grad(self, weights, X):
         # Σ_s Σ_k w_sk x_s ⊙ a_k = Σ_k a_k ⊙ (Σ_s w_sk x_s)
@@ -154,10 +157,8 @@ class HadamardBias(Hadamard):
     def scores(self, theta, X):
         return super().scores(theta, X) + theta[..., None, self.context_dim :]
 
-    def stack_scores(self, theta, x):
-        if self.A.ndim != 2:
-            return FeatureMap.stack_scores(self, theta, x)
-        return self._stack_hadamard(theta, x) + theta[:, self.context_dim :]
+    def _stack_extra(self, theta):
+        return theta[:, self.context_dim :]
 
     def weighted_grad(self, weights, X):
         return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2)], axis=-1)
@@ -183,10 +184,8 @@ class Concat(Hadamard):
     def scores(self, theta, X):
         return super().scores(theta, X) + (theta[..., self.context_dim :] @ np.swapaxes(self.A, -1, -2))[..., None, :]
 
-    def stack_scores(self, theta, x):
-        if self.A.ndim != 2:
-            return FeatureMap.stack_scores(self, theta, x)
-        return self._stack_hadamard(theta, x) + theta[:, self.context_dim :] @ self.A.T
+    def _stack_extra(self, theta):
+        return theta[:, self.context_dim :] @ self.A.T
 
     def weighted_grad(self, weights, X):
         return np.concatenate([super().weighted_grad(weights, X), weights.sum(axis=-2) @ self.A], axis=-1)

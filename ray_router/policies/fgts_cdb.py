@@ -789,14 +789,13 @@ class FGTSCDB:
         mask = offered_mask(self.n_arms, arms)
         if resample:
             self.refresh()
-        S = np.where(mask, self.arm_scores(context), -np.inf)  # (2, K)
-        if self.config.arm_selection == "exploit_first":
-            first = self.best(context, arms)
-        else:
-            first = int(S[0].argmax())
-        if self.config.second_arm == "rival":
-            x = self.scoring_context(context)
-            m = np.where(mask, self.arm_scores(context, self.theta_mean), -np.inf)
+        x = self.scoring_context(context)  # extended once for every θ below
+        S = np.where(mask, self.arm_scores(x, extended=True), -np.inf)  # (2, K)
+        exploit, rival = self.config.arm_selection == "exploit_first", self.config.second_arm == "rival"
+        # the posterior mean's scores (what best() ranks by), where the first arm or the rival needs them
+        m = np.where(mask, self.arm_scores(x, self.theta_mean, extended=True), -np.inf) if exploit or rival else S[0]
+        first = int(m.argmax()) if exploit else int(S[0].argmax())
+        if rival:
             K = self.n_arms
             sq = self.fmap.pair_features(x[None], np.arange(K), np.full(K, first)) ** 2
             ts = second_arm(S[1], first, self.config.distinct_arms, int(mask.sum()))

@@ -200,10 +200,10 @@ class SampleView:
         single route's arm): θ²'s best offered arm other than it, or under ``second_arm: rival`` the
         rival, θ²'s arm its fallback. ``mask`` must offer ``first`` and one other arm."""
         theta, theta_mean, variance = self.theta, self.theta_mean, self.variance
-        second = choose_duel(self.scorer.arm_scores(x, theta), mask, penalty, True, first)[1]
+        xs = self.scorer.scoring_context(x)  # extended once for both θ
+        second = choose_duel(self.scorer.arm_scores(xs, theta, extended=True), mask, penalty, True, first)[1]
         if not (self.rival and variance is not None):
             return second
-        xs = self.scorer.scoring_context(x)
         u_mean = self.scorer.arm_scores(xs, theta_mean, extended=True)
         return int(self._rivals(xs, u_mean, mask, penalty, variance, np.array([first]), np.array([second]))[0])
 
